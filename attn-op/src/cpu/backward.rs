@@ -1,0 +1,156 @@
+//! FlashAttention-2 backward on the CPU. Scores are recomputed tile by tile from the forward's
+//! logsumexp; each task owns a range of key tiles of one key/value segment (so dK and dV are
+//! written once, without atomics) and accumulates its share of dQ privately; the shares are
+//! summed at the end in a fixed order, so results do not depend on scheduling.
+
+use rayon::prelude::*;
+
+use super::forward::{prepare_scores, Params, Sources, BK, BQ};
+use super::geometry::{Geometry, KvSeg};
+use super::matmul::{gemm, MatRef};
+use super::{simd, split_rows};
+
+/// Gradients of q, k and v in the contiguous row spaces of the geometry.
+pub(crate) struct Grads {
+    pub dq: Vec<f32>,
+    pub dk: Vec<f32>,
+    pub dv: Vec<f32>,
+}
+
+/// A task: key rows `[c_start, c_end)` of one key/value segment.
+struct Task<'a> {
+    kv: &'a KvSeg,
+    c_start: usize,
+    c_end: usize,
+    dk: &'a mut [f32],
+    dv: &'a mut [f32],
+}
+
+/// Backward of attention given the output `o` and its gradient `dout` (both contiguous rows of
+/// `ev` in the q row space) and the forward's logsumexp.
+pub(crate) fn backward(g: &Geometry, src: &Sources, p: &Params, o: &[f32], dout: &[f32], lse: &[f32]) -> Grads {
+    let (e, ev) = (g.e, g.ev);
+    // D_i = dO_i · O_i, the softmax-backward row term (dropout does not change it).
+    let mut delta = vec![0f32; g.q_rows];
+    delta.par_iter_mut().enumerate().for_each(|(r, d)| {
+        *d = simd::dot(&dout[r * ev..(r + 1) * ev], &o[r * ev..(r + 1) * ev]);
+    });
+
+    let mut dk = vec![0f32; g.kv_rows * e];
+    let mut dv = vec![0f32; g.kv_rows * ev];
+    let ranges: Vec<_> = g.kv_segs.iter().map(|s| (s.row0, s.len)).collect();
+    let dks = split_rows(&mut dk, e, &ranges);
+    let dvs = split_rows(&mut dv, ev, &ranges);
+    // Enough tasks to keep every thread busy, each a whole number of key tiles.
+    let want = (4 * rayon::current_num_threads()).div_ceil(g.kv_segs.len().max(1));
+    let mut tasks = Vec::new();
+    // Tasks of key/value segment `i` are `tasks[first_task[i]..first_task[i + 1]]`.
+    let mut first_task = Vec::with_capacity(g.kv_segs.len() + 1);
+    for ((kv, mut dk), mut dv) in g.kv_segs.iter().zip(dks).zip(dvs) {
+        first_task.push(tasks.len());
+        let tiles = kv.len.div_ceil(BK);
+        let per = tiles.div_ceil(want.clamp(1, tiles.max(1))).max(1) * BK;
+        let mut c_start = 0;
+        while c_start < kv.len {
+            let c_end = (c_start + per).min(kv.len);
+            let (a, rest_k) = dk.split_at_mut((c_end - c_start) * e);
+            let (b, rest_v) = dv.split_at_mut((c_end - c_start) * ev);
+            tasks.push(Task { kv, c_start, c_end, dk: a, dv: b });
+            (dk, dv) = (rest_k, rest_v);
+            c_start = c_end;
+        }
+    }
+    first_task.push(tasks.len());
+    let shares: Vec<Vec<f32>> = tasks
+        .into_par_iter()
+        .map(|t| key_range(g, src, p, dout, lse, &delta, t))
+        .collect();
+
+    // dQ of each query segment: the sum of the shares of its key/value segment's tasks, in order.
+    let mut dq = vec![0f32; g.q_rows * e];
+    let q_ranges: Vec<_> = g.q_segs.iter().map(|s| (s.row0, s.len)).collect();
+    split_rows(&mut dq, e, &q_ranges)
+        .into_par_iter()
+        .zip(&g.q_segs)
+        .enumerate()
+        .for_each(|(qi, (dq_seg, seg))| {
+            let kv = &g.kv_segs[seg.kv];
+            let member = qi - kv.members.start;
+            let block = seg.len * e;
+            for share in &shares[first_task[seg.kv]..first_task[seg.kv + 1]] {
+                simd::add(dq_seg, &share[member * block..(member + 1) * block]);
+            }
+        });
+    Grads { dq, dk, dv }
+}
+
+/// Gradients from key rows `[c_start, c_end)`: fills the task's dK/dV rows and returns its dQ
+/// share for every member query segment (`members × len × e`).
+fn key_range(g: &Geometry, src: &Sources, p: &Params, dout: &[f32], lse: &[f32], delta: &[f32], t: Task) -> Vec<f32> {
+    let (e, ev) = (g.e, g.ev);
+    let kv = t.kv;
+    let members = &g.q_segs[kv.members.clone()];
+    let lq = members.first().map_or(0, |s| s.len);
+    let mut dq = vec![0f32; members.len() * lq * e];
+    let mut s = vec![0f32; BQ * BK];
+    let mut pd = vec![0f32; BQ * BK];
+    let mut dp = vec![0f32; BQ * BK];
+    let mut z = vec![0f32; BQ * BK];
+    for c0 in (t.c_start..t.c_end).step_by(BK) {
+        let cols = BK.min(t.c_end - c0);
+        let kt = MatRef::rows(src.k.at(kv.k + c0 * g.k_rs), cols, e, g.k_rs);
+        let vt = MatRef::rows(src.v.at(kv.v + c0 * g.v_rs), cols, ev, g.v_rs);
+        let dk_t = &mut t.dk[(c0 - t.c_start) * e..(c0 - t.c_start + cols) * e];
+        let dv_t = &mut t.dv[(c0 - t.c_start) * ev..(c0 - t.c_start + cols) * ev];
+        for (mi, seg) in members.iter().enumerate() {
+            // Rows that see none of these keys contribute nothing.
+            let first_row = match seg.causal {
+                Some(off) => (c0 as isize - off).clamp(0, seg.len as isize) as usize,
+                None => 0,
+            };
+            for r0 in (first_row..seg.len).step_by(BQ) {
+                let rows = BQ.min(seg.len - r0);
+                let q = MatRef::rows(src.q.at(seg.q + r0 * g.q_rs), rows, e, g.q_rs);
+                let row0 = seg.row0 + r0;
+                let dot = MatRef::rows(&dout[row0 * ev..(row0 + rows) * ev], rows, ev, ev);
+                let (s, pd, dp, z) = (
+                    &mut s[..rows * cols],
+                    &mut pd[..rows * cols],
+                    &mut dp[..rows * cols],
+                    &mut z[..rows * cols],
+                );
+                // P = exp(scale·QKᵀ + mask - lse); Pd = P with dropout applied.
+                gemm(s, cols, q, kt.t(), false, 1.0);
+                for (i, row) in s.chunks_exact_mut(cols).enumerate() {
+                    let r = r0 + i;
+                    prepare_scores(g, seg, src, p, r, c0, kv.len, row);
+                    simd::exp_sub_sum(row, lse[row0 + i]);
+                    let pd_row = &mut pd[i * cols..(i + 1) * cols];
+                    pd_row.copy_from_slice(row);
+                    if let Some(d) = &p.dropout {
+                        let z_row = &mut z[i * cols..(i + 1) * cols];
+                        d.mask.fill_row(seg.stream, r, c0, z_row);
+                        simd::scale(z_row, d.keep_scale());
+                        simd::mul(pd_row, z_row);
+                    }
+                }
+                // dV += Pdᵀ dO
+                gemm(dv_t, ev, MatRef::rows(pd, rows, cols, cols).t(), dot, true, 1.0);
+                // dP = dO Vᵀ (∘ dropout), dS = P ∘ (dP - D)
+                gemm(dp, cols, dot, vt.t(), false, 1.0);
+                for (i, dp_row) in dp.chunks_exact_mut(cols).enumerate() {
+                    if p.dropout.is_some() {
+                        simd::mul(dp_row, &z[i * cols..(i + 1) * cols]);
+                    }
+                    simd::softmax_bwd(&s[i * cols..(i + 1) * cols], dp_row, delta[row0 + i]);
+                }
+                let ds = MatRef::rows(dp, rows, cols, cols);
+                // dK += scale · dSᵀ Q, dQ += scale · dS K
+                gemm(dk_t, e, ds.t(), q, true, p.scale);
+                let dq_rows = &mut dq[(mi * lq + r0) * e..(mi * lq + r0 + rows) * e];
+                gemm(dq_rows, e, ds, kt, true, p.scale);
+            }
+        }
+    }
+    dq
+}

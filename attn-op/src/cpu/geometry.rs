@@ -1,0 +1,249 @@
+//! Where each attention problem lives in the (possibly strided) q, k, v buffers.
+//!
+//! A call is a list of query segments (one per batch·head, or per packed sequence·head), each
+//! attending one key/value segment. Several query segments share a key/value segment under
+//! grouped-query attention. Outputs (o, lse, dq, dk, dv) are contiguous "row spaces": a segment's
+//! rows start at its `row0`.
+
+use std::ops::Range;
+
+use candle_core::{bail, Layout, Result};
+
+use crate::config::CausalAlign;
+
+/// One (batch, head) query block.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct QSeg {
+    /// Element offset of row 0 in q's storage.
+    pub q: usize,
+    /// First row in the contiguous output row space (o, lse, dq).
+    pub row0: usize,
+    pub len: usize,
+    /// Index of the key/value segment it attends.
+    pub kv: usize,
+    /// Dropout stream: batch·heads + head.
+    pub stream: usize,
+    /// Element offset of row 0 of its mask block (0 without a mask).
+    pub mask: usize,
+    /// With causal masking, key `j` is visible from row `i` iff `j <= i + offset`.
+    pub causal: Option<isize>,
+}
+
+/// One (batch, head) key/value block and the query segments that read it.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct KvSeg {
+    pub k: usize,
+    pub v: usize,
+    /// First row in the contiguous dk/dv row space.
+    pub row0: usize,
+    pub len: usize,
+    pub members: Range<usize>,
+}
+
+/// The whole call's layout.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Geometry {
+    pub q_segs: Vec<QSeg>,
+    pub kv_segs: Vec<KvSeg>,
+    pub e: usize,
+    pub ev: usize,
+    /// Row strides of q, k and v in their storage (the last dim has stride 1).
+    pub q_rs: usize,
+    pub k_rs: usize,
+    pub v_rs: usize,
+    /// Row and column strides of the mask, when there is one.
+    pub mask_rs: usize,
+    pub mask_cs: usize,
+    /// Rows of the contiguous q-shaped (o, dq) and k-shaped (dk, dv) spaces.
+    pub q_rows: usize,
+    pub kv_rows: usize,
+}
+
+/// Packed variable-length sequences: cumulative lengths, `cu[0] = 0`, `cu[b+1] - cu[b]` the
+/// length of sequence `b`.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Varlen {
+    pub cu_q: Vec<usize>,
+    pub cu_k: Vec<usize>,
+}
+
+/// Offset of the element at multi-index `idx` (row-major over `dims`) with `strides`.
+fn offset_of(mut n: usize, dims: &[usize], strides: &[usize]) -> usize {
+    let mut off = 0;
+    for (d, s) in dims.iter().zip(strides).rev() {
+        if *d > 0 {
+            off += (n % d) * s;
+            n /= d;
+        }
+    }
+    off
+}
+
+fn last_dim_unit(name: &str, l: &Layout) -> Result<()> {
+    let r = l.dims().len();
+    if l.dims()[r - 1] > 1 && l.stride()[r - 1] != 1 {
+        bail!("attention: {name} must have a contiguous last dim (stride 1), got strides {:?}", l.stride());
+    }
+    Ok(())
+}
+
+impl Geometry {
+    /// Dense `(..., H, L, D)` inputs: q `(..., Hq, Lq, E)`, k `(..., Hkv, Lk, E)`, v `(..., Hkv, Lk, Ev)`,
+    /// and a mask already broadcast to `(..., Hq, Lq, Lk)`.
+    pub fn dense(
+        q: &Layout,
+        k: &Layout,
+        v: &Layout,
+        mask: Option<&Layout>,
+        causal: Option<CausalAlign>,
+    ) -> Result<Self> {
+        for (name, l) in [("query", q), ("key", k), ("value", v)] {
+            last_dim_unit(name, l)?;
+        }
+        let r = q.dims().len();
+        let (qd, kd, vd) = (q.dims(), k.dims(), v.dims());
+        let (lq, e, lk, ev) = (qd[r - 2], qd[r - 1], kd[r - 2], vd[r - 1]);
+        let (hq, hkv) = (qd[r - 3], kd[r - 3]);
+        if k.dims().len() != r || v.dims().len() != r || hkv == 0 || hq % hkv != 0 || kd[r - 1] != e {
+            bail!("attention: inconsistent shapes q {qd:?}, k {kd:?}, v {vd:?}");
+        }
+        let group = hq / hkv;
+        let n_q: usize = qd[..r - 2].iter().product();
+        let n_kv: usize = kd[..r - 2].iter().product();
+        let causal = causal.map(|c| c.offset(lq, lk));
+        let (mask_rs, mask_cs) = match mask {
+            Some(m) => (m.stride()[r - 2], m.stride()[r - 1]),
+            None => (0, 0),
+        };
+        let q_segs = (0..n_q)
+            .map(|n| QSeg {
+                q: q.start_offset() + offset_of(n, &qd[..r - 2], &q.stride()[..r - 2]),
+                row0: n * lq,
+                len: lq,
+                kv: (n / hq) * hkv + (n % hq) / group,
+                stream: n,
+                mask: mask.map_or(0, |m| m.start_offset() + offset_of(n, &qd[..r - 2], &m.stride()[..r - 2])),
+                causal,
+            })
+            .collect();
+        let kv_segs = (0..n_kv)
+            .map(|n| KvSeg {
+                k: k.start_offset() + offset_of(n, &kd[..r - 2], &k.stride()[..r - 2]),
+                v: v.start_offset() + offset_of(n, &vd[..r - 2], &v.stride()[..r - 2]),
+                row0: n * lk,
+                len: lk,
+                members: (n / hkv) * hq + (n % hkv) * group..(n / hkv) * hq + (n % hkv + 1) * group,
+            })
+            .collect();
+        Ok(Self {
+            q_segs,
+            kv_segs,
+            e,
+            ev,
+            q_rs: q.stride()[r - 2],
+            k_rs: k.stride()[r - 2],
+            v_rs: v.stride()[r - 2],
+            mask_rs,
+            mask_cs,
+            q_rows: n_q * lq,
+            kv_rows: n_kv * lk,
+        })
+    }
+
+    /// Packed inputs seen head-major: q `(Hq, total_q, E)`, k `(Hkv, total_k, E)`,
+    /// v `(Hkv, total_k, Ev)` (views of the `(total, H, D)` tensors), split by `varlen`.
+    pub fn packed(q: &Layout, k: &Layout, v: &Layout, varlen: &Varlen, causal: Option<CausalAlign>) -> Result<Self> {
+        for (name, l) in [("query", q), ("key", k), ("value", v)] {
+            last_dim_unit(name, l)?;
+            if l.dims().len() != 3 {
+                bail!("attention: packed {name} must be (heads, total, dim), got {:?}", l.dims());
+            }
+        }
+        let (qd, kd, vd) = (q.dims(), k.dims(), v.dims());
+        let (hq, total_q, e) = (qd[0], qd[1], qd[2]);
+        let (hkv, total_k, ev) = (kd[0], kd[1], vd[2]);
+        if hkv == 0 || hq % hkv != 0 || kd[2] != e || vd[..2] != kd[..2] {
+            bail!("attention: inconsistent packed shapes q {qd:?}, k {kd:?}, v {vd:?}");
+        }
+        let Varlen { cu_q, cu_k } = varlen;
+        let b = cu_q.len().saturating_sub(1);
+        if cu_k.len() != b + 1 || cu_q.last() > Some(&total_q) || cu_k.last() > Some(&total_k) {
+            bail!("attention: cumulative lengths {cu_q:?} / {cu_k:?} do not fit {total_q} / {total_k} packed rows");
+        }
+        let group = hq / hkv;
+        let mut q_segs = Vec::with_capacity(b * hq);
+        let mut kv_segs = Vec::with_capacity(b * hkv);
+        for s in 0..b {
+            let (q0, lq) = (cu_q[s], cu_q[s + 1] - cu_q[s]);
+            let (k0, lk) = (cu_k[s], cu_k[s + 1] - cu_k[s]);
+            for h in 0..hq {
+                q_segs.push(QSeg {
+                    q: q.start_offset() + h * q.stride()[0] + q0 * q.stride()[1],
+                    row0: h * total_q + q0,
+                    len: lq,
+                    kv: s * hkv + h / group,
+                    stream: s * hq + h,
+                    mask: 0,
+                    causal: causal.map(|c| c.offset(lq, lk)),
+                });
+            }
+            for h in 0..hkv {
+                kv_segs.push(KvSeg {
+                    k: k.start_offset() + h * k.stride()[0] + k0 * k.stride()[1],
+                    v: v.start_offset() + h * v.stride()[0] + k0 * v.stride()[1],
+                    row0: h * total_k + k0,
+                    len: lk,
+                    members: s * hq + h * group..s * hq + (h + 1) * group,
+                });
+            }
+        }
+        Ok(Self {
+            q_segs,
+            kv_segs,
+            e,
+            ev,
+            q_rs: q.stride()[1],
+            k_rs: k.stride()[1],
+            v_rs: v.stride()[1],
+            mask_rs: 0,
+            mask_cs: 0,
+            q_rows: hq * total_q,
+            kv_rows: hkv * total_k,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Shape;
+
+    #[test]
+    fn dense_gqa_and_strides() {
+        // q (2, 4, 5, 8) seen through a transpose of (2, 5, 4, 8): strides (160, 8, 32, 1).
+        let q = Layout::contiguous(Shape::from((2, 5, 4, 8))).transpose(1, 2).unwrap();
+        let k = Layout::contiguous(Shape::from((2, 2, 3, 8)));
+        let v = Layout::contiguous_with_offset(Shape::from((2, 2, 3, 6)), 10);
+        let g = Geometry::dense(&q, &k, &v, None, Some(CausalAlign::BottomRight)).unwrap();
+        assert_eq!(g.q_segs.len(), 8);
+        assert_eq!(g.kv_segs.len(), 4);
+        assert_eq!(g.q_rs, 32);
+        let s = &g.q_segs[5]; // batch 1, head 1
+        assert_eq!((s.q, s.row0, s.kv, s.causal), (160 + 8, 25, 2, Some(-2)));
+        assert_eq!(g.kv_segs[3].members, 6..8);
+        assert_eq!(g.kv_segs[3].v, 10 + 3 * 18);
+    }
+
+    #[test]
+    fn packed_segments() {
+        let q = Layout::contiguous(Shape::from((7, 2, 4))).transpose(0, 1).unwrap();
+        let k = Layout::contiguous(Shape::from((9, 1, 4))).transpose(0, 1).unwrap();
+        let varlen = Varlen { cu_q: vec![0, 3, 7], cu_k: vec![0, 5, 9] };
+        let g = Geometry::packed(&q, &k, &k, &varlen, None).unwrap();
+        assert_eq!(g.q_segs.len(), 4);
+        let s = &g.q_segs[3]; // sequence 1, head 1
+        assert_eq!((s.q, s.row0, s.len, s.kv, s.stream), (4 + 3 * 8, 7 + 3, 4, 1, 3));
+        assert_eq!(g.kv_segs[1].k, 5 * 4);
+        assert_eq!(g.kv_segs[1].members, 2..4);
+    }
+}

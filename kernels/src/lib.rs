@@ -1,0 +1,1 @@
+//! PTX of the attention kernels (filled by the CUDA kernels issue).
