@@ -1,0 +1,126 @@
+// Tensor-core building blocks for sm80+: mma.sync m16n8k16 (f16/bf16 in, f32 accumulate),
+// ldmatrix and cp.async, plus the tile loader shared by the flash kernels.
+//
+// Fragment layouts (lane = 32-thread lane, g = lane / 4, t = lane % 4):
+//   A 16x16 (row-major): a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 8+2t..), a3 (g+8, 8+2t..)
+//   B 16x8  (k x n):     b0 (k 2t..2t+1, n g), b1 (k 8+2t.., n g)
+//   C 16x8:              c0,c1 (g, 2t..2t+1), c2,c3 (g+8, 2t..2t+1)
+// Two C tiles side by side (n 0-7 and 8-15) are exactly one A tile of k 0-15, which is how
+// probabilities go from the score product into the next product without shared memory.
+#pragma once
+
+#include "attn_common.cuh"
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define ATTN_HAS_MMA 1
+#else
+#define ATTN_HAS_MMA 0
+#endif
+
+template <typename T>
+struct MmaType;
+template <>
+struct MmaType<__half> {
+    static __device__ __forceinline__ unsigned pack(float lo, float hi) {
+        __half2 h = __floats2half2_rn(lo, hi);
+        return *reinterpret_cast<unsigned*>(&h);
+    }
+};
+template <>
+struct MmaType<__nv_bfloat16> {
+    static __device__ __forceinline__ unsigned pack(float lo, float hi) {
+        __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+        return *reinterpret_cast<unsigned*>(&h);
+    }
+};
+
+// d += a * b for one m16n8k16 tile.
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1);
+
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+#if ATTN_HAS_MMA
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const unsigned (&a)[4], unsigned b0,
+                                                        unsigned b1) {
+#if ATTN_HAS_MMA
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// Four 8x8 matrices; lanes 8i..8i+7 give the row addresses of matrix i.
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* p) {
+#if ATTN_HAS_MMA
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+#endif
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* p) {
+#if ATTN_HAS_MMA
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+#endif
+}
+
+// 16-byte asynchronous copy global -> shared; src_bytes = 0 writes zeros and reads nothing.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+#if ATTN_HAS_MMA
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if ATTN_HAS_MMA
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if ATTN_HAS_MMA
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+// Loads rows [r0, r0 + ROWS) x columns [0, D) of a strided row-major matrix into shared memory
+// (row stride LDS elements). Rows >= nrows and columns >= ncols become zero. With `vec` (every row
+// start 16-byte aligned and ncols % 8 == 0) it issues cp.async copies; otherwise it stores
+// element by element synchronously. Either way the caller commits, waits and synchronizes.
+template <typename T, int ROWS, int D, int LDS, int THREADS>
+__device__ __forceinline__ void load_tile(T* dst, const T* __restrict__ src, long long base, long long rs, int r0,
+                                          int nrows, int ncols, bool vec) {
+    constexpr int CPR = D / 8;  // 16-byte chunks per row
+    if (vec) {
+#pragma unroll
+        for (int i = threadIdx.x; i < ROWS * CPR; i += THREADS) {
+            int r = i / CPR, c = (i % CPR) * 8;
+            bool ok = (r0 + r < nrows) && (c < ncols);
+            const T* g = ok ? src + base + (long long)(r0 + r) * rs + c : src;
+            cp_async16(dst + r * LDS + c, g, ok ? 16 : 0);
+        }
+    } else {
+        for (int i = threadIdx.x; i < ROWS * D; i += THREADS) {
+            int r = i / D, c = i % D;
+            bool ok = (r0 + r < nrows) && (c < ncols);
+            dst[r * LDS + c] = ok ? src[base + (long long)(r0 + r) * rs + c] : from_f32<T>(0.0f);
+        }
+    }
+}
