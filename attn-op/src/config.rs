@@ -57,3 +57,16 @@ pub(crate) struct AttnConfig {
     /// Packed sequences; `None` for dense `(..., H, L, D)` inputs.
     pub varlen: Option<Varlen>,
 }
+
+impl AttnConfig {
+    /// Plain attention: no dropout, mask or packing.
+    pub fn new(scale: f32, causal: Option<CausalAlign>) -> Self {
+        Self {
+            scale,
+            causal,
+            dropout: None,
+            mask: None,
+            varlen: None,
+        }
+    }
+}

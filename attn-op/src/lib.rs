@@ -1,1 +1,36 @@
+//! PyTorch-style scaled-dot-product attention for [Candle](https://github.com/huggingface/candle),
+//! with three backends that all train: FlashAttention-2 ([`Backend::Flash`]), memory-efficient
+//! attention with masks ([`Backend::Efficient`]), both fused `CustomOp3`s with forward and
+//! backward, and a plain composition of Candle ops ([`Backend::Math`]).
+//!
+//! ```
+//! use attn_op::{scaled_dot_product_attention, sdpa_kernel, Backend, SdpaOptions};
+//! use candle_core::{Device, Tensor};
+//! let q = Tensor::randn(0f32, 1., (2, 3, 8), &Device::Cpu)?;
+//! let y = scaled_dot_product_attention(&q, &q, &q, &SdpaOptions { is_causal: true, ..Default::default() })?;
+//! {
+//!     let _only_flash = sdpa_kernel(&[Backend::Flash]); // scoped, per thread, nestable
+//!     let y = scaled_dot_product_attention(&q, &q, &q, &SdpaOptions::default())?;
+//! }
+//! let y = attn_op::flash_attn(&q.unsqueeze(0)?, &q.unsqueeze(0)?, &q.unsqueeze(0)?, 0.35, true)?;
+//! # Ok::<(), candle_core::Error>(())
+//! ```
 
+mod config;
+mod cpu;
+mod dispatch;
+mod flash_api;
+mod math;
+mod ops;
+mod options;
+pub mod philox;
+mod sdpa;
+mod validate;
+
+pub use config::CausalAlign;
+pub use dispatch::{enabled_backends, sdpa_kernel, select_backend, SdpaKernelGuard, Selection};
+pub use flash_api::{flash_attn, flash_attn_varlen};
+pub use math::masked_softmax_last_dim;
+pub use ops::{EfficientAttention, FlashAttention};
+pub use options::{Backend, SdpaOptions};
+pub use sdpa::scaled_dot_product_attention;

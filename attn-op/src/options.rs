@@ -70,6 +70,8 @@ impl std::str::FromStr for Backend {
         Backend::ALL
             .into_iter()
             .find(|b| b.name().eq_ignore_ascii_case(s))
-            .ok_or_else(|| format!("unknown attention backend `{s}`: expected flash, efficient or math"))
+            .ok_or_else(|| {
+                format!("unknown attention backend `{s}`: expected flash, efficient or math")
+            })
     }
 }

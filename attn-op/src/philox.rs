@@ -51,7 +51,9 @@ pub struct DropoutMask {
 impl DropoutMask {
     /// A mask dropping with probability `p` (`0 <= p < 1`) for the given seed.
     pub fn new(p: f64, seed: u64) -> Self {
-        let threshold = (p.clamp(0.0, 1.0) * 4_294_967_296.0).floor().min(u32::MAX as f64) as u32;
+        let threshold = (p.clamp(0.0, 1.0) * 4_294_967_296.0)
+            .floor()
+            .min(u32::MAX as f64) as u32;
         Self {
             key: [seed as u32, (seed >> 32) as u32],
             threshold,
@@ -133,7 +135,9 @@ mod tests {
         for &p in &[0.0, 0.1, 0.3, 0.5, 0.9] {
             let mask = DropoutMask::new(p, 42);
             let n = 200_000usize;
-            let kept = (0..n).filter(|&i| mask.keep(i % 5, i / 1000, i % 1000)).count();
+            let kept = (0..n)
+                .filter(|&i| mask.keep(i % 5, i / 1000, i % 1000))
+                .count();
             let rate = kept as f64 / n as f64;
             // 5 standard deviations of a binomial proportion.
             let tol = 5.0 * (p * (1.0 - p) / n as f64).sqrt() + 1e-9;

@@ -41,11 +41,18 @@ pub(crate) fn is_float(dtype: DType) -> bool {
 }
 
 /// Validates q, k, v and the options as [`crate::scaled_dot_product_attention`] takes them.
-pub(crate) fn check_sdpa(q: &Tensor, k: &Tensor, v: &Tensor, opts: &SdpaOptions) -> Result<Problem> {
+/// `api` names the public function in the messages.
+pub(crate) fn check_sdpa(
+    api: &str,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    opts: &SdpaOptions,
+) -> Result<Problem> {
     for (name, t) in [("query", q), ("key", k), ("value", v)] {
         if t.rank() < 3 {
             bail!(
-                "scaled_dot_product_attention: {name} has shape {:?} (rank {}); expected rank >= 3, (..., L, E)",
+                "{api}: {name} has shape {:?} (rank {}); expected rank >= 3, (..., L, E)",
                 t.dims(),
                 t.rank()
             );
@@ -53,7 +60,7 @@ pub(crate) fn check_sdpa(q: &Tensor, k: &Tensor, v: &Tensor, opts: &SdpaOptions)
     }
     if q.rank() != k.rank() || q.rank() != v.rank() {
         bail!(
-            "scaled_dot_product_attention: query {:?}, key {:?} and value {:?} must have the same rank",
+            "{api}: query {:?}, key {:?} and value {:?} must have the same rank",
             q.dims(),
             k.dims(),
             v.dims()
@@ -61,7 +68,7 @@ pub(crate) fn check_sdpa(q: &Tensor, k: &Tensor, v: &Tensor, opts: &SdpaOptions)
     }
     if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
         bail!(
-            "scaled_dot_product_attention: mixed dtypes query {:?}, key {:?}, value {:?}; all three must be the same",
+            "{api}: mixed dtypes query {:?}, key {:?}, value {:?}; all three must be the same",
             q.dtype(),
             k.dtype(),
             v.dtype()
@@ -69,13 +76,13 @@ pub(crate) fn check_sdpa(q: &Tensor, k: &Tensor, v: &Tensor, opts: &SdpaOptions)
     }
     if !is_float(q.dtype()) {
         bail!(
-            "scaled_dot_product_attention: dtype {:?} is not supported; expected f32, f16, bf16 or f64",
+            "{api}: dtype {:?} is not supported; expected f32, f16, bf16 or f64",
             q.dtype()
         );
     }
     if !k.device().same_device(q.device()) || !v.device().same_device(q.device()) {
         bail!(
-            "scaled_dot_product_attention: query is on {:?}, key on {:?}, value on {:?}; all three must be on one device",
+            "{api}: query is on {:?}, key on {:?}, value on {:?}; all three must be on one device",
             q.device().location(),
             k.device().location(),
             v.device().location()
@@ -87,27 +94,27 @@ pub(crate) fn check_sdpa(q: &Tensor, k: &Tensor, v: &Tensor, opts: &SdpaOptions)
     let (lk, ek) = (kd[r - 2], kd[r - 1]);
     let (lv, ev) = (vd[r - 2], vd[r - 1]);
     if ek != e {
-        bail!("scaled_dot_product_attention: query has E = {e} but key has E = {ek} (shapes {qd:?} and {kd:?}); they must match");
+        bail!("{api}: query has E = {e} but key has E = {ek} (shapes {qd:?} and {kd:?}); they must match");
     }
     if lv != lk {
-        bail!("scaled_dot_product_attention: key has Lk = {lk} but value has {lv} rows (shapes {kd:?} and {vd:?}); they must match");
+        bail!("{api}: key has Lk = {lk} but value has {lv} rows (shapes {kd:?} and {vd:?}); they must match");
     }
     if kd[..r - 2] != vd[..r - 2] {
-        bail!("scaled_dot_product_attention: key {kd:?} and value {vd:?} must have the same leading dims");
+        bail!("{api}: key {kd:?} and value {vd:?} must have the same leading dims");
     }
     let (hq, hkv) = (qd[r - 3], kd[r - 3]);
     if qd[..r - 3] != kd[..r - 3] {
-        bail!("scaled_dot_product_attention: query {qd:?} and key {kd:?} have different leading (batch) dims; they must be equal");
+        bail!("{api}: query {qd:?} and key {kd:?} have different leading (batch) dims; they must be equal");
     }
     if hq != hkv {
         if !opts.enable_gqa {
             bail!(
-                "scaled_dot_product_attention: query has {hq} heads (dim -3) but key/value have {hkv}; they must match, or set enable_gqa"
+                "{api}: query has {hq} heads (dim -3) but key/value have {hkv}; they must match, or set enable_gqa"
             );
         }
         if hkv == 0 || hq % hkv != 0 {
             bail!(
-                "scaled_dot_product_attention: enable_gqa needs key/value heads to divide query heads, got {hq} query heads and {hkv} key/value heads"
+                "{api}: enable_gqa needs key/value heads to divide query heads, got {hq} query heads and {hkv} key/value heads"
             );
         }
     }
@@ -125,9 +132,9 @@ pub(crate) fn check_sdpa(q: &Tensor, k: &Tensor, v: &Tensor, opts: &SdpaOptions)
     };
     if let Some(mask) = &opts.attn_mask {
         if opts.is_causal {
-            bail!("scaled_dot_product_attention: attn_mask and is_causal cannot both be set (PyTorch raises the same); put the causal mask into attn_mask");
+            bail!("{api}: attn_mask and is_causal cannot both be set (PyTorch raises the same); put the causal mask into attn_mask");
         }
-        check_mask(mask, q, &problem)?;
+        check_mask(api, mask, q, &problem)?;
     }
     Ok(problem)
 }
@@ -146,17 +153,17 @@ pub(crate) fn check_common(e: usize, dropout_p: f64, scale: Option<f64>) -> Resu
     }
 }
 
-fn check_mask(mask: &Tensor, q: &Tensor, p: &Problem) -> Result<()> {
+fn check_mask(api: &str, mask: &Tensor, q: &Tensor, p: &Problem) -> Result<()> {
     let target = p.scores_shape();
     if mask.dtype() != DType::U8 && !is_float(mask.dtype()) {
         bail!(
-            "scaled_dot_product_attention: attn_mask has dtype {:?}; expected u8 (boolean, nonzero = may attend) or a float bias",
+            "{api}: attn_mask has dtype {:?}; expected u8 (boolean, nonzero = may attend) or a float bias",
             mask.dtype()
         );
     }
     if !mask.device().same_device(q.device()) {
         bail!(
-            "scaled_dot_product_attention: attn_mask is on {:?} but query is on {:?}",
+            "{api}: attn_mask is on {:?} but query is on {:?}",
             mask.device().location(),
             q.device().location()
         );
@@ -169,7 +176,7 @@ fn check_mask(mask: &Tensor, q: &Tensor, p: &Problem) -> Result<()> {
             .zip(target.iter().rev())
             .all(|(&m, &t)| m == t || m == 1);
     if !fits {
-        bail!("scaled_dot_product_attention: attn_mask of shape {md:?} does not broadcast to (..., Lq, Lk) = {target:?}");
+        bail!("{api}: attn_mask of shape {md:?} does not broadcast to (..., Lq, Lk) = {target:?}");
     }
     Ok(())
 }
@@ -184,7 +191,9 @@ mod tests {
     }
 
     fn err(q: &[usize], k: &[usize], v: &[usize], opts: &SdpaOptions) -> String {
-        check_sdpa(&t(q), &t(k), &t(v), opts).unwrap_err().to_string()
+        check_sdpa("sdpa", &t(q), &t(k), &t(v), opts)
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
@@ -193,11 +202,23 @@ mod tests {
         assert!(err(&[4, 8], &[4, 8], &[4, 8], &o).contains("query has shape [4, 8] (rank 2)"));
         assert!(err(&[2, 3, 4, 8], &[2, 3, 4, 9], &[2, 3, 4, 8], &o).contains("key has E = 9"));
         assert!(err(&[2, 3, 4, 8], &[2, 3, 5, 8], &[2, 3, 6, 8], &o).contains("value has 6 rows"));
-        assert!(err(&[2, 3, 4, 8], &[3, 3, 5, 8], &[3, 3, 5, 8], &o).contains("leading (batch) dims"));
+        assert!(
+            err(&[2, 3, 4, 8], &[3, 3, 5, 8], &[3, 3, 5, 8], &o).contains("leading (batch) dims")
+        );
         assert!(err(&[2, 4, 4, 8], &[2, 2, 5, 8], &[2, 2, 5, 8], &o).contains("set enable_gqa"));
-        let gqa = SdpaOptions { enable_gqa: true, ..Default::default() };
+        let gqa = SdpaOptions {
+            enable_gqa: true,
+            ..Default::default()
+        };
         assert!(err(&[2, 4, 4, 8], &[2, 3, 5, 8], &[2, 3, 5, 8], &gqa).contains("divide"));
-        let p = check_sdpa(&t(&[2, 4, 4, 8]), &t(&[2, 2, 5, 8]), &t(&[2, 2, 5, 6]), &gqa).unwrap();
+        let p = check_sdpa(
+            "sdpa",
+            &t(&[2, 4, 4, 8]),
+            &t(&[2, 2, 5, 8]),
+            &t(&[2, 2, 5, 6]),
+            &gqa,
+        )
+        .unwrap();
         assert_eq!((p.hq, p.hkv, p.lq, p.lk, p.e, p.ev), (4, 2, 4, 5, 8, 6));
         assert_eq!(p.out_shape(), vec![2, 4, 4, 6]);
     }
@@ -205,24 +226,47 @@ mod tests {
     #[test]
     fn option_errors() {
         let s = [2, 3, 8];
-        let bad_p = SdpaOptions { dropout_p: 1.0, ..Default::default() };
+        let bad_p = SdpaOptions {
+            dropout_p: 1.0,
+            ..Default::default()
+        };
         assert!(err(&s, &s, &s, &bad_p).contains("dropout_p = 1 is outside [0, 1)"));
-        let bad_scale = SdpaOptions { scale: Some(f64::NAN), ..Default::default() };
+        let bad_scale = SdpaOptions {
+            scale: Some(f64::NAN),
+            ..Default::default()
+        };
         assert!(err(&s, &s, &s, &bad_scale).contains("must be finite and positive"));
-        let bad_scale = SdpaOptions { scale: Some(0.0), ..Default::default() };
+        let bad_scale = SdpaOptions {
+            scale: Some(0.0),
+            ..Default::default()
+        };
         assert!(err(&s, &s, &s, &bad_scale).contains("must be finite and positive"));
-        let both = SdpaOptions { attn_mask: Some(t(&[3, 3])), is_causal: true, ..Default::default() };
+        let both = SdpaOptions {
+            attn_mask: Some(t(&[3, 3])),
+            is_causal: true,
+            ..Default::default()
+        };
         assert!(err(&s, &s, &s, &both).contains("cannot both be set"));
-        let bad_mask = SdpaOptions { attn_mask: Some(t(&[4, 3])), ..Default::default() };
+        let bad_mask = SdpaOptions {
+            attn_mask: Some(t(&[4, 3])),
+            ..Default::default()
+        };
         assert!(err(&s, &s, &s, &bad_mask).contains("does not broadcast"));
-        let ok_mask = SdpaOptions { attn_mask: Some(t(&[1, 3])), ..Default::default() };
-        assert!(check_sdpa(&t(&s), &t(&s), &t(&s), &ok_mask).is_ok());
+        let ok_mask = SdpaOptions {
+            attn_mask: Some(t(&[1, 3])),
+            ..Default::default()
+        };
+        assert!(check_sdpa("sdpa", &t(&s), &t(&s), &t(&s), &ok_mask).is_ok());
         let q = t(&s);
         let half = q.to_dtype(DType::F16).unwrap();
-        let e = check_sdpa(&q, &half, &q, &SdpaOptions::default()).unwrap_err().to_string();
+        let e = check_sdpa("sdpa", &q, &half, &q, &SdpaOptions::default())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("mixed dtypes"), "{e}");
         let ints = q.to_dtype(DType::U32).unwrap();
-        let e = check_sdpa(&ints, &ints, &ints, &SdpaOptions::default()).unwrap_err().to_string();
+        let e = check_sdpa("sdpa", &ints, &ints, &ints, &SdpaOptions::default())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("dtype U32 is not supported"), "{e}");
     }
 }

@@ -28,7 +28,14 @@ struct Task<'a> {
 
 /// Backward of attention given the output `o` and its gradient `dout` (both contiguous rows of
 /// `ev` in the q row space) and the forward's logsumexp.
-pub(crate) fn backward(g: &Geometry, src: &Sources, p: &Params, o: &[f32], dout: &[f32], lse: &[f32]) -> Grads {
+pub(crate) fn backward(
+    g: &Geometry,
+    src: &Sources,
+    p: &Params,
+    o: &[f32],
+    dout: &[f32],
+    lse: &[f32],
+) -> Grads {
     let (e, ev) = (g.e, g.ev);
     // D_i = dO_i · O_i, the softmax-backward row term (dropout does not change it).
     let mut delta = vec![0f32; g.q_rows];
@@ -55,7 +62,13 @@ pub(crate) fn backward(g: &Geometry, src: &Sources, p: &Params, o: &[f32], dout:
             let c_end = (c_start + per).min(kv.len);
             let (a, rest_k) = dk.split_at_mut((c_end - c_start) * e);
             let (b, rest_v) = dv.split_at_mut((c_end - c_start) * ev);
-            tasks.push(Task { kv, c_start, c_end, dk: a, dv: b });
+            tasks.push(Task {
+                kv,
+                c_start,
+                c_end,
+                dk: a,
+                dv: b,
+            });
             (dk, dv) = (rest_k, rest_v);
             c_start = c_end;
         }
@@ -86,7 +99,15 @@ pub(crate) fn backward(g: &Geometry, src: &Sources, p: &Params, o: &[f32], dout:
 
 /// Gradients from key rows `[c_start, c_end)`: fills the task's dK/dV rows and returns its dQ
 /// share for every member query segment (`members × len × e`).
-fn key_range(g: &Geometry, src: &Sources, p: &Params, dout: &[f32], lse: &[f32], delta: &[f32], t: Task) -> Vec<f32> {
+fn key_range(
+    g: &Geometry,
+    src: &Sources,
+    p: &Params,
+    dout: &[f32],
+    lse: &[f32],
+    delta: &[f32],
+    t: Task,
+) -> Vec<f32> {
     let (e, ev) = (g.e, g.ev);
     let kv = t.kv;
     let members = &g.q_segs[kv.members.clone()];
@@ -135,7 +156,14 @@ fn key_range(g: &Geometry, src: &Sources, p: &Params, dout: &[f32], lse: &[f32],
                     }
                 }
                 // dV += Pdᵀ dO
-                gemm(dv_t, ev, MatRef::rows(pd, rows, cols, cols).t(), dot, true, 1.0);
+                gemm(
+                    dv_t,
+                    ev,
+                    MatRef::rows(pd, rows, cols, cols).t(),
+                    dot,
+                    true,
+                    1.0,
+                );
                 // dP = dO Vᵀ (∘ dropout), dS = P ∘ (dP - D)
                 gemm(dp, cols, dot, vt.t(), false, 1.0);
                 for (i, dp_row) in dp.chunks_exact_mut(cols).enumerate() {

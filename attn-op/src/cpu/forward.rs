@@ -55,7 +55,9 @@ pub(crate) fn prepare_scores(
     if let Some(mask) = &src.mask {
         mask.apply(seg.mask + row * g.mask_rs + c0 * g.mask_cs, g.mask_cs, s);
     }
-    let visible = visible_keys(seg.causal, row, lk).saturating_sub(c0).min(s.len());
+    let visible = visible_keys(seg.causal, row, lk)
+        .saturating_sub(c0)
+        .min(s.len());
     s[visible..].fill(f32::NEG_INFINITY);
 }
 
@@ -79,7 +81,9 @@ pub(crate) fn forward(g: &Geometry, src: &Sources, p: &Params) -> (Vec<f32>, Vec
     }
     tasks
         .into_par_iter()
-        .for_each_init(Vec::new, |scores, (seg, r0, o, l)| forward_tile(g, src, p, seg, r0, o, l, scores));
+        .for_each_init(Vec::new, |scores, (seg, r0, o, l)| {
+            forward_tile(g, src, p, seg, r0, o, l, scores)
+        });
     (out, lse)
 }
 

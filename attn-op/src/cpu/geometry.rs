@@ -82,7 +82,10 @@ fn offset_of(mut n: usize, dims: &[usize], strides: &[usize]) -> usize {
 fn last_dim_unit(name: &str, l: &Layout) -> Result<()> {
     let r = l.dims().len();
     if l.dims()[r - 1] > 1 && l.stride()[r - 1] != 1 {
-        bail!("attention: {name} must have a contiguous last dim (stride 1), got strides {:?}", l.stride());
+        bail!(
+            "attention: {name} must have a contiguous last dim (stride 1), got strides {:?}",
+            l.stride()
+        );
     }
     Ok(())
 }
@@ -104,7 +107,8 @@ impl Geometry {
         let (qd, kd, vd) = (q.dims(), k.dims(), v.dims());
         let (lq, e, lk, ev) = (qd[r - 2], qd[r - 1], kd[r - 2], vd[r - 1]);
         let (hq, hkv) = (qd[r - 3], kd[r - 3]);
-        if k.dims().len() != r || v.dims().len() != r || hkv == 0 || hq % hkv != 0 || kd[r - 1] != e {
+        if k.dims().len() != r || v.dims().len() != r || hkv == 0 || hq % hkv != 0 || kd[r - 1] != e
+        {
             bail!("attention: inconsistent shapes q {qd:?}, k {kd:?}, v {vd:?}");
         }
         let group = hq / hkv;
@@ -122,7 +126,9 @@ impl Geometry {
                 len: lq,
                 kv: (n / hq) * hkv + (n % hq) / group,
                 stream: n,
-                mask: mask.map_or(0, |m| m.start_offset() + offset_of(n, &qd[..r - 2], &m.stride()[..r - 2])),
+                mask: mask.map_or(0, |m| {
+                    m.start_offset() + offset_of(n, &qd[..r - 2], &m.stride()[..r - 2])
+                }),
                 causal,
             })
             .collect();
@@ -152,11 +158,20 @@ impl Geometry {
 
     /// Packed inputs seen head-major: q `(Hq, total_q, E)`, k `(Hkv, total_k, E)`,
     /// v `(Hkv, total_k, Ev)` (views of the `(total, H, D)` tensors), split by `varlen`.
-    pub fn packed(q: &Layout, k: &Layout, v: &Layout, varlen: &Varlen, causal: Option<CausalAlign>) -> Result<Self> {
+    pub fn packed(
+        q: &Layout,
+        k: &Layout,
+        v: &Layout,
+        varlen: &Varlen,
+        causal: Option<CausalAlign>,
+    ) -> Result<Self> {
         for (name, l) in [("query", q), ("key", k), ("value", v)] {
             last_dim_unit(name, l)?;
             if l.dims().len() != 3 {
-                bail!("attention: packed {name} must be (heads, total, dim), got {:?}", l.dims());
+                bail!(
+                    "attention: packed {name} must be (heads, total, dim), got {:?}",
+                    l.dims()
+                );
             }
         }
         let (qd, kd, vd) = (q.dims(), k.dims(), v.dims());
@@ -221,7 +236,9 @@ mod tests {
     #[test]
     fn dense_gqa_and_strides() {
         // q (2, 4, 5, 8) seen through a transpose of (2, 5, 4, 8): strides (160, 8, 32, 1).
-        let q = Layout::contiguous(Shape::from((2, 5, 4, 8))).transpose(1, 2).unwrap();
+        let q = Layout::contiguous(Shape::from((2, 5, 4, 8)))
+            .transpose(1, 2)
+            .unwrap();
         let k = Layout::contiguous(Shape::from((2, 2, 3, 8)));
         let v = Layout::contiguous_with_offset(Shape::from((2, 2, 3, 6)), 10);
         let g = Geometry::dense(&q, &k, &v, None, Some(CausalAlign::BottomRight)).unwrap();
@@ -236,13 +253,23 @@ mod tests {
 
     #[test]
     fn packed_segments() {
-        let q = Layout::contiguous(Shape::from((7, 2, 4))).transpose(0, 1).unwrap();
-        let k = Layout::contiguous(Shape::from((9, 1, 4))).transpose(0, 1).unwrap();
-        let varlen = Varlen { cu_q: vec![0, 3, 7], cu_k: vec![0, 5, 9] };
+        let q = Layout::contiguous(Shape::from((7, 2, 4)))
+            .transpose(0, 1)
+            .unwrap();
+        let k = Layout::contiguous(Shape::from((9, 1, 4)))
+            .transpose(0, 1)
+            .unwrap();
+        let varlen = Varlen {
+            cu_q: vec![0, 3, 7],
+            cu_k: vec![0, 5, 9],
+        };
         let g = Geometry::packed(&q, &k, &k, &varlen, None).unwrap();
         assert_eq!(g.q_segs.len(), 4);
         let s = &g.q_segs[3]; // sequence 1, head 1
-        assert_eq!((s.q, s.row0, s.len, s.kv, s.stream), (4 + 3 * 8, 7 + 3, 4, 1, 3));
+        assert_eq!(
+            (s.q, s.row0, s.len, s.kv, s.stream),
+            (4 + 3 * 8, 7 + 3, 4, 1, 3)
+        );
         assert_eq!(g.kv_segs[1].k, 5 * 4);
         assert_eq!(g.kv_segs[1].members, 2..4);
     }

@@ -15,7 +15,13 @@ pub(crate) struct MatRef<'a> {
 impl<'a> MatRef<'a> {
     /// A matrix whose rows (stride `rs`) are contiguous.
     pub fn rows(data: &'a [f32], rows: usize, cols: usize, rs: usize) -> Self {
-        Self { data, rows, cols, rs, cs: 1 }
+        Self {
+            data,
+            rows,
+            cols,
+            rs,
+            cs: 1,
+        }
     }
 
     /// The transposed view (no copy).
@@ -30,19 +36,34 @@ impl<'a> MatRef<'a> {
     }
 
     fn in_bounds(&self) -> bool {
-        self.rows == 0 || self.cols == 0 || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
     }
 }
 
 /// `dst = beta * lhs · rhs`, or `dst += beta * lhs · rhs` when `accumulate`; `dst` is
 /// `lhs.rows × rhs.cols` with row stride `dst_rs`.
-pub(crate) fn gemm(dst: &mut [f32], dst_rs: usize, lhs: MatRef, rhs: MatRef, accumulate: bool, beta: f32) {
+pub(crate) fn gemm(
+    dst: &mut [f32],
+    dst_rs: usize,
+    lhs: MatRef,
+    rhs: MatRef,
+    accumulate: bool,
+    beta: f32,
+) {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
-    assert!(rhs.rows == k && lhs.in_bounds() && rhs.in_bounds(), "gemm: operand out of bounds");
+    assert!(
+        rhs.rows == k && lhs.in_bounds() && rhs.in_bounds(),
+        "gemm: operand out of bounds"
+    );
     if m == 0 || n == 0 {
         return;
     }
-    assert!((m - 1) * dst_rs + n <= dst.len(), "gemm: destination out of bounds");
+    assert!(
+        (m - 1) * dst_rs + n <= dst.len(),
+        "gemm: destination out of bounds"
+    );
     if k == 0 {
         if !accumulate {
             for r in 0..m {
@@ -92,7 +113,8 @@ mod tests {
         gemm(&mut dst, 6, lhs, rhs, true, 2.0);
         for r in 0..3 {
             for c in 0..5 {
-                let want: f32 = 1.0 + 2.0 * (0..4).map(|k| a[r * 10 + k] * b[c * 8 + k]).sum::<f32>();
+                let want: f32 =
+                    1.0 + 2.0 * (0..4).map(|k| a[r * 10 + k] * b[c * 8 + k]).sum::<f32>();
                 assert!((dst[r * 6 + c] - want).abs() < 1e-4, "{r} {c}");
             }
             assert_eq!(dst[r * 6 + 5], 1.0);

@@ -9,6 +9,7 @@ pub(crate) mod simd;
 
 use std::borrow::Cow;
 
+use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, Layout, Result};
 
 /// A tensor's elements as f32, borrowed for f32 storage and converted for f16/bf16.
@@ -24,7 +25,13 @@ fn span(l: &Layout) -> (usize, usize) {
     if l.dims().contains(&0) {
         return (lo, lo);
     }
-    let hi = lo + 1 + l.dims().iter().zip(l.stride()).map(|(d, s)| (d - 1) * s).sum::<usize>();
+    let hi = lo
+        + 1
+        + l.dims()
+            .iter()
+            .zip(l.stride())
+            .map(|(d, s)| (d - 1) * s)
+            .sum::<usize>();
     (lo, hi)
 }
 
@@ -35,14 +42,12 @@ impl<'a> Src<'a> {
             CpuStorage::F32(v) => Cow::Borrowed(&v[lo..hi]),
             CpuStorage::F16(v) => Cow::Owned(v[lo..hi].iter().map(|x| x.to_f32()).collect()),
             CpuStorage::BF16(v) => Cow::Owned(v[lo..hi].iter().map(|x| x.to_f32()).collect()),
-            other => bail!("attention: dtype {:?} is not supported by the fused CPU ops (f32, f16, bf16)", other.dtype()),
+            other => bail!(
+                "attention: dtype {:?} is not supported by the fused CPU ops (f32, f16, bf16)",
+                other.dtype()
+            ),
         };
         Ok(Self { data, base: lo })
-    }
-
-    /// A contiguous f32 buffer, offsets from 0.
-    pub fn owned(data: Vec<f32>) -> Self {
-        Self { data: Cow::Owned(data), base: 0 }
     }
 
     /// The elements from storage offset `off` on.
@@ -95,7 +100,11 @@ impl<'a> MaskSrc<'a> {
 
 /// Splits `buf` (rows of `width` elements) into the disjoint row ranges `(start, len)`,
 /// returned in the order given.
-pub(crate) fn split_rows<'a>(buf: &'a mut [f32], width: usize, ranges: &[(usize, usize)]) -> Vec<&'a mut [f32]> {
+pub(crate) fn split_rows<'a>(
+    buf: &'a mut [f32],
+    width: usize,
+    ranges: &[(usize, usize)],
+) -> Vec<&'a mut [f32]> {
     let mut order: Vec<usize> = (0..ranges.len()).collect();
     order.sort_by_key(|&i| ranges[i].0);
     let mut out: Vec<Option<&'a mut [f32]>> = (0..ranges.len()).map(|_| None).collect();

@@ -44,7 +44,9 @@ pub(crate) fn max(x: &[f32]) -> f32 {
             *a = a.max(*v);
         }
     }
-    tail.iter().chain(acc.iter()).fold(f32::NEG_INFINITY, |m, v| m.max(*v))
+    tail.iter()
+        .chain(acc.iter())
+        .fold(f32::NEG_INFINITY, |m, v| m.max(*v))
 }
 
 /// `x *= a`.
@@ -96,7 +98,12 @@ pub(crate) fn dot(x: &[f32], y: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let cx = x.chunks_exact(LANES);
     let cy = y.chunks_exact(LANES);
-    let tail: f32 = cx.remainder().iter().zip(cy.remainder()).map(|(a, b)| a * b).sum();
+    let tail: f32 = cx
+        .remainder()
+        .iter()
+        .zip(cy.remainder())
+        .map(|(a, b)| a * b)
+        .sum();
     for (a, b) in cx.zip(cy) {
         for l in 0..LANES {
             acc[l] += a[l] * b[l];

@@ -1,0 +1,100 @@
+//! [`EfficientAttention`]: memory-efficient attention (xformers style) as a Candle op.
+
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+use super::fused::Fused;
+use crate::config::{AttnConfig, CausalAlign, Dropout};
+use crate::validate::{check_common, is_float};
+use crate::Backend;
+
+/// Memory-efficient attention as a `CustomOp3` on `(q, k, v)`, forward and backward: everything
+/// [`crate::FlashAttention`] does, plus an attention mask (additive bias or boolean) and any head
+/// dim. Shapes as [`crate::FlashAttention`]. The mask gets no gradient.
+///
+/// ```
+/// use attn_op::EfficientAttention;
+/// use candle_core::{Device, Tensor};
+/// let q = Tensor::randn(0f32, 1., (1, 2, 5, 8), &Device::Cpu)?;
+/// let bias = Tensor::randn(0f32, 1., (5, 5), &Device::Cpu)?;
+/// let op = EfficientAttention::new(0.35, None).with_mask(&bias)?;
+/// let y = q.apply_op3(&q, &q, op)?;
+/// assert_eq!(y.dims(), &[1, 2, 5, 8]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub struct EfficientAttention(Fused);
+
+impl EfficientAttention {
+    /// Attention with `softmax_scale` multiplying `q·k`, optionally causal.
+    pub fn new(softmax_scale: f32, causal: Option<CausalAlign>) -> Self {
+        Self::from_config(AttnConfig::new(softmax_scale, causal))
+    }
+
+    pub(crate) fn from_config(cfg: AttnConfig) -> Self {
+        Self(Fused::new(cfg))
+    }
+
+    /// Adds a mask broadcastable to the scores `(..., Hq, Lq, Lk)`: `u8` (nonzero = may attend)
+    /// or a float bias added to the scaled scores.
+    pub fn with_mask(mut self, mask: &Tensor) -> Result<Self> {
+        self.0.cfg.mask = Some(prepare_mask(mask)?);
+        Ok(self)
+    }
+
+    /// Drops attention weights with probability `p` (`0 <= p < 1`), the mask drawn from `seed`.
+    pub fn with_dropout(mut self, p: f64, seed: u64) -> Result<Self> {
+        check_common(1, p, None)?;
+        self.0.cfg.dropout = Dropout::new(p, seed);
+        Ok(self)
+    }
+}
+
+/// A mask as the fused kernels read it: u8 as is, float biases as f32 (no gradient).
+pub(crate) fn prepare_mask(mask: &Tensor) -> Result<Tensor> {
+    match mask.dtype() {
+        DType::U8 => Ok(mask.detach()),
+        d if is_float(d) => mask.detach().to_dtype(DType::F32),
+        d => bail!("attention: attn_mask dtype {d:?} is not supported; expected u8 (boolean) or a float bias"),
+    }
+}
+
+impl CustomOp3 for EfficientAttention {
+    fn name(&self) -> &'static str {
+        "efficient-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.0.cpu_fwd(s1, l1, s2, l2, s3, l3)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.0.cuda_fwd(Backend::Efficient, s1, l1, s2, l2, s3, l3)
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        self.0.bwd(Backend::Efficient, q, k, v, res, grad)
+    }
+}

@@ -1,0 +1,256 @@
+//! What the flash and efficient ops share: the CPU forward and backward over a [`Geometry`], and
+//! the logsumexp kept from forward for backward.
+
+use std::sync::Mutex;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, DType, Device, Layout, Result, Shape, Storage, Tensor};
+
+use crate::config::AttnConfig;
+use crate::cpu::backward::backward;
+use crate::cpu::forward::{forward, Params, Sources};
+use crate::cpu::geometry::Geometry;
+use crate::cpu::{MaskSrc, Src};
+use crate::Backend;
+
+#[derive(Default)]
+struct Stash {
+    forwards: usize,
+    lse: Option<Tensor>,
+}
+
+/// The state of one fused attention op: its configuration and the logsumexp of its forward.
+pub(crate) struct Fused {
+    pub cfg: AttnConfig,
+    stash: Mutex<Stash>,
+}
+
+fn to_storage(v: Vec<f32>, dtype: DType) -> Result<CpuStorage> {
+    Ok(match dtype {
+        DType::F32 => CpuStorage::F32(v),
+        DType::F16 => CpuStorage::F16(v.into_iter().map(half::f16::from_f32).collect()),
+        DType::BF16 => CpuStorage::BF16(v.into_iter().map(half::bf16::from_f32).collect()),
+        d => bail!("attention: dtype {d:?} is not supported by the fused ops (f32, f16, bf16)"),
+    })
+}
+
+fn cpu<'a>(s: &'a Storage, name: &str) -> Result<&'a CpuStorage> {
+    match s {
+        Storage::Cpu(c) => Ok(c),
+        _ => bail!("attention: {name} is not on the CPU like the other inputs"),
+    }
+}
+
+/// The output shape: q's with the last dim replaced by v's.
+fn out_shape(ql: &Layout, vl: &Layout) -> Shape {
+    let mut dims = ql.dims().to_vec();
+    let r = dims.len();
+    dims[r - 1] = vl.dims()[vl.dims().len() - 1];
+    Shape::from(dims)
+}
+
+impl Fused {
+    pub fn new(cfg: AttnConfig) -> Self {
+        Self {
+            cfg,
+            stash: Mutex::new(Stash::default()),
+        }
+    }
+
+    fn params(&self) -> Params {
+        Params {
+            scale: self.cfg.scale,
+            dropout: self.cfg.dropout,
+        }
+    }
+
+    /// The mask broadcast to the scores shape `(..., Hq, Lq, Lk)` of these inputs.
+    fn broadcast_mask(&self, ql: &Layout, kl: &Layout) -> Result<Option<Tensor>> {
+        let Some(mask) = &self.cfg.mask else {
+            return Ok(None);
+        };
+        let mut dims = ql.dims().to_vec();
+        let r = dims.len();
+        dims[r - 1] = kl.dims()[r - 2];
+        Ok(Some(mask.broadcast_as(dims)?))
+    }
+
+    fn geometry(
+        &self,
+        ql: &Layout,
+        kl: &Layout,
+        vl: &Layout,
+        mask: Option<&Layout>,
+    ) -> Result<Geometry> {
+        match &self.cfg.varlen {
+            Some(varlen) => Geometry::packed(ql, kl, vl, varlen, self.cfg.causal),
+            None => Geometry::dense(ql, kl, vl, mask, self.cfg.causal),
+        }
+    }
+
+    /// Runs `f` on the geometry and f32 sources of these CPU inputs (and the mask).
+    #[allow(clippy::too_many_arguments)]
+    fn with_sources<R>(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+        f: impl FnOnce(&Geometry, &Sources) -> Result<R>,
+    ) -> Result<R> {
+        let mask = self.broadcast_mask(l1, l2)?;
+        let mask_storage = mask.as_ref().map(|m| m.storage_and_layout());
+        let (mask_src, mask_layout) = match &mask_storage {
+            Some((s, l)) => (Some(MaskSrc::new(cpu(s, "attn_mask")?, l)?), Some(*l)),
+            None => (None, None),
+        };
+        let g = self.geometry(l1, l2, l3, mask_layout)?;
+        let src = Sources {
+            q: Src::new(s1, l1)?,
+            k: Src::new(s2, l2)?,
+            v: Src::new(s3, l3)?,
+            mask: mask_src,
+        };
+        f(&g, &src)
+    }
+
+    /// The CPU forward: output in q's dtype, its shape, and the row logsumexp.
+    fn cpu_forward(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape, Vec<f32>)> {
+        let (out, lse) = self.with_sources(s1, l1, s2, l2, s3, l3, |g, src| {
+            Ok(forward(g, src, &self.params()))
+        })?;
+        Ok((to_storage(out, s1.dtype())?, out_shape(l1, l3), lse))
+    }
+
+    fn keep_lse(&self, lse: Tensor) {
+        let mut stash = self.stash.lock().unwrap_or_else(|e| e.into_inner());
+        stash.forwards += 1;
+        stash.lse = Some(lse);
+    }
+
+    pub fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (out, shape, lse) = self.cpu_forward(s1, l1, s2, l2, s3, l3)?;
+        let n = lse.len();
+        self.keep_lse(Tensor::from_vec(lse, n, &Device::Cpu)?);
+        Ok((out, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    #[allow(clippy::too_many_arguments)]
+    pub fn cuda_fwd(
+        &self,
+        backend: Backend,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (out, shape, lse) = crate::cuda::forward(backend, &self.cfg, s1, l1, s2, l2, s3, l3)?;
+        self.keep_lse(lse);
+        Ok((out, shape))
+    }
+
+    /// The forward's logsumexp: kept from the forward, or computed again when this op instance
+    /// ran more than one forward (shared with `apply_op3_arc`) and the kept one may not match.
+    fn lse(&self, backend: Backend, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        {
+            let stash = self.stash.lock().unwrap_or_else(|e| e.into_inner());
+            if let (1, Some(lse)) = (stash.forwards, &stash.lse) {
+                return Ok(lse.clone());
+            }
+        }
+        let (s1, l1) = q.storage_and_layout();
+        let (s2, l2) = k.storage_and_layout();
+        let (s3, l3) = v.storage_and_layout();
+        match (&*s1, &*s2, &*s3) {
+            (Storage::Cpu(c1), Storage::Cpu(c2), Storage::Cpu(c3)) => {
+                let (_, _, lse) = self.cpu_forward(c1, l1, c2, l2, c3, l3)?;
+                let n = lse.len();
+                Tensor::from_vec(lse, n, &Device::Cpu)
+            }
+            #[cfg(feature = "cuda")]
+            (Storage::Cuda(c1), Storage::Cuda(c2), Storage::Cuda(c3)) => {
+                Ok(crate::cuda::forward(backend, &self.cfg, c1, l1, c2, l2, c3, l3)?.2)
+            }
+            _ => {
+                let _ = backend;
+                bail!(
+                    "attention backward: q, k, v must be on one supported device, got {:?}",
+                    q.device().location()
+                )
+            }
+        }
+    }
+
+    /// Gradients of q, k and v.
+    pub fn bwd(
+        &self,
+        backend: Backend,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let lse = self.lse(backend, q, k, v)?;
+        let (dq, dk, dv) = match q.device() {
+            Device::Cpu => self.cpu_backward(q, k, v, res, grad, &lse)?,
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => crate::cuda::backward(backend, &self.cfg, q, k, v, res, grad, &lse)?,
+            d => bail!(
+                "attention backward: device {:?} is not supported",
+                d.location()
+            ),
+        };
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+
+    fn cpu_backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+        lse: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let o: Vec<f32> = res.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let dout: Vec<f32> = grad.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let lse: Vec<f32> = lse.to_vec1()?;
+        let (s1, l1) = q.storage_and_layout();
+        let (s2, l2) = k.storage_and_layout();
+        let (s3, l3) = v.storage_and_layout();
+        let (c1, c2, c3) = (cpu(&s1, "query")?, cpu(&s2, "key")?, cpu(&s3, "value")?);
+        let grads = self.with_sources(c1, l1, c2, l2, c3, l3, |g, src| {
+            if o.len() != g.q_rows * g.ev || dout.len() != o.len() || lse.len() != g.q_rows {
+                bail!("attention backward: output, gradient or logsumexp do not match the inputs");
+            }
+            Ok(backward(g, src, &self.params(), &o, &dout, &lse))
+        })?;
+        let dtype = q.dtype();
+        let t = |data: Vec<f32>, like: &Tensor| {
+            Tensor::from_vec(data, like.shape(), &Device::Cpu)?.to_dtype(dtype)
+        };
+        Ok((t(grads.dq, q)?, t(grads.dk, k)?, t(grads.dv, v)?))
+    }
+}
