@@ -21,6 +21,7 @@ mod cpu;
 mod dispatch;
 mod flash_api;
 mod math;
+pub mod nn;
 mod ops;
 mod options;
 pub mod philox;

@@ -78,6 +78,18 @@ impl DropoutMask {
         }
     }
 
+    /// The Philox key `[seed_lo, seed_hi]` (for the CUDA kernels, which draw the same words).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn key(&self) -> [u32; 2] {
+        self.key
+    }
+
+    /// Elements whose Philox word is at least this are kept.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn threshold(&self) -> u32 {
+        self.threshold
+    }
+
     /// Whether element `(stream, row, col)` is kept.
     pub fn keep(&self, stream: usize, row: usize, col: usize) -> bool {
         let block = philox4x32_10([(col / 4) as u32, row as u32, stream as u32, 0], self.key);

@@ -1,0 +1,304 @@
+//! Layers built on the attention ops: [`CausalSelfAttention`], the multi-head self-attention of
+//! GPT (and of PyTorch's SDPA tutorial), and a seeded [`dropout`].
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use candle_core::{bail, DType, Module, ModuleT, Result, Tensor};
+use candle_nn::{Linear, VarBuilder};
+
+use crate::config::{AttnConfig, CausalAlign, Dropout};
+use crate::cpu::geometry::Varlen;
+use crate::philox::DropoutMask;
+use crate::{flash_attn, scaled_dot_product_attention, FlashAttention, SdpaOptions};
+
+/// Dropout with a mask drawn from `seed` (Philox), so that runs are reproducible: keeps each
+/// element with probability `1 - p` and scales kept ones by `1 / (1 - p)`. Differentiable in `x`.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let x = Tensor::ones((4, 100), candle_core::DType::F32, &Device::Cpu)?;
+/// let a = attn_op::nn::dropout(&x, 0.5, 7)?;
+/// let b = attn_op::nn::dropout(&x, 0.5, 7)?;
+/// assert_eq!(a.to_vec2::<f32>()?, b.to_vec2::<f32>()?); // same seed, same mask
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+    if !(0.0..1.0).contains(&p) {
+        bail!("dropout: p = {p} is outside [0, 1)");
+    }
+    if p == 0.0 || x.elem_count() == 0 {
+        return Ok(x.clone());
+    }
+    let cols = x.dims().last().copied().unwrap_or(1).max(1);
+    let rows = x.elem_count() / cols;
+    let mask = DropoutMask::new(p, seed);
+    let mut keep = vec![0f32; rows * cols];
+    for (r, row) in keep.chunks_exact_mut(cols).enumerate() {
+        mask.fill_row(0, r, 0, row);
+    }
+    let scale = 1.0 / (1.0 - p);
+    let keep = (Tensor::from_vec(keep, x.shape(), x.device())? * scale)?.to_dtype(x.dtype())?;
+    x * keep
+}
+
+/// When a [`CausalSelfAttention`] masks the future.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Causality {
+    /// In training and in evaluation (a language model: nanoGPT's behaviour).
+    Always,
+    /// Only in training, as the module of PyTorch's SDPA tutorial.
+    TrainingOnly,
+    /// Never.
+    Never,
+}
+
+/// Sizes and regularisation of a [`CausalSelfAttention`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionConfig {
+    /// Embedding width (C); a multiple of `n_head`.
+    pub n_embd: usize,
+    pub n_head: usize,
+    /// Whether the two Linear layers have a bias.
+    pub bias: bool,
+    /// Dropout on the attention weights and on the output (training only).
+    pub dropout: f64,
+    pub causality: Causality,
+}
+
+/// Keys and values seen so far, for incremental decoding with
+/// [`CausalSelfAttention::forward_cached`]: `(B, T, H, D)` each.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    kv: Option<(Tensor, Tensor)>,
+}
+
+impl KvCache {
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.kv.as_ref().map_or(0, |(k, _)| k.dim(1).unwrap_or(0))
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Multi-head causal self-attention with one fused `c_attn` projection to q, k, v, attention by
+/// [`scaled_dot_product_attention`] (so [`crate::sdpa_kernel`] picks the backend), `c_proj`, and
+/// dropout on the attention weights and the output in training.
+///
+/// Dropout masks come from a seed sequence owned by the module ([`Self::set_seed_state`]), so a
+/// training run is reproducible and can be resumed exactly.
+///
+/// ```
+/// use attn_op::nn::{AttentionConfig, Causality, CausalSelfAttention};
+/// use candle_core::{DType, Device, ModuleT, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+/// let vm = VarMap::new();
+/// let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+/// let cfg = AttentionConfig { n_embd: 32, n_head: 4, bias: false, dropout: 0.1, causality: Causality::Always };
+/// let attn = CausalSelfAttention::new(cfg, vb.pp("attn"))?;
+/// let x = Tensor::randn(0f32, 1., (2, 10, 32), &Device::Cpu)?;
+/// assert_eq!(attn.forward_t(&x, true)?.dims(), &[2, 10, 32]);
+/// println!("{attn}");
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub struct CausalSelfAttention {
+    c_attn: Linear,
+    c_proj: Linear,
+    cfg: AttentionConfig,
+    seeds: AtomicU64,
+}
+
+/// SplitMix64: the next seed of a sequence.
+fn splitmix64(state: &AtomicU64) -> u64 {
+    let mut z = state
+        .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
+        .wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl CausalSelfAttention {
+    /// Creates the layer's weights through `vb` (`c_attn.weight` `(3C, C)`, `c_proj.weight`
+    /// `(C, C)`, and biases when `cfg.bias`).
+    pub fn new(cfg: AttentionConfig, vb: VarBuilder) -> Result<Self> {
+        if cfg.n_head == 0 || cfg.n_embd % cfg.n_head != 0 {
+            bail!(
+                "CausalSelfAttention: n_embd = {} must be a positive multiple of n_head = {}",
+                cfg.n_embd,
+                cfg.n_head
+            );
+        }
+        if !(0.0..1.0).contains(&cfg.dropout) {
+            bail!(
+                "CausalSelfAttention: dropout = {} is outside [0, 1)",
+                cfg.dropout
+            );
+        }
+        let c = cfg.n_embd;
+        Ok(Self {
+            c_attn: candle_nn::linear_b(c, 3 * c, cfg.bias, vb.pp("c_attn"))?,
+            c_proj: candle_nn::linear_b(c, c, cfg.bias, vb.pp("c_proj"))?,
+            cfg,
+            seeds: AtomicU64::new(0),
+        })
+    }
+
+    /// The layer's configuration.
+    pub fn config(&self) -> &AttentionConfig {
+        &self.cfg
+    }
+
+    /// State of the dropout seed sequence (save it with a checkpoint).
+    pub fn seed_state(&self) -> u64 {
+        self.seeds.load(Ordering::Relaxed)
+    }
+
+    /// Restarts the dropout seed sequence from `state`.
+    pub fn set_seed_state(&self, state: u64) {
+        self.seeds.store(state, Ordering::Relaxed);
+    }
+
+    fn head_dim(&self) -> usize {
+        self.cfg.n_embd / self.cfg.n_head
+    }
+
+    /// q, k, v as `(B, T, H, D)` views of one `c_attn` output, no copies.
+    fn qkv(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, c) = x.dims3()?;
+        if c != self.cfg.n_embd {
+            bail!(
+                "CausalSelfAttention: input has {c} features, expected n_embd = {}",
+                self.cfg.n_embd
+            );
+        }
+        let qkv = self
+            .c_attn
+            .forward(x)?
+            .reshape((b, t, 3, self.cfg.n_head, self.head_dim()))?;
+        Ok((
+            qkv.narrow(2, 0, 1)?.squeeze(2)?,
+            qkv.narrow(2, 1, 1)?.squeeze(2)?,
+            qkv.narrow(2, 2, 1)?.squeeze(2)?,
+        ))
+    }
+
+    /// `c_proj` and residual dropout of the attention output `(B, T, H, D)`.
+    fn project(&self, y: &Tensor, train: bool) -> Result<Tensor> {
+        let (b, t, _, _) = y.dims4()?;
+        let y = self.c_proj.forward(&y.reshape((b, t, self.cfg.n_embd))?)?;
+        if train && self.cfg.dropout > 0.0 {
+            dropout(&y, self.cfg.dropout, splitmix64(&self.seeds))
+        } else {
+            Ok(y)
+        }
+    }
+
+    fn causal(&self, train: bool) -> bool {
+        match self.cfg.causality {
+            Causality::Always => true,
+            Causality::TrainingOnly => train,
+            Causality::Never => false,
+        }
+    }
+
+    /// Incremental decoding: `x` `(B, T_new, C)` holds the positions after those in `cache`,
+    /// which grows by them. Causal with the new queries aligned to the end of the cache
+    /// (bottom-right), so the result equals the full forward's last `T_new` positions. Evaluation
+    /// mode (no dropout).
+    pub fn forward_cached(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (q, k, v) = self.qkv(x)?;
+        let (k, v) = match cache.kv.take() {
+            Some((k0, v0)) => (Tensor::cat(&[&k0, &k], 1)?, Tensor::cat(&[&v0, &v], 1)?),
+            None => (k.contiguous()?, v.contiguous()?),
+        };
+        let scale = 1.0 / (self.head_dim() as f32).sqrt();
+        let y = flash_attn(&q, &k, &v, scale, self.causal(false))?;
+        cache.kv = Some((k, v));
+        self.project(&y, false)
+    }
+
+    /// Packed variable-length sequences: `x` `(total, C)` holds the sequences one after the
+    /// other, `cu_seqlens` (u32, `batch + 1` values from 0) their cumulative lengths. Equals
+    /// running [`ModuleT::forward_t`] on each sequence alone, without padding.
+    pub fn forward_packed(&self, x: &Tensor, cu_seqlens: &Tensor, train: bool) -> Result<Tensor> {
+        let (total, _) = x.dims2()?;
+        let (q, k, v) = self.qkv(&x.unsqueeze(0)?)?;
+        let (q, k, v) = (q.squeeze(0)?, k.squeeze(0)?, v.squeeze(0)?);
+        if cu_seqlens.dtype() != DType::U32 || cu_seqlens.rank() != 1 {
+            bail!("CausalSelfAttention::forward_packed: cu_seqlens must be a 1-D u32 tensor");
+        }
+        let cu: Vec<usize> = cu_seqlens
+            .to_vec1::<u32>()?
+            .into_iter()
+            .map(|c| c as usize)
+            .collect();
+        if cu.first() != Some(&0) || cu.windows(2).any(|w| w[1] < w[0]) || cu.last() != Some(&total)
+        {
+            bail!("CausalSelfAttention::forward_packed: cu_seqlens {cu:?} must rise from 0 to the {total} packed tokens");
+        }
+        let scale = 1.0 / (self.head_dim() as f32).sqrt();
+        let mut cfg = AttnConfig::new(
+            scale,
+            self.causal(train).then_some(CausalAlign::BottomRight),
+        );
+        if train {
+            cfg.dropout = Dropout::new(self.cfg.dropout, splitmix64(&self.seeds));
+        }
+        let op = FlashAttention::from_config(cfg).packed(Varlen {
+            cu_q: cu.clone(),
+            cu_k: cu,
+        });
+        let (qt, kt, vt) = (q.transpose(0, 1)?, k.transpose(0, 1)?, v.transpose(0, 1)?);
+        let y = qt.apply_op3(&kt, &vt, op)?.transpose(0, 1)?;
+        Ok(self.project(&y.unsqueeze(0)?, train)?.squeeze(0)?)
+    }
+}
+
+impl ModuleT for CausalSelfAttention {
+    /// `x` `(B, T, C)` to `(B, T, C)`; dropout only when `train`.
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (q, k, v) = self.qkv(x)?;
+        let opts = SdpaOptions {
+            is_causal: self.causal(train),
+            dropout_p: if train { self.cfg.dropout } else { 0.0 },
+            seed: train.then(|| splitmix64(&self.seeds)),
+            ..Default::default()
+        };
+        let y = scaled_dot_product_attention(
+            &q.transpose(1, 2)?,
+            &k.transpose(1, 2)?,
+            &v.transpose(1, 2)?,
+            &opts,
+        )?;
+        self.project(&y.transpose(1, 2)?, train)
+    }
+}
+
+impl fmt::Display for CausalSelfAttention {
+    /// Printed as PyTorch prints the tutorial's module.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = self.cfg.n_embd;
+        let bias = if self.cfg.bias { "True" } else { "False" };
+        writeln!(f, "CausalSelfAttention(")?;
+        writeln!(
+            f,
+            "  (c_attn): Linear(in_features={c}, out_features={}, bias={bias})",
+            3 * c
+        )?;
+        writeln!(
+            f,
+            "  (c_proj): Linear(in_features={c}, out_features={c}, bias={bias})"
+        )?;
+        writeln!(
+            f,
+            "  (resid_dropout): Dropout(p={}, inplace=False)",
+            self.cfg.dropout
+        )?;
+        write!(f, ")")
+    }
+}
