@@ -97,21 +97,24 @@ pub(crate) fn attention(
         dtype
     };
     let group = p.hq / p.hkv;
-    let q = q.to_dtype(compute)?.contiguous()?;
-    let k = repeat_heads(&k.to_dtype(compute)?, group)?.contiguous()?;
-    let v = repeat_heads(&v.to_dtype(compute)?, group)?.contiguous()?;
+    // Candle's batched matmul takes rank-3 operands best: flatten the leading dims.
+    let n: usize = p.lead.iter().product();
+    let q = q.to_dtype(compute)?.contiguous()?.reshape((n, p.lq, p.e))?;
+    let k = repeat_heads(&k.to_dtype(compute)?, group)?.contiguous()?.reshape((n, p.lk, p.e))?;
+    let v = repeat_heads(&v.to_dtype(compute)?, group)?.contiguous()?.reshape((n, p.lk, p.ev))?;
+    let full = |m: &Tensor| -> Result<Tensor> { m.broadcast_as(p.scores_shape())?.reshape((n, p.lq, p.lk)) };
     let mut scores = (q.matmul(&k.t()?)? * p.scale)?;
     if opts.is_causal {
         scores = mask_out(&scores, &causal_mask(p.lq, p.lk, q.device())?)?;
     }
     match &opts.attn_mask {
-        Some(m) if m.dtype() == DType::U8 => scores = mask_out(&scores, m)?,
-        Some(m) => scores = scores.broadcast_add(&m.to_dtype(compute)?)?,
+        Some(m) if m.dtype() == DType::U8 => scores = mask_out(&scores, &full(m)?)?,
+        Some(m) => scores = (scores + full(&m.to_dtype(compute)?)?)?,
         None => {}
     }
     let mut probs = masked_softmax_last_dim(&scores)?;
     if opts.dropout_p > 0.0 {
-        probs = (probs * dropout_keep(p, opts.dropout_p, seed, compute, q.device())?)?;
+        probs = (probs * full(&dropout_keep(p, opts.dropout_p, seed, compute, q.device())?)?)?;
     }
-    probs.matmul(&v)?.to_dtype(dtype)
+    probs.matmul(&v)?.reshape(p.out_shape())?.to_dtype(dtype)
 }
