@@ -58,19 +58,35 @@ pub struct Inputs {
     pub mask: Option<Tensor>,
 }
 
-pub fn inputs(c: &Case, dtype: DType) -> Result<Inputs> {
+/// The tensors the inputs of a case are views of: `[q, k, v]`, or with `strided`,
+/// `[q as (B, Lq, H, E), k and v side by side as (B, H, Lk, E + Ev)]`.
+pub fn random_bases(c: &Case, dtype: DType) -> Result<Vec<Tensor>> {
     let dev = Device::Cpu;
-    let (q, k, v) = if c.strided {
-        let q = Tensor::randn(0f32, 1., (c.b, c.lq, c.hq, c.e), &dev)?.to_dtype(dtype)?.transpose(1, 2)?;
-        let kv = Tensor::randn(0f32, 1., (c.b, c.hkv, c.lk, c.e + c.ev), &dev)?.to_dtype(dtype)?;
-        (q, kv.narrow(3, 0, c.e)?, kv.narrow(3, c.e, c.ev)?)
+    let shapes: Vec<(usize, usize, usize, usize)> = if c.strided {
+        vec![(c.b, c.lq, c.hq, c.e), (c.b, c.hkv, c.lk, c.e + c.ev)]
     } else {
-        (
-            Tensor::randn(0f32, 1., (c.b, c.hq, c.lq, c.e), &dev)?.to_dtype(dtype)?,
-            Tensor::randn(0f32, 1., (c.b, c.hkv, c.lk, c.e), &dev)?.to_dtype(dtype)?,
-            Tensor::randn(0f32, 1., (c.b, c.hkv, c.lk, c.ev), &dev)?.to_dtype(dtype)?,
-        )
+        vec![(c.b, c.hq, c.lq, c.e), (c.b, c.hkv, c.lk, c.e), (c.b, c.hkv, c.lk, c.ev)]
     };
+    shapes.into_iter().map(|s| Tensor::randn(0f32, 1., s, &dev)?.to_dtype(dtype)).collect()
+}
+
+/// q, k, v of a case from its bases (views, no copies, when `strided`).
+pub fn views(c: &Case, bases: &[Tensor]) -> Result<(Tensor, Tensor, Tensor)> {
+    if c.strided {
+        Ok((bases[0].transpose(1, 2)?, bases[1].narrow(3, 0, c.e)?, bases[1].narrow(3, c.e, c.ev)?))
+    } else {
+        Ok((bases[0].clone(), bases[1].clone(), bases[2].clone()))
+    }
+}
+
+pub fn inputs(c: &Case, dtype: DType) -> Result<Inputs> {
+    let (q, k, v) = views(c, &random_bases(c, dtype)?)?;
+    Ok(Inputs { q, k, v, mask: random_mask(c, dtype)? })
+}
+
+/// The mask of a case, if any.
+pub fn random_mask(c: &Case, dtype: DType) -> Result<Option<Tensor>> {
+    let dev = Device::Cpu;
     let mask = match c.mask {
         MaskKind::None => None,
         MaskKind::Bool => {
@@ -87,7 +103,7 @@ pub fn inputs(c: &Case, dtype: DType) -> Result<Inputs> {
             Some((r + Tensor::from_vec(idx, (c.hq, c.lq, c.lk), &dev)?)?.to_dtype(dtype)?)
         }
     };
-    Ok(Inputs { q, k, v, mask })
+    Ok(mask)
 }
 
 /// The options of a case (dropout seeded by `seed`).
