@@ -1,0 +1,251 @@
+//! The CUDA kernels against the CPU implementation of the same backend, forward and backward, on
+//! fresh random inputs: every dtype and head dim the kernels take, causal or not, boolean and
+//! additive masks, dropout (the GPU must drop exactly the CPU's elements), GQA, odd lengths,
+//! strided views, the bottom-right causal alignment of `flash_attn` and packed sequences.
+//!
+//! Built only with `--features cuda`; without a CUDA device each test prints `SKIP` and passes
+//! (CI builds these on a machine without a GPU; `scripts/gpu-check.sh` runs them on one).
+#![cfg(feature = "cuda")]
+
+use attn_op::{flash_attn, flash_attn_varlen, scaled_dot_product_attention, sdpa_kernel, Backend, SdpaOptions};
+use candle_core::{DType, Device, Result, Tensor, Var};
+
+fn gpu() -> Option<Device> {
+    match Device::new_cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("SKIP: no CUDA device ({e})");
+            None
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mask {
+    None,
+    Bool,
+    Bias,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    b: usize,
+    hq: usize,
+    hkv: usize,
+    lq: usize,
+    lk: usize,
+    e: usize,
+    ev: usize,
+    causal: bool,
+    mask: Mask,
+    dropout: f64,
+    /// q, k, v as transposes of `(B, L, H, D)` tensors (row stride H·D, no copy).
+    strided: bool,
+}
+
+/// Relative error bound per dtype (forward, backward) of GPU against CPU.
+fn tolerance(dtype: DType) -> (f32, f32) {
+    match dtype {
+        DType::F32 => (2e-4, 1e-3),
+        DType::F16 => (4e-3, 2e-2),
+        _ => (2e-2, 8e-2),
+    }
+}
+
+/// `max |a - b| / max(|b|)` over all elements.
+fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
+    let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    let diff = (&a - &b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1e-3);
+    if !diff.is_finite() {
+        return Ok(f32::INFINITY);
+    }
+    Ok(diff / scale)
+}
+
+/// A random input of `(B, H, L, D)` on the CPU in `dtype`, as a view of `(B, L, H, D)` when strided.
+fn input(b: usize, h: usize, l: usize, d: usize, dtype: DType, strided: bool) -> Result<Var> {
+    let t = if strided {
+        Tensor::randn(0f32, 1., (b, l, h, d), &Device::Cpu)?
+    } else {
+        Tensor::randn(0f32, 1., (b, h, l, d), &Device::Cpu)?
+    };
+    Var::from_tensor(&t.to_dtype(dtype)?)
+}
+
+fn view(v: &Var, strided: bool) -> Result<Tensor> {
+    if strided {
+        v.as_tensor().transpose(1, 2)
+    } else {
+        Ok(v.as_tensor().clone())
+    }
+}
+
+/// Output and (dq, dk, dv) of one backend on one device, for the inputs given on the CPU.
+fn run(backend: Backend, c: &Case, inputs: &[Var; 3], mask: Option<&Tensor>, dout: &Tensor, dev: &Device) -> Result<[Tensor; 4]> {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|v| Var::from_tensor(&v.as_tensor().to_device(dev)?))
+        .collect::<Result<_>>()?;
+    let (q, k, v) = (view(&vars[0], c.strided)?, view(&vars[1], c.strided)?, view(&vars[2], c.strided)?);
+    let opts = SdpaOptions {
+        attn_mask: mask.map(|m| m.to_device(dev)).transpose()?,
+        dropout_p: c.dropout,
+        is_causal: c.causal,
+        scale: None,
+        enable_gqa: c.hq != c.hkv,
+        seed: Some(0x5eed_0000_1234_5678),
+    };
+    let _only = sdpa_kernel(&[backend]);
+    let y = scaled_dot_product_attention(&q, &k, &v, &opts)?;
+    let loss = (y.to_dtype(DType::F32)? * dout.to_device(dev)?)?.sum_all()?;
+    let grads = loss.backward()?;
+    let g = |v: &Var| {
+        grads
+            .get(v.as_tensor())
+            .cloned()
+            .ok_or_else(|| candle_core::Error::Msg("missing gradient".into()))
+    };
+    Ok([y, g(&vars[0])?, g(&vars[1])?, g(&vars[2])?])
+}
+
+fn check(backend: Backend, dtype: DType, c: Case, gpu: &Device) -> Result<()> {
+    let q = input(c.b, c.hq, c.lq, c.e, dtype, c.strided)?;
+    let k = input(c.b, c.hkv, c.lk, c.e, dtype, c.strided)?;
+    let v = input(c.b, c.hkv, c.lk, c.ev, dtype, c.strided)?;
+    let mask = match c.mask {
+        Mask::None => None,
+        // Broadcast over batch: (Hq, Lq, Lk); about a fifth of the entries masked, some rows fully.
+        Mask::Bool => {
+            let r = Tensor::rand(0f32, 1., (c.hq, c.lq, c.lk), &Device::Cpu)?;
+            Some(r.ge(0.2)?)
+        }
+        Mask::Bias => Some(Tensor::randn(0f32, 1., (1, c.lq, c.lk), &Device::Cpu)?),
+    };
+    let dout = Tensor::randn(0f32, 1., (c.b, c.hq, c.lq, c.ev), &Device::Cpu)?;
+    let inputs = [q, k, v];
+    let cpu = run(backend, &c, &inputs, mask.as_ref(), &dout, &Device::Cpu)?;
+    let cuda = run(backend, &c, &inputs, mask.as_ref(), &dout, gpu)?;
+    let (tf, tb) = tolerance(dtype);
+    for (i, name) in ["out", "dq", "dk", "dv"].iter().enumerate() {
+        let err = rel_err(&cuda[i], &cpu[i])?;
+        let tol = if i == 0 { tf } else { tb };
+        if err > tol {
+            candle_core::bail!("{backend:?} {dtype:?} {c:?}: {name} relative error {err:.2e} > {tol:.0e}");
+        }
+    }
+    Ok(())
+}
+
+/// Runs every case, reporting all failures at once.
+fn check_all(backend: Backend, dtypes: &[DType], dims: &[(usize, usize)], masks: &[Mask]) {
+    let Some(gpu) = gpu() else { return };
+    let lens = [(1, 1), (7, 7), (65, 63), (130, 257), (257, 130), (64, 128)];
+    let mut failures = Vec::new();
+    let mut n = 0;
+    for &dtype in dtypes {
+        for (di, &(e, ev)) in dims.iter().enumerate() {
+            for (li, &(lq, lk)) in lens.iter().enumerate() {
+                let i = di + li;
+                let c = Case {
+                    b: 2,
+                    hq: 4,
+                    hkv: if i % 3 == 0 { 2 } else { 4 },
+                    lq,
+                    lk,
+                    e,
+                    ev,
+                    causal: i % 2 == 0 && masks[i % masks.len()] == Mask::None,
+                    mask: masks[i % masks.len()],
+                    dropout: if i % 4 == 1 { 0.3 } else { 0.0 },
+                    strided: i % 3 == 1,
+                };
+                n += 1;
+                if let Err(e) = check(backend, dtype, c, &gpu) {
+                    failures.push(e.to_string());
+                }
+            }
+        }
+    }
+    eprintln!("{backend:?}: {} of {n} cases agree with the CPU", n - failures.len());
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+}
+
+#[test]
+fn flash_matches_cpu() {
+    let dims = [(8, 8), (32, 32), (64, 64), (80, 80), (96, 96), (128, 128), (256, 256)];
+    check_all(Backend::Flash, &[DType::F16, DType::BF16], &dims, &[Mask::None]);
+}
+
+#[test]
+fn efficient_matches_cpu() {
+    let dims = [(8, 8), (13, 7), (64, 64), (128, 96), (130, 130), (256, 256)];
+    check_all(Backend::Efficient, &[DType::F32, DType::F16, DType::BF16], &dims, &[Mask::None, Mask::Bool, Mask::Bias]);
+}
+
+/// Dropout with the same seed drops the same elements on CPU and GPU, in every row and column
+/// position (checked through the output with v = identity-like values).
+#[test]
+fn dropout_masks_are_the_cpus() -> Result<()> {
+    let Some(gpu) = gpu() else { return Ok(()) };
+    for backend in [Backend::Flash, Backend::Efficient] {
+        let dtype = if backend == Backend::Flash { DType::F16 } else { DType::F32 };
+        let c = Case { b: 1, hq: 3, hkv: 3, lq: 70, lk: 70, e: 64, ev: 64, causal: false, mask: Mask::None, dropout: 0.5, strided: false };
+        check(backend, dtype, c, &gpu)?;
+    }
+    Ok(())
+}
+
+/// `flash_attn` (bottom-right causal alignment, `(B, S, H, D)` views) and packed sequences.
+#[test]
+fn flash_attn_layouts_match_cpu() -> Result<()> {
+    let Some(gpu) = gpu() else { return Ok(()) };
+    for dtype in [DType::F16, DType::BF16] {
+        let (tf, _) = tolerance(dtype);
+        for (sq, sk) in [(1, 9), (5, 77), (77, 5), (129, 129)] {
+            let q = Tensor::randn(0f32, 1., (2, sq, 4, 64), &Device::Cpu)?.to_dtype(dtype)?;
+            let k = Tensor::randn(0f32, 1., (2, sk, 2, 64), &Device::Cpu)?.to_dtype(dtype)?;
+            let v = Tensor::randn(0f32, 1., (2, sk, 2, 64), &Device::Cpu)?.to_dtype(dtype)?;
+            let cpu = flash_attn(&q, &k, &v, 0.125, true)?;
+            let cuda = flash_attn(&q.to_device(&gpu)?, &k.to_device(&gpu)?, &v.to_device(&gpu)?, 0.125, true)?;
+            let err = rel_err(&cuda, &cpu)?;
+            assert!(err <= tf, "flash_attn {dtype:?} ({sq}, {sk}): {err:.2e}");
+        }
+        let (tq, tk) = (3 + 70 + 1, 5 + 64 + 33);
+        let q = Tensor::randn(0f32, 1., (tq, 4, 32), &Device::Cpu)?.to_dtype(dtype)?;
+        let k = Tensor::randn(0f32, 1., (tk, 4, 32), &Device::Cpu)?.to_dtype(dtype)?;
+        let cu_q = Tensor::new(&[0u32, 3, 73, 74], &Device::Cpu)?;
+        let cu_k = Tensor::new(&[0u32, 5, 69, 102], &Device::Cpu)?;
+        for causal in [false, true] {
+            let cpu = flash_attn_varlen(&q, &k, &k, &cu_q, &cu_k, 70, 64, 0.2, causal)?;
+            let (gq, gk) = (q.to_device(&gpu)?, k.to_device(&gpu)?);
+            let (gcq, gck) = (cu_q.to_device(&gpu)?, cu_k.to_device(&gpu)?);
+            let cuda = flash_attn_varlen(&gq, &gk, &gk, &gcq, &gck, 70, 64, 0.2, causal)?;
+            let err = rel_err(&cuda, &cpu)?;
+            assert!(err <= tf, "flash_attn_varlen {dtype:?} causal {causal}: {err:.2e}");
+        }
+    }
+    Ok(())
+}
+
+/// A row whose keys are all masked gives zeros and zero gradients, never NaN.
+#[test]
+fn fully_masked_rows_are_zero() -> Result<()> {
+    let Some(gpu) = gpu() else { return Ok(()) };
+    let q = Var::from_tensor(&Tensor::randn(0f32, 1., (1, 2, 5, 16), &gpu)?)?;
+    let mut m = vec![1u8; 5 * 7];
+    m[2 * 7..3 * 7].fill(0); // row 2 sees nothing
+    let mask = Tensor::from_vec(m, (5, 7), &gpu)?;
+    let kv = Tensor::randn(0f32, 1., (1, 2, 7, 16), &gpu)?;
+    let _only = sdpa_kernel(&[Backend::Efficient]);
+    let opts = SdpaOptions { attn_mask: Some(mask), ..Default::default() };
+    let y = scaled_dot_product_attention(q.as_tensor(), &kv, &kv, &opts)?;
+    let row = y.narrow(2, 2, 1)?.abs()?.sum_all()?.to_scalar::<f32>()?;
+    assert_eq!(row, 0.0);
+    let g = y.sum_all()?.backward()?;
+    let dq = g.get(q.as_tensor()).expect("dq");
+    assert_eq!(dq.narrow(2, 2, 1)?.abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
+    assert!(dq.abs()?.sum_all()?.to_scalar::<f32>()?.is_finite());
+    Ok(())
+}
