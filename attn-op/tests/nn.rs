@@ -1,0 +1,204 @@
+//! `nn::CausalSelfAttention`: equal to a plain composition of its parts, and its packed and
+//! KV-cache forwards equal to the plain one.
+
+use attn_op::nn::{dropout, AttentionConfig, CausalSelfAttention, Causality, KvCache};
+use candle_core::{DType, Device, ModuleT, Result, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn layer(causality: Causality, dropout: f64, bias: bool) -> Result<(CausalSelfAttention, VarMap)> {
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    let cfg = AttentionConfig {
+        n_embd: 32,
+        n_head: 4,
+        bias,
+        dropout,
+        causality,
+    };
+    Ok((CausalSelfAttention::new(cfg, vb)?, vm))
+}
+
+fn weight(vm: &VarMap, name: &str) -> Tensor {
+    vm.data()
+        .lock()
+        .unwrap()
+        .get(name)
+        .unwrap()
+        .as_tensor()
+        .clone()
+}
+
+/// The layer by hand: Linear, split heads, masked softmax attention, merge heads, Linear.
+fn by_hand(vm: &VarMap, x: &Tensor, causal: bool) -> Result<Tensor> {
+    let (b, t, c) = x.dims3()?;
+    let (h, d) = (4, c / 4);
+    let qkv = x
+        .broadcast_matmul(&weight(vm, "c_attn.weight").t()?)?
+        .broadcast_add(&weight(vm, "c_attn.bias"))?;
+    let heads = |i: usize| {
+        qkv.narrow(2, i * c, c)?
+            .reshape((b, t, h, d))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
+    let mut s = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
+    if causal {
+        let m: Vec<f32> = (0..t)
+            .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        s = s.broadcast_add(&Tensor::from_vec(m, (t, t), x.device())?)?;
+    }
+    let p = candle_nn::ops::softmax(&s, 3)?;
+    let y = p.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
+    y.broadcast_matmul(&weight(vm, "c_proj.weight").t()?)?
+        .broadcast_add(&weight(vm, "c_proj.bias"))
+}
+
+#[test]
+fn equals_composition_of_parts() -> Result<()> {
+    let x = Tensor::randn(0f32, 1., (2, 11, 32), &Device::Cpu)?;
+    for causality in [Causality::Always, Causality::TrainingOnly, Causality::Never] {
+        let (attn, vm) = layer(causality, 0.0, true)?;
+        for train in [false, true] {
+            let causal =
+                causality == Causality::Always || (causality == Causality::TrainingOnly && train);
+            let got = attn.forward_t(&x, train)?;
+            assert!(
+                max_diff(&got, &by_hand(&vm, &x, causal)?) < 1e-5,
+                "{causality:?} train {train}"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn dropout_only_in_training_and_reproducible() -> Result<()> {
+    let x = Tensor::randn(0f32, 1., (2, 9, 32), &Device::Cpu)?;
+    let (attn, _) = layer(Causality::Always, 0.2, false)?;
+    let eval1 = attn.forward_t(&x, false)?;
+    assert_eq!(max_diff(&eval1, &attn.forward_t(&x, false)?), 0.0);
+    attn.set_seed_state(42);
+    let a = attn.forward_t(&x, true)?;
+    let b = attn.forward_t(&x, true)?;
+    assert!(
+        max_diff(&a, &b) > 0.0,
+        "consecutive training calls draw new masks"
+    );
+    attn.set_seed_state(42);
+    assert_eq!(
+        max_diff(&a, &attn.forward_t(&x, true)?),
+        0.0,
+        "a restored seed state repeats the masks"
+    );
+    assert!(max_diff(&a, &eval1) > 0.0);
+    Ok(())
+}
+
+#[test]
+fn packed_equals_per_sequence() -> Result<()> {
+    let (attn, _) = layer(Causality::Always, 0.0, true)?;
+    let lens = [5usize, 1, 12];
+    let seqs: Vec<Tensor> = lens
+        .iter()
+        .map(|&l| Tensor::randn(0f32, 1., (l, 32), &Device::Cpu))
+        .collect::<Result<_>>()?;
+    let x = Var::from_tensor(&Tensor::cat(&seqs, 0)?)?;
+    let cu = Tensor::new(&[0u32, 5, 6, 18], &Device::Cpu)?;
+    let y = attn.forward_packed(&x, &cu, false)?;
+    let mut start = 0;
+    for l in lens {
+        let want = attn
+            .forward_t(&x.narrow(0, start, l)?.unsqueeze(0)?, false)?
+            .squeeze(0)?;
+        assert!(max_diff(&y.narrow(0, start, l)?, &want) < 1e-5);
+        start += l;
+    }
+    let g = y.sum_all()?.backward()?;
+    assert!(g.get(&x).is_some());
+    let e = attn
+        .forward_packed(&x, &Tensor::new(&[0u32, 5, 7], &Device::Cpu)?, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("must rise from 0 to the 18 packed tokens"),
+        "{e}"
+    );
+    Ok(())
+}
+
+#[test]
+fn kv_cache_decoding_equals_full_forward() -> Result<()> {
+    let (attn, _) = layer(Causality::Always, 0.0, true)?;
+    let x = Tensor::randn(0f32, 1., (2, 10, 32), &Device::Cpu)?;
+    let full = attn.forward_t(&x, false)?;
+    let mut cache = KvCache::default();
+    let first = attn.forward_cached(&x.narrow(1, 0, 6)?, &mut cache)?;
+    assert_eq!(cache.len(), 6);
+    let mut outs = vec![first];
+    for t in 6..10 {
+        outs.push(attn.forward_cached(&x.narrow(1, t, 1)?, &mut cache)?);
+    }
+    assert_eq!(cache.len(), 10);
+    assert!(max_diff(&Tensor::cat(&outs, 1)?, &full) < 1e-5);
+    Ok(())
+}
+
+#[test]
+fn prints_like_pytorch_and_rejects_bad_config() -> Result<()> {
+    let (attn, _) = layer(Causality::TrainingOnly, 0.1, false)?;
+    let want = "CausalSelfAttention(\n  (c_attn): Linear(in_features=32, out_features=96, bias=False)\n  (c_proj): Linear(in_features=32, out_features=32, bias=False)\n  (resid_dropout): Dropout(p=0.1, inplace=False)\n)";
+    assert_eq!(attn.to_string(), want);
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    let cfg = AttentionConfig {
+        n_embd: 30,
+        n_head: 4,
+        bias: false,
+        dropout: 0.0,
+        causality: Causality::Always,
+    };
+    let e = CausalSelfAttention::new(cfg, vb).err().unwrap().to_string();
+    assert!(
+        e.contains("n_embd = 30 must be a positive multiple of n_head = 4"),
+        "{e}"
+    );
+    let e = attn
+        .forward_t(&Tensor::zeros((1, 3, 16), DType::F32, &Device::Cpu)?, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("input has 16 features, expected n_embd = 32"),
+        "{e}"
+    );
+    Ok(())
+}
+
+#[test]
+fn seeded_dropout_statistics() -> Result<()> {
+    let x = Tensor::ones((200, 500), DType::F32, &Device::Cpu)?;
+    let y = dropout(&x, 0.25, 9)?;
+    let vals = y.flatten_all()?.to_vec1::<f32>()?;
+    let kept = vals.iter().filter(|&&v| v != 0.0).count() as f64 / vals.len() as f64;
+    assert!((kept - 0.75).abs() < 0.01, "{kept}");
+    assert!(vals
+        .iter()
+        .all(|&v| v == 0.0 || (v - 1.0 / 0.75).abs() < 1e-6));
+    assert!(max_diff(&y, &dropout(&x, 0.25, 10)?) > 0.0);
+    assert!(dropout(&x, 1.0, 0).is_err());
+    Ok(())
+}
