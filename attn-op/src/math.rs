@@ -100,9 +100,15 @@ pub(crate) fn attention(
     // Candle's batched matmul takes rank-3 operands best: flatten the leading dims.
     let n: usize = p.lead.iter().product();
     let q = q.to_dtype(compute)?.contiguous()?.reshape((n, p.lq, p.e))?;
-    let k = repeat_heads(&k.to_dtype(compute)?, group)?.contiguous()?.reshape((n, p.lk, p.e))?;
-    let v = repeat_heads(&v.to_dtype(compute)?, group)?.contiguous()?.reshape((n, p.lk, p.ev))?;
-    let full = |m: &Tensor| -> Result<Tensor> { m.broadcast_as(p.scores_shape())?.reshape((n, p.lq, p.lk)) };
+    let k = repeat_heads(&k.to_dtype(compute)?, group)?
+        .contiguous()?
+        .reshape((n, p.lk, p.e))?;
+    let v = repeat_heads(&v.to_dtype(compute)?, group)?
+        .contiguous()?
+        .reshape((n, p.lk, p.ev))?;
+    let full = |m: &Tensor| -> Result<Tensor> {
+        m.broadcast_as(p.scores_shape())?.reshape((n, p.lq, p.lk))
+    };
     let mut scores = (q.matmul(&k.t()?)? * p.scale)?;
     if opts.is_causal {
         scores = mask_out(&scores, &causal_mask(p.lq, p.lk, q.device())?)?;

@@ -16,7 +16,10 @@ fn gradients(
     seed: u64,
     w: &Tensor,
 ) -> Result<(Tensor, Vec<Tensor>)> {
-    let vars = bases.iter().map(Var::from_tensor).collect::<Result<Vec<_>>>()?;
+    let vars = bases
+        .iter()
+        .map(Var::from_tensor)
+        .collect::<Result<Vec<_>>>()?;
     let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let (q, k, v) = views(case, &ts)?;
     let opts = SdpaOptions {
@@ -33,7 +36,12 @@ fn gradients(
     let grads = loss.backward()?;
     let g = vars
         .iter()
-        .map(|v| grads.get(v).cloned().ok_or_else(|| candle_core::Error::Msg("missing gradient".into())))
+        .map(|v| {
+            grads
+                .get(v)
+                .cloned()
+                .ok_or_else(|| candle_core::Error::Msg("missing gradient".into()))
+        })
         .collect::<Result<Vec<_>>>()?;
     Ok((out, g))
 }
@@ -48,7 +56,10 @@ fn check(case: &Case, backend: Backend, dtype: DType, seed: u64) -> Result<Optio
     let mask = random_mask(case, dtype)?;
     let w = Tensor::randn(0f64, 1., (case.b, case.hq, case.lq, case.ev), &Device::Cpu)?;
     let (_, got) = gradients(case, &bases, mask.clone(), backend, seed, &w)?;
-    let bases64 = bases.iter().map(|b| b.to_dtype(DType::F64)).collect::<Result<Vec<_>>>()?;
+    let bases64 = bases
+        .iter()
+        .map(|b| b.to_dtype(DType::F64))
+        .collect::<Result<Vec<_>>>()?;
     let mask64 = match (&mask, case.mask) {
         (Some(m), MaskKind::Bias) => Some(m.to_dtype(DType::F64)?),
         _ => mask,
@@ -64,7 +75,9 @@ fn check(case: &Case, backend: Backend, dtype: DType, seed: u64) -> Result<Optio
         assert_eq!(g.dims(), bases[i].dims());
         let err = rel_err(g, &to_f64(r)?)?;
         if err > tol {
-            return Ok(Some(format!("{backend} {dtype:?} {case:?}: gradient {i} relative error {err:.3e}")));
+            return Ok(Some(format!(
+                "{backend} {dtype:?} {case:?}: gradient {i} relative error {err:.3e}"
+            )));
         }
     }
     Ok(None)
@@ -74,11 +87,20 @@ fn shapes() -> Vec<Case> {
     vec![
         Case::new(2, 3, 1, 1, 8),
         Case::new(1, 2, 7, 7, 16),
-        Case { ev: 24, ..Case::new(2, 2, 63, 65, 32) },
-        Case { hkv: 2, ..Case::new(1, 4, 65, 63, 64) },
+        Case {
+            ev: 24,
+            ..Case::new(2, 2, 63, 65, 32)
+        },
+        Case {
+            hkv: 2,
+            ..Case::new(1, 4, 65, 63, 64)
+        },
         Case::new(1, 2, 257, 129, 80),
         Case::new(1, 1, 33, 257, 128),
-        Case { hkv: 1, ..Case::new(1, 2, 17, 9, 256) },
+        Case {
+            hkv: 1,
+            ..Case::new(1, 2, 17, 9, 256)
+        },
     ]
 }
 
@@ -97,9 +119,19 @@ fn check_backend(backend: Backend) -> Result<()> {
             }
             for dropout in [0.0, 0.3] {
                 for strided in [false, true] {
-                    let case = Case { causal, mask, dropout, strided, ..base.clone() };
+                    let case = Case {
+                        causal,
+                        mask,
+                        dropout,
+                        strided,
+                        ..base.clone()
+                    };
                     // Every variant in f32; half precision on the smaller shapes.
-                    let dtypes: &[DType] = if si < 4 { &[DType::F32, DType::F16, DType::BF16] } else { &[DType::F32] };
+                    let dtypes: &[DType] = if si < 4 {
+                        &[DType::F32, DType::F16, DType::BF16]
+                    } else {
+                        &[DType::F32]
+                    };
                     for &dtype in dtypes {
                         checked += 1;
                         if let Some(f) = check(&case, backend, dtype, 77 + checked as u64)? {
@@ -110,7 +142,12 @@ fn check_backend(backend: Backend) -> Result<()> {
             }
         }
     }
-    assert!(failures.is_empty(), "{} of {checked} failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {checked} failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
     Ok(())
 }
 
@@ -132,14 +169,35 @@ fn math_gradients_in_half_precision_match_float64() -> Result<()> {
 /// The float64 math backend's autograd against central finite differences, for every option.
 #[test]
 fn math_autograd_matches_finite_differences() -> Result<()> {
-    let base = Case { hkv: 1, ev: 2, ..Case::new(1, 2, 3, 4, 3) };
+    let base = Case {
+        hkv: 1,
+        ev: 2,
+        ..Case::new(1, 2, 3, 4, 3)
+    };
     let variants = [
         Case { ..base.clone() },
-        Case { causal: true, ..base.clone() },
-        Case { mask: MaskKind::Bool, ..base.clone() },
-        Case { mask: MaskKind::Bias, ..base.clone() },
-        Case { dropout: 0.3, ..base.clone() },
-        Case { strided: true, causal: true, dropout: 0.5, ..base.clone() },
+        Case {
+            causal: true,
+            ..base.clone()
+        },
+        Case {
+            mask: MaskKind::Bool,
+            ..base.clone()
+        },
+        Case {
+            mask: MaskKind::Bias,
+            ..base.clone()
+        },
+        Case {
+            dropout: 0.3,
+            ..base.clone()
+        },
+        Case {
+            strided: true,
+            causal: true,
+            dropout: 0.5,
+            ..base.clone()
+        },
     ];
     for case in variants {
         let bases = random_bases(&case, DType::F64)?;
@@ -157,7 +215,9 @@ fn math_autograd_matches_finite_differences() -> Result<()> {
                 ..Default::default()
             };
             let _only = sdpa_kernel(&[Backend::Math]);
-            (scaled_dot_product_attention(&q, &k, &v, &opts)? * &w)?.sum_all()?.to_scalar::<f64>()
+            (scaled_dot_product_attention(&q, &k, &v, &opts)? * &w)?
+                .sum_all()?
+                .to_scalar::<f64>()
         };
         let h = 1e-6;
         for (bi, base_t) in bases.iter().enumerate() {
@@ -193,9 +253,14 @@ fn backward_reaches_all_inputs() -> Result<()> {
     let y = scaled_dot_product_attention(&q, &k, &v, &SdpaOptions::default())?;
     let grads = y.sqr()?.sum_all()?.backward()?;
     for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
-        let g = grads.get(var).unwrap_or_else(|| panic!("no gradient for {name}"));
+        let g = grads
+            .get(var)
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
         assert_eq!(g.dims(), var.dims());
-        assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0, "zero gradient for {name}");
+        assert!(
+            g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0,
+            "zero gradient for {name}"
+        );
     }
     Ok(())
 }

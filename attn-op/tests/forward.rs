@@ -12,11 +12,20 @@ fn shapes() -> Vec<Case> {
     vec![
         Case::new(2, 3, 1, 1, 8),
         Case::new(1, 2, 7, 7, 16),
-        Case { ev: 24, ..Case::new(2, 2, 63, 65, 32) },
-        Case { hkv: 2, ..Case::new(1, 4, 65, 63, 64) },
+        Case {
+            ev: 24,
+            ..Case::new(2, 2, 63, 65, 32)
+        },
+        Case {
+            hkv: 2,
+            ..Case::new(1, 4, 65, 63, 64)
+        },
         Case::new(1, 2, 257, 257, 80),
         Case::new(1, 1, 33, 257, 128),
-        Case { hkv: 1, ..Case::new(1, 2, 17, 9, 256) },
+        Case {
+            hkv: 1,
+            ..Case::new(1, 2, 17, 9, 256)
+        },
     ]
 }
 
@@ -30,7 +39,13 @@ fn variants(base: &Case) -> Vec<Case> {
     ] {
         for dropout in [0.0, 0.3] {
             for strided in [false, true] {
-                out.push(Case { causal, mask, dropout, strided, ..base.clone() });
+                out.push(Case {
+                    causal,
+                    mask,
+                    dropout,
+                    strided,
+                    ..base.clone()
+                });
             }
         }
     }
@@ -48,7 +63,9 @@ fn check_backend(backend: Backend) -> Result<()> {
                 let seed = 1000 + checked as u64;
                 let opts = options(&case, &inp, seed);
                 if backend == Backend::Flash && case.mask != MaskKind::None {
-                    let err = select_backend(&inp.q, &inp.k, &inp.v, &opts).unwrap_err().to_string();
+                    let err = select_backend(&inp.q, &inp.k, &inp.v, &opts)
+                        .unwrap_err()
+                        .to_string();
                     assert!(err.contains("flash: attn_mask is not supported"), "{err}");
                     continue;
                 }
@@ -63,7 +80,12 @@ fn check_backend(backend: Backend) -> Result<()> {
             }
         }
     }
-    assert!(failures.is_empty(), "{backend}: {} of {checked} cases failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{backend}: {} of {checked} cases failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
     assert!(checked > 100);
     Ok(())
 }
@@ -102,7 +124,10 @@ fn three_dimensional_inputs() -> Result<()> {
 /// Five-dimensional inputs: extra leading dims are batch dims.
 #[test]
 fn five_dimensional_inputs() -> Result<()> {
-    let case = Case { causal: true, ..Case::new(6, 2, 9, 9, 16) };
+    let case = Case {
+        causal: true,
+        ..Case::new(6, 2, 9, 9, 16)
+    };
     let inp = inputs(&case, DType::F32)?;
     let want = reference(&case, &inp, 0)?;
     let r5 = |t: &candle_core::Tensor| t.reshape((2, 3, 2, t.dim(2).unwrap(), t.dim(3).unwrap()));

@@ -65,15 +65,26 @@ pub fn random_bases(c: &Case, dtype: DType) -> Result<Vec<Tensor>> {
     let shapes: Vec<(usize, usize, usize, usize)> = if c.strided {
         vec![(c.b, c.lq, c.hq, c.e), (c.b, c.hkv, c.lk, c.e + c.ev)]
     } else {
-        vec![(c.b, c.hq, c.lq, c.e), (c.b, c.hkv, c.lk, c.e), (c.b, c.hkv, c.lk, c.ev)]
+        vec![
+            (c.b, c.hq, c.lq, c.e),
+            (c.b, c.hkv, c.lk, c.e),
+            (c.b, c.hkv, c.lk, c.ev),
+        ]
     };
-    shapes.into_iter().map(|s| Tensor::randn(0f32, 1., s, &dev)?.to_dtype(dtype)).collect()
+    shapes
+        .into_iter()
+        .map(|s| Tensor::randn(0f32, 1., s, &dev)?.to_dtype(dtype))
+        .collect()
 }
 
 /// q, k, v of a case from its bases (views, no copies, when `strided`).
 pub fn views(c: &Case, bases: &[Tensor]) -> Result<(Tensor, Tensor, Tensor)> {
     if c.strided {
-        Ok((bases[0].transpose(1, 2)?, bases[1].narrow(3, 0, c.e)?, bases[1].narrow(3, c.e, c.ev)?))
+        Ok((
+            bases[0].transpose(1, 2)?,
+            bases[1].narrow(3, 0, c.e)?,
+            bases[1].narrow(3, c.e, c.ev)?,
+        ))
     } else {
         Ok((bases[0].clone(), bases[1].clone(), bases[2].clone()))
     }
@@ -81,7 +92,12 @@ pub fn views(c: &Case, bases: &[Tensor]) -> Result<(Tensor, Tensor, Tensor)> {
 
 pub fn inputs(c: &Case, dtype: DType) -> Result<Inputs> {
     let (q, k, v) = views(c, &random_bases(c, dtype)?)?;
-    Ok(Inputs { q, k, v, mask: random_mask(c, dtype)? })
+    Ok(Inputs {
+        q,
+        k,
+        v,
+        mask: random_mask(c, dtype)?,
+    })
 }
 
 /// The mask of a case, if any.
@@ -93,13 +109,19 @@ pub fn random_mask(c: &Case, dtype: DType) -> Result<Option<Tensor>> {
             // (B, 1, Lq, Lk), broadcast over heads; 3 in 4 keys visible, but row 0 of batch 0
             // sees nothing.
             let r: Vec<f32> = Tensor::rand(0f32, 1., c.b * c.lq * c.lk, &dev)?.to_vec1()?;
-            let m: Vec<u8> = r.iter().enumerate().map(|(i, x)| u8::from(*x >= 0.25 && i >= c.lk)).collect();
+            let m: Vec<u8> = r
+                .iter()
+                .enumerate()
+                .map(|(i, x)| u8::from(*x >= 0.25 && i >= c.lk))
+                .collect();
             Some(Tensor::from_vec(m, (c.b, 1, c.lq, c.lk), &dev)?)
         }
         MaskKind::Bias => {
             // (Hq, Lq, Lk), broadcast over the batch; every 7th element is -inf.
             let r = Tensor::randn(0f32, 1., (c.hq, c.lq, c.lk), &dev)?;
-            let idx: Vec<f32> = (0..c.hq * c.lq * c.lk).map(|i| if i % 7 == 3 { f32::NEG_INFINITY } else { 0.0 }).collect();
+            let idx: Vec<f32> = (0..c.hq * c.lq * c.lk)
+                .map(|i| if i % 7 == 3 { f32::NEG_INFINITY } else { 0.0 })
+                .collect();
             Some((r + Tensor::from_vec(idx, (c.hq, c.lq, c.lk), &dev)?)?.to_dtype(dtype)?)
         }
     };
@@ -145,7 +167,9 @@ pub fn reference(c: &Case, inp: &Inputs, seed: u64) -> Result<Vec<f64>> {
                         .sum();
                     *sj = dot * scale;
                     match (c.mask, &mask) {
-                        (MaskKind::Bool, Some(m)) if m[(n * c.lq + i) * c.lk + j] == 0.0 => *sj = f64::NEG_INFINITY,
+                        (MaskKind::Bool, Some(m)) if m[(n * c.lq + i) * c.lk + j] == 0.0 => {
+                            *sj = f64::NEG_INFINITY
+                        }
                         (MaskKind::Bias, Some(m)) => *sj += m[(n * c.lq + i) * c.lk + j],
                         _ => {}
                     }
@@ -161,7 +185,11 @@ pub fn reference(c: &Case, inp: &Inputs, seed: u64) -> Result<Vec<f64>> {
                 for j in 0..c.lk {
                     let mut p = (s[j] - m).exp() / sum;
                     if c.dropout > 0.0 {
-                        p = if drop.keep(n, i, j) { p / (1.0 - c.dropout) } else { 0.0 };
+                        p = if drop.keep(n, i, j) {
+                            p / (1.0 - c.dropout)
+                        } else {
+                            0.0
+                        };
                     }
                     for d in 0..c.ev {
                         out[(n * c.lq + i) * c.ev + d] += p * v[(kvh * c.lk + j) * c.ev + d];
