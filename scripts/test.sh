@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The project's test command (README): every crate's unit, integration and doc tests, optimised
+# (the numeric tests and Candle are slow unoptimised).
+# NANOGPT_INPUT points the nanogpt tests at a local tiny Shakespeare; by default the copy beside
+# the checkout in ../shared, when there is one.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+default_input="$(cd .. && pwd)/shared/data/tinyshakespeare/input.txt"
+if [[ -z "${NANOGPT_INPUT:-}" && -f "$default_input" ]]; then
+    export NANOGPT_INPUT="$default_input"
+fi
+cargo test --release --workspace "$@"
