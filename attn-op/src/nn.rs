@@ -126,7 +126,7 @@ impl CausalSelfAttention {
     /// Creates the layer's weights through `vb` (`c_attn.weight` `(3C, C)`, `c_proj.weight`
     /// `(C, C)`, and biases when `cfg.bias`).
     pub fn new(cfg: AttentionConfig, vb: VarBuilder) -> Result<Self> {
-        if cfg.n_head == 0 || cfg.n_embd % cfg.n_head != 0 {
+        if cfg.n_head == 0 || !cfg.n_embd.is_multiple_of(cfg.n_head) {
             bail!(
                 "CausalSelfAttention: n_embd = {} must be a positive multiple of n_head = {}",
                 cfg.n_embd,

@@ -112,7 +112,7 @@ pub(crate) fn check_sdpa(
                 "{api}: query has {hq} heads (dim -3) but key/value have {hkv}; they must match, or set enable_gqa"
             );
         }
-        if hkv == 0 || hq % hkv != 0 {
+        if hkv == 0 || !hq.is_multiple_of(hkv) {
             bail!(
                 "{api}: enable_gqa needs key/value heads to divide query heads, got {hq} query heads and {hkv} key/value heads"
             );

@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use super::forward::{prepare_scores, Params, Sources, BK, BQ};
 use super::geometry::{Geometry, KvSeg};
-use super::matmul::{gemm, MatRef};
+use super::matmul::{gemm, transpose_into, MatRef};
 use super::{simd, split_rows};
 
 /// Gradients of q, k and v in the contiguous row spaces of the geometry.
@@ -117,10 +117,14 @@ fn key_range(
     let mut pd = vec![0f32; BQ * BK];
     let mut dp = vec![0f32; BQ * BK];
     let mut z = vec![0f32; BQ * BK];
+    let (mut k_buf, mut v_buf) = (Vec::new(), Vec::new());
     for c0 in (t.c_start..t.c_end).step_by(BK) {
         let cols = BK.min(t.c_end - c0);
         let kt = MatRef::rows(src.k.at(kv.k + c0 * g.k_rs), cols, e, g.k_rs);
         let vt = MatRef::rows(src.v.at(kv.v + c0 * g.v_rs), cols, ev, g.v_rs);
+        // Kᵀ and Vᵀ with contiguous rows, the right-hand sides of S = QKᵀ and dP = dO Vᵀ.
+        let k_packed = transpose_into(kt, &mut k_buf);
+        let v_packed = transpose_into(vt, &mut v_buf);
         let dk_t = &mut t.dk[(c0 - t.c_start) * e..(c0 - t.c_start + cols) * e];
         let dv_t = &mut t.dv[(c0 - t.c_start) * ev..(c0 - t.c_start + cols) * ev];
         for (mi, seg) in members.iter().enumerate() {
@@ -141,11 +145,11 @@ fn key_range(
                     &mut z[..rows * cols],
                 );
                 // P = exp(scale·QKᵀ + mask - lse); Pd = P with dropout applied.
-                gemm(s, cols, q, kt.t(), false, 1.0);
+                gemm(s, cols, q, k_packed, false, 1.0);
                 for (i, row) in s.chunks_exact_mut(cols).enumerate() {
                     let r = r0 + i;
-                    prepare_scores(g, seg, src, p, r, c0, kv.len, row);
-                    simd::exp_sub_sum(row, lse[row0 + i]);
+                    let mul = prepare_scores(g, seg, src, p, r, c0, kv.len, row);
+                    simd::exp_affine_sum(row, mul, lse[row0 + i]);
                     let pd_row = &mut pd[i * cols..(i + 1) * cols];
                     pd_row.copy_from_slice(row);
                     if let Some(d) = &p.dropout {
@@ -165,7 +169,7 @@ fn key_range(
                     1.0,
                 );
                 // dP = dO Vᵀ (∘ dropout), dS = P ∘ (dP - D)
-                gemm(dp, cols, dot, vt.t(), false, 1.0);
+                gemm(dp, cols, dot, v_packed, false, 1.0);
                 for (i, dp_row) in dp.chunks_exact_mut(cols).enumerate() {
                     if p.dropout.is_some() {
                         simd::mul(dp_row, &z[i * cols..(i + 1) * cols]);

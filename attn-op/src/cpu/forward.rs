@@ -5,14 +5,16 @@
 use rayon::prelude::*;
 
 use super::geometry::{Geometry, QSeg};
-use super::matmul::{gemm, MatRef};
+use super::matmul::{gemm, transpose_into, MatRef};
 use super::{simd, split_rows, MaskSrc, Src};
 use crate::config::Dropout;
 
-/// Query rows per task.
+/// Query rows per score tile.
 pub(crate) const BQ: usize = 64;
 /// Keys per score tile.
 pub(crate) const BK: usize = 128;
+/// Query rows per forward task: a few score tiles share each packed key tile.
+const QBLOCK: usize = 4 * BQ;
 
 /// The inputs of one call, read through the geometry's offsets.
 pub(crate) struct Sources<'a> {
@@ -38,7 +40,9 @@ pub(crate) fn visible_keys(causal: Option<isize>, row: usize, lk: usize) -> usiz
     }
 }
 
-/// Scores of one tile row: scale, mask and causal limit applied in place.
+/// Prepares one row of `q·kᵀ` (keys from `c0` on) for the softmax: applies the mask (scaling
+/// first, then returning 1) or leaves the scaling to the caller (returning the scale), and sets
+/// keys past the causal limit to `-inf`. The scores are `returned multiplier × row`.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 pub(crate) fn prepare_scores(
@@ -50,15 +54,19 @@ pub(crate) fn prepare_scores(
     c0: usize,
     lk: usize,
     s: &mut [f32],
-) {
-    simd::scale(s, p.scale);
-    if let Some(mask) = &src.mask {
-        mask.apply(seg.mask + row * g.mask_rs + c0 * g.mask_cs, g.mask_cs, s);
-    }
+) -> f32 {
     let visible = visible_keys(seg.causal, row, lk)
         .saturating_sub(c0)
         .min(s.len());
     s[visible..].fill(f32::NEG_INFINITY);
+    match &src.mask {
+        Some(mask) => {
+            simd::scale(s, p.scale);
+            mask.apply(seg.mask + row * g.mask_rs + c0 * g.mask_cs, g.mask_cs, s);
+            1.0
+        }
+        None => p.scale,
+    }
 }
 
 /// Runs the forward pass: returns the output (contiguous rows of `ev`) and the row logsumexp of
@@ -71,8 +79,8 @@ pub(crate) fn forward(g: &Geometry, src: &Sources, p: &Params) -> (Vec<f32>, Vec
     let lses = split_rows(&mut lse, 1, &ranges);
     let mut tasks = Vec::new();
     for ((seg, mut o), mut l) in g.q_segs.iter().zip(outs).zip(lses) {
-        for r0 in (0..seg.len).step_by(BQ) {
-            let rows = BQ.min(seg.len - r0);
+        for r0 in (0..seg.len).step_by(QBLOCK) {
+            let rows = QBLOCK.min(seg.len - r0);
             let (o_tile, o_rest) = o.split_at_mut(rows * g.ev);
             let (l_tile, l_rest) = l.split_at_mut(rows);
             tasks.push((seg, r0, o_tile, l_tile));
@@ -81,14 +89,23 @@ pub(crate) fn forward(g: &Geometry, src: &Sources, p: &Params) -> (Vec<f32>, Vec
     }
     tasks
         .into_par_iter()
-        .for_each_init(Vec::new, |scores, (seg, r0, o, l)| {
-            forward_tile(g, src, p, seg, r0, o, l, scores)
+        .for_each_init(Scratch::default, |scratch, (seg, r0, o, l)| {
+            forward_block(g, src, p, seg, r0, o, l, scratch)
         });
     (out, lse)
 }
 
+/// Buffers a forward task reuses.
+#[derive(Default)]
+struct Scratch {
+    scores: Vec<f32>,
+    kt: Vec<f32>,
+    keep: Vec<f32>,
+}
+
+/// Rows `[r0, r0 + lse.len())` of one query segment through every key tile they can see.
 #[allow(clippy::too_many_arguments)]
-fn forward_tile(
+fn forward_block(
     g: &Geometry,
     src: &Sources,
     p: &Params,
@@ -96,44 +113,66 @@ fn forward_tile(
     r0: usize,
     o: &mut [f32],
     lse: &mut [f32],
-    scores: &mut Vec<f32>,
+    scratch: &mut Scratch,
 ) {
     let rows = lse.len();
     let (e, ev) = (g.e, g.ev);
     let kv = &g.kv_segs[seg.kv];
     let kend = visible_keys(seg.causal, r0 + rows - 1, kv.len);
-    let q = MatRef::rows(src.q.at(seg.q + r0 * g.q_rs), rows, e, g.q_rs);
     let mut m = vec![f32::NEG_INFINITY; rows];
     let mut l = vec![0f32; rows];
-    let mut keep = vec![0f32; BK];
-    scores.resize(BQ * BK, 0.0);
+    scratch.scores.resize(BQ * BK, 0.0);
+    scratch.keep.resize(BK, 0.0);
     for c0 in (0..kend).step_by(BK) {
         let cols = BK.min(kend - c0);
-        let s = &mut scores[..rows * cols];
-        let kt = MatRef::rows(src.k.at(kv.k + c0 * g.k_rs), cols, e, g.k_rs).t();
-        gemm(s, cols, q, kt, false, 1.0);
-        for (i, row) in s.chunks_exact_mut(cols).enumerate() {
-            prepare_scores(g, seg, src, p, r0 + i, c0, kv.len, row);
-            let m_new = m[i].max(simd::max(row));
-            if m_new == f32::NEG_INFINITY {
-                row.fill(0.0);
+        let kt = transpose_into(
+            MatRef::rows(src.k.at(kv.k + c0 * g.k_rs), cols, e, g.k_rs),
+            &mut scratch.kt,
+        );
+        let vt = MatRef::rows(src.v.at(kv.v + c0 * g.v_rs), cols, ev, g.v_rs);
+        for s0 in (0..rows).step_by(BQ) {
+            let srows = BQ.min(rows - s0);
+            // Keys of this tile that the sub-tile's last row can see (causal skipping).
+            let scols = visible_keys(seg.causal, r0 + s0 + srows - 1, kv.len)
+                .saturating_sub(c0)
+                .min(cols);
+            if scols == 0 {
                 continue;
             }
-            let alpha = (m[i] - m_new).exp();
-            l[i] = l[i] * alpha + simd::exp_sub_sum(row, m_new);
-            m[i] = m_new;
-            if alpha != 1.0 {
-                simd::scale(&mut o[i * ev..(i + 1) * ev], alpha);
+            let q = MatRef::rows(src.q.at(seg.q + (r0 + s0) * g.q_rs), srows, e, g.q_rs);
+            let s = &mut scratch.scores[..srows * scols];
+            gemm(s, scols, q, MatRef { cols: scols, ..kt }, false, 1.0);
+            for (i, row) in s.chunks_exact_mut(scols).enumerate() {
+                let (ri, r) = (s0 + i, r0 + s0 + i);
+                let mul = prepare_scores(g, seg, src, p, r, c0, kv.len, row);
+                let m_new = m[ri].max(mul * simd::max(row));
+                if m_new == f32::NEG_INFINITY {
+                    row.fill(0.0);
+                    continue;
+                }
+                let alpha = (m[ri] - m_new).exp();
+                l[ri] = l[ri] * alpha + simd::exp_affine_sum(row, mul, m_new);
+                m[ri] = m_new;
+                if alpha != 1.0 {
+                    simd::scale(&mut o[ri * ev..(ri + 1) * ev], alpha);
+                }
+                if let Some(d) = &p.dropout {
+                    let keep = &mut scratch.keep[..scols];
+                    d.mask.fill_row(seg.stream, r, c0, keep);
+                    simd::scale(keep, d.keep_scale());
+                    simd::mul(row, keep);
+                }
             }
-            if let Some(d) = &p.dropout {
-                let keep = &mut keep[..cols];
-                d.mask.fill_row(seg.stream, r0 + i, c0, keep);
-                simd::scale(keep, d.keep_scale());
-                simd::mul(row, keep);
-            }
+            let o_sub = &mut o[s0 * ev..(s0 + srows) * ev];
+            gemm(
+                o_sub,
+                ev,
+                MatRef::rows(s, srows, scols, scols),
+                MatRef { rows: scols, ..vt },
+                true,
+                1.0,
+            );
         }
-        let vt = MatRef::rows(src.v.at(kv.v + c0 * g.v_rs), cols, ev, g.v_rs);
-        gemm(o, ev, MatRef::rows(s, rows, cols, cols), vt, true, 1.0);
     }
     for i in 0..rows {
         let row = &mut o[i * ev..(i + 1) * ev];

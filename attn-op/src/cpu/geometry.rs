@@ -107,7 +107,7 @@ impl Geometry {
         let (qd, kd, vd) = (q.dims(), k.dims(), v.dims());
         let (lq, e, lk, ev) = (qd[r - 2], qd[r - 1], kd[r - 2], vd[r - 1]);
         let (hq, hkv) = (qd[r - 3], kd[r - 3]);
-        if k.dims().len() != r || v.dims().len() != r || hkv == 0 || hq % hkv != 0 || kd[r - 1] != e
+        if k.dims().len() != r || v.dims().len() != r || hkv == 0 || !hq.is_multiple_of(hkv) || kd[r - 1] != e
         {
             bail!("attention: inconsistent shapes q {qd:?}, k {kd:?}, v {vd:?}");
         }
@@ -177,7 +177,7 @@ impl Geometry {
         let (qd, kd, vd) = (q.dims(), k.dims(), v.dims());
         let (hq, total_q, e) = (qd[0], qd[1], qd[2]);
         let (hkv, total_k, ev) = (kd[0], kd[1], vd[2]);
-        if hkv == 0 || hq % hkv != 0 || kd[2] != e || vd[..2] != kd[..2] {
+        if hkv == 0 || !hq.is_multiple_of(hkv) || kd[2] != e || vd[..2] != kd[..2] {
             bail!("attention: inconsistent packed shapes q {qd:?}, k {kd:?}, v {vd:?}");
         }
         let Varlen { cu_q, cu_k } = varlen;

@@ -57,20 +57,20 @@ pub(crate) fn scale(x: &mut [f32], a: f32) {
     }
 }
 
-/// `x = e^(x - m)`, returning the sum of the new values.
+/// `x = e^(a·x - b)`, returning the sum of the new values.
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
-pub(crate) fn exp_sub_sum(x: &mut [f32], m: f32) -> f32 {
+pub(crate) fn exp_affine_sum(x: &mut [f32], a: f32, b: f32) -> f32 {
     let mut acc = [0f32; LANES];
     let mut chunks = x.chunks_exact_mut(LANES);
     for c in &mut chunks {
-        for (a, v) in acc.iter_mut().zip(c.iter_mut()) {
-            *v = exp(*v - m);
-            *a += *v;
+        for (s, v) in acc.iter_mut().zip(c.iter_mut()) {
+            *v = exp(a * *v - b);
+            *s += *v;
         }
     }
     let mut sum: f32 = acc.iter().sum();
     for v in chunks.into_remainder() {
-        *v = exp(*v - m);
+        *v = exp(a * *v - b);
         sum += *v;
     }
     sum
@@ -148,7 +148,7 @@ mod tests {
         assert_eq!(m, x.iter().cloned().fold(f32::NEG_INFINITY, f32::max));
         assert_eq!(max(&[]), f32::NEG_INFINITY);
         let want: f32 = x.iter().map(|v| (v - m).exp()).sum();
-        let s = exp_sub_sum(&mut x, m);
+        let s = exp_affine_sum(&mut x, 1.0, m);
         assert!((s - want).abs() < 1e-5 * want);
         let y: Vec<f32> = (0..37).map(|i| i as f32).collect();
         let d: f32 = x.iter().zip(&y).map(|(a, b)| a * b).sum();
