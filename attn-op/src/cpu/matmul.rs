@@ -92,12 +92,29 @@ pub(crate) fn gemm(
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if rhs.cs == 1 && std::arch::is_x86_feature_detected!("avx512f") {
+    if rhs.cs == 1 && use_avx512() {
         // SAFETY: the CPU has AVX-512F, and every index the kernel touches was checked against
         // its slice above (masked loads and stores touch only the `n` columns).
         unsafe { avx512::gemm(dst, dst_rs, lhs, rhs, accumulate, beta) };
         return;
     }
+    portable(dst, dst_rs, lhs, rhs, accumulate, beta);
+}
+
+/// Whether to use the AVX-512 kernel: the CPU has it and `ATTN_OP_PORTABLE` is not set (that
+/// variable selects the portable path, so that it can be tested on any machine).
+#[cfg(target_arch = "x86_64")]
+fn use_avx512() -> bool {
+    static USE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *USE.get_or_init(|| {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::env::var_os("ATTN_OP_PORTABLE").is_none()
+    })
+}
+
+/// The product by the `gemm` crate, for CPUs without AVX-512 (arguments checked by [`gemm`]).
+fn portable(dst: &mut [f32], dst_rs: usize, lhs: MatRef, rhs: MatRef, accumulate: bool, beta: f32) {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     // SAFETY: every index the product touches was checked against its slice above, and `dst` is
     // borrowed mutably, so it aliases neither operand.
     unsafe {
@@ -263,7 +280,13 @@ mod avx512 {
 mod tests {
     use super::*;
 
-    fn check(m: usize, k: usize, n: usize, lhs_t: bool) {
+    fn check(
+        m: usize,
+        k: usize,
+        n: usize,
+        lhs_t: bool,
+        kernel: fn(&mut [f32], usize, MatRef, MatRef, bool, f32),
+    ) {
         let a: Vec<f32> = (0..m * k * 3 + 5)
             .map(|i| (i as f32 * 0.37).sin())
             .collect();
@@ -279,7 +302,7 @@ mod tests {
         let dst_rs = n + 1;
         let mut dst: Vec<f32> = (0..m * dst_rs).map(|i| i as f32).collect();
         let before = dst.clone();
-        gemm(&mut dst, dst_rs, lhs, rhs, true, 0.5);
+        kernel(&mut dst, dst_rs, lhs, rhs, true, 0.5);
         for r in 0..m {
             for c in 0..n {
                 let dot: f32 = (0..k)
@@ -309,8 +332,10 @@ mod tests {
             (64, 32, 80),
             (5, 0, 3),
         ] {
-            check(m, k, n, false);
-            check(m, k, n, true);
+            for kernel in [gemm, portable] {
+                check(m, k, n, false, kernel);
+                check(m, k, n, true, kernel);
+            }
         }
     }
 
