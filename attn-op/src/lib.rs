@@ -16,8 +16,12 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
+#![warn(missing_docs)]
+
 mod config;
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod dispatch;
 mod flash_api;
 mod math;

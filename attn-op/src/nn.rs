@@ -58,11 +58,13 @@ pub enum Causality {
 pub struct AttentionConfig {
     /// Embedding width (C); a multiple of `n_head`.
     pub n_embd: usize,
+    /// Number of attention heads.
     pub n_head: usize,
     /// Whether the two Linear layers have a bias.
     pub bias: bool,
     /// Dropout on the attention weights and on the output (training only).
     pub dropout: f64,
+    /// When the future is masked.
     pub causality: Causality,
 }
 
