@@ -13,8 +13,17 @@ use crate::config::Dropout;
 pub(crate) const BQ: usize = 64;
 /// Keys per score tile.
 pub(crate) const BK: usize = 128;
-/// Query rows per forward task: a few score tiles share each packed key tile.
-const QBLOCK: usize = 4 * BQ;
+/// Forward tasks wanted per thread: enough for rayon to balance uneven (causal) work.
+const TASKS_PER_THREAD: usize = 8;
+
+/// Query rows per forward task: as many as leave every thread enough tasks, since each packed key
+/// tile serves all the rows of its task.
+fn rows_per_task(g: &Geometry) -> usize {
+    let max_len = g.q_segs.iter().map(|s| s.len).max().unwrap_or(0);
+    let want = TASKS_PER_THREAD * rayon::current_num_threads();
+    let blocks_per_seg = want.div_ceil(g.q_segs.len().max(1)).clamp(1, max_len.div_ceil(BQ).max(1));
+    max_len.div_ceil(blocks_per_seg).div_ceil(BQ).max(1) * BQ
+}
 
 /// The inputs of one call, read through the geometry's offsets.
 pub(crate) struct Sources<'a> {
@@ -77,10 +86,11 @@ pub(crate) fn forward(g: &Geometry, src: &Sources, p: &Params) -> (Vec<f32>, Vec
     let ranges: Vec<_> = g.q_segs.iter().map(|s| (s.row0, s.len)).collect();
     let outs = split_rows(&mut out, g.ev, &ranges);
     let lses = split_rows(&mut lse, 1, &ranges);
+    let block = rows_per_task(g);
     let mut tasks = Vec::new();
     for ((seg, mut o), mut l) in g.q_segs.iter().zip(outs).zip(lses) {
-        for r0 in (0..seg.len).step_by(QBLOCK) {
-            let rows = QBLOCK.min(seg.len - r0);
+        for r0 in (0..seg.len).step_by(block) {
+            let rows = block.min(seg.len - r0);
             let (o_tile, o_rest) = o.split_at_mut(rows * g.ev);
             let (l_tile, l_rest) = l.split_at_mut(rows);
             tasks.push((seg, r0, o_tile, l_tile));

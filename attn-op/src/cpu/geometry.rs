@@ -107,7 +107,11 @@ impl Geometry {
         let (qd, kd, vd) = (q.dims(), k.dims(), v.dims());
         let (lq, e, lk, ev) = (qd[r - 2], qd[r - 1], kd[r - 2], vd[r - 1]);
         let (hq, hkv) = (qd[r - 3], kd[r - 3]);
-        if k.dims().len() != r || v.dims().len() != r || hkv == 0 || !hq.is_multiple_of(hkv) || kd[r - 1] != e
+        if k.dims().len() != r
+            || v.dims().len() != r
+            || hkv == 0
+            || !hq.is_multiple_of(hkv)
+            || kd[r - 1] != e
         {
             bail!("attention: inconsistent shapes q {qd:?}, k {kd:?}, v {vd:?}");
         }
