@@ -4,6 +4,7 @@
 use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
+use candle_core::op::BackpropOp;
 use candle_core::{bail, CpuStorage, DType, Device, Layout, Result, Shape, Storage, Tensor};
 
 use crate::config::AttnConfig;
@@ -234,9 +235,17 @@ impl Fused {
         grad: &Tensor,
         lse: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let o: Vec<f32> = res.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let dout: Vec<f32> = grad.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let lse: Vec<f32> = lse.to_vec1()?;
+        // o, dO and lse as contiguous f32 rows, read in place where they already are.
+        let (res, grad) = (res.contiguous()?, grad.contiguous()?);
+        let (so, lo) = res.storage_and_layout();
+        let (sd, ld) = grad.storage_and_layout();
+        let (sl, ll) = lse.storage_and_layout();
+        let o_src = Src::new(cpu(&so, "output")?, lo)?;
+        let dout_src = Src::new(cpu(&sd, "output gradient")?, ld)?;
+        let lse_src = Src::new(cpu(&sl, "logsumexp")?, ll)?;
+        let o = &o_src.at(lo.start_offset())[..res.elem_count()];
+        let dout = &dout_src.at(ld.start_offset())[..grad.elem_count()];
+        let lse = &lse_src.at(ll.start_offset())[..lse.elem_count()];
         let (s1, l1) = q.storage_and_layout();
         let (s2, l2) = k.storage_and_layout();
         let (s3, l3) = v.storage_and_layout();
@@ -245,11 +254,11 @@ impl Fused {
             if o.len() != g.q_rows * g.ev || dout.len() != o.len() || lse.len() != g.q_rows {
                 bail!("attention backward: output, gradient or logsumexp do not match the inputs");
             }
-            Ok(backward(g, src, &self.params(), &o, &dout, &lse))
+            Ok(backward(g, src, &self.params(), o, dout, lse))
         })?;
-        let dtype = q.dtype();
-        let t = |data: Vec<f32>, like: &Tensor| {
-            Tensor::from_vec(data, like.shape(), &Device::Cpu)?.to_dtype(dtype)
+        let t = |data: Vec<f32>, like: &Tensor| -> Result<Tensor> {
+            let storage = Storage::Cpu(to_storage(data, like.dtype())?);
+            Ok(Tensor::from_storage(storage, like.shape(), BackpropOp::none(), false))
         };
         Ok((t(grads.dq, q)?, t(grads.dk, k)?, t(grads.dv, v)?))
     }
