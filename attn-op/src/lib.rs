@@ -18,6 +18,7 @@
 
 #![warn(missing_docs)]
 
+pub mod bench;
 mod config;
 mod cpu;
 #[cfg(feature = "cuda")]
