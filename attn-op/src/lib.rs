@@ -32,6 +32,7 @@ mod options;
 pub mod philox;
 mod sdpa;
 mod validate;
+pub mod varlen;
 
 pub use config::CausalAlign;
 pub use dispatch::{enabled_backends, sdpa_kernel, select_backend, SdpaKernelGuard, Selection};

@@ -467,3 +467,27 @@ fn shared_op_instance_backward() -> Result<()> {
     assert!(max_diff(g.get(&q1).unwrap(), g_ref.get(&q1).unwrap()) < 1e-5);
     Ok(())
 }
+
+#[test]
+fn packing_helper_round_trip_and_errors() -> Result<()> {
+    use attn_op::varlen::Packed;
+    let seqs = vec![randn(&[2, 3, 4]), randn(&[0, 3, 4]), randn(&[5, 3, 4])];
+    let p = Packed::new(&seqs)?;
+    assert_eq!(p.lens(), &[2, 0, 5]);
+    assert_eq!(p.max_seqlen, 5);
+    assert_eq!(p.cu_seqlens.to_vec1::<u32>()?, vec![0, 2, 2, 7]);
+    for (a, b) in p.unpack(&p.data)?.iter().zip(&seqs) {
+        assert_eq!(a.dims(), b.dims());
+        if a.elem_count() > 0 {
+            assert_eq!(max_diff(a, b), 0.0);
+        }
+    }
+    let e = Packed::new(&[randn(&[2, 3, 4]), randn(&[2, 3, 5])])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("sequence 1 is F32 [2, 3, 5]"), "{e}");
+    assert!(Packed::new(&[]).is_err());
+    let e = p.unpack(&randn(&[6, 3, 4])).unwrap_err().to_string();
+    assert!(e.contains("expected 7 packed rows"), "{e}");
+    Ok(())
+}
