@@ -1,0 +1,97 @@
+//! The command line: `nanogpt prepare`, `nanogpt train` and `nanogpt sample`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use nanogpt::config::ConfigOverrides;
+use nanogpt::device::{DeviceArg, DtypeArg};
+use nanogpt::tokenizer::TokenizerKind;
+
+/// A char-level GPT in Candle, after Karpathy's nanoGPT.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Tokenize a corpus (tiny Shakespeare by default) into train.bin/val.bin.
+    Prepare(PrepareArgs),
+    /// Train a GPT (preparing the data first if needed).
+    Train(TrainArgs),
+    /// Generate text from a checkpoint.
+    Sample(SampleArgs),
+}
+
+/// `nanogpt prepare`.
+#[derive(Args, Debug)]
+pub struct PrepareArgs {
+    /// Text corpus to use instead of downloading tiny Shakespeare.
+    #[arg(long, env = "NANOGPT_INPUT")]
+    pub input: Option<PathBuf>,
+    /// Where train.bin, val.bin and meta.json go.
+    #[arg(long, default_value = "data/shakespeare_char")]
+    pub data_dir: PathBuf,
+    /// One token per character, or a byte-level BPE trained on the corpus.
+    #[arg(long, value_enum, default_value = "char")]
+    pub tokenizer: TokenizerKind,
+    /// BPE vocabulary size [default: 1024].
+    #[arg(long)]
+    pub vocab_size: Option<usize>,
+}
+
+/// `nanogpt train`.
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// TOML file of settings (kebab-case keys, as in configs/); flags override it. Without it,
+    /// configs/shakespeare_char_cpu.toml on the CPU and configs/shakespeare_char.toml on CUDA.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Where to train.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: DeviceArg,
+    /// Precision of activations and matrix products [default: f32 on CPU, bf16 on CUDA].
+    #[arg(long, value_enum)]
+    pub dtype: Option<DtypeArg>,
+    #[command(flatten)]
+    pub overrides: ConfigOverrides,
+}
+
+/// `nanogpt sample`.
+#[derive(Args, Debug)]
+pub struct SampleArgs {
+    /// Folder of the checkpoint.
+    #[arg(long, default_value = "out-shakespeare-char")]
+    pub out_dir: PathBuf,
+    /// Prompt text.
+    #[arg(long, default_value = "\n", conflicts_with = "start_file")]
+    pub start: String,
+    /// Read the prompt from this file.
+    #[arg(long)]
+    pub start_file: Option<PathBuf>,
+    /// Samples to draw.
+    #[arg(long, default_value_t = 10)]
+    pub num_samples: usize,
+    /// Tokens per sample.
+    #[arg(long, default_value_t = 500)]
+    pub max_new_tokens: usize,
+    /// < 1 is more conservative, > 1 more random; 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f64,
+    /// Sample only among the k most likely tokens.
+    #[arg(long, default_value_t = 200)]
+    pub top_k: usize,
+    /// Seed of the draws.
+    #[arg(long, default_value_t = 1337)]
+    pub seed: u64,
+    /// Where to run.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: DeviceArg,
+    /// Precision [default: f32 on CPU, bf16 on CUDA].
+    #[arg(long, value_enum)]
+    pub dtype: Option<DtypeArg>,
+}

@@ -1,0 +1,20 @@
+//! nanogpt: Karpathy's nanoGPT in Candle, with attention from `attn-op`.
+//!
+//! `nanogpt prepare` tokenizes a corpus ([`data`], [`tokenizer`]), `nanogpt train` trains the
+//! [`model`] ([`train`], [`optim`], [`checkpoint`], [`plot`]), `nanogpt sample` generates text
+//! ([`sample`]). Everything random draws from the seeded generator in [`rng`], so a CPU run is
+//! reproducible bit for bit and resumes exactly.
+
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod device;
+pub mod gelu;
+pub mod layer_norm;
+pub mod model;
+pub mod optim;
+pub mod plot;
+pub mod rng;
+pub mod sample;
+pub mod tokenizer;
+pub mod train;

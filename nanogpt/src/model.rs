@@ -1,0 +1,300 @@
+//! The GPT of nanoGPT's `model.py`: token and position embeddings, pre-LayerNorm blocks of causal
+//! self-attention and a 4x GELU MLP, a final LayerNorm, and an lm_head tied to the token embedding.
+
+use attn_op::nn::{AttentionConfig, CausalSelfAttention, Causality, KvCache};
+use candle_core::{DType, ModuleT, Result, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use serde::{Deserialize, Serialize};
+
+use crate::layer_norm::LayerNorm;
+use crate::rng::Rng;
+
+/// The shape of a GPT (nanoGPT's `GPTConfig`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Tokens in the vocabulary.
+    pub vocab_size: usize,
+    /// Longest context.
+    pub block_size: usize,
+    /// Transformer blocks.
+    pub n_layer: usize,
+    /// Attention heads.
+    pub n_head: usize,
+    /// Embedding width.
+    pub n_embd: usize,
+    /// Dropout probability in training.
+    pub dropout: f64,
+    /// Biases in Linear and LayerNorm layers.
+    pub bias: bool,
+}
+
+/// A Linear layer `y = x Wᵀ + b` over the last dimension, `W` stored `(out, in)` as PyTorch does.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// A `d_in -> d_out` layer whose `weight` (and `bias`) live under `vb`.
+    pub fn new(d_in: usize, d_out: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get((d_out, d_in), "weight")?,
+            bias: if bias {
+                Some(vb.get(d_out, "bias")?)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// Applies the layer to `x` `(B, T, d_in)` as one `(B·T, d_in)` matrix product.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, t, c) = x.dims3()?;
+        let w = self.weight.to_dtype(x.dtype())?;
+        let y = x.reshape((b * t, c))?.matmul(&w.t()?)?;
+        let y = match &self.bias {
+            Some(bias) => y.broadcast_add(&bias.to_dtype(y.dtype())?)?,
+            None => y,
+        };
+        y.reshape((b, t, ()))
+    }
+}
+
+/// Zeroes each element of `x` with probability `p` and scales the rest by `1/(1-p)`, drawing
+/// the mask from `rng`; the identity when `rng` is `None` (evaluation) or `p` is 0.
+pub fn dropout(x: &Tensor, p: f64, rng: Option<&mut Rng>) -> Result<Tensor> {
+    match rng {
+        Some(rng) if p > 0.0 => {
+            let mask = rng.dropout_mask(x.elem_count(), p);
+            let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+            x * mask
+        }
+        _ => Ok(x.clone()),
+    }
+}
+
+/// The 4x feed-forward network with GELU.
+#[derive(Clone, Debug)]
+struct Mlp {
+    c_fc: Linear,
+    c_proj: Linear,
+    dropout: f64,
+}
+
+impl Mlp {
+    fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            c_fc: Linear::new(cfg.n_embd, 4 * cfg.n_embd, cfg.bias, vb.pp("c_fc"))?,
+            c_proj: Linear::new(4 * cfg.n_embd, cfg.n_embd, cfg.bias, vb.pp("c_proj"))?,
+            dropout: cfg.dropout,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
+        let h = crate::gelu::gelu(&self.c_fc.forward(x)?)?;
+        dropout(&self.c_proj.forward(&h)?, self.dropout, rng)
+    }
+}
+
+/// One transformer block: `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`.
+struct Block {
+    ln_1: LayerNorm,
+    attn: CausalSelfAttention,
+    ln_2: LayerNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            ln_1: LayerNorm::new(cfg.n_embd, cfg.bias, vb.pp("ln_1"))?,
+            attn: CausalSelfAttention::new(
+                AttentionConfig {
+                    n_embd: cfg.n_embd,
+                    n_head: cfg.n_head,
+                    bias: cfg.bias,
+                    dropout: cfg.dropout,
+                    causality: Causality::Always,
+                },
+                vb.pp("attn"),
+            )?,
+            ln_2: LayerNorm::new(cfg.n_embd, cfg.bias, vb.pp("ln_2"))?,
+            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rng: Option<&mut Rng>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        // attn-op's layer keeps its weights in f32: it runs in f32 whatever the model's dtype.
+        let h = self.ln_1.forward(x)?.to_dtype(DType::F32)?;
+        let h = match cache {
+            Some(cache) => self.attn.forward_cached(&h, cache)?,
+            None => self.attn.forward_t(&h, rng.is_some())?,
+        };
+        let x = (x + h.to_dtype(x.dtype())?)?;
+        &x + self.mlp.forward(&self.ln_2.forward(&x)?, rng)?
+    }
+}
+
+/// The GPT language model.
+pub struct Gpt {
+    wte: Tensor,
+    wpe: Tensor,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+    cfg: ModelConfig,
+}
+
+impl Gpt {
+    /// Builds the model with its parameters under `vb`, named as nanoGPT's state dict
+    /// (`transformer.h.0.attn.c_attn.weight`, ...). Their values are whatever `vb` holds: call
+    /// [`init_weights`] for a fresh model.
+    pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        if cfg.n_head == 0 || cfg.n_embd % cfg.n_head != 0 {
+            candle_core::bail!(
+                "n-embd = {} is not divisible by n-head = {}",
+                cfg.n_embd,
+                cfg.n_head
+            );
+        }
+        let vb = vb.pp("transformer");
+        Ok(Self {
+            wte: vb.get((cfg.vocab_size, cfg.n_embd), "wte.weight")?,
+            wpe: vb.get((cfg.block_size, cfg.n_embd), "wpe.weight")?,
+            blocks: (0..cfg.n_layer)
+                .map(|i| Block::new(cfg, vb.pp("h").pp(i)))
+                .collect::<Result<_>>()?,
+            ln_f: LayerNorm::new(cfg.n_embd, cfg.bias, vb.pp("ln_f"))?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// The model's shape.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// Logits `(B, T, vocab)` for token ids `idx` `(B, T)` at positions `pos..pos + T`.
+    /// `rng` is `Some` in training (dropout on); `caches` (one per block) enables incremental
+    /// decoding, with `pos` the number of tokens already cached.
+    pub fn forward(
+        &self,
+        idx: &Tensor,
+        pos: usize,
+        dtype: DType,
+        mut rng: Option<&mut Rng>,
+        mut caches: Option<&mut [KvCache]>,
+    ) -> Result<Tensor> {
+        let (b, t) = idx.dims2()?;
+        if pos + t > self.cfg.block_size {
+            candle_core::bail!(
+                "cannot forward a sequence of {} tokens: the model's block-size is only {}",
+                pos + t,
+                self.cfg.block_size
+            );
+        }
+        let tok = self
+            .wte
+            .index_select(&idx.flatten_all()?, 0)?
+            .reshape((b, t, ()))?;
+        let x = tok
+            .broadcast_add(&self.wpe.narrow(0, pos, t)?)?
+            .to_dtype(dtype)?;
+        let mut x = dropout(&x, self.cfg.dropout, rng.as_deref_mut())?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let cache = caches.as_deref_mut().map(|c| &mut c[i]);
+            x = block.forward(&x, rng.as_deref_mut(), cache)?;
+        }
+        let x = self.ln_f.forward(&x)?;
+        // lm_head shares the token embedding's weight.
+        let logits = x
+            .reshape((b * t, ()))?
+            .matmul(&self.wte.to_dtype(dtype)?.t()?)?
+            .to_dtype(DType::F32)?;
+        logits.reshape((b, t, ()))
+    }
+
+    /// Mean cross-entropy of predicting `targets` `(B, T)` from `idx` `(B, T)`.
+    pub fn loss(
+        &self,
+        idx: &Tensor,
+        targets: &Tensor,
+        dtype: DType,
+        rng: Option<&mut Rng>,
+    ) -> Result<Tensor> {
+        let logits = self.forward(idx, 0, dtype, rng, None)?;
+        let (b, t, v) = logits.dims3()?;
+        candle_nn::loss::cross_entropy(&logits.reshape((b * t, v))?, &targets.flatten_all()?)
+    }
+
+    /// Parameters, not counting the position embedding (nanoGPT's `get_num_params`).
+    pub fn num_params(&self, varmap: &VarMap) -> usize {
+        let all: usize = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
+        all - self.wpe.elem_count()
+    }
+
+    /// nanoGPT's estimate of the FLOPs of one forward and backward pass, per token.
+    pub fn flops_per_token(&self, num_params: usize) -> f64 {
+        let c = &self.cfg;
+        6.0 * num_params as f64
+            + 12.0 * (c.n_layer * c.n_head * (c.n_embd / c.n_head) * c.block_size) as f64
+    }
+
+    /// Empty KV caches, one per block.
+    pub fn new_caches(&self) -> Vec<KvCache> {
+        vec![KvCache::default(); self.blocks.len()]
+    }
+
+    /// Where each block's attention is in its sequence of dropout seeds.
+    pub fn attn_seed_states(&self) -> Vec<u64> {
+        self.blocks.iter().map(|b| b.attn.seed_state()).collect()
+    }
+
+    /// Restores the attention dropout seed sequences saved by [`Gpt::attn_seed_states`].
+    pub fn set_attn_seed_states(&self, states: &[u64]) -> Result<()> {
+        if states.len() != self.blocks.len() {
+            candle_core::bail!(
+                "{} attention seed states for {} blocks",
+                states.len(),
+                self.blocks.len()
+            );
+        }
+        for (block, &s) in self.blocks.iter().zip(states) {
+            block.attn.set_seed_state(s);
+        }
+        Ok(())
+    }
+}
+
+/// nanoGPT's initialisation: N(0, 0.02) for Linear and embedding weights, N(0, 0.02/sqrt(2·n_layer))
+/// for the residual projections (`c_proj`), zeros for biases and ones for LayerNorm weights.
+/// Parameters are drawn in name order, so a seed fixes every value.
+pub fn init_weights(varmap: &VarMap, n_layer: usize, rng: &mut Rng) -> Result<()> {
+    let data = varmap.data().lock().expect("varmap lock");
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    for name in names {
+        let var = &data[name];
+        let (n, shape, dev) = (var.elem_count(), var.shape().clone(), var.device().clone());
+        let value = if name.ends_with(".bias") {
+            Tensor::zeros(shape, DType::F32, &dev)?
+        } else if name.contains(".ln_") {
+            Tensor::ones(shape, DType::F32, &dev)?
+        } else {
+            let std = if name.ends_with("c_proj.weight") {
+                0.02 / (2.0 * n_layer as f64).sqrt()
+            } else {
+                0.02
+            };
+            Tensor::from_vec(rng.normal_vec(n, std), shape, &dev)?
+        };
+        var.set(&value.to_dtype(var.dtype())?)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,361 @@
+//! The training loop of nanoGPT's `train.py`: evaluate and checkpoint every `eval-interval`
+//! iterations, accumulate gradients over micro-batches, clip, step AdamW on a warmup + cosine
+//! schedule, and report loss, ms/iter, tokens/s and MFU.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::checkpoint::{self, Checkpoint, Meta};
+use crate::config::{InitFrom, TrainConfig};
+use crate::data::{self, Dataset, PrepareOptions, Split};
+use crate::model::{init_weights, Gpt, ModelConfig};
+use crate::optim::{clip_grad_norm, learning_rate, AdamW};
+use crate::plot::{LossLog, Record};
+use crate::rng::Rng;
+use crate::tokenizer::TokenizerKind;
+
+/// Generator streams derived from the seed.
+const INIT_STREAM: u64 = 0;
+const TRAIN_STREAM: u64 = 1;
+const EVAL_STREAM: u64 = 1 << 32;
+
+/// How to run `train`, beyond the configuration.
+pub struct TrainOptions {
+    /// The run's knobs.
+    pub config: TrainConfig,
+    /// Where to train.
+    pub device: Device,
+    /// Activation precision.
+    pub dtype: DType,
+    /// Draw the progress bar (when stderr is a terminal); otherwise print a line per log interval.
+    pub progress: bool,
+}
+
+/// What a finished run reports.
+#[derive(Clone, Debug)]
+pub struct TrainSummary {
+    /// Iteration reached.
+    pub iter: usize,
+    /// `(iteration, train, val)` of every evaluation of this run.
+    pub evals: Vec<(usize, f64, f64)>,
+    /// The loss of every training batch of this run.
+    pub batch_losses: Vec<f32>,
+    /// Best val loss (the checkpoint's).
+    pub best_val_loss: f64,
+    /// Median milliseconds of a training iteration (forward, backward, optimizer step).
+    pub median_ms: f64,
+}
+
+/// Trains as `opts` says; see the module docs.
+pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
+    let cfg = &opts.config;
+    let (device, dtype) = (&opts.device, opts.dtype);
+    if !data::is_prepared(&cfg.data_dir) {
+        eprintln!(
+            "{} is not prepared yet; preparing it first",
+            cfg.data_dir.display()
+        );
+        let summary = data::prepare(&PrepareOptions {
+            input: std::env::var_os(data::INPUT_ENV).map(Into::into),
+            data_dir: cfg.data_dir.clone(),
+            tokenizer: TokenizerKind::Char,
+            vocab_size: None,
+        })?;
+        eprintln!("{summary}");
+    }
+    let dataset = Dataset::load(&cfg.data_dir, cfg.block_size)?;
+    let tokenizer_json = dataset.tokenizer.to_json()?;
+
+    // The model, fresh or from the checkpoint.
+    let ckpt_path = checkpoint::path_in(&cfg.out_dir);
+    let resume = match cfg.init_from {
+        InitFrom::Scratch => None,
+        InitFrom::Resume => Some(checkpoint::load(&ckpt_path, device)?),
+    };
+    let model_cfg = ModelConfig {
+        vocab_size: dataset.tokenizer.vocab_size(),
+        block_size: cfg.block_size,
+        n_layer: cfg.n_layer,
+        n_head: cfg.n_head,
+        n_embd: cfg.n_embd,
+        dropout: cfg.dropout,
+        bias: cfg.bias,
+    };
+    if let Some(ckpt) = &resume {
+        check_compatible(ckpt, &model_cfg, &tokenizer_json)?;
+    }
+    let varmap = VarMap::new();
+    let model = Gpt::new(
+        &model_cfg,
+        VarBuilder::from_varmap(&varmap, DType::F32, device),
+    )?;
+    let mut opt = AdamW::new(&varmap, cfg)?;
+    let (mut rng, start, mut best_val_loss) = match &resume {
+        None => {
+            let mut init_rng = Rng::new(cfg.seed, INIT_STREAM);
+            init_weights(&varmap, cfg.n_layer, &mut init_rng)?;
+            let seeds: Vec<u64> = (0..cfg.n_layer).map(|_| init_rng.next_u64()).collect();
+            model.set_attn_seed_states(&seeds)?;
+            (Rng::new(cfg.seed, TRAIN_STREAM), 0, f64::INFINITY)
+        }
+        Some(ckpt) => {
+            ckpt.restore_params(&varmap)?;
+            opt.load_state(&ckpt.optimizer_tensors(&varmap)?, ckpt.meta.optim_step)?;
+            model
+                .set_attn_seed_states(&ckpt.meta.attn_seeds)
+                .with_context(|| format!("{} has bad attention seeds", ckpt_path.display()))?;
+            let rng = Rng::from_state_string(&ckpt.meta.rng_state)
+                .with_context(|| format!("{} has a bad generator state", ckpt_path.display()))?;
+            (rng, ckpt.meta.iter_num, ckpt.meta.best_val_loss)
+        }
+    };
+    let num_params = model.num_params(&varmap);
+    let [(nd, pd), (nn, pn)] = opt.group_sizes();
+    eprintln!("number of parameters: {:.2}M", num_params as f64 / 1e6);
+    eprintln!("decayed parameter tensors: {nd}, with {pd} parameters; non-decayed: {nn}, with {pn} parameters");
+    if let Some(ckpt) = &resume {
+        eprintln!(
+            "resuming from {} at iteration {}",
+            ckpt_path.display(),
+            ckpt.meta.iter_num
+        );
+    }
+    drop(resume);
+
+    std::fs::create_dir_all(&cfg.out_dir)
+        .with_context(|| format!("cannot create out-dir {}", cfg.out_dir.display()))?;
+    let mut log = LossLog::create(&cfg.out_dir, (start > 0).then_some(start))?;
+    let flops_per_iter = model.flops_per_token(num_params) * cfg.tokens_per_iter() as f64;
+    let peak = crate::device::peak_flops(device, dtype);
+    let bar = progress_bar(opts.progress, cfg.max_iters, start);
+    let say = |line: String| {
+        if bar.is_hidden() {
+            println!("{line}")
+        } else {
+            bar.println(line)
+        }
+    };
+
+    let mut summary = TrainSummary {
+        iter: start,
+        evals: Vec::new(),
+        batch_losses: Vec::new(),
+        best_val_loss,
+        median_ms: f64::NAN,
+    };
+    let mut step_ms = Vec::new();
+    let mut running_mfu = -1.0;
+    for iter in start..=cfg.max_iters {
+        summary.iter = iter;
+        let resumed_here = iter == start && start > 0;
+        if (iter % cfg.eval_interval == 0 || iter == cfg.max_iters) && !resumed_here {
+            let (train_loss, val_loss) = estimate_loss(&model, &dataset, cfg, iter, device, dtype)?;
+            say(format!(
+                "step {iter}: train loss {train_loss:.4}, val loss {val_loss:.4}"
+            ));
+            log.push(eval_record(iter, "train", train_loss))?;
+            log.push(eval_record(iter, "val", val_loss))?;
+            summary.evals.push((iter, train_loss, val_loss));
+            if val_loss < best_val_loss || cfg.always_save_checkpoint {
+                best_val_loss = best_val_loss.min(val_loss);
+                if iter > 0 {
+                    let meta = Meta {
+                        train_config: cfg.clone(),
+                        model_config: model_cfg.clone(),
+                        iter_num: iter,
+                        best_val_loss,
+                        optim_step: opt.step_count(),
+                        rng_state: rng.to_state_string(),
+                        attn_seeds: model.attn_seed_states(),
+                        tokenizer: tokenizer_json.clone(),
+                    };
+                    checkpoint::save(&ckpt_path, &varmap, opt.state(), &meta)?;
+                    say(format!("saving checkpoint to {}", ckpt_path.display()));
+                }
+            }
+        }
+        if iter == cfg.max_iters {
+            break;
+        }
+
+        // One optimizer step over gradient-accumulation-steps micro-batches.
+        let t0 = Instant::now();
+        let lr = learning_rate(iter, cfg);
+        let micro = cfg.gradient_accumulation_steps;
+        let mut grads: Option<Vec<Tensor>> = None;
+        let mut loss_sum = 0f32;
+        for _ in 0..micro {
+            let (x, y) = dataset.batch(
+                Split::Train,
+                cfg.batch_size,
+                cfg.block_size,
+                &mut rng,
+                device,
+            )?;
+            let loss = model.loss(&x, &y, dtype, Some(&mut rng))?;
+            loss_sum += loss.to_scalar::<f32>()?;
+            let g = opt.grads(&(loss / micro as f64)?.backward()?)?;
+            grads = Some(match grads {
+                None => g,
+                Some(acc) => acc
+                    .iter()
+                    .zip(&g)
+                    .map(|(a, b)| a + b)
+                    .collect::<candle_core::Result<_>>()?,
+            });
+        }
+        let mut grads = grads.expect("at least one micro-batch");
+        if cfg.grad_clip > 0.0 {
+            clip_grad_norm(&mut grads, cfg.grad_clip)?;
+        }
+        opt.step(&grads, lr)?;
+        let loss = loss_sum / micro as f32;
+        if !loss.is_finite() {
+            bail!("the loss became {loss} at iteration {iter}; try a lower learning-rate or a grad-clip");
+        }
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+
+        step_ms.push(ms);
+        summary.batch_losses.push(loss);
+        log.push(Record {
+            iter,
+            split: "batch".into(),
+            loss: loss as f64,
+            lr: Some(lr),
+            ms: Some(ms),
+        })?;
+        if step_ms.len() >= 5 {
+            let mfu = flops_per_iter / (ms / 1e3) / peak;
+            running_mfu = if running_mfu < 0.0 {
+                mfu
+            } else {
+                0.9 * running_mfu + 0.1 * mfu
+            };
+        }
+        let tok_s = cfg.tokens_per_iter() as f64 / (ms / 1e3);
+        let mfu = if running_mfu < 0.0 {
+            "-".to_string()
+        } else {
+            format!("{:.2}%", running_mfu * 100.0)
+        };
+        bar.set_position(iter as u64 + 1);
+        bar.set_message(format!(
+            "loss {loss:.4} | {ms:.1} ms/iter | {tok_s:.0} tok/s | MFU {mfu}"
+        ));
+        if bar.is_hidden() && iter % cfg.log_interval == 0 {
+            println!("iter {iter}: loss {loss:.4}, time {ms:.2}ms, {tok_s:.0} tok/s, mfu {mfu}");
+        }
+    }
+    bar.finish_and_clear();
+
+    summary.best_val_loss = best_val_loss;
+    summary.median_ms = median(&mut step_ms);
+    let png = crate::plot::plot(log.records(), &cfg.out_dir.join("loss.png"))?;
+    println!(
+        "done at iteration {}: median {:.1} ms/iter over {} iterations ({:.0} tok/s), best val loss {:.4}; losses in {} and {}",
+        summary.iter,
+        summary.median_ms,
+        step_ms.len(),
+        cfg.tokens_per_iter() as f64 / (summary.median_ms / 1e3),
+        best_val_loss,
+        cfg.out_dir.join("loss.csv").display(),
+        png.display()
+    );
+    Ok(summary)
+}
+
+/// Mean loss over `eval-iters` batches of each split, without dropout. The batches depend only
+/// on the seed and the iteration, so a resumed run evaluates exactly as the original.
+fn estimate_loss(
+    model: &Gpt,
+    data: &Dataset,
+    cfg: &TrainConfig,
+    iter: usize,
+    device: &Device,
+    dtype: DType,
+) -> Result<(f64, f64)> {
+    let mut out = [0f64; 2];
+    for (slot, split) in out.iter_mut().zip([Split::Train, Split::Val]) {
+        let mut rng = Rng::new(cfg.seed, EVAL_STREAM + iter as u64);
+        let mut total = 0f64;
+        for _ in 0..cfg.eval_iters {
+            let (x, y) = data.batch(split, cfg.batch_size, cfg.block_size, &mut rng, device)?;
+            total += model.loss(&x, &y, dtype, None)?.to_scalar::<f32>()? as f64;
+        }
+        *slot = total / cfg.eval_iters as f64;
+    }
+    Ok((out[0], out[1]))
+}
+
+/// Errors unless the checkpoint's model can continue as `want` on this data.
+fn check_compatible(ckpt: &Checkpoint, want: &ModelConfig, tokenizer_json: &str) -> Result<()> {
+    let have = &ckpt.meta.model_config;
+    if ckpt.meta.tokenizer != tokenizer_json {
+        bail!(
+            "incompatible checkpoint: it was trained with a different tokenizer ({} tokens) than the data in this data-dir ({} tokens)",
+            have.vocab_size,
+            want.vocab_size
+        );
+    }
+    for (name, h, w) in [
+        ("n-layer", have.n_layer, want.n_layer),
+        ("n-head", have.n_head, want.n_head),
+        ("n-embd", have.n_embd, want.n_embd),
+        ("bias", have.bias as usize, want.bias as usize),
+    ] {
+        if h != w {
+            bail!("incompatible checkpoint: it has {name} = {h} but the configuration asks for {w}; drop the override to resume");
+        }
+    }
+    if want.block_size > have.block_size {
+        bail!(
+            "block-size {} is larger than the checkpoint's {}; a model cannot grow its context, use block-size <= {}",
+            want.block_size,
+            have.block_size,
+            have.block_size
+        );
+    }
+    Ok(())
+}
+
+fn eval_record(iter: usize, split: &str, loss: f64) -> Record {
+    Record {
+        iter,
+        split: split.into(),
+        loss,
+        lr: None,
+        ms: None,
+    }
+}
+
+fn progress_bar(visible: bool, max_iters: usize, start: usize) -> ProgressBar {
+    if !visible {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(max_iters as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_position(start as u64);
+    bar
+}
+
+/// The median of `xs` (NaN when empty).
+pub fn median(xs: &mut [f64]) -> f64 {
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    }
+}

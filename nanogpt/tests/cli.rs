@@ -1,0 +1,176 @@
+//! The binary's error messages for bad input, and a short prepare → train → sample run.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn nanogpt(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_nanogpt"))
+        .current_dir(dir)
+        .env_remove("NANOGPT_INPUT")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Runs and expects failure with `needle` in stderr.
+fn fails_with(dir: &Path, args: &[&str], needle: &str) {
+    let out = nanogpt(dir, args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} should fail");
+    assert!(
+        err.contains(needle),
+        "{args:?}: expected `{needle}` in:\n{err}"
+    );
+    assert!(!err.contains("panicked"), "{args:?} panicked:\n{err}");
+}
+
+const TINY: &[&str] = &[
+    "--n-layer",
+    "1",
+    "--n-head",
+    "2",
+    "--n-embd",
+    "16",
+    "--block-size",
+    "8",
+    "--batch-size",
+    "4",
+    "--eval-iters",
+    "2",
+    "--eval-interval",
+    "5",
+    "--max-iters",
+    "5",
+    "--device",
+    "cpu",
+];
+
+#[test]
+fn prepare_train_sample_and_their_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("input.txt"), common::corpus()).unwrap();
+
+    fails_with(
+        d,
+        &["prepare", "--input", "missing.txt"],
+        "cannot read the corpus missing.txt",
+    );
+    fails_with(
+        d,
+        &["prepare", "--input", "input.txt", "--vocab-size", "99"],
+        "--vocab-size only applies to --tokenizer bpe",
+    );
+    let out = nanogpt(d, &["prepare", "--input", "input.txt"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut args = vec!["train"];
+    args.extend_from_slice(TINY);
+    fails_with(
+        d,
+        &["train", "--n-head", "4", "--n-embd", "18"],
+        "n-embd = 18 is not divisible by n-head = 4",
+    );
+    fails_with(d, &["train", "--device", "cuda"], "--device cuda");
+    std::fs::write(d.join("bad.toml"), "n-layers = 2\n").unwrap();
+    fails_with(
+        d,
+        &["train", "--config", "bad.toml"],
+        "unknown key `n-layers`",
+    );
+    fails_with(
+        d,
+        &["sample", "--device", "cpu"],
+        "no checkpoint at out-shakespeare-char/ckpt.safetensors",
+    );
+
+    let out = nanogpt(d, &args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("step 5: train loss"), "{stdout}");
+    for f in ["ckpt.safetensors", "loss.csv", "loss.png"] {
+        assert!(d.join("out-shakespeare-char").join(f).is_file(), "{f}");
+    }
+
+    let sample = [
+        "sample",
+        "--device",
+        "cpu",
+        "--num-samples",
+        "2",
+        "--max-new-tokens",
+        "12",
+        "--start",
+        "the ",
+    ];
+    let out = nanogpt(d, &sample);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(text.matches("---------------").count(), 2, "{text}");
+    assert_eq!(
+        nanogpt(d, &sample).stdout,
+        out.stdout,
+        "the same seed must give the same text"
+    );
+    fails_with(
+        d,
+        &["sample", "--device", "cpu", "--start", "Zebra"],
+        "characters outside the model's vocabulary: 'Z'",
+    );
+    fails_with(
+        d,
+        &["sample", "--device", "cpu", "--start-file", "nope.txt"],
+        "cannot read --start-file nope.txt",
+    );
+
+    let resume = [&args[..], &["--init-from", "resume", "--block-size", "9"]].concat();
+    fails_with(d, &resume, "block-size 9 is larger than the checkpoint's 8");
+}
+
+#[test]
+fn missing_and_corrupt_data_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("input.txt"), common::corpus()).unwrap();
+    let out = nanogpt(
+        d,
+        &["prepare", "--input", "input.txt", "--data-dir", "data"],
+    );
+    assert!(out.status.success());
+    let mut args = vec!["train", "--data-dir", "data"];
+    args.extend_from_slice(TINY);
+
+    let train_bin = d.join("data/train.bin");
+    let good = std::fs::read(&train_bin).unwrap();
+    std::fs::write(&train_bin, &good[..good.len() - 1]).unwrap();
+    fails_with(d, &args, "train.bin is corrupt: ");
+    let mut bad = good.clone();
+    bad[10] = 0xff;
+    bad[11] = 0xff;
+    std::fs::write(&train_bin, &bad).unwrap();
+    fails_with(
+        d,
+        &args,
+        "token 65535 at position 5 is outside the vocabulary",
+    );
+    std::fs::write(&train_bin, &good[..8]).unwrap();
+    fails_with(d, &args, "too few for block-size 8");
+    std::fs::remove_file(&train_bin).unwrap();
+    fails_with(d, &args, "run `nanogpt prepare`");
+    std::fs::write(d.join("data/meta.json"), "{oops").unwrap();
+    fails_with(d, &args, "meta.json is corrupt");
+}

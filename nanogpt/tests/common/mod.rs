@@ -1,0 +1,71 @@
+//! Helpers shared by the integration tests: a synthetic corpus and tiny configurations.
+
+#![allow(dead_code)] // each test file uses its own subset
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use nanogpt::config::{TrainConfig, CPU_RECIPE};
+use nanogpt::data::{prepare, PrepareOptions};
+use nanogpt::tokenizer::TokenizerKind;
+use nanogpt::train::{train, TrainOptions, TrainSummary};
+
+/// A corpus with learnable structure: a few sentences in a repeating, seeded order.
+pub fn corpus() -> String {
+    let lines = [
+        "the quick brown fox jumps over the lazy dog.\n",
+        "a stitch in time saves nine.\n",
+        "all that glitters is not gold.\n",
+        "to be or not to be, that is the question.\n",
+    ];
+    let mut rng = nanogpt::rng::Rng::new(5, 0);
+    (0..400).map(|_| lines[rng.below(4) as usize]).collect()
+}
+
+/// Writes the corpus to `dir/input.txt` and prepares `dir/data` with the char tokenizer.
+pub fn prepared_data(dir: &Path) -> PathBuf {
+    let input = dir.join("input.txt");
+    std::fs::write(&input, corpus()).unwrap();
+    let data_dir = dir.join("data");
+    prepare(&PrepareOptions {
+        input: Some(input),
+        data_dir: data_dir.clone(),
+        tokenizer: TokenizerKind::Char,
+        vocab_size: None,
+    })
+    .unwrap();
+    data_dir
+}
+
+/// A tiny model and short schedule on `data_dir`, writing to `out_dir`.
+pub fn tiny_config(data_dir: &Path, out_dir: &Path) -> TrainConfig {
+    let mut c = TrainConfig::from_toml(CPU_RECIPE).unwrap();
+    c.data_dir = data_dir.to_path_buf();
+    c.out_dir = out_dir.to_path_buf();
+    c.n_layer = 2;
+    c.n_head = 2;
+    c.n_embd = 32;
+    c.block_size = 16;
+    c.batch_size = 8;
+    c.max_iters = 40;
+    c.eval_interval = 20;
+    c.eval_iters = 4;
+    c.log_interval = 1000;
+    c.learning_rate = 1e-2;
+    c.min_lr = 1e-3;
+    c.warmup_iters = 5;
+    c.lr_decay_iters = 100;
+    c.seed = 42;
+    c
+}
+
+/// Trains `config` on the CPU in f32 without a progress bar.
+pub fn run(config: &TrainConfig) -> TrainSummary {
+    train(&TrainOptions {
+        config: config.clone(),
+        device: Device::Cpu,
+        dtype: DType::F32,
+        progress: false,
+    })
+    .unwrap()
+}
