@@ -30,6 +30,7 @@ pub mod nn;
 mod ops;
 mod options;
 pub mod philox;
+pub mod profile;
 mod sdpa;
 mod validate;
 pub mod varlen;

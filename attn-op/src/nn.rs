@@ -264,6 +264,7 @@ impl CausalSelfAttention {
 impl ModuleT for CausalSelfAttention {
     /// `x` `(B, T, C)` to `(B, T, C)`; dropout only when `train`.
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let _span = tracing::debug_span!("CausalSelfAttention").entered();
         let (q, k, v) = self.qkv(x)?;
         let opts = SdpaOptions {
             is_causal: self.causal(train),

@@ -72,6 +72,25 @@ pub(crate) fn run(
     if p.lq == 0 || p.lk == 0 {
         return Tensor::zeros(p.out_shape(), p.dtype, q.device());
     }
+    let span = match backend {
+        Backend::Flash => tracing::debug_span!("sdpa.flash"),
+        Backend::Efficient => tracing::debug_span!("sdpa.efficient"),
+        Backend::Math => tracing::debug_span!("sdpa.math"),
+    };
+    let _entered = span.enter();
+    let y = run_backend(backend, q, k, v, opts, p)?;
+    crate::profile::sync_if_profiling(y.device())?;
+    Ok(y)
+}
+
+fn run_backend(
+    backend: Backend,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    opts: &SdpaOptions,
+    p: &Problem,
+) -> Result<Tensor> {
     let seed = opts.seed.unwrap_or_else(fresh_seed);
     if backend == Backend::Math {
         return math::attention(q, k, v, opts, p, seed);

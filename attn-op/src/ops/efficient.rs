@@ -71,6 +71,7 @@ impl CustomOp3 for EfficientAttention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _span = tracing::debug_span!("efficient_attention.forward").entered();
         self.0.cpu_fwd(s1, l1, s2, l2, s3, l3)
     }
 
@@ -84,6 +85,7 @@ impl CustomOp3 for EfficientAttention {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let _span = tracing::debug_span!("efficient_attention.forward").entered();
         self.0.cuda_fwd(Backend::Efficient, s1, l1, s2, l2, s3, l3)
     }
 
@@ -95,6 +97,7 @@ impl CustomOp3 for EfficientAttention {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _span = tracing::debug_span!("efficient_attention.backward").entered();
         self.0.bwd(Backend::Efficient, q, k, v, res, grad)
     }
 }

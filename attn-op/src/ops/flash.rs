@@ -63,6 +63,7 @@ impl CustomOp3 for FlashAttention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _span = tracing::debug_span!("flash_attention.forward").entered();
         self.0.cpu_fwd(s1, l1, s2, l2, s3, l3)
     }
 
@@ -76,6 +77,7 @@ impl CustomOp3 for FlashAttention {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let _span = tracing::debug_span!("flash_attention.forward").entered();
         self.0.cuda_fwd(Backend::Flash, s1, l1, s2, l2, s3, l3)
     }
 
@@ -87,6 +89,7 @@ impl CustomOp3 for FlashAttention {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _span = tracing::debug_span!("flash_attention.backward").entered();
         self.0.bwd(Backend::Flash, q, k, v, res, grad)
     }
 }

@@ -214,7 +214,7 @@ impl Fused {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let lse = self.lse(backend, q, k, v)?;
-        let (dq, dk, dv) = match q.device() {
+        let grads = match q.device() {
             Device::Cpu => self.cpu_backward(q, k, v, res, grad, &lse)?,
             #[cfg(feature = "cuda")]
             Device::Cuda(_) => crate::cuda::backward(backend, &self.cfg, q, k, v, res, grad, &lse)?,
@@ -223,6 +223,8 @@ impl Fused {
                 d.location()
             ),
         };
+        crate::profile::sync_if_profiling(q.device())?;
+        let (dq, dk, dv) = grads;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 
@@ -258,7 +260,12 @@ impl Fused {
         })?;
         let t = |data: Vec<f32>, like: &Tensor| -> Result<Tensor> {
             let storage = Storage::Cpu(to_storage(data, like.dtype())?);
-            Ok(Tensor::from_storage(storage, like.shape(), BackpropOp::none(), false))
+            Ok(Tensor::from_storage(
+                storage,
+                like.shape(),
+                BackpropOp::none(),
+                false,
+            ))
         };
         Ok((t(grads.dq, q)?, t(grads.dk, k)?, t(grads.dv, v)?))
     }
