@@ -182,3 +182,179 @@ impl fmt::Display for Sweep {
         Ok(())
     }
 }
+
+/// Packed variable-length attention against the padded dense batch (the NestedTensor section of
+/// PyTorch's SDPA tutorial).
+#[derive(Clone, Debug)]
+pub struct VarlenComparison {
+    /// The sequence lengths.
+    pub lens: Vec<usize>,
+    /// The padded length.
+    pub max_len: usize,
+    /// [`crate::nn::CausalSelfAttention`] on the zero-padded `(B, max_len, C)` batch.
+    pub padded: Timing,
+    /// The same layer's `forward_packed` on the `(total, C)` tokens.
+    pub packed: Timing,
+    /// Largest difference between the two on the valid tokens.
+    pub max_abs_diff: f32,
+}
+
+impl VarlenComparison {
+    /// Fraction of the padded batch that is padding.
+    pub fn padding(&self) -> f64 {
+        let total: usize = self.lens.iter().sum();
+        1.0 - total as f64 / (self.lens.len() * self.max_len).max(1) as f64
+    }
+
+    /// How many times faster packed is than padded.
+    pub fn speedup(&self) -> f64 {
+        self.padded.median.as_secs_f64() / self.packed.median.as_secs_f64()
+    }
+}
+
+impl fmt::Display for VarlenComparison {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let total: usize = self.lens.iter().sum();
+        writeln!(
+            f,
+            "batch {}, max length {}, {:.0}% padding, causal self-attention forward",
+            self.lens.len(),
+            self.max_len,
+            100.0 * self.padding()
+        )?;
+        writeln!(f, "| layout | tokens | median (ms) | speedup |")?;
+        writeln!(f, "|---|---:|---:|---:|")?;
+        let ms = |t: &Timing| t.median.as_secs_f64() * 1e3;
+        writeln!(
+            f,
+            "| padded dense | {} | {:.2} | 1.00x |",
+            self.lens.len() * self.max_len,
+            ms(&self.padded)
+        )?;
+        writeln!(
+            f,
+            "| packed (varlen) | {total} | {:.2} | {:.2}x |",
+            ms(&self.packed),
+            self.speedup()
+        )?;
+        write!(
+            f,
+            "max |packed - padded| on valid tokens: {:.2e}",
+            self.max_abs_diff
+        )
+    }
+}
+
+/// Sequence lengths uniform in `[1, max_len]` from `seed` (about 50% padding).
+pub fn random_lengths(batch: usize, max_len: usize, seed: u64) -> Vec<usize> {
+    let mut state = seed;
+    (0..batch)
+        .map(|_| {
+            // SplitMix64.
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            1 + (z % max_len.max(1) as u64) as usize
+        })
+        .collect()
+}
+
+/// Times `layer` (causal in evaluation: build it with [`crate::nn::Causality::Always`]) on
+/// `lens` random sequences padded to `max_len`, and packed, and checks that both agree on the
+/// valid tokens.
+pub fn varlen_comparison(
+    layer: &crate::nn::CausalSelfAttention,
+    lens: &[usize],
+    max_len: usize,
+    device: &Device,
+    min_time: Duration,
+) -> Result<VarlenComparison> {
+    let c = layer.config().n_embd;
+    if lens.iter().any(|&l| l > max_len) {
+        candle_core::bail!("varlen_comparison: a length exceeds max_len = {max_len}");
+    }
+    let seqs: Vec<Tensor> = lens
+        .iter()
+        .map(|&l| Tensor::randn(0f32, 1., (l, c), device))
+        .collect::<Result<_>>()?;
+    let padded_x = Tensor::stack(
+        &seqs
+            .iter()
+            .map(|s| s.pad_with_zeros(0, 0, max_len - s.dim(0)?))
+            .collect::<Result<Vec<_>>>()?,
+        0,
+    )?;
+    let packed = crate::varlen::Packed::new(&seqs)?;
+    let padded_y = candle_core::ModuleT::forward_t(layer, &padded_x, false)?;
+    let packed_y = layer.forward_packed(&packed.data, &packed.cu_seqlens, false)?;
+    let mut max_abs_diff = 0f32;
+    for (b, part) in packed.unpack(&packed_y)?.iter().enumerate() {
+        if part.dim(0)? > 0 {
+            let want = padded_y.get(b)?.narrow(0, 0, part.dim(0)?)?;
+            let d = (part - want)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            max_abs_diff = max_abs_diff.max(d);
+        }
+    }
+    let padded = time(device, min_time, || {
+        candle_core::ModuleT::forward_t(layer, &padded_x, false).map(drop)
+    })?;
+    let packed_t = time(device, min_time, || {
+        layer
+            .forward_packed(&packed.data, &packed.cu_seqlens, false)
+            .map(drop)
+    })?;
+    Ok(VarlenComparison {
+        lens: lens.to_vec(),
+        max_len,
+        padded,
+        packed: packed_t,
+        max_abs_diff,
+    })
+}
+
+/// How much of a layer's time is spent outside attention: what a graph compiler (the tutorial's
+/// `torch.compile`) could remove around the fused kernel.
+#[derive(Clone, Copy, Debug)]
+pub struct Overhead {
+    /// Mean time of one call of the layer.
+    pub layer: Duration,
+    /// Mean time of the attention inside it.
+    pub attention: Duration,
+}
+
+impl Overhead {
+    /// Share of the layer's time outside attention (projections, reshapes, framework overhead).
+    pub fn share_outside(&self) -> f64 {
+        1.0 - self.attention.as_secs_f64() / self.layer.as_secs_f64().max(1e-12)
+    }
+}
+
+/// Runs `f` (one call of a layer that uses [`crate::scaled_dot_product_attention`]) `runs`
+/// times under a [`crate::profile::Profiler`] and splits the time into attention and the rest.
+pub fn overhead(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<Overhead> {
+    f()?; // warm-up
+    let profiler = crate::profile::Profiler::start(None)?;
+    let start = std::time::Instant::now();
+    for _ in 0..runs.max(1) {
+        f()?;
+    }
+    let wall = start.elapsed();
+    let report = profiler.finish();
+    let attention: Duration = report
+        .ops
+        .iter()
+        .filter(|(name, _)| name.starts_with("sdpa."))
+        .map(|(_, s)| s.total)
+        .sum();
+    let n = runs.max(1) as u32;
+    Ok(Overhead {
+        layer: wall / n,
+        attention: attention / n,
+    })
+}

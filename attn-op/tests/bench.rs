@@ -62,3 +62,41 @@ fn sweep_with_backward() -> Result<()> {
         .contains("bench::sweep: query has E = 8 but key has E = 4"));
     Ok(())
 }
+
+#[test]
+fn varlen_comparison_agrees_on_valid_tokens() -> Result<()> {
+    use attn_op::bench::{random_lengths, varlen_comparison};
+    use attn_op::nn::{AttentionConfig, CausalSelfAttention, Causality};
+    let vm = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    let cfg = AttentionConfig {
+        n_embd: 32,
+        n_head: 4,
+        bias: true,
+        dropout: 0.0,
+        causality: Causality::Always,
+    };
+    let layer = CausalSelfAttention::new(cfg, vb)?;
+    let lens = random_lengths(6, 40, 1);
+    assert_eq!(lens, random_lengths(6, 40, 1), "seeded");
+    assert!(lens.iter().all(|&l| (1..=40).contains(&l)));
+    let c = varlen_comparison(&layer, &lens, 40, &Device::Cpu, Duration::from_millis(5))?;
+    assert!(c.max_abs_diff < 1e-5, "{}", c.max_abs_diff);
+    assert!((0.0..1.0).contains(&c.padding()));
+    assert!(c.to_string().contains("| packed (varlen) |"));
+    assert!(varlen_comparison(&layer, &[41], 40, &Device::Cpu, Duration::from_millis(5)).is_err());
+    Ok(())
+}
+
+#[test]
+fn overhead_splits_attention_from_the_rest() -> Result<()> {
+    let q = Tensor::randn(0f32, 1., (2, 2, 32, 16), &Device::Cpu)?;
+    let o = attn_op::bench::overhead(5, || {
+        let y = attn_op::scaled_dot_product_attention(&q, &q, &q, &SdpaOptions::default())?;
+        // Work outside attention.
+        (y.exp()? * 2.0)?.sum_all().map(drop)
+    })?;
+    assert!(o.attention > Duration::ZERO && o.attention <= o.layer);
+    assert!((0.0..1.0).contains(&o.share_outside()));
+    Ok(())
+}
