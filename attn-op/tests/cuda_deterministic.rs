@@ -10,12 +10,24 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 
 fn grads(backend: Backend, q: &Var, k: &Var, v: &Var, dout: &Tensor) -> Result<Vec<Vec<f32>>> {
     let _only = sdpa_kernel(&[backend]);
-    let opts = SdpaOptions { is_causal: true, dropout_p: 0.1, seed: Some(3), enable_gqa: true, ..Default::default() };
+    let opts = SdpaOptions {
+        is_causal: true,
+        dropout_p: 0.1,
+        seed: Some(3),
+        enable_gqa: true,
+        ..Default::default()
+    };
     let y = scaled_dot_product_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &opts)?;
     let g = (y.to_dtype(DType::F32)? * dout)?.sum_all()?.backward()?;
     [q, k, v]
         .iter()
-        .map(|x| g.get(x.as_tensor()).expect("gradient").to_dtype(DType::F32)?.flatten_all()?.to_vec1())
+        .map(|x| {
+            g.get(x.as_tensor())
+                .expect("gradient")
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()
+        })
         .collect()
 }
 
@@ -24,11 +36,17 @@ fn deterministic_dq_is_reproducible() -> Result<()> {
     let gpu = match Device::new_cuda(0) {
         Ok(d) => d,
         Err(e) => {
-            eprintln!("SKIP: no CUDA device ({e})");
+            eprintln!(
+                "SKIP: no CUDA device ({})",
+                e.to_string().lines().next().unwrap_or("")
+            );
             return Ok(());
         }
     };
-    for (backend, dtype) in [(Backend::Flash, DType::BF16), (Backend::Efficient, DType::F32)] {
+    for (backend, dtype) in [
+        (Backend::Flash, DType::BF16),
+        (Backend::Efficient, DType::F32),
+    ] {
         let mk = |h: usize, l: usize| -> Result<Var> {
             Var::from_tensor(&Tensor::randn(0f32, 1., (2, h, l, 64), &gpu)?.to_dtype(dtype)?)
         };
@@ -40,12 +58,19 @@ fn deterministic_dq_is_reproducible() -> Result<()> {
         let first = grads(backend, &q, &k, &v, &dout)?;
         let second = grads(backend, &q, &k, &v, &dout)?;
         std::env::remove_var("ATTN_OP_CUDA_DETERMINISTIC");
-        assert_eq!(first, second, "{backend:?}: deterministic gradients differ between runs");
+        assert_eq!(
+            first, second,
+            "{backend:?}: deterministic gradients differ between runs"
+        );
         for (i, (a, d)) in atomic.iter().zip(&first).enumerate() {
             let scale = a.iter().fold(1e-3f32, |m, x| m.max(x.abs()));
             let diff = a.iter().zip(d).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
             let tol = if dtype == DType::F32 { 1e-4 } else { 3e-2 };
-            assert!(diff / scale <= tol, "{backend:?}: gradient {i} atomic vs deterministic {:.2e}", diff / scale);
+            assert!(
+                diff / scale <= tol,
+                "{backend:?}: gradient {i} atomic vs deterministic {:.2e}",
+                diff / scale
+            );
         }
     }
     Ok(())

@@ -7,14 +7,19 @@
 //! (CI builds these on a machine without a GPU; `scripts/gpu-check.sh` runs them on one).
 #![cfg(feature = "cuda")]
 
-use attn_op::{flash_attn, flash_attn_varlen, scaled_dot_product_attention, sdpa_kernel, Backend, SdpaOptions};
+use attn_op::{
+    flash_attn, flash_attn_varlen, scaled_dot_product_attention, sdpa_kernel, Backend, SdpaOptions,
+};
 use candle_core::{DType, Device, Result, Tensor, Var};
 
 fn gpu() -> Option<Device> {
     match Device::new_cuda(0) {
         Ok(d) => Some(d),
         Err(e) => {
-            eprintln!("SKIP: no CUDA device ({e})");
+            eprintln!(
+                "SKIP: no CUDA device ({})",
+                e.to_string().lines().next().unwrap_or("")
+            );
             None
         }
     }
@@ -56,8 +61,17 @@ fn tolerance(dtype: DType) -> (f32, f32) {
 fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
     let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
     let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-    let diff = (&a - &b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-    let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1e-3);
+    let diff = (&a - &b)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
+    let scale = b
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?
+        .max(1e-3);
     if !diff.is_finite() {
         return Ok(f32::INFINITY);
     }
@@ -83,12 +97,23 @@ fn view(v: &Var, strided: bool) -> Result<Tensor> {
 }
 
 /// Output and (dq, dk, dv) of one backend on one device, for the inputs given on the CPU.
-fn run(backend: Backend, c: &Case, inputs: &[Var; 3], mask: Option<&Tensor>, dout: &Tensor, dev: &Device) -> Result<[Tensor; 4]> {
+fn run(
+    backend: Backend,
+    c: &Case,
+    inputs: &[Var; 3],
+    mask: Option<&Tensor>,
+    dout: &Tensor,
+    dev: &Device,
+) -> Result<[Tensor; 4]> {
     let vars: Vec<Var> = inputs
         .iter()
         .map(|v| Var::from_tensor(&v.as_tensor().to_device(dev)?))
         .collect::<Result<_>>()?;
-    let (q, k, v) = (view(&vars[0], c.strided)?, view(&vars[1], c.strided)?, view(&vars[2], c.strided)?);
+    let (q, k, v) = (
+        view(&vars[0], c.strided)?,
+        view(&vars[1], c.strided)?,
+        view(&vars[2], c.strided)?,
+    );
     let opts = SdpaOptions {
         attn_mask: mask.map(|m| m.to_device(dev)).transpose()?,
         dropout_p: c.dropout,
@@ -132,7 +157,9 @@ fn check(backend: Backend, dtype: DType, c: Case, gpu: &Device) -> Result<()> {
         let err = rel_err(&cuda[i], &cpu[i])?;
         let tol = if i == 0 { tf } else { tb };
         if err > tol {
-            candle_core::bail!("{backend:?} {dtype:?} {c:?}: {name} relative error {err:.2e} > {tol:.0e}");
+            candle_core::bail!(
+                "{backend:?} {dtype:?} {c:?}: {name} relative error {err:.2e} > {tol:.0e}"
+            );
         }
     }
     Ok(())
@@ -168,20 +195,46 @@ fn check_all(backend: Backend, dtypes: &[DType], dims: &[(usize, usize)], masks:
             }
         }
     }
-    eprintln!("{backend:?}: {} of {n} cases agree with the CPU", n - failures.len());
-    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    eprintln!(
+        "{backend:?}: {} of {n} cases agree with the CPU",
+        n - failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
 fn flash_matches_cpu() {
-    let dims = [(8, 8), (32, 32), (64, 64), (80, 80), (96, 96), (128, 128), (256, 256)];
-    check_all(Backend::Flash, &[DType::F16, DType::BF16], &dims, &[Mask::None]);
+    let dims = [
+        (8, 8),
+        (32, 32),
+        (64, 64),
+        (80, 80),
+        (96, 96),
+        (128, 128),
+        (256, 256),
+    ];
+    check_all(
+        Backend::Flash,
+        &[DType::F16, DType::BF16],
+        &dims,
+        &[Mask::None],
+    );
 }
 
 #[test]
 fn efficient_matches_cpu() {
     let dims = [(8, 8), (13, 7), (64, 64), (128, 96), (130, 130), (256, 256)];
-    check_all(Backend::Efficient, &[DType::F32, DType::F16, DType::BF16], &dims, &[Mask::None, Mask::Bool, Mask::Bias]);
+    check_all(
+        Backend::Efficient,
+        &[DType::F32, DType::F16, DType::BF16],
+        &dims,
+        &[Mask::None, Mask::Bool, Mask::Bias],
+    );
 }
 
 /// Dropout with the same seed drops the same elements on CPU and GPU, in every row and column
@@ -190,8 +243,24 @@ fn efficient_matches_cpu() {
 fn dropout_masks_are_the_cpus() -> Result<()> {
     let Some(gpu) = gpu() else { return Ok(()) };
     for backend in [Backend::Flash, Backend::Efficient] {
-        let dtype = if backend == Backend::Flash { DType::F16 } else { DType::F32 };
-        let c = Case { b: 1, hq: 3, hkv: 3, lq: 70, lk: 70, e: 64, ev: 64, causal: false, mask: Mask::None, dropout: 0.5, strided: false };
+        let dtype = if backend == Backend::Flash {
+            DType::F16
+        } else {
+            DType::F32
+        };
+        let c = Case {
+            b: 1,
+            hq: 3,
+            hkv: 3,
+            lq: 70,
+            lk: 70,
+            e: 64,
+            ev: 64,
+            causal: false,
+            mask: Mask::None,
+            dropout: 0.5,
+            strided: false,
+        };
         check(backend, dtype, c, &gpu)?;
     }
     Ok(())
@@ -208,7 +277,13 @@ fn flash_attn_layouts_match_cpu() -> Result<()> {
             let k = Tensor::randn(0f32, 1., (2, sk, 2, 64), &Device::Cpu)?.to_dtype(dtype)?;
             let v = Tensor::randn(0f32, 1., (2, sk, 2, 64), &Device::Cpu)?.to_dtype(dtype)?;
             let cpu = flash_attn(&q, &k, &v, 0.125, true)?;
-            let cuda = flash_attn(&q.to_device(&gpu)?, &k.to_device(&gpu)?, &v.to_device(&gpu)?, 0.125, true)?;
+            let cuda = flash_attn(
+                &q.to_device(&gpu)?,
+                &k.to_device(&gpu)?,
+                &v.to_device(&gpu)?,
+                0.125,
+                true,
+            )?;
             let err = rel_err(&cuda, &cpu)?;
             assert!(err <= tf, "flash_attn {dtype:?} ({sq}, {sk}): {err:.2e}");
         }
@@ -223,7 +298,10 @@ fn flash_attn_layouts_match_cpu() -> Result<()> {
             let (gcq, gck) = (cu_q.to_device(&gpu)?, cu_k.to_device(&gpu)?);
             let cuda = flash_attn_varlen(&gq, &gk, &gk, &gcq, &gck, 70, 64, 0.2, causal)?;
             let err = rel_err(&cuda, &cpu)?;
-            assert!(err <= tf, "flash_attn_varlen {dtype:?} causal {causal}: {err:.2e}");
+            assert!(
+                err <= tf,
+                "flash_attn_varlen {dtype:?} causal {causal}: {err:.2e}"
+            );
         }
     }
     Ok(())
@@ -239,13 +317,19 @@ fn fully_masked_rows_are_zero() -> Result<()> {
     let mask = Tensor::from_vec(m, (5, 7), &gpu)?;
     let kv = Tensor::randn(0f32, 1., (1, 2, 7, 16), &gpu)?;
     let _only = sdpa_kernel(&[Backend::Efficient]);
-    let opts = SdpaOptions { attn_mask: Some(mask), ..Default::default() };
+    let opts = SdpaOptions {
+        attn_mask: Some(mask),
+        ..Default::default()
+    };
     let y = scaled_dot_product_attention(q.as_tensor(), &kv, &kv, &opts)?;
     let row = y.narrow(2, 2, 1)?.abs()?.sum_all()?.to_scalar::<f32>()?;
     assert_eq!(row, 0.0);
     let g = y.sum_all()?.backward()?;
     let dq = g.get(q.as_tensor()).expect("dq");
-    assert_eq!(dq.narrow(2, 2, 1)?.abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
+    assert_eq!(
+        dq.narrow(2, 2, 1)?.abs()?.sum_all()?.to_scalar::<f32>()?,
+        0.0
+    );
     assert!(dq.abs()?.sum_all()?.to_scalar::<f32>()?.is_finite());
     Ok(())
 }

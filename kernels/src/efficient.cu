@@ -7,7 +7,6 @@
 //   eff_bwd_DT_DMAX   one block per (32 keys, key/value segment): dK, dV, and dQ by f32 atomics
 //   eff_dq_DT_DMAX    one block per (32 query rows, query segment): dQ without atomics (deterministic)
 //   attn_delta_DT     D_i = dO_i . O_i for the backward passes
-//   attn_cast_DT      f32 -> DT conversion of the gradient accumulators
 // Launch: 128 threads; thread t owns row t / 4 of its tile and columns (t % 4) + 4 j.
 #include "attn_common.cuh"
 
@@ -94,7 +93,7 @@ __device__ void eff_fwd(const T* __restrict__ q, const T* __restrict__ k, const 
         float tmax = -INFINITY;
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
-            sc[i] = masked_score(p, s, bias, boolm, sc[i], grow, k0 + c4 + 4 * i, kend);
+            sc[i] = masked_score(p, s, bias, boolm, sc[i], grow, k0 + c4 + 4 * i, kv.len);
             tmax = fmaxf(tmax, sc[i]);
         }
         tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
@@ -364,12 +363,6 @@ __device__ void attn_delta(const T* __restrict__ o, const T* __restrict__ dout, 
     if (threadIdx.x % 32 == 0) delta[r] = x;
 }
 
-template <typename T>
-__device__ void attn_cast(const float* __restrict__ src, T* __restrict__ dst, long long n) {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
-        dst[i] = from_f32<T>(src[i]);
-}
-
 #define EFF_KERNELS(NAME, T, DMAX)                                                                              \
     extern "C" __global__ void __launch_bounds__(EF_THREADS)                                                    \
         eff_fwd_##NAME##_##DMAX(const T* q, const T* k, const T* v, const float* bias, const unsigned char* bm, \
@@ -396,8 +389,7 @@ __device__ void attn_cast(const float* __restrict__ src, T* __restrict__ dst, lo
     extern "C" __global__ void attn_delta_##NAME(const T* o, const T* dout, float* delta, long long rows,      \
                                                  int ev) {                                                     \
         attn_delta<T>(o, dout, delta, rows, ev);                                                               \
-    }                                                                                                          \
-    extern "C" __global__ void attn_cast_##NAME(const float* src, T* dst, long long n) { attn_cast<T>(src, dst, n); }
+    }
 
 EFF_DTYPE(f32, float)
 EFF_DTYPE(f16, __half)

@@ -54,7 +54,12 @@ pub(crate) const KVSEG_FIELDS: usize = 6;
 const MAX_GRID_Y: usize = 65_535;
 
 fn i32_of(what: &str, x: usize) -> Result<i32> {
-    i32::try_from(x).or_else(|_| bail!("attention (CUDA): {what} = {x} is above the kernels' limit {}", i32::MAX))
+    i32::try_from(x).or_else(|_| {
+        bail!(
+            "attention (CUDA): {what} = {x} is above the kernels' limit {}",
+            i32::MAX
+        )
+    })
 }
 
 fn i64_of(x: usize) -> Result<i64> {
@@ -120,7 +125,11 @@ pub(crate) fn rows_aligned(g: &Geometry) -> bool {
 }
 
 /// The parameter block of one call; `tiles` is set per launch.
-pub(crate) fn kernel_params(cfg: &AttnConfig, g: &Geometry, mask: MaskKind) -> Result<KernelParams> {
+pub(crate) fn kernel_params(
+    cfg: &AttnConfig,
+    g: &Geometry,
+    mask: MaskKind,
+) -> Result<KernelParams> {
     let (seed, threshold, keep_scale) = match &cfg.dropout {
         Some(d) => (d.mask.key(), d.mask.threshold(), d.keep_scale()),
         None => ([0, 0], 0, 1.0),
@@ -163,13 +172,19 @@ mod tests {
         assert_eq!(qs.len(), 8 * QSEG_FIELDS);
         assert_eq!(ks.len(), 4 * KVSEG_FIELDS);
         // batch 1, head 3: reads key/value segment 3, causal offset 3 - 5.
-        assert_eq!(&qs[7 * QSEG_FIELDS..8 * QSEG_FIELDS], &[7 * 40, 35, 5, 3, 7, 0, -2, 1]);
+        assert_eq!(
+            &qs[7 * QSEG_FIELDS..8 * QSEG_FIELDS],
+            &[7 * 40, 35, 5, 3, 7, 0, -2, 1]
+        );
         assert_eq!(&ks[3 * KVSEG_FIELDS..], &[72, 72, 9, 3, 6, 8]);
         assert!(rows_aligned(&g));
         let mut cfg = AttnConfig::new(0.5, None);
         cfg.dropout = Dropout::new(0.25, 0x1234_5678_9abc_def0);
         let p = kernel_params(&cfg, &g, MaskKind::None).unwrap();
-        assert_eq!((p.seed_lo, p.seed_hi, p.threshold, p.dropout), (0x9abc_def0, 0x1234_5678, 1 << 30, 1));
+        assert_eq!(
+            (p.seed_lo, p.seed_hi, p.threshold, p.dropout),
+            (0x9abc_def0, 0x1234_5678, 1 << 30, 1)
+        );
         assert_eq!((p.e, p.ev, p.n_qseg, p.n_kvseg, p.vec_ok), (8, 8, 8, 4, 1));
     }
 

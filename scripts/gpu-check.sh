@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# One-call verification of attn-op's CUDA kernels on a GPU machine (which has no Rust).
+#
+# Here (a machine with Rust, no GPU):
+#   scripts/gpu-check.sh bundle      # builds the CUDA test and bench executables with
+#                                    # --features cuda, strips them into .cuda/bundle (ignored by git)
+# On the GPU machine (the device tool: carry [".cuda/bundle"], timeout_s 540):
+#   scripts/gpu-check.sh [--quick]   # tests vs the CPU, compute-sanitizer, timings vs PyTorch SDPA
+#
+# The run writes its logs and the final table under $OUT (or ./gpu-check-out) and prints the
+# table last. It needs the GPU driver's libcuda.so.1 and CUDA 13 runtime libraries (libcublas,
+# libcublasLt, libcurand, libcudart), which it finds in PyTorch's environment
+# (site-packages/nvidia/cu13/lib) or a system CUDA.
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BUNDLE="$ROOT/.cuda/bundle"
+cd "$ROOT"
+
+bundle() {
+    set -e
+    "$ROOT/scripts/setup-cuda.sh" >/dev/null
+    # shellcheck disable=SC1091
+    source "$ROOT/.cuda/env.sh"
+    export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target-cuda}"
+    local json
+    json="$(mktemp)"
+    cargo test --release -p attn-op --features cuda --no-run \
+        --test cuda_kernels --test cuda_deterministic --bench cuda_attention \
+        --message-format=json-render-diagnostics >"$json"
+    rm -rf "$BUNDLE"
+    mkdir -p "$BUNDLE/ptx"
+    python3 - "$json" "$BUNDLE" <<'EOF'
+import json, shutil, sys
+out = sys.argv[2]
+for line in open(sys.argv[1]):
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in (
+        "cuda_kernels", "cuda_deterministic", "cuda_attention"):
+        shutil.copy(m["executable"], f"{out}/{m['target']['name']}")
+EOF
+    rm -f "$json"
+    strip "$BUNDLE"/cuda_*
+    cp "$CARGO_TARGET_DIR"/release/build/attn-kernels-*/out/*.ptx "$BUNDLE/ptx/" 2>/dev/null || true
+    git rev-parse HEAD >"$BUNDLE/COMMIT"
+    du -sh "$BUNDLE"
+    ls -l "$BUNDLE"
+}
+
+find_libs() {
+    local dirs=() d
+    for py in python3 /usr/bin/python3; do
+        command -v "$py" >/dev/null || continue
+        while read -r d; do [[ -n "$d" ]] && dirs+=("$d"); done < <("$py" - <<'EOF' 2>/dev/null
+import glob, os, site, sys
+roots = site.getsitepackages() + [site.getusersitepackages()] + sys.path
+seen = set()
+for r in roots:
+    for d in glob.glob(os.path.join(r, "nvidia", "cu13", "lib")) + glob.glob(os.path.join(r, "nvidia", "*", "lib")):
+        if d not in seen and os.path.isdir(d):
+            seen.add(d)
+            print(d)
+EOF
+        )
+    done
+    for d in /usr/local/cuda/lib64 /usr/local/cuda-13*/lib64 /usr/lib/x86_64-linux-gnu; do [[ -d "$d" ]] && dirs+=("$d"); done
+    local path=""
+    for lib in libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libcudart.so.13; do
+        for d in "${dirs[@]}"; do
+            if [[ -e "$d/$lib" ]]; then
+                [[ ":$path:" == *":$d:"* ]] || path="$path:$d"
+                break
+            fi
+        done
+    done
+    export LD_LIBRARY_PATH="${path#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+    local found
+    for lib in libcuda.so.1 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libcudart.so.13; do
+        found=no
+        ldconfig -p 2>/dev/null | grep -q "$lib" && found=yes
+        for d in ${LD_LIBRARY_PATH//:/ }; do [[ -e "$d/$lib" ]] && found=yes; done
+        [[ $found == yes ]] || echo "warning: $lib not found"
+    done
+}
+
+find_sanitizer() {
+    command -v compute-sanitizer 2>/dev/null && return
+    for c in /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda-*/bin/compute-sanitizer \
+        /usr/local/cuda/compute-sanitizer/compute-sanitizer; do
+        [[ -x "$c" ]] && { echo "$c"; return; }
+    done
+    python3 - <<'EOF' 2>/dev/null
+import glob, site
+for r in site.getsitepackages():
+    for c in glob.glob(r + "/nvidia/**/compute-sanitizer", recursive=True):
+        print(c); raise SystemExit
+EOF
+}
+
+check() {
+    local quick="${1:-}"
+    local out="${OUT:-$ROOT/gpu-check-out}"
+    mkdir -p "$out"
+    [[ -x "$BUNDLE/cuda_kernels" ]] || { echo "no $BUNDLE: run 'scripts/gpu-check.sh bundle' where Rust is, and carry .cuda/bundle"; exit 2; }
+    echo "== bundle built from $(cat "$BUNDLE/COMMIT" 2>/dev/null), working tree at $(git rev-parse HEAD 2>/dev/null)"
+    nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv,noheader
+    find_libs
+    local status=0 start=$SECONDS
+
+    echo "== 1. kernels against the CPU implementation"
+    "$BUNDLE/cuda_kernels" 2>&1 | tee "$out/tests.log" || status=1
+    "$BUNDLE/cuda_deterministic" 2>&1 | tee -a "$out/tests.log" || status=1
+    echo "   ($((SECONDS - start)) s)"
+
+    echo "== 2. compute-sanitizer on small cases"
+    local san
+    san="$(find_sanitizer)"
+    if [[ -n "$san" ]]; then
+        for tool in memcheck racecheck; do
+            "$san" --tool "$tool" --error-exitcode 99 "$BUNDLE/cuda_kernels" --test-threads 1 \
+                dropout_masks_are_the_cpus fully_masked_rows_are_zero flash_attn_layouts_match_cpu \
+                >"$out/sanitizer-$tool.log" 2>&1
+            local rc=$?
+            tail -n 3 "$out/sanitizer-$tool.log"
+            echo "   $tool exit $rc"
+            [[ $rc -eq 0 ]] || status=1
+        done
+    else
+        echo "   compute-sanitizer not found: skipped"
+    fi
+    echo "   ($((SECONDS - start)) s)"
+
+    echo "== 3. timings beside PyTorch SDPA"
+    "$BUNDLE/cuda_attention" $quick | tee "$out/ours.jsonl"
+    python3 "$ROOT/scripts/bench_sdpa.py" $quick | tee "$out/torch.jsonl"
+    echo "   ($((SECONDS - start)) s)"
+    python3 "$ROOT/scripts/bench_sdpa.py" --table "$out/ours.jsonl" "$out/torch.jsonl" | tee "$out/table.md"
+    grep -E "test result|cases agree|FAILED|panicked" "$out/tests.log" | tail -n 12
+    exit $status
+}
+
+case "${1:-}" in
+bundle) bundle ;;
+--quick) check --quick ;;
+"") check ;;
+*) echo "usage: $0 [bundle | --quick]"; exit 2 ;;
+esac
