@@ -12,7 +12,15 @@ fn trace_is_valid_json_with_attention_spans() -> Result<()> {
     let profiler = Profiler::start(Some(&path))?;
     let q = Var::randn(0f32, 1., (2, 2, 16, 8), &Device::Cpu)?;
     for _ in 0..3 {
-        let y = scaled_dot_product_attention(&q, &q, &q, &SdpaOptions { is_causal: true, ..Default::default() })?;
+        let y = scaled_dot_product_attention(
+            &q,
+            &q,
+            &q,
+            &SdpaOptions {
+                is_causal: true,
+                ..Default::default()
+            },
+        )?;
         y.sum_all()?.backward()?;
     }
     {
@@ -25,7 +33,12 @@ fn trace_is_valid_json_with_attention_spans() -> Result<()> {
     let json: serde_json::Value = serde_json::from_str(&text).expect("the trace is valid JSON");
     let events = json.as_array().expect("a JSON array of trace events");
     let names: Vec<&str> = events.iter().filter_map(|e| e["name"].as_str()).collect();
-    for want in ["sdpa.flash", "flash_attention.forward", "flash_attention.backward", "sdpa.math"] {
+    for want in [
+        "sdpa.flash",
+        "flash_attention.forward",
+        "flash_attention.backward",
+        "sdpa.math",
+    ] {
         assert!(names.contains(&want), "no {want} span in {names:?}");
     }
     let flash = report.ops["sdpa.flash"];
@@ -37,13 +50,22 @@ fn trace_is_valid_json_with_attention_spans() -> Result<()> {
     assert!(flash.self_time <= flash.total && fwd.total <= flash.total);
     assert!(flash.self_time + fwd.total <= flash.total + std::time::Duration::from_micros(50));
     let table = report.to_string();
-    assert!(table.starts_with("Name") && table.contains("sdpa.flash") && table.contains("wall time"), "{table}");
+    assert!(
+        table.starts_with("Name") && table.contains("sdpa.flash") && table.contains("wall time"),
+        "{table}"
+    );
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
 
 #[test]
 fn unwritable_trace_path_is_an_error() {
-    let e = Profiler::start(Some(std::path::Path::new("/nonexistent-dir/trace.json"))).err().unwrap();
-    assert!(e.to_string().contains("profile: cannot write /nonexistent-dir/trace.json"), "{e}");
+    let e = Profiler::start(Some(std::path::Path::new("/nonexistent-dir/trace.json")))
+        .err()
+        .unwrap();
+    assert!(
+        e.to_string()
+            .contains("profile: cannot write /nonexistent-dir/trace.json"),
+        "{e}"
+    );
 }

@@ -21,7 +21,9 @@ const TASKS_PER_THREAD: usize = 8;
 fn rows_per_task(g: &Geometry) -> usize {
     let max_len = g.q_segs.iter().map(|s| s.len).max().unwrap_or(0);
     let want = TASKS_PER_THREAD * rayon::current_num_threads();
-    let blocks_per_seg = want.div_ceil(g.q_segs.len().max(1)).clamp(1, max_len.div_ceil(BQ).max(1));
+    let blocks_per_seg = want
+        .div_ceil(g.q_segs.len().max(1))
+        .clamp(1, max_len.div_ceil(BQ).max(1));
     max_len.div_ceil(blocks_per_seg).div_ceil(BQ).max(1) * BQ
 }
 

@@ -349,4 +349,3 @@ mod tests {
         assert_eq!(t.data[2 * 3 + 1], a[10 + 2]);
     }
 }
-
