@@ -45,6 +45,30 @@ pub(crate) fn exp(x: f32, fma: bool) -> f32 {
     }
 }
 
+/// Reduces 16 lanes with `f` by halving, which the compiler turns into a few shuffles.
+#[inline(always)]
+fn reduce(mut acc: [f32; LANES], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut width = LANES / 2;
+    while width > 0 {
+        for i in 0..width {
+            acc[i] = f(acc[i], acc[i + width]);
+        }
+        width /= 2;
+    }
+    acc[0]
+}
+
+/// `max` as the `maxps` instruction computes it (no NaN special case; a NaN score reaches the
+/// output through the exponentials anyway).
+#[inline(always)]
+fn fast_max(a: f32, b: f32) -> f32 {
+    if a > b {
+        a
+    } else {
+        b
+    }
+}
+
 /// Largest element (`-inf` for an empty row).
 #[multiversion(targets("x86_64+avx2+fma+avx512f+avx512vl", "x86_64+avx2+fma"))]
 pub(crate) fn max(x: &[f32]) -> f32 {
@@ -53,12 +77,11 @@ pub(crate) fn max(x: &[f32]) -> f32 {
     let tail = chunks.remainder();
     for c in chunks {
         for (a, v) in acc.iter_mut().zip(c) {
-            *a = a.max(*v);
+            *a = fast_max(*a, *v);
         }
     }
     tail.iter()
-        .chain(acc.iter())
-        .fold(f32::NEG_INFINITY, |m, v| m.max(*v))
+        .fold(reduce(acc, fast_max), |m, v| fast_max(m, *v))
 }
 
 /// `x *= a`.
@@ -81,7 +104,7 @@ pub(crate) fn exp_affine_sum(x: &mut [f32], a: f32, b: f32) -> f32 {
             *s += *v;
         }
     }
-    let mut sum: f32 = acc.iter().sum();
+    let mut sum = reduce(acc, |a, b| a + b);
     for v in chunks.into_remainder() {
         *v = exp(madd(a, *v, -b, fma), fma);
         sum += *v;
@@ -122,7 +145,7 @@ pub(crate) fn dot(x: &[f32], y: &[f32]) -> f32 {
             acc[l] += a[l] * b[l];
         }
     }
-    acc.iter().sum::<f32>() + tail
+    reduce(acc, |a, b| a + b) + tail
 }
 
 /// `y += x`.
