@@ -169,7 +169,7 @@ fn refusal_for(
                     "the CUDA flash kernels need equal q/k and v head dims, got {e} and {ev}"
                 ));
             }
-            if e == 0 || e % 8 != 0 || e > MAX_HEAD_DIM {
+            if e == 0 || !e.is_multiple_of(8) || e > MAX_HEAD_DIM {
                 return Some(format!(
                     "head dim {e} is not supported by the CUDA flash kernels (multiples of 8 up to {MAX_HEAD_DIM})"
                 ));

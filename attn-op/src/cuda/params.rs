@@ -114,7 +114,7 @@ pub(crate) fn tiles(longest: usize, rows: usize) -> Result<usize> {
 /// Whether every row start of q, k and v is 16-byte aligned for 2-byte elements (offsets and
 /// strides multiples of 8 elements), so tiles can move with 16-byte copies.
 pub(crate) fn rows_aligned(g: &Geometry) -> bool {
-    let a = |x: usize| x % 8 == 0;
+    let a = |x: usize| x.is_multiple_of(8);
     a(g.e)
         && a(g.ev)
         && a(g.q_rs)
