@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use attn_op::Backend;
 use clap::{Args, Parser, Subcommand};
 
 use nanogpt::config::ConfigOverrides;
@@ -18,6 +19,7 @@ pub struct Cli {
 
 /// The subcommands.
 #[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)] // parsed once; boxing would only obscure the clap derive
 pub enum Command {
     /// Tokenize a corpus (tiny Shakespeare by default) into train.bin/val.bin.
     Prepare(PrepareArgs),
@@ -57,6 +59,9 @@ pub struct TrainArgs {
     /// Precision of activations and matrix products [default: f32 on CPU, bf16 on CUDA].
     #[arg(long, value_enum)]
     pub dtype: Option<DtypeArg>,
+    /// Attention backend: auto (attn-op's dispatch), flash, efficient or math.
+    #[arg(long, default_value = "auto", value_parser = parse_attn)]
+    pub attn: AttnChoice,
     #[command(flatten)]
     pub overrides: ConfigOverrides,
 }
@@ -94,4 +99,18 @@ pub struct SampleArgs {
     /// Precision [default: f32 on CPU, bf16 on CUDA].
     #[arg(long, value_enum)]
     pub dtype: Option<DtypeArg>,
+}
+
+/// `--attn`: one attn-op backend, or `None` for its automatic dispatch.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnChoice(pub Option<Backend>);
+
+fn parse_attn(s: &str) -> Result<AttnChoice, String> {
+    if s.eq_ignore_ascii_case("auto") {
+        Ok(AttnChoice(None))
+    } else {
+        s.parse()
+            .map(|b| AttnChoice(Some(b)))
+            .map_err(|e| format!("{e}, or auto"))
+    }
 }

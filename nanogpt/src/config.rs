@@ -237,7 +237,7 @@ impl TrainConfig {
                 bail!("{name} = 0; it must be at least 1");
             }
         }
-        if self.n_embd % self.n_head != 0 {
+        if !self.n_embd.is_multiple_of(self.n_head) {
             bail!(
                 "n-embd = {} is not divisible by n-head = {}; pick an n-embd that is a multiple of n-head (e.g. {})",
                 self.n_embd,

@@ -70,7 +70,13 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
         config = TrainConfig::layered(&ckpt.meta.train_config, None, &args.overrides)?;
     }
     let dtype = device::dtype(args.dtype, &device);
-    eprintln!("training on {:?} in {dtype:?}", device.location());
+    // Scoped to this thread, which runs the whole training loop.
+    let _backend = args.attn.0.map(|b| attn_op::sdpa_kernel(&[b]));
+    let attn = args.attn.0.map_or("auto".to_string(), |b| b.to_string());
+    eprintln!(
+        "training on {:?} in {dtype:?}, attention backend {attn}",
+        device.location()
+    );
     train(&TrainOptions {
         config,
         device,

@@ -156,7 +156,7 @@ impl Gpt {
     /// (`transformer.h.0.attn.c_attn.weight`, ...). Their values are whatever `vb` holds: call
     /// [`init_weights`] for a fresh model.
     pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
-        if cfg.n_head == 0 || cfg.n_embd % cfg.n_head != 0 {
+        if cfg.n_head == 0 || !cfg.n_embd.is_multiple_of(cfg.n_head) {
             candle_core::bail!(
                 "n-embd = {} is not divisible by n-head = {}",
                 cfg.n_embd,

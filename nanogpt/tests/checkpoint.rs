@@ -113,7 +113,7 @@ fn corrupt_and_incompatible_checkpoints_are_reported() {
             dtype: DType::F32,
             progress: false,
         };
-        format!("{:#}", train(&opts).err().expect("resume should fail"))
+        format!("{:#}", train(&opts).expect_err("resume should fail"))
     };
 
     let mut wider = cfg.clone();

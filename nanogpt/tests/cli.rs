@@ -43,6 +43,8 @@ const TINY: &[&str] = &[
     "5",
     "--max-iters",
     "5",
+    "--always-save-checkpoint",
+    "true",
     "--device",
     "cpu",
 ];
@@ -78,6 +80,11 @@ fn prepare_train_sample_and_their_errors() {
         "n-embd = 18 is not divisible by n-head = 4",
     );
     fails_with(d, &["train", "--device", "cuda"], "--device cuda");
+    fails_with(
+        d,
+        &["train", "--attn", "fast"],
+        "expected flash, efficient or math, or auto",
+    );
     std::fs::write(d.join("bad.toml"), "n-layers = 2\n").unwrap();
     fails_with(
         d,
@@ -137,8 +144,19 @@ fn prepare_train_sample_and_their_errors() {
         "cannot read --start-file nope.txt",
     );
 
-    let resume = [&args[..], &["--init-from", "resume", "--block-size", "9"]].concat();
-    fails_with(d, &resume, "block-size 9 is larger than the checkpoint's 8");
+    // Resuming without --config continues the checkpoint's own configuration.
+    let resume = ["train", "--device", "cpu", "--init-from", "resume"];
+    fails_with(
+        d,
+        &[&resume[..], &["--block-size", "9"]].concat(),
+        "block-size 9 is larger than the checkpoint's 8",
+    );
+    let out = nanogpt(d, &[&resume[..], &["--max-iters", "7"]].concat());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("done at iteration 7"),
+        "{stdout}"
+    );
 }
 
 #[test]
