@@ -5,7 +5,7 @@ mod common;
 
 use attn_op::{scaled_dot_product_attention, sdpa_kernel, Backend, SdpaOptions};
 use candle_core::{DType, Device, Result, Tensor, Var};
-use common::{random_bases, random_mask, rel_err, views, Case, MaskKind};
+use common::{random_bases, random_mask, rel_err, variants, views, Case, MaskKind};
 
 /// Output and gradients of `sum(out * w)` with respect to the case's base tensors.
 fn gradients(
@@ -108,36 +108,20 @@ fn check_backend(backend: Backend) -> Result<()> {
     let mut failures = Vec::new();
     let mut checked = 0;
     for (si, base) in shapes().into_iter().enumerate() {
-        for (causal, mask) in [
-            (false, MaskKind::None),
-            (true, MaskKind::None),
-            (false, MaskKind::Bool),
-            (false, MaskKind::Bias),
-        ] {
-            if backend == Backend::Flash && mask != MaskKind::None {
+        for case in variants(&base) {
+            if backend == Backend::Flash && case.mask != MaskKind::None {
                 continue;
             }
-            for dropout in [0.0, 0.3] {
-                for strided in [false, true] {
-                    let case = Case {
-                        causal,
-                        mask,
-                        dropout,
-                        strided,
-                        ..base.clone()
-                    };
-                    // Every variant in f32; half precision on the smaller shapes.
-                    let dtypes: &[DType] = if si < 4 {
-                        &[DType::F32, DType::F16, DType::BF16]
-                    } else {
-                        &[DType::F32]
-                    };
-                    for &dtype in dtypes {
-                        checked += 1;
-                        if let Some(f) = check(&case, backend, dtype, 77 + checked as u64)? {
-                            failures.push(f);
-                        }
-                    }
+            // Every variant in f32; half precision on the smaller shapes.
+            let dtypes: &[DType] = if si < 4 {
+                &[DType::F32, DType::F16, DType::BF16]
+            } else {
+                &[DType::F32]
+            };
+            for &dtype in dtypes {
+                checked += 1;
+                if let Some(f) = check(&case, backend, dtype, 77 + checked as u64)? {
+                    failures.push(f);
                 }
             }
         }

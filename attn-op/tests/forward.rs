@@ -5,7 +5,7 @@ mod common;
 
 use attn_op::{scaled_dot_product_attention, sdpa_kernel, select_backend, Backend};
 use candle_core::{DType, Result};
-use common::{inputs, options, reference, rel_err, tolerance, Case, MaskKind};
+use common::{inputs, options, reference, rel_err, tolerance, variants, Case, MaskKind};
 
 /// Shapes with odd lengths, Lq != Lk, Ev != E, GQA and head dims from 8 to 256.
 fn shapes() -> Vec<Case> {
@@ -27,29 +27,6 @@ fn shapes() -> Vec<Case> {
             ..Case::new(1, 2, 17, 9, 256)
         },
     ]
-}
-
-fn variants(base: &Case) -> Vec<Case> {
-    let mut out = Vec::new();
-    for (causal, mask) in [
-        (false, MaskKind::None),
-        (true, MaskKind::None),
-        (false, MaskKind::Bool),
-        (false, MaskKind::Bias),
-    ] {
-        for dropout in [0.0, 0.3] {
-            for strided in [false, true] {
-                out.push(Case {
-                    causal,
-                    mask,
-                    dropout,
-                    strided,
-                    ..base.clone()
-                });
-            }
-        }
-    }
-    out
 }
 
 fn check_backend(backend: Backend) -> Result<()> {

@@ -1,10 +1,10 @@
 //! [`EfficientAttention`]: memory-efficient attention (xformers style) as a Candle op.
 
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, DType, Result, Tensor};
 
 use super::fused::Fused;
-use crate::config::{AttnConfig, CausalAlign, Dropout};
-use crate::validate::{check_common, is_float};
+use crate::config::{AttnConfig, CausalAlign};
+use crate::validate::is_float;
 use crate::Backend;
 
 /// Memory-efficient attention as a `CustomOp3` on `(q, k, v)`, forward and backward: everything
@@ -42,8 +42,7 @@ impl EfficientAttention {
 
     /// Drops attention weights with probability `p` (`0 <= p < 1`), the mask drawn from `seed`.
     pub fn with_dropout(mut self, p: f64, seed: u64) -> Result<Self> {
-        check_common(1, p, None)?;
-        self.0.cfg.dropout = Dropout::new(p, seed);
+        self.0.set_dropout(p, seed)?;
         Ok(self)
     }
 }
@@ -57,47 +56,10 @@ pub(crate) fn prepare_mask(mask: &Tensor) -> Result<Tensor> {
     }
 }
 
-impl CustomOp3 for EfficientAttention {
-    fn name(&self) -> &'static str {
-        "efficient-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let _span = tracing::debug_span!("efficient_attention.forward").entered();
-        self.0.cpu_fwd(s1, l1, s2, l2, s3, l3)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let _span = tracing::debug_span!("efficient_attention.forward").entered();
-        self.0.cuda_fwd(Backend::Efficient, s1, l1, s2, l2, s3, l3)
-    }
-
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let _span = tracing::debug_span!("efficient_attention.backward").entered();
-        self.0.bwd(Backend::Efficient, q, k, v, res, grad)
-    }
-}
+fused_op!(
+    EfficientAttention,
+    "efficient-attention",
+    "efficient_attention.forward",
+    "efficient_attention.backward",
+    Backend::Efficient
+);

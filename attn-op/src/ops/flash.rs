@@ -1,11 +1,10 @@
 //! [`FlashAttention`]: FlashAttention-2 as a Candle op.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::Result;
 
 use super::fused::Fused;
-use crate::config::{AttnConfig, CausalAlign, Dropout};
+use crate::config::{AttnConfig, CausalAlign};
 use crate::cpu::geometry::Varlen;
-use crate::validate::check_common;
 use crate::Backend;
 
 /// FlashAttention-2 as a `CustomOp3` on `(q, k, v)`, forward and backward.
@@ -43,53 +42,15 @@ impl FlashAttention {
 
     /// Drops attention weights with probability `p` (`0 <= p < 1`), the mask drawn from `seed`.
     pub fn with_dropout(mut self, p: f64, seed: u64) -> Result<Self> {
-        check_common(1, p, None)?;
-        self.0.cfg.dropout = Dropout::new(p, seed);
+        self.0.set_dropout(p, seed)?;
         Ok(self)
     }
 }
 
-impl CustomOp3 for FlashAttention {
-    fn name(&self) -> &'static str {
-        "flash-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let _span = tracing::debug_span!("flash_attention.forward").entered();
-        self.0.cpu_fwd(s1, l1, s2, l2, s3, l3)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let _span = tracing::debug_span!("flash_attention.forward").entered();
-        self.0.cuda_fwd(Backend::Flash, s1, l1, s2, l2, s3, l3)
-    }
-
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let _span = tracing::debug_span!("flash_attention.backward").entered();
-        self.0.bwd(Backend::Flash, q, k, v, res, grad)
-    }
-}
+fused_op!(
+    FlashAttention,
+    "flash-attention",
+    "flash_attention.forward",
+    "flash_attention.backward",
+    Backend::Flash
+);

@@ -7,11 +7,12 @@ use candle_core::backend::BackendStorage;
 use candle_core::op::BackpropOp;
 use candle_core::{bail, CpuStorage, DType, Device, Layout, Result, Shape, Storage, Tensor};
 
-use crate::config::AttnConfig;
+use crate::config::{AttnConfig, Dropout};
 use crate::cpu::backward::backward;
 use crate::cpu::forward::{forward, Params, Sources};
 use crate::cpu::geometry::Geometry;
 use crate::cpu::{MaskSrc, Src};
+use crate::validate::check_common;
 use crate::Backend;
 
 #[derive(Default)]
@@ -56,6 +57,13 @@ impl Fused {
             cfg,
             stash: Mutex::new(Stash::default()),
         }
+    }
+
+    /// Drops attention weights with probability `p`, the mask drawn from `seed`.
+    pub fn set_dropout(&mut self, p: f64, seed: u64) -> Result<()> {
+        check_common(1, p, None)?;
+        self.cfg.dropout = Dropout::new(p, seed);
+        Ok(())
     }
 
     fn params(&self) -> Params {

@@ -50,6 +50,31 @@ impl Case {
     }
 }
 
+/// Every option combination on a base shape: causal or not, no/boolean/bias mask (not with
+/// causal), dropout 0 and 0.3, contiguous or strided inputs.
+pub fn variants(base: &Case) -> Vec<Case> {
+    let mut out = Vec::new();
+    for (causal, mask) in [
+        (false, MaskKind::None),
+        (true, MaskKind::None),
+        (false, MaskKind::Bool),
+        (false, MaskKind::Bias),
+    ] {
+        for dropout in [0.0, 0.3] {
+            for strided in [false, true] {
+                out.push(Case {
+                    causal,
+                    mask,
+                    dropout,
+                    strided,
+                    ..base.clone()
+                });
+            }
+        }
+    }
+    out
+}
+
 /// Random inputs of a case, in `dtype`, with the layout the case asks for.
 pub struct Inputs {
     pub q: Tensor,
