@@ -25,7 +25,7 @@ const INV_SQRT_2PI: f32 = 0.398_942_3;
 #[inline(always)]
 fn exp_neg(x: f32) -> f32 {
     let x = x.max(-87.0);
-    let n = (x * std::f32::consts::LOG2_E).round();
+    let n = (x * std::f32::consts::LOG2_E).round_ties_even(); // one vector instruction
     let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
     let p = 1.0
         + r * (1.0

@@ -66,12 +66,25 @@ impl LayerNorm {
     }
 }
 
+/// `Σ f(i)` for `i < n`, in 16 interleaved partial sums so that the loop vectorises.
+#[inline(always)]
+fn sum(n: usize, f: impl Fn(usize) -> f32) -> f32 {
+    let mut acc = [0f32; 16];
+    let full = n - n % 16;
+    for base in (0..full).step_by(16) {
+        for (j, a) in acc.iter_mut().enumerate() {
+            *a += f(base + j);
+        }
+    }
+    acc.iter().sum::<f32>() + (full..n).map(f).sum::<f32>()
+}
+
 /// Mean and `1 / sqrt(var + eps)` of a row.
 #[inline(always)]
 fn row_stats(x: &[f32]) -> (f32, f32) {
     let n = x.len() as f32;
-    let mean = x.iter().sum::<f32>() / n;
-    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let mean = sum(x.len(), |i| x[i]) / n;
+    let var = sum(x.len(), |i| (x[i] - mean) * (x[i] - mean)) / n;
     (mean, 1.0 / (var + EPS as f32).sqrt())
 }
 
@@ -98,15 +111,12 @@ fn fused_backward(x: &[f32], w: &[f32], g: &[f32], out: &mut [f32]) {
         .zip(dx.chunks_exact_mut(c))
     {
         let (mean, rstd) = row_stats(x);
-        let (mut sum_gw, mut sum_gw_xhat) = (0f32, 0f32);
         for i in 0..c {
             xhat[i] = (x[i] - mean) * rstd;
-            let gw = g[i] * w[i];
-            sum_gw += gw;
-            sum_gw_xhat += gw * xhat[i];
             dw[i] += g[i] * xhat[i];
         }
-        let (a, b) = (sum_gw / c as f32, sum_gw_xhat / c as f32);
+        let a = sum(c, |i| g[i] * w[i]) / c as f32;
+        let b = sum(c, |i| g[i] * w[i] * xhat[i]) / c as f32;
         for i in 0..c {
             dx[i] = rstd * (g[i] * w[i] - a - xhat[i] * b);
         }

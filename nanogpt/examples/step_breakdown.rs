@@ -1,0 +1,92 @@
+//! Where a training step of the CPU recipe spends its time: forward (with the loss), backward,
+//! gradient clipping and AdamW, as median wall-clock and CPU milliseconds over 50 steps on
+//! random tokens.
+//!
+//!     cargo run --release -p nanogpt --example step_breakdown
+//!     RAYON_NUM_THREADS=1 cargo run --release -p nanogpt --example step_breakdown
+//!
+//! CPU time is the process's (all threads): with one thread it is what the step would take on
+//! an idle core even when other programs share the machine.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use nanogpt::config::{TrainConfig, CPU_RECIPE};
+use nanogpt::model::{init_weights, Gpt, ModelConfig};
+use nanogpt::optim::{clip_grad_norm, AdamW};
+use nanogpt::rng::Rng;
+use nanogpt::train::median;
+
+/// The process's CPU time in milliseconds.
+fn cpu_ms() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 / 1e6
+}
+
+fn main() -> Result<()> {
+    // The binary's allocator setting (see main.rs).
+    // SAFETY: called before any other thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+    let cfg = TrainConfig::from_toml(CPU_RECIPE)?;
+    let dev = Device::Cpu;
+    let model_cfg = ModelConfig {
+        vocab_size: 65,
+        block_size: cfg.block_size,
+        n_layer: cfg.n_layer,
+        n_head: cfg.n_head,
+        n_embd: cfg.n_embd,
+        dropout: cfg.dropout,
+        bias: cfg.bias,
+    };
+    let varmap = VarMap::new();
+    let model = Gpt::new(&model_cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
+    let mut rng = Rng::new(1337, 0);
+    init_weights(&varmap, cfg.n_layer, &mut rng)?;
+    let mut opt = AdamW::new(&varmap, &cfg)?;
+    let n_tok = cfg.batch_size * cfg.block_size;
+    let phases = ["forward + loss", "backward", "grad clip", "AdamW", "step"];
+    let mut wall = vec![Vec::new(); phases.len()];
+    let mut cpu = vec![Vec::new(); phases.len()];
+    for step in 0..55 {
+        let tokens = |rng: &mut Rng| -> Result<Tensor> {
+            let ids: Vec<u32> = (0..n_tok).map(|_| rng.below(65) as u32).collect();
+            Ok(Tensor::from_vec(ids, (cfg.batch_size, cfg.block_size), &dev)?)
+        };
+        let (x, y) = (tokens(&mut rng)?, tokens(&mut rng)?);
+        let mut marks = vec![(Instant::now(), cpu_ms())];
+        let loss = model.loss(&x, &y, DType::F32, Some(&mut rng))?;
+        loss.to_scalar::<f32>()?;
+        marks.push((Instant::now(), cpu_ms()));
+        let mut grads = opt.grads(&loss.backward()?)?;
+        marks.push((Instant::now(), cpu_ms()));
+        clip_grad_norm(&mut grads, cfg.grad_clip)?;
+        marks.push((Instant::now(), cpu_ms()));
+        opt.step(&grads, cfg.learning_rate)?;
+        marks.push((Instant::now(), cpu_ms()));
+        if step < 5 {
+            continue; // warm-up
+        }
+        for i in 0..4 {
+            wall[i].push((marks[i + 1].0 - marks[i].0).as_secs_f64() * 1e3);
+            cpu[i].push(marks[i + 1].1 - marks[i].1);
+        }
+        wall[4].push((marks[4].0 - marks[0].0).as_secs_f64() * 1e3);
+        cpu[4].push(marks[4].1 - marks[0].1);
+    }
+    println!(
+        "CPU recipe step ({} threads), median of 50 steps:",
+        candle_core::utils::get_num_threads()
+    );
+    println!("{:<16} {:>9} {:>9}", "phase", "wall ms", "cpu ms");
+    for (i, name) in phases.iter().enumerate() {
+        println!("{name:<16} {:>9.1} {:>9.1}", median(&mut wall[i]), median(&mut cpu[i]));
+    }
+    Ok(())
+}
