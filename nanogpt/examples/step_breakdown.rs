@@ -21,7 +21,10 @@ use nanogpt::train::median;
 
 /// The process's CPU time in milliseconds.
 fn cpu_ms() -> f64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes into the timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
     ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 / 1e6
@@ -46,7 +49,10 @@ fn main() -> Result<()> {
         bias: cfg.bias,
     };
     let varmap = VarMap::new();
-    let model = Gpt::new(&model_cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
+    let model = Gpt::new(
+        &model_cfg,
+        VarBuilder::from_varmap(&varmap, DType::F32, &dev),
+    )?;
     let mut rng = Rng::new(1337, 0);
     init_weights(&varmap, cfg.n_layer, &mut rng)?;
     let mut opt = AdamW::new(&varmap, &cfg)?;
@@ -57,7 +63,11 @@ fn main() -> Result<()> {
     for step in 0..55 {
         let tokens = |rng: &mut Rng| -> Result<Tensor> {
             let ids: Vec<u32> = (0..n_tok).map(|_| rng.below(65) as u32).collect();
-            Ok(Tensor::from_vec(ids, (cfg.batch_size, cfg.block_size), &dev)?)
+            Ok(Tensor::from_vec(
+                ids,
+                (cfg.batch_size, cfg.block_size),
+                &dev,
+            )?)
         };
         let (x, y) = (tokens(&mut rng)?, tokens(&mut rng)?);
         let mut marks = vec![(Instant::now(), cpu_ms())];
@@ -86,7 +96,11 @@ fn main() -> Result<()> {
     );
     println!("{:<16} {:>9} {:>9}", "phase", "wall ms", "cpu ms");
     for (i, name) in phases.iter().enumerate() {
-        println!("{name:<16} {:>9.1} {:>9.1}", median(&mut wall[i]), median(&mut cpu[i]));
+        println!(
+            "{name:<16} {:>9.1} {:>9.1}",
+            median(&mut wall[i]),
+            median(&mut cpu[i])
+        );
     }
     Ok(())
 }

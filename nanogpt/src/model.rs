@@ -49,16 +49,13 @@ impl Linear {
         })
     }
 
-    /// Applies the layer to `x` `(B, T, d_in)` as one `(B·T, d_in)` matrix product.
+    /// Applies the layer to the rows of `x` `(N, d_in)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, t, c) = x.dims3()?;
-        let w = self.weight.to_dtype(x.dtype())?;
-        let y = x.reshape((b * t, c))?.matmul(&w.t()?)?;
-        let y = match &self.bias {
-            Some(bias) => y.broadcast_add(&bias.to_dtype(y.dtype())?)?,
-            None => y,
-        };
-        y.reshape((b, t, ()))
+        let y = x.matmul(&self.weight.to_dtype(x.dtype())?.t()?)?;
+        match &self.bias {
+            Some(bias) => y.broadcast_add(&bias.to_dtype(y.dtype())?),
+            None => Ok(y),
+        }
     }
 }
 
@@ -125,19 +122,26 @@ impl Block {
         })
     }
 
+    /// `x` is the residual stream `(B·T, C)` of `b` sequences.
     fn forward(
         &self,
         x: &Tensor,
+        b: usize,
         rng: Option<&mut Rng>,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
+        let (n, c) = x.dims2()?;
         // attn-op's layer keeps its weights in f32: it runs in f32 whatever the model's dtype.
-        let h = self.ln_1.forward(x)?.to_dtype(DType::F32)?;
+        let h = self
+            .ln_1
+            .forward(x)?
+            .to_dtype(DType::F32)?
+            .reshape((b, n / b, c))?;
         let h = match cache {
             Some(cache) => self.attn.forward_cached(&h, cache)?,
             None => self.attn.forward_t(&h, rng.is_some())?,
         };
-        let x = (x + h.to_dtype(x.dtype())?)?;
+        let x = (x + h.reshape((n, c))?.to_dtype(x.dtype())?)?;
         &x + self.mlp.forward(&self.ln_2.forward(&x)?, rng)?
     }
 }
@@ -180,9 +184,11 @@ impl Gpt {
         &self.cfg
     }
 
-    /// Logits `(B, T, vocab)` for token ids `idx` `(B, T)` at positions `pos..pos + T`.
-    /// `rng` is `Some` in training (dropout on); `caches` (one per block) enables incremental
-    /// decoding, with `pos` the number of tokens already cached.
+    /// Logits `(B·T, vocab)` (row `b·T + t` for sequence `b`, position `t`) for token ids `idx`
+    /// `(B, T)` at positions `pos..pos + T`. `rng` is `Some` in training (dropout on); `caches`
+    /// (one per block) enables incremental decoding, with `pos` the number of tokens already
+    /// cached. The residual stream stays a `(B·T, C)` matrix throughout: Candle's backward pass
+    /// pays two full passes over every intermediate tensor, reshapes included.
     pub fn forward(
         &self,
         idx: &Tensor,
@@ -199,25 +205,19 @@ impl Gpt {
                 self.cfg.block_size
             );
         }
-        let tok = self
-            .wte
-            .index_select(&idx.flatten_all()?, 0)?
-            .reshape((b, t, ()))?;
-        let x = tok
-            .broadcast_add(&self.wpe.narrow(0, pos, t)?)?
-            .to_dtype(dtype)?;
+        let tok = self.wte.index_select(&idx.flatten_all()?, 0)?;
+        let positions: Vec<u32> = (0..b).flat_map(|_| pos as u32..(pos + t) as u32).collect();
+        let positions = Tensor::from_vec(positions, b * t, idx.device())?;
+        let x = (tok + self.wpe.index_select(&positions, 0)?)?.to_dtype(dtype)?;
         let mut x = dropout(&x, self.cfg.dropout, rng.as_deref_mut())?;
         for (i, block) in self.blocks.iter().enumerate() {
             let cache = caches.as_deref_mut().map(|c| &mut c[i]);
-            x = block.forward(&x, rng.as_deref_mut(), cache)?;
+            x = block.forward(&x, b, rng.as_deref_mut(), cache)?;
         }
         let x = self.ln_f.forward(&x)?;
         // lm_head shares the token embedding's weight.
-        let logits = x
-            .reshape((b * t, ()))?
-            .matmul(&self.wte.to_dtype(dtype)?.t()?)?
-            .to_dtype(DType::F32)?;
-        logits.reshape((b, t, ()))
+        x.matmul(&self.wte.to_dtype(dtype)?.t()?)?
+            .to_dtype(DType::F32)
     }
 
     /// Mean cross-entropy of predicting `targets` `(B, T)` from `idx` `(B, T)`.
@@ -229,8 +229,7 @@ impl Gpt {
         rng: Option<&mut Rng>,
     ) -> Result<Tensor> {
         let logits = self.forward(idx, 0, dtype, rng, None)?;
-        let (b, t, v) = logits.dims3()?;
-        candle_nn::loss::cross_entropy(&logits.reshape((b * t, v))?, &targets.flatten_all()?)
+        candle_nn::loss::cross_entropy(&logits, &targets.flatten_all()?)
     }
 
     /// Parameters, not counting the position embedding (nanoGPT's `get_num_params`).

@@ -106,8 +106,8 @@ impl Generator {
                 let x = Tensor::new(window, &self.device)?.unsqueeze(0)?;
                 self.model.forward(&x, 0, self.dtype, None, None)?
             };
-            let t = logits.dim(1)?;
-            let last: Vec<f32> = logits.get(0)?.get(t - 1)?.to_vec1()?;
+            let rows = logits.dim(0)?;
+            let last: Vec<f32> = logits.get(rows - 1)?.to_vec1()?;
             let next = pick(&last, sampling, rng);
             on_token(next)?;
             tokens.push(next);
