@@ -120,10 +120,13 @@ fn sample(args: SampleArgs) -> Result<()> {
             |t| {
                 ids.push(t);
                 let text = generator.tokenizer.decode(&ids)?;
-                if text.len() > printed && !text.ends_with('\u{FFFD}') {
-                    write!(stdout, "{}", &text[printed..])?;
-                    stdout.flush()?;
-                    printed = text.len();
+                match text.get(printed..) {
+                    Some(new) if !new.is_empty() && !new.ends_with('\u{FFFD}') => {
+                        write!(stdout, "{new}")?;
+                        stdout.flush()?;
+                        printed = text.len();
+                    }
+                    _ => {}
                 }
                 Ok(())
             },

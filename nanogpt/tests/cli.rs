@@ -192,3 +192,57 @@ fn missing_and_corrupt_data_are_reported() {
     std::fs::write(d.join("data/meta.json"), "{oops").unwrap();
     fails_with(d, &args, "meta.json is corrupt");
 }
+
+#[test]
+fn bpe_prepare_train_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("input.txt"), common::corpus()).unwrap();
+    let prepare = [
+        "prepare",
+        "--input",
+        "input.txt",
+        "--tokenizer",
+        "bpe",
+        "--vocab-size",
+        "300",
+        "--data-dir",
+        "bpe",
+    ];
+    let out = nanogpt(d, &prepare);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("vocabulary of 300 tokens"));
+    let mut args = vec!["train", "--data-dir", "bpe", "--out-dir", "out-bpe"];
+    args.extend_from_slice(TINY);
+    let out = nanogpt(d, &args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Byte-level BPE encodes any text, even characters the corpus never had.
+    let sample = [
+        "sample",
+        "--device",
+        "cpu",
+        "--out-dir",
+        "out-bpe",
+        "--num-samples",
+        "1",
+        "--max-new-tokens",
+        "8",
+        "--start",
+        "Zürich ",
+    ];
+    let out = nanogpt(d, &sample);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("Zürich "));
+}
