@@ -41,7 +41,13 @@ for line in open(sys.argv[1]):
 EOF
     rm -f "$json"
     strip "$BUNDLE"/cuda_*
-    cp "$CARGO_TARGET_DIR"/release/build/attn-kernels-*/out/*.ptx "$BUNDLE/ptx/" 2>/dev/null || true
+    # The PTX of the kernels this build embeds (for ptxas / cuobjdump on the GPU machine).
+    local out
+    out="$(ls -td "$CARGO_TARGET_DIR"/release/build/attn-kernels-*/out | head -n 1)"
+    cp "$out"/*.ptx "$BUNDLE/ptx/"
+    # Each binary carries Candle's and our PTX as text (about 78 MB stripped): xz brings the three
+    # to about 21 MB, under the 64 MiB that travels to the GPU machine.
+    (cd "$BUNDLE" && tar -cf ptx.tar ptx && rm -rf ptx && xz -T0 -5 cuda_kernels cuda_deterministic cuda_attention ptx.tar)
     git rev-parse HEAD >"$BUNDLE/COMMIT"
     du -sh "$BUNDLE"
     ls -l "$BUNDLE"
@@ -73,7 +79,8 @@ EOF
             fi
         done
     done
-    export LD_LIBRARY_PATH="${path#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    path="${path#:}"
+    export LD_LIBRARY_PATH="$path${LD_LIBRARY_PATH:+${path:+:}$LD_LIBRARY_PATH}"
     echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
     local found
     for lib in libcuda.so.1 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libcudart.so.13; do
@@ -102,15 +109,30 @@ check() {
     local quick="${1:-}"
     local out="${OUT:-$ROOT/gpu-check-out}"
     mkdir -p "$out"
-    [[ -x "$BUNDLE/cuda_kernels" ]] || { echo "no $BUNDLE: run 'scripts/gpu-check.sh bundle' where Rust is, and carry .cuda/bundle"; exit 2; }
+    [[ -f "$BUNDLE/cuda_kernels.xz" ]] || { echo "no $BUNDLE: run 'scripts/gpu-check.sh bundle' where Rust is, and carry .cuda/bundle"; exit 2; }
+    # Unpack the binaries (python's lzma: no xz needed there).
+    local bin=/tmp/attn-op-gpu-check
+    mkdir -p "$bin"
+    python3 - "$BUNDLE" "$bin" <<'EOF'
+import lzma, os, shutil, sys, tarfile
+src, dst = sys.argv[1], sys.argv[2]
+for name in ("cuda_kernels", "cuda_deterministic", "cuda_attention"):
+    with lzma.open(f"{src}/{name}.xz") as f, open(f"{dst}/{name}", "wb") as g:
+        shutil.copyfileobj(f, g)
+    os.chmod(f"{dst}/{name}", 0o755)
+with tarfile.open(f"{src}/ptx.tar.xz") as t:
+    t.extractall(dst)
+EOF
+    echo "== unpacked into $bin ($(du -sh "$bin" | cut -f1))"
     echo "== bundle built from $(cat "$BUNDLE/COMMIT" 2>/dev/null), working tree at $(git rev-parse HEAD 2>/dev/null)"
     nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv,noheader
     find_libs
     local status=0 start=$SECONDS
+    export ATTN_OP_REQUIRE_GPU=1  # a device that fails to open is a failure here, not a skip
 
     echo "== 1. kernels against the CPU implementation"
-    "$BUNDLE/cuda_kernels" 2>&1 | tee "$out/tests.log" || status=1
-    "$BUNDLE/cuda_deterministic" 2>&1 | tee -a "$out/tests.log" || status=1
+    "$bin/cuda_kernels" 2>&1 | tee "$out/tests.log" || status=1
+    "$bin/cuda_deterministic" 2>&1 | tee -a "$out/tests.log" || status=1
     echo "   ($((SECONDS - start)) s)"
 
     echo "== 2. compute-sanitizer on small cases"
@@ -118,7 +140,7 @@ check() {
     san="$(find_sanitizer)"
     if [[ -n "$san" ]]; then
         for tool in memcheck racecheck; do
-            "$san" --tool "$tool" --error-exitcode 99 "$BUNDLE/cuda_kernels" --test-threads 1 \
+            "$san" --tool "$tool" --error-exitcode 99 "$bin/cuda_kernels" --test-threads 1 \
                 dropout_masks_are_the_cpus fully_masked_rows_are_zero flash_attn_layouts_match_cpu \
                 >"$out/sanitizer-$tool.log" 2>&1
             local rc=$?
@@ -132,7 +154,7 @@ check() {
     echo "   ($((SECONDS - start)) s)"
 
     echo "== 3. timings beside PyTorch SDPA"
-    "$BUNDLE/cuda_attention" $quick | tee "$out/ours.jsonl"
+    "$bin/cuda_attention" $quick | tee "$out/ours.jsonl"
     python3 "$ROOT/scripts/bench_sdpa.py" $quick | tee "$out/torch.jsonl"
     echo "   ($((SECONDS - start)) s)"
     python3 "$ROOT/scripts/bench_sdpa.py" --table "$out/ours.jsonl" "$out/torch.jsonl" | tee "$out/table.md"

@@ -98,6 +98,10 @@ fn main() -> Result<()> {
     let dev = match Device::new_cuda(0) {
         Ok(d) => d,
         Err(e) => {
+            assert!(
+                std::env::var_os("ATTN_OP_REQUIRE_GPU").is_none(),
+                "ATTN_OP_REQUIRE_GPU is set but no CUDA device opens: {e}"
+            );
             println!(
                 "SKIP: no CUDA device ({})",
                 e.to_string().lines().next().unwrap_or("")
