@@ -11,7 +11,9 @@
 //! inputs alike), produce the CPU implementation's row logsumexp, and draw dropout from the same
 //! Philox stream as the CPU. dQ is accumulated with f32 atomics, or, with the environment variable
 //! `ATTN_OP_CUDA_DETERMINISTIC=1`, by a separate pass per query tile that needs no atomics (run to
-//! run identical results; it recomputes the scores and dP once more).
+//! run identical results). That pass recomputes the scores and dP and forms dS·K: three of the
+//! backward's five products once more, on CUDA cores (the efficient kernels' code), so for flash
+//! inputs it costs more than the tensor-core backward it completes.
 
 mod params;
 
@@ -364,7 +366,13 @@ pub(crate) fn forward(
     let p = kernel_params(cfg, &g, margs.kind)?;
     let (qs, ks) = segment_tables(&g)?;
     let (qs, ks) = (dev.clone_htod(&qs)?, dev.clone_htod(&ks)?);
-    let mut lse = dev.alloc_zeros::<f32>(g.q_rows)?;
+    // Dense inputs cover every row; packed ones may leave rows past the last sequence, whose
+    // logsumexp stays +inf as on the CPU.
+    let mut lse = if cfg.varlen.is_some() {
+        dev.clone_htod(&vec![f32::INFINITY; g.q_rows])?
+    } else {
+        dev.alloc_zeros::<f32>(g.q_rows)?
+    };
     let run = Fwd {
         dev: &dev,
         g: &g,
