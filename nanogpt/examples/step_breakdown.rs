@@ -5,6 +5,7 @@
 //!     cargo run --release -p nanogpt --example step_breakdown
 //!     RAYON_NUM_THREADS=1 cargo run --release -p nanogpt --example step_breakdown
 //!
+//! As the binary, element-wise ops run on one thread unless `CANDLE_NUM_THREADS` is set.
 //! CPU time is the process's (all threads): with one thread it is what the step would take on
 //! an idle core even when other programs share the machine.
 
@@ -31,11 +32,14 @@ fn cpu_ms() -> f64 {
 }
 
 fn main() -> Result<()> {
-    // The binary's allocator setting (see main.rs).
+    // The binary's allocator and thread settings (see main.rs).
     // SAFETY: called before any other thread starts.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
     let cfg = TrainConfig::from_toml(CPU_RECIPE)?;
     let dev = Device::Cpu;
