@@ -110,7 +110,7 @@ fn read_corpus(input: Option<&Path>, dir: &Path) -> Result<String> {
 fn download_shakespeare(dest: &Path) -> Result<()> {
     eprintln!("downloading {SHAKESPEARE_URL}");
     let fail = || {
-        format!("cannot download tiny Shakespeare from {SHAKESPEARE_URL}; without network, pass a local copy with --input FILE or {INPUT_ENV}=FILE")
+        format!("cannot download tiny Shakespeare from {SHAKESPEARE_URL}; without network, give a local copy: `nanogpt prepare --input FILE` or {INPUT_ENV}=FILE")
     };
     let mut body = Vec::new();
     ureq::get(SHAKESPEARE_URL)
