@@ -5,6 +5,8 @@
 //! ([`sample`]). Everything random draws from the seeded generator in [`rng`], so a CPU run is
 //! reproducible bit for bit and resumes exactly.
 
+#![warn(missing_docs)]
+
 pub mod checkpoint;
 pub mod config;
 pub mod data;
