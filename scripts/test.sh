@@ -10,5 +10,6 @@ if [[ -z "${NANOGPT_INPUT:-}" && -f "$default_input" ]]; then
     export NANOGPT_INPUT="$default_input"
 fi
 cargo test --release --workspace "$@"
-# The numeric tests once more on the portable (non-AVX-512) matrix kernel.
-ATTN_OP_PORTABLE=1 cargo test --release -p attn-op --test forward --test backward --test api "$@"
+# The numeric tests once more on the portable (non-AVX-512) matrix kernel (same package set as
+# above, so nothing is rebuilt).
+ATTN_OP_PORTABLE=1 cargo test --release --workspace --test forward --test backward --test api "$@"
