@@ -1,4 +1,4 @@
-//! The command line: `nanogpt prepare`, `nanogpt train` and `nanogpt sample`.
+//! The command line: `nanogpt prepare`, `nanogpt train`, `nanogpt sample` and `nanogpt bench`.
 
 use std::path::PathBuf;
 
@@ -27,6 +27,8 @@ pub enum Command {
     Train(TrainArgs),
     /// Generate text from a checkpoint.
     Sample(SampleArgs),
+    /// Time attention as PyTorch's SDPA tutorial does.
+    Bench(BenchArgs),
 }
 
 /// `nanogpt prepare`.
@@ -62,6 +64,9 @@ pub struct TrainArgs {
     /// Attention backend: auto (attn-op's dispatch), flash, efficient or math.
     #[arg(long, default_value = "auto", value_parser = parse_attn)]
     pub attn: AttnChoice,
+    /// Write a Chrome trace of the run's spans to this file and print the top spans at the end.
+    #[arg(long, value_name = "FILE.json")]
+    pub profile: Option<PathBuf>,
     #[command(flatten)]
     pub overrides: ConfigOverrides,
 }
@@ -99,6 +104,90 @@ pub struct SampleArgs {
     /// Precision [default: f32 on CPU, bf16 on CUDA].
     #[arg(long, value_enum)]
     pub dtype: Option<DtypeArg>,
+    /// Write a Chrome trace of the run's spans to this file and print the top spans at the end.
+    #[arg(long, value_name = "FILE.json")]
+    pub profile: Option<PathBuf>,
+}
+
+/// `nanogpt bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub which: BenchCommand,
+}
+
+/// What `nanogpt bench` times.
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// The default dispatch and each attention backend alone on random q, k, v (or why a backend
+    /// refuses them); defaults are the tutorial's shapes.
+    Sdpa(SdpaArgs),
+    /// The model's causal self-attention layer on random-length sequences, padded and packed.
+    Varlen(VarlenArgs),
+}
+
+/// `nanogpt bench sdpa`.
+#[derive(Args, Debug)]
+pub struct SdpaArgs {
+    /// Where to run.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: DeviceArg,
+    /// Precision of q, k, v [default: f32 on CPU, f16 on CUDA as the tutorial].
+    #[arg(long, value_enum)]
+    pub dtype: Option<DtypeArg>,
+    /// Batch size.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Attention heads.
+    #[arg(long, default_value_t = 32)]
+    pub heads: usize,
+    /// Sequence length.
+    #[arg(long, default_value_t = 1024)]
+    pub seq: usize,
+    /// Head dimension.
+    #[arg(long, default_value_t = 32)]
+    pub head_dim: usize,
+    /// Mask the future.
+    #[arg(long)]
+    pub causal: bool,
+    /// Time forward and backward instead of forward alone.
+    #[arg(long)]
+    pub backward: bool,
+    /// Least milliseconds spent timing each backend (as blocked_autorange's min_run_time).
+    #[arg(long, default_value_t = 200)]
+    pub min_time_ms: u64,
+    /// Write a Chrome trace of the run's spans to this file and print the top spans at the end.
+    #[arg(long, value_name = "FILE.json")]
+    pub profile: Option<PathBuf>,
+}
+
+/// `nanogpt bench varlen`.
+#[derive(Args, Debug)]
+pub struct VarlenArgs {
+    /// Where to run.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: DeviceArg,
+    /// Sequences in the batch.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Longest sequence; lengths are uniform in [1, max-len] (about 50% padding).
+    #[arg(long, default_value_t = 512)]
+    pub max_len: usize,
+    /// Embedding width of the attention layer.
+    #[arg(long, default_value_t = 512)]
+    pub n_embd: usize,
+    /// Attention heads of the layer.
+    #[arg(long, default_value_t = 8)]
+    pub n_head: usize,
+    /// Seed of the sequence lengths.
+    #[arg(long, default_value_t = 1337)]
+    pub seed: u64,
+    /// Least milliseconds spent timing each layout.
+    #[arg(long, default_value_t = 200)]
+    pub min_time_ms: u64,
+    /// Write a Chrome trace of the run's spans to this file and print the top spans at the end.
+    #[arg(long, value_name = "FILE.json")]
+    pub profile: Option<PathBuf>,
 }
 
 /// `--attn`: one attn-op backend, or `None` for its automatic dispatch.

@@ -10,10 +10,11 @@ use multiversion::multiversion;
 
 /// `x · Φ(x)`, Φ the standard normal CDF.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    let _span = tracing::debug_span!("gelu").entered();
     if x.device().is_cpu() && x.dtype() == DType::F32 {
         x.contiguous()?.apply_op1(GeluErf)
     } else {
-        x.gelu_erf()
+        crate::model::synced(x.gelu_erf()?)
     }
 }
 
@@ -86,6 +87,7 @@ impl CustomOp1 for GeluErf {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let _span = tracing::debug_span!("gelu.backward").entered();
         Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &GeluGrad)?))
     }
 }

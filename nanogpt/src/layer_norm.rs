@@ -36,8 +36,9 @@ impl LayerNorm {
 
     /// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _span = tracing::debug_span!("layer_norm").entered();
         if !(x.device().is_cpu() && x.dtype() == DType::F32) {
-            return self.forward_composed(x);
+            return crate::model::synced(self.forward_composed(x)?);
         }
         let y = x.contiguous()?.apply_op2(&self.weight, FusedLayerNorm)?;
         match &self.bias {
@@ -165,6 +166,7 @@ impl CustomOp2 for FusedLayerNorm {
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _span = tracing::debug_span!("layer_norm.backward").entered();
         let both = x.apply_op3_no_bwd(w, &grad.contiguous()?, &FusedLayerNormGrad)?;
         let n = x.elem_count();
         let dx = both.narrow(0, 0, n)?.reshape(x.shape())?;

@@ -2,11 +2,13 @@
 //!
 //! `nanogpt prepare` tokenizes a corpus ([`data`], [`tokenizer`]), `nanogpt train` trains the
 //! [`model`] ([`train`], [`optim`], [`checkpoint`], [`plot`]), `nanogpt sample` generates text
-//! ([`sample`]). Everything random draws from the seeded generator in [`rng`], so a CPU run is
+//! ([`sample`]), `nanogpt bench` times attention as PyTorch's SDPA tutorial does ([`bench`]).
+//! Everything random draws from the seeded generator in [`rng`], so a CPU run is
 //! reproducible bit for bit and resumes exactly.
 
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

@@ -1,13 +1,20 @@
-//! `nanogpt`: prepare tiny Shakespeare, train a GPT on it, and sample text.
+//! `nanogpt`: prepare tiny Shakespeare, train a GPT on it, sample text, and time attention.
 
 mod cli;
 
 use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
+use attn_op::profile::Profiler;
+use candle_core::DType;
 use clap::Parser;
 
-use cli::{Cli, Command, PrepareArgs, SampleArgs, TrainArgs};
+use cli::{
+    BenchArgs, BenchCommand, Cli, Command, PrepareArgs, SampleArgs, SdpaArgs, TrainArgs, VarlenArgs,
+};
+use nanogpt::bench::{self, SdpaBench, VarlenBench};
 use nanogpt::config::{InitFrom, TrainConfig, CPU_RECIPE, GPU_RECIPE};
 use nanogpt::data::{self, PrepareOptions};
 use nanogpt::rng::Rng;
@@ -21,8 +28,14 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Prepare(args) => prepare(args),
-        Command::Train(args) => train_cmd(args),
-        Command::Sample(args) => sample(args),
+        Command::Train(args) => profiled(args.profile.clone().as_deref(), || train_cmd(args)),
+        Command::Sample(args) => profiled(args.profile.clone().as_deref(), || sample(args)),
+        Command::Bench(BenchArgs {
+            which: BenchCommand::Sdpa(args),
+        }) => profiled(args.profile.clone().as_deref(), || bench_sdpa(args)),
+        Command::Bench(BenchArgs {
+            which: BenchCommand::Varlen(args),
+        }) => profiled(args.profile.clone().as_deref(), || bench_varlen(args)),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -52,6 +65,23 @@ fn single_threaded_elementwise_ops() {
         // Safe here: no other thread exists yet to read the environment concurrently.
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
+}
+
+/// Runs `work`, under a profiler when `--profile` names a trace file: the spans go to that file
+/// as a Chrome trace and the top ones by total time to stderr at the end, also when `work` failed.
+fn profiled(trace: Option<&Path>, work: impl FnOnce() -> Result<()>) -> Result<()> {
+    let Some(path) = trace else {
+        return work();
+    };
+    let profiler = Profiler::start(Some(path))?;
+    let result = work();
+    let report = profiler.finish();
+    eprintln!("{report}");
+    eprintln!(
+        "Chrome trace written to {} (open it in chrome://tracing or https://ui.perfetto.dev)",
+        path.display()
+    );
+    result
 }
 
 fn prepare(args: PrepareArgs) -> Result<()> {
@@ -146,5 +176,55 @@ fn sample(args: SampleArgs) -> Result<()> {
         )?;
         writeln!(stdout, "\n---------------")?;
     }
+    Ok(())
+}
+
+fn bench_sdpa(args: SdpaArgs) -> Result<()> {
+    let device = device::select(args.device)?;
+    let dtype = match args.dtype {
+        None if device.is_cuda() => DType::F16, // the tutorial's
+        d => device::dtype(d, &device),
+    };
+    eprintln!(
+        "timing attention on {:?}, at least {} ms per backend",
+        device.location(),
+        args.min_time_ms
+    );
+    let sweep = bench::sdpa(&SdpaBench {
+        device,
+        dtype,
+        batch: args.batch,
+        heads: args.heads,
+        seq: args.seq,
+        head_dim: args.head_dim,
+        causal: args.causal,
+        backward: args.backward,
+        min_time: Duration::from_millis(args.min_time_ms),
+    })?;
+    print!("{sweep}");
+    Ok(())
+}
+
+fn bench_varlen(args: VarlenArgs) -> Result<()> {
+    let device = device::select(args.device)?;
+    eprintln!(
+        "timing causal self-attention on {:?}, at least {} ms per layout",
+        device.location(),
+        args.min_time_ms
+    );
+    let cmp = bench::varlen(&VarlenBench {
+        device,
+        batch: args.batch,
+        max_len: args.max_len,
+        n_embd: args.n_embd,
+        n_head: args.n_head,
+        seed: args.seed,
+        min_time: Duration::from_millis(args.min_time_ms),
+    })?;
+    println!("{cmp}");
+    println!(
+        "packed and padded agree on the valid tokens (tolerance {:e})",
+        bench::VARLEN_TOLERANCE
+    );
     Ok(())
 }

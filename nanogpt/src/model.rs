@@ -2,6 +2,7 @@
 //! self-attention and a 4x GELU MLP, a final LayerNorm, and an lm_head tied to the token embedding.
 
 use attn_op::nn::{AttentionConfig, CausalSelfAttention, Causality, KvCache};
+use attn_op::profile::sync_if_profiling;
 use candle_core::{DType, ModuleT, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
@@ -59,6 +60,13 @@ impl Linear {
     }
 }
 
+/// Returns `t` once the device has computed it when a profiler runs, so that the span that ends
+/// here is timed truly on CUDA (kernels are asynchronous); free otherwise.
+pub fn synced(t: Tensor) -> Result<Tensor> {
+    sync_if_profiling(t.device())?;
+    Ok(t)
+}
+
 /// Zeroes each element of `x` with probability `p` and scales the rest by `1/(1-p)`, drawing
 /// the mask from `rng`; the identity when `rng` is `None` (evaluation) or `p` is 0.
 pub fn dropout(x: &Tensor, p: f64, rng: Option<&mut Rng>) -> Result<Tensor> {
@@ -90,8 +98,9 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
+        let _span = tracing::debug_span!("mlp").entered();
         let h = crate::gelu::gelu(&self.c_fc.forward(x)?)?;
-        dropout(&self.c_proj.forward(&h)?, self.dropout, rng)
+        synced(dropout(&self.c_proj.forward(&h)?, self.dropout, rng)?)
     }
 }
 
@@ -142,7 +151,7 @@ impl Block {
             None => self.attn.forward_t(&h, rng.is_some())?,
         };
         let x = (x + h.reshape((n, c))?.to_dtype(x.dtype())?)?;
-        &x + self.mlp.forward(&self.ln_2.forward(&x)?, rng)?
+        synced((&x + self.mlp.forward(&self.ln_2.forward(&x)?, rng)?)?)
     }
 }
 
@@ -197,6 +206,7 @@ impl Gpt {
         mut rng: Option<&mut Rng>,
         mut caches: Option<&mut [KvCache]>,
     ) -> Result<Tensor> {
+        let _span = tracing::debug_span!("forward").entered();
         let (b, t) = idx.dims2()?;
         if pos + t > self.cfg.block_size {
             candle_core::bail!(
@@ -205,19 +215,26 @@ impl Gpt {
                 self.cfg.block_size
             );
         }
-        let tok = self.wte.index_select(&idx.flatten_all()?, 0)?;
-        let positions: Vec<u32> = (0..b).flat_map(|_| pos as u32..(pos + t) as u32).collect();
-        let positions = Tensor::from_vec(positions, b * t, idx.device())?;
-        let x = (tok + self.wpe.index_select(&positions, 0)?)?.to_dtype(dtype)?;
-        let mut x = dropout(&x, self.cfg.dropout, rng.as_deref_mut())?;
+        let mut x = {
+            let _span = tracing::debug_span!("embedding").entered();
+            let tok = self.wte.index_select(&idx.flatten_all()?, 0)?;
+            let positions: Vec<u32> = (0..b).flat_map(|_| pos as u32..(pos + t) as u32).collect();
+            let positions = Tensor::from_vec(positions, b * t, idx.device())?;
+            let x = (tok + self.wpe.index_select(&positions, 0)?)?.to_dtype(dtype)?;
+            synced(dropout(&x, self.cfg.dropout, rng.as_deref_mut())?)?
+        };
         for (i, block) in self.blocks.iter().enumerate() {
+            let _span = tracing::debug_span!("block", index = i).entered();
             let cache = caches.as_deref_mut().map(|c| &mut c[i]);
             x = block.forward(&x, b, rng.as_deref_mut(), cache)?;
         }
         let x = self.ln_f.forward(&x)?;
+        let _span = tracing::debug_span!("lm_head").entered();
         // lm_head shares the token embedding's weight.
-        x.matmul(&self.wte.to_dtype(dtype)?.t()?)?
-            .to_dtype(DType::F32)
+        synced(
+            x.matmul(&self.wte.to_dtype(dtype)?.t()?)?
+                .to_dtype(DType::F32)?,
+        )
     }
 
     /// Mean cross-entropy of predicting `targets` `(B, T)` from `idx` `(B, T)`.
@@ -229,7 +246,11 @@ impl Gpt {
         rng: Option<&mut Rng>,
     ) -> Result<Tensor> {
         let logits = self.forward(idx, 0, dtype, rng, None)?;
-        candle_nn::loss::cross_entropy(&logits, &targets.flatten_all()?)
+        let _span = tracing::debug_span!("loss").entered();
+        synced(candle_nn::loss::cross_entropy(
+            &logits,
+            &targets.flatten_all()?,
+        )?)
     }
 
     /// Parameters, not counting the position embedding (nanoGPT's `get_num_params`).

@@ -92,6 +92,7 @@ impl Generator {
         let mut cached = 0; // tokens whose keys and values are in `caches`
         let mut out = Vec::with_capacity(max_new_tokens);
         for _ in 0..max_new_tokens {
+            let _span = tracing::debug_span!("next_token").entered();
             let logits = if use_cache && tokens.len() <= block {
                 // Feed what the cache lacks: the whole prompt first, then one token a step.
                 let new = &tokens[cached..];

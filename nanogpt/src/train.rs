@@ -9,6 +9,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use attn_op::profile::sync_if_profiling;
+
 use crate::checkpoint::{self, Checkpoint, Meta};
 use crate::config::{InitFrom, TrainConfig};
 use crate::data::{self, Dataset, PrepareOptions, Split};
@@ -153,7 +155,10 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         summary.iter = iter;
         let resumed_here = iter == start && start > 0;
         if (iter % cfg.eval_interval == 0 || iter == cfg.max_iters) && !resumed_here {
-            let (train_loss, val_loss) = estimate_loss(&model, &dataset, cfg, iter, device, dtype)?;
+            let (train_loss, val_loss) = {
+                let _span = tracing::debug_span!("eval").entered();
+                estimate_loss(&model, &dataset, cfg, iter, device, dtype)?
+            };
             say(format!(
                 "step {iter}: train loss {train_loss:.4}, val loss {val_loss:.4}"
             ));
@@ -173,6 +178,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                         attn_seeds: model.attn_seed_states(),
                         tokenizer: tokenizer_json.clone(),
                     };
+                    let _span = tracing::debug_span!("checkpoint").entered();
                     checkpoint::save(&ckpt_path, &varmap, opt.state(), &meta)?;
                     say(format!("saving checkpoint to {}", ckpt_path.display()));
                 }
@@ -184,21 +190,30 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
 
         // One optimizer step over gradient-accumulation-steps micro-batches.
         let t0 = Instant::now();
+        let step_span = tracing::debug_span!("train_step", iter).entered();
         let lr = learning_rate(iter, cfg);
         let micro = cfg.gradient_accumulation_steps;
         let mut grads: Option<Vec<Tensor>> = None;
         let mut loss_sum = 0f32;
         for _ in 0..micro {
-            let (x, y) = dataset.batch(
-                Split::Train,
-                cfg.batch_size,
-                cfg.block_size,
-                &mut rng,
-                device,
-            )?;
+            let (x, y) = {
+                let _span = tracing::debug_span!("get_batch").entered();
+                dataset.batch(
+                    Split::Train,
+                    cfg.batch_size,
+                    cfg.block_size,
+                    &mut rng,
+                    device,
+                )?
+            };
             let loss = model.loss(&x, &y, dtype, Some(&mut rng))?;
             loss_sum += loss.to_scalar::<f32>()?;
-            let g = opt.grads(&(loss / micro as f64)?.backward()?)?;
+            let g = {
+                let _span = tracing::debug_span!("backward").entered();
+                let g = opt.grads(&(loss / micro as f64)?.backward()?)?;
+                sync_if_profiling(device)?;
+                g
+            };
             grads = Some(match grads {
                 None => g,
                 Some(acc) => acc
@@ -210,9 +225,16 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         }
         let mut grads = grads.expect("at least one micro-batch");
         if cfg.grad_clip > 0.0 {
+            let _span = tracing::debug_span!("clip_grad_norm").entered();
             clip_grad_norm(&mut grads, cfg.grad_clip)?;
+            sync_if_profiling(device)?;
         }
-        opt.step(&grads, lr)?;
+        {
+            let _span = tracing::debug_span!("optimizer_step").entered();
+            opt.step(&grads, lr)?;
+            sync_if_profiling(device)?;
+        }
+        drop(step_span);
         let loss = loss_sum / micro as f32;
         if !loss.is_finite() {
             bail!("the loss became {loss} at iteration {iter}; try a lower learning-rate or a grad-clip");

@@ -2,29 +2,7 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Output};
-
-fn nanogpt(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_nanogpt"))
-        .current_dir(dir)
-        .env_remove("NANOGPT_INPUT")
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-/// Runs and expects failure with `needle` in stderr.
-fn fails_with(dir: &Path, args: &[&str], needle: &str) {
-    let out = nanogpt(dir, args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{args:?} should fail");
-    assert!(
-        err.contains(needle),
-        "{args:?}: expected `{needle}` in:\n{err}"
-    );
-    assert!(!err.contains("panicked"), "{args:?} panicked:\n{err}");
-}
+use common::{fails_with, nanogpt};
 
 const TINY: &[&str] = &[
     "--n-layer",

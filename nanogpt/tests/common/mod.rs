@@ -3,12 +3,46 @@
 #![allow(dead_code)] // each test file uses its own subset
 
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 use candle_core::{DType, Device};
 use nanogpt::config::{TrainConfig, CPU_RECIPE};
 use nanogpt::data::{prepare, PrepareOptions};
 use nanogpt::tokenizer::TokenizerKind;
 use nanogpt::train::{train, TrainOptions, TrainSummary};
+
+/// Runs the `nanogpt` binary in `dir` with `args` (ignoring any `NANOGPT_INPUT` of the caller).
+pub fn nanogpt(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_nanogpt"))
+        .current_dir(dir)
+        .env_remove("NANOGPT_INPUT")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Runs `nanogpt` and expects success; returns (stdout, stderr).
+pub fn succeeds(dir: &Path, args: &[&str]) -> (String, String) {
+    let out = nanogpt(dir, args);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    );
+    assert!(out.status.success(), "{args:?} failed:\n{stderr}");
+    (stdout, stderr)
+}
+
+/// Runs `nanogpt` and expects failure with `needle` in stderr, and no panic.
+pub fn fails_with(dir: &Path, args: &[&str], needle: &str) {
+    let out = nanogpt(dir, args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} should fail");
+    assert!(
+        err.contains(needle),
+        "{args:?}: expected `{needle}` in:\n{err}"
+    );
+    assert!(!err.contains("panicked"), "{args:?} panicked:\n{err}");
+}
 
 /// A corpus with learnable structure: a few sentences in a repeating, seeded order.
 pub fn corpus() -> String {

@@ -1,0 +1,134 @@
+//! `nanogpt bench`: the measurements of PyTorch's SDPA tutorial, with attn-op's helpers.
+//!
+//! [`sdpa`] times the default dispatch and each attention backend alone on random q, k, v (the
+//! tutorial's first step); [`varlen`] times the attention layer nanogpt uses on a batch of
+//! random-length sequences, padded and packed (its NestedTensor section).
+
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use attn_op::bench::{random_lengths, sweep, varlen_comparison, Sweep, VarlenComparison};
+use attn_op::nn::{AttentionConfig, CausalSelfAttention, Causality};
+use attn_op::SdpaOptions;
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+
+/// Largest `|packed - padded|` on the valid tokens for the two layouts to count as equal: both
+/// compute the same f32 sums, in a different order.
+pub const VARLEN_TOLERANCE: f32 = 1e-4;
+
+/// What [`sdpa`] times.
+#[derive(Clone, Debug)]
+pub struct SdpaBench {
+    /// Where to run.
+    pub device: Device,
+    /// Precision of q, k and v.
+    pub dtype: DType,
+    /// Batch size.
+    pub batch: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Sequence length (queries and keys).
+    pub seq: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+    /// Mask the future.
+    pub causal: bool,
+    /// Time forward and backward of `sum(output)` instead of forward alone.
+    pub backward: bool,
+    /// Least time spent timing each backend.
+    pub min_time: Duration,
+}
+
+/// Times attention on random `(batch, heads, seq, head_dim)` inputs with the default dispatch and
+/// with each backend alone; a backend that cannot take these inputs here gets its reason instead.
+pub fn sdpa(b: &SdpaBench) -> Result<Sweep> {
+    for (name, value) in [
+        ("batch", b.batch),
+        ("heads", b.heads),
+        ("seq", b.seq),
+        ("head-dim", b.head_dim),
+    ] {
+        if value == 0 {
+            bail!("--{name} 0: it must be at least 1");
+        }
+    }
+    let shape = (b.batch, b.heads, b.seq, b.head_dim);
+    let input = || -> Result<Tensor> {
+        let t = Tensor::randn(0f32, 1., shape, &b.device)?.to_dtype(b.dtype)?;
+        // Backward needs variables to differentiate against.
+        Ok(if b.backward {
+            Var::from_tensor(&t)?.into_inner()
+        } else {
+            t
+        })
+    };
+    let (q, k, v) = (input()?, input()?, input()?);
+    let opts = SdpaOptions {
+        is_causal: b.causal,
+        ..Default::default()
+    };
+    Ok(sweep(&q, &k, &v, &opts, b.backward, b.min_time)?)
+}
+
+/// What [`varlen`] times.
+#[derive(Clone, Debug)]
+pub struct VarlenBench {
+    /// Where to run.
+    pub device: Device,
+    /// Sequences in the batch.
+    pub batch: usize,
+    /// Longest sequence, the padded length.
+    pub max_len: usize,
+    /// Embedding width of the layer.
+    pub n_embd: usize,
+    /// Attention heads of the layer.
+    pub n_head: usize,
+    /// Seed of the sequence lengths.
+    pub seed: u64,
+    /// Least time spent timing each layout.
+    pub min_time: Duration,
+}
+
+/// Times a causal [`CausalSelfAttention`] (no bias, no dropout: evaluation) on `batch` sequences of
+/// lengths uniform in `[1, max_len]`, zero-padded to `max_len` and packed, and checks that both
+/// give the same output on the valid tokens (within [`VARLEN_TOLERANCE`]).
+pub fn varlen(b: &VarlenBench) -> Result<VarlenComparison> {
+    for (name, value) in [
+        ("batch", b.batch),
+        ("max-len", b.max_len),
+        ("n-embd", b.n_embd),
+        ("n-head", b.n_head),
+    ] {
+        if value == 0 {
+            bail!("--{name} 0: it must be at least 1");
+        }
+    }
+    if !b.n_embd.is_multiple_of(b.n_head) {
+        bail!(
+            "--n-embd {} is not divisible by --n-head {}",
+            b.n_embd,
+            b.n_head
+        );
+    }
+    let varmap = VarMap::new();
+    let layer = CausalSelfAttention::new(
+        AttentionConfig {
+            n_embd: b.n_embd,
+            n_head: b.n_head,
+            bias: false,
+            dropout: 0.0,
+            causality: Causality::Always,
+        },
+        VarBuilder::from_varmap(&varmap, DType::F32, &b.device),
+    )?;
+    let lens = random_lengths(b.batch, b.max_len, b.seed);
+    let cmp = varlen_comparison(&layer, &lens, b.max_len, &b.device, b.min_time)?;
+    if cmp.max_abs_diff.is_nan() || cmp.max_abs_diff > VARLEN_TOLERANCE {
+        bail!(
+            "{cmp}\npacked and padded outputs differ by {:e} on the valid tokens (tolerance {VARLEN_TOLERANCE:e})",
+            cmp.max_abs_diff
+        );
+    }
+    Ok(cmp)
+}

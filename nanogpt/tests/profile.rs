@@ -1,0 +1,99 @@
+//! `train --profile`: a Chrome trace with a span per module and per attention call, and the
+//! top-spans table.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::succeeds;
+
+#[test]
+fn train_profile_writes_a_chrome_trace_with_module_spans() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("input.txt"), common::corpus()).unwrap();
+    succeeds(d, &["prepare", "--input", "input.txt"]);
+    let (_, err) = succeeds(
+        d,
+        &[
+            "train",
+            "--device",
+            "cpu",
+            "--n-layer",
+            "2",
+            "--n-head",
+            "2",
+            "--n-embd",
+            "16",
+            "--block-size",
+            "8",
+            "--batch-size",
+            "4",
+            "--eval-iters",
+            "1",
+            "--eval-interval",
+            "2",
+            "--max-iters",
+            "3",
+            "--grad-clip",
+            "1.0",
+            "--profile",
+            "trace.json",
+        ],
+    );
+    assert!(err.contains("Self ms") && err.contains("Total ms"), "{err}");
+    assert!(err.contains("Chrome trace written to trace.json"), "{err}");
+
+    let trace = std::fs::read_to_string(d.join("trace.json")).unwrap();
+    let events: Vec<serde_json::Value> = serde_json::from_str(&trace).expect("the trace is JSON");
+    // Every span that began ended: count begin (B) and end (E) events per name.
+    let mut open: HashMap<String, (usize, usize)> = HashMap::new();
+    for e in &events {
+        let (Some(name), Some(ph)) = (e["name"].as_str(), e["ph"].as_str()) else {
+            continue;
+        };
+        let n = open.entry(name.to_string()).or_default();
+        match ph {
+            "B" => n.0 += 1,
+            "E" => n.1 += 1,
+            _ => {}
+        }
+    }
+    for name in [
+        "train_step",
+        "get_batch",
+        "forward",
+        "embedding",
+        "block",
+        "layer_norm",
+        "CausalSelfAttention",
+        "sdpa.flash",
+        "flash_attention.forward",
+        "mlp",
+        "gelu",
+        "lm_head",
+        "loss",
+        "backward",
+        "flash_attention.backward",
+        "layer_norm.backward",
+        "gelu.backward",
+        "clip_grad_norm",
+        "optimizer_step",
+        "eval",
+    ] {
+        let (begun, ended) = open.get(name).copied().unwrap_or_default();
+        assert!(
+            begun > 0,
+            "no `{name}` span in the trace; it has {:?}",
+            open.keys()
+        );
+        assert_eq!(begun, ended, "`{name}`: {begun} begun, {ended} ended");
+    }
+    // 3 steps of 2 blocks, and 3 evaluations (iterations 0, 2, 3) of 2 batches (train, val).
+    assert_eq!(open["train_step"].0, 3);
+    assert_eq!(open["block"].0, 2 * (3 + 3 * 2));
+    // Block spans carry their index.
+    assert!(events
+        .iter()
+        .any(|e| e["name"] == "block" && e["args"]["index"] == "1"));
+}
