@@ -9,8 +9,12 @@ use candle_nn::{Linear, VarBuilder};
 
 use crate::config::{AttnConfig, CausalAlign, Dropout};
 use crate::cpu::geometry::Varlen;
+use crate::ops::qkv::QkvAttention;
 use crate::philox::DropoutMask;
-use crate::{flash_attn, scaled_dot_product_attention, FlashAttention, SdpaOptions};
+use crate::sdpa::span;
+use crate::{
+    flash_attn, scaled_dot_product_attention, select_backend, Backend, FlashAttention, SdpaOptions,
+};
 
 /// Dropout with a mask drawn from `seed` (Philox), so that runs are reproducible: keeps each
 /// element with probability `1 - p` and scales kept ones by `1 / (1 - p)`. Differentiable in `x`.
@@ -170,22 +174,25 @@ impl CausalSelfAttention {
     }
 
     /// q, k, v as `(B, T, H, D)` views of one `c_attn` output, no copies.
-    fn qkv(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let (b, t, c) = x.dims3()?;
+    fn qkv(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, _, c) = x.dims3()?;
         if c != self.cfg.n_embd {
             bail!(
                 "CausalSelfAttention: input has {c} features, expected n_embd = {}",
                 self.cfg.n_embd
             );
         }
-        let qkv = self
-            .c_attn
-            .forward(x)?
-            .reshape((b, t, 3, self.cfg.n_head, self.head_dim()))?;
+        self.c_attn.forward(x)
+    }
+
+    /// q, k, v as `(B, T, H, D)` views of the packed `c_attn` output, no copies.
+    fn heads(&self, qkv: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, _) = qkv.dims3()?;
+        let x = qkv.reshape((b, t, 3, self.cfg.n_head, self.head_dim()))?;
         Ok((
-            qkv.narrow(2, 0, 1)?.squeeze(2)?,
-            qkv.narrow(2, 1, 1)?.squeeze(2)?,
-            qkv.narrow(2, 2, 1)?.squeeze(2)?,
+            x.narrow(2, 0, 1)?.squeeze(2)?,
+            x.narrow(2, 1, 1)?.squeeze(2)?,
+            x.narrow(2, 2, 1)?.squeeze(2)?,
         ))
     }
 
@@ -213,7 +220,7 @@ impl CausalSelfAttention {
     /// (bottom-right), so the result equals the full forward's last `T_new` positions. Evaluation
     /// mode (no dropout).
     pub fn forward_cached(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let (q, k, v) = self.qkv(x)?;
+        let (q, k, v) = self.heads(&self.qkv(x)?)?;
         let (k, v) = match cache.kv.take() {
             Some((k0, v0)) => (Tensor::cat(&[&k0, &k], 1)?, Tensor::cat(&[&v0, &v], 1)?),
             None => (k.contiguous()?, v.contiguous()?),
@@ -229,7 +236,7 @@ impl CausalSelfAttention {
     /// running [`ModuleT::forward_t`] on each sequence alone, without padding.
     pub fn forward_packed(&self, x: &Tensor, cu_seqlens: &Tensor, train: bool) -> Result<Tensor> {
         let (total, _) = x.dims2()?;
-        let (q, k, v) = self.qkv(&x.unsqueeze(0)?)?;
+        let (q, k, v) = self.heads(&self.qkv(&x.unsqueeze(0)?)?)?;
         let (q, k, v) = (q.squeeze(0)?, k.squeeze(0)?, v.squeeze(0)?);
         if cu_seqlens.dtype() != DType::U32 || cu_seqlens.rank() != 1 {
             bail!("CausalSelfAttention::forward_packed: cu_seqlens must be a 1-D u32 tensor");
@@ -265,20 +272,31 @@ impl ModuleT for CausalSelfAttention {
     /// `x` `(B, T, C)` to `(B, T, C)`; dropout only when `train`.
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let _span = tracing::debug_span!("CausalSelfAttention").entered();
-        let (q, k, v) = self.qkv(x)?;
+        let qkv = self.qkv(x)?;
+        let (q, k, v) = self.heads(&qkv)?;
+        let (q, k, v) = (q.transpose(1, 2)?, k.transpose(1, 2)?, v.transpose(1, 2)?);
         let opts = SdpaOptions {
             is_causal: self.causal(train),
             dropout_p: if train { self.cfg.dropout } else { 0.0 },
             seed: train.then(|| splitmix64(&self.seeds)),
             ..Default::default()
         };
-        let y = scaled_dot_product_attention(
-            &q.transpose(1, 2)?,
-            &k.transpose(1, 2)?,
-            &v.transpose(1, 2)?,
-            &opts,
-        )?;
-        self.project(&y.transpose(1, 2)?, train)
+        let backend = select_backend(&q, &k, &v, &opts)?.backend;
+        let y = if x.device().is_cpu() && backend != Backend::Math && q.dim(2)? > 0 {
+            // Straight from the packed projection: backward returns one gradient for it
+            // instead of three zero-padded pieces.
+            let _span = span(backend).entered();
+            let scale = 1.0 / (self.head_dim() as f32).sqrt();
+            let mut cfg = AttnConfig::new(scale, opts.is_causal.then_some(CausalAlign::TopLeft));
+            cfg.dropout = Dropout::new(opts.dropout_p, opts.seed.unwrap_or(0));
+            let (b, t, _) = x.dims3()?;
+            qkv.contiguous()?
+                .apply_op1(QkvAttention::new(cfg, self.cfg.n_head))?
+                .reshape((b, t, self.cfg.n_head, self.head_dim()))?
+        } else {
+            scaled_dot_product_attention(&q, &k, &v, &opts)?.transpose(1, 2)?
+        };
+        self.project(&y, train)
     }
 }
 

@@ -60,6 +60,15 @@ pub(crate) fn unit_last_dim(t: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// The profiler span of one attention call on `backend`.
+pub(crate) fn span(backend: Backend) -> tracing::Span {
+    match backend {
+        Backend::Flash => tracing::debug_span!("sdpa.flash"),
+        Backend::Efficient => tracing::debug_span!("sdpa.efficient"),
+        Backend::Math => tracing::debug_span!("sdpa.math"),
+    }
+}
+
 /// Runs `backend` on validated inputs.
 pub(crate) fn run(
     backend: Backend,
@@ -72,12 +81,7 @@ pub(crate) fn run(
     if p.lq == 0 || p.lk == 0 {
         return Tensor::zeros(p.out_shape(), p.dtype, q.device());
     }
-    let span = match backend {
-        Backend::Flash => tracing::debug_span!("sdpa.flash"),
-        Backend::Efficient => tracing::debug_span!("sdpa.efficient"),
-        Backend::Math => tracing::debug_span!("sdpa.math"),
-    };
-    let _entered = span.enter();
+    let _entered = span(backend).entered();
     let y = run_backend(backend, q, k, v, opts, p)?;
     crate::profile::sync_if_profiling(y.device())?;
     Ok(y)

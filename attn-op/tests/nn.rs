@@ -202,3 +202,35 @@ fn seeded_dropout_statistics() -> Result<()> {
     assert!(dropout(&x, 1.0, 0).is_err());
     Ok(())
 }
+
+/// On the CPU the layer attends straight from the packed projection; its output and every
+/// gradient equal those of the plain path (forced by restricting dispatch to math), dropout too.
+#[test]
+fn packed_projection_path_equals_plain_path() -> Result<()> {
+    let (attn, vm) = layer(Causality::Always, 0.2, true)?;
+    let x = Var::randn(0f32, 1., (3, 13, 32), &Device::Cpu)?;
+    let run = |only: Option<attn_op::Backend>| -> Result<Vec<Tensor>> {
+        let _g = only.map(|b| attn_op::sdpa_kernel(&[b]));
+        attn.set_seed_state(7);
+        let y = attn.forward_t(&x, true)?;
+        let w = Tensor::ones(y.shape(), DType::F32, &Device::Cpu)?.cumsum(2)?;
+        let grads = (y.clone() * w)?.sum_all()?.backward()?;
+        let mut out = vec![y, grads.get(&x).unwrap().clone()];
+        for name in ["c_attn.weight", "c_attn.bias", "c_proj.weight"] {
+            let var = vm.data().lock().unwrap().get(name).unwrap().clone();
+            out.push(grads.get(var.as_tensor()).unwrap().clone());
+        }
+        Ok(out)
+    };
+    let fused = run(None)?;
+    let plain = run(Some(attn_op::Backend::Math))?;
+    for (i, (a, b)) in fused.iter().zip(&plain).enumerate() {
+        let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1.0);
+        assert!(
+            max_diff(a, b) / scale < 1e-5,
+            "tensor {i}: {}",
+            max_diff(a, b)
+        );
+    }
+    Ok(())
+}

@@ -27,7 +27,7 @@ pub(crate) struct Fused {
     stash: Mutex<Stash>,
 }
 
-fn to_storage(v: Vec<f32>, dtype: DType) -> Result<CpuStorage> {
+pub(crate) fn to_storage(v: Vec<f32>, dtype: DType) -> Result<CpuStorage> {
     Ok(match dtype {
         DType::F32 => CpuStorage::F32(v),
         DType::F16 => CpuStorage::F16(v.into_iter().map(half::f16::from_f32).collect()),
@@ -66,7 +66,7 @@ impl Fused {
         Ok(())
     }
 
-    fn params(&self) -> Params {
+    pub(crate) fn params(&self) -> Params {
         Params {
             scale: self.cfg.scale,
             dropout: self.cfg.dropout,
@@ -99,7 +99,7 @@ impl Fused {
 
     /// Runs `f` on the geometry and f32 sources of these CPU inputs (and the mask).
     #[allow(clippy::too_many_arguments)]
-    fn with_sources<R>(
+    pub(crate) fn with_sources<R>(
         &self,
         s1: &CpuStorage,
         l1: &Layout,
@@ -141,7 +141,7 @@ impl Fused {
         Ok((to_storage(out, s1.dtype())?, out_shape(l1, l3), lse))
     }
 
-    fn keep_lse(&self, lse: Tensor) {
+    pub(crate) fn keep_lse(&self, lse: Tensor) {
         let mut stash = self.stash.lock().unwrap_or_else(|e| e.into_inner());
         stash.forwards += 1;
         stash.lse = Some(lse);
@@ -181,7 +181,13 @@ impl Fused {
 
     /// The forward's logsumexp: kept from the forward, or computed again when this op instance
     /// ran more than one forward (shared with `apply_op3_arc`) and the kept one may not match.
-    fn lse(&self, backend: Backend, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    pub(crate) fn lse(
+        &self,
+        backend: Backend,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<Tensor> {
         {
             let stash = self.stash.lock().unwrap_or_else(|e| e.into_inner());
             if let (1, Some(lse)) = (stash.forwards, &stash.lse) {
@@ -236,7 +242,7 @@ impl Fused {
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 
-    fn cpu_backward(
+    pub(crate) fn cpu_backward(
         &self,
         q: &Tensor,
         k: &Tensor,

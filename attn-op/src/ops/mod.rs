@@ -59,6 +59,7 @@ macro_rules! fused_op {
 pub(crate) mod efficient;
 mod flash;
 pub(crate) mod fused;
+pub(crate) mod qkv;
 
 pub use efficient::EfficientAttention;
 pub use flash::FlashAttention;

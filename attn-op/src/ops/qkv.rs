@@ -1,0 +1,112 @@
+//! [`QkvAttention`]: causal self-attention read straight from a fused `c_attn` output
+//! `(B, T, 3·C)` and written straight in the `(B, T, C)` layout `c_proj` takes, on the CPU.
+//!
+//! Splitting q, k and v with `narrow` costs Candle's backward a zero-filled full-size buffer and
+//! an addition per piece; this op returns the gradient of the packed tensor in one piece instead.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::fused::{to_storage, Fused};
+use crate::config::AttnConfig;
+use crate::cpu::forward::forward;
+use crate::Backend;
+
+/// Attention over the heads of a packed `(B, T, 3·C)` q|k|v tensor, as [`crate::FlashAttention`]
+/// computes it, with output `(B, T, C)`.
+pub(crate) struct QkvAttention {
+    fused: Fused,
+    n_head: usize,
+}
+
+/// `(B, T, H, D)` of a packed `(B, T, 3·H·D)` tensor.
+fn dims(shape: &[usize], n_head: usize) -> Result<(usize, usize, usize, usize)> {
+    match *shape {
+        [b, t, c3] if n_head > 0 && c3 % (3 * n_head) == 0 => Ok((b, t, n_head, c3 / (3 * n_head))),
+        _ => bail!("qkv attention: expected (B, T, 3·C) with C a multiple of {n_head} heads, got {shape:?}"),
+    }
+}
+
+/// Copies `(B·H, T, D)` rows (head-major) into `(B, T, H, D)` order (token-major).
+fn heads_to_tokens(rows: &[f32], h: usize, t: usize, d: usize) -> Vec<f32> {
+    let mut out = vec![0f32; rows.len()];
+    out.par_chunks_mut(h * d)
+        .enumerate()
+        .for_each(|(bt, token)| {
+            let (bi, ti) = (bt / t, bt % t);
+            for (hi, dst) in token.chunks_exact_mut(d).enumerate() {
+                let src = ((bi * h + hi) * t + ti) * d;
+                dst.copy_from_slice(&rows[src..src + d]);
+            }
+        });
+    out
+}
+
+impl QkvAttention {
+    pub fn new(cfg: AttnConfig, n_head: usize) -> Self {
+        Self {
+            fused: Fused::new(cfg),
+            n_head,
+        }
+    }
+
+    /// Layouts of the q, k and v heads `(B, H, T, D)` inside the packed tensor.
+    fn head_layouts(&self, l: &Layout) -> Result<[Layout; 3]> {
+        let (b, t, h, d) = dims(l.dims(), self.n_head)?;
+        if !l.is_contiguous() {
+            bail!("qkv attention: the packed q|k|v tensor must be contiguous");
+        }
+        let c = h * d;
+        let stride = vec![t * 3 * c, d, 3 * c, 1];
+        Ok([0, 1, 2].map(|i| {
+            Layout::new(
+                Shape::from((b, h, t, d)),
+                stride.clone(),
+                l.start_offset() + i * c,
+            )
+        }))
+    }
+
+    /// q, k, v as `(B, H, T, D)` views of the packed tensor.
+    fn head_views(&self, qkv: &Tensor) -> Result<[Tensor; 3]> {
+        let (b, t, h, d) = dims(qkv.dims(), self.n_head)?;
+        let x = qkv.reshape((b, t, 3, h, d))?;
+        let view = |i: usize| x.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
+        Ok([view(0)?, view(1)?, view(2)?])
+    }
+}
+
+impl CustomOp1 for QkvAttention {
+    fn name(&self) -> &'static str {
+        "qkv-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _span = tracing::debug_span!("flash_attention.forward").entered();
+        let (b, t, h, d) = dims(l.dims(), self.n_head)?;
+        let [lq, lk, lv] = self.head_layouts(l)?;
+        let (rows, lse) = self.fused.with_sources(s, &lq, s, &lk, s, &lv, |g, src| {
+            Ok(forward(g, src, &self.fused.params()))
+        })?;
+        let n = lse.len();
+        self.fused
+            .keep_lse(Tensor::from_vec(lse, n, &candle_core::Device::Cpu)?);
+        let y = heads_to_tokens(&rows, h, t, d);
+        Ok((to_storage(y, s.dtype())?, Shape::from((b, t, h * d))))
+    }
+
+    fn bwd(&self, qkv: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let _span = tracing::debug_span!("flash_attention.backward").entered();
+        let (b, t, h, d) = dims(qkv.dims(), self.n_head)?;
+        let [q, k, v] = self.head_views(qkv)?;
+        let heads = |x: &Tensor| x.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous();
+        let lse = self.fused.lse(Backend::Flash, &q, &k, &v)?;
+        let (dq, dk, dv) =
+            self.fused
+                .cpu_backward(&q, &k, &v, &heads(res)?, &heads(grad)?, &lse)?;
+        let tokens = |x: Tensor| x.transpose(1, 2);
+        let dqkv = Tensor::stack(&[tokens(dq)?, tokens(dk)?, tokens(dv)?], 2)?;
+        Ok(Some(dqkv.reshape((b, t, 3 * h * d))?))
+    }
+}
