@@ -2,7 +2,7 @@
 //!
 //! `nanogpt prepare` tokenizes a corpus ([`data`], [`tokenizer`]), `nanogpt train` trains the
 //! [`model`] ([`train`], [`optim`], [`checkpoint`], [`plot`]), `nanogpt sample` generates text
-//! ([`sample`]), `nanogpt bench` times attention as PyTorch's SDPA tutorial does ([`bench`]).
+//! ([`sample`]), `nanogpt bench` times attention as PyTorch's SDPA tutorial does ([`mod@bench`]).
 //! Everything random draws from the seeded generator in [`rng`], so a CPU run is
 //! reproducible bit for bit and resumes exactly.
 

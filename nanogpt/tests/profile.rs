@@ -1,5 +1,5 @@
-//! `train --profile`: a Chrome trace with a span per module and per attention call, and the
-//! top-spans table.
+//! `train --profile` and `sample --profile`: a Chrome trace with a span per module and per
+//! attention call, and the top-spans table.
 
 mod common;
 
@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use common::succeeds;
 
 #[test]
-fn train_profile_writes_a_chrome_trace_with_module_spans() {
+fn train_and_sample_profiles_are_chrome_traces_with_module_spans() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     std::fs::write(d.join("input.txt"), common::corpus()).unwrap();
@@ -37,6 +37,8 @@ fn train_profile_writes_a_chrome_trace_with_module_spans() {
             "3",
             "--grad-clip",
             "1.0",
+            "--always-save-checkpoint",
+            "true",
             "--profile",
             "trace.json",
         ],
@@ -96,4 +98,37 @@ fn train_profile_writes_a_chrome_trace_with_module_spans() {
     assert!(events
         .iter()
         .any(|e| e["name"] == "block" && e["args"]["index"] == "1"));
+
+    // Sampling: a span per generated token around the model's.
+    let (text, err) = succeeds(
+        d,
+        &[
+            "sample",
+            "--device",
+            "cpu",
+            "--num-samples",
+            "1",
+            "--max-new-tokens",
+            "4",
+            "--profile",
+            "sample.json",
+        ],
+    );
+    assert!(text.contains("---------------"), "{text}");
+    assert!(err.contains("next_token"), "{err}");
+    let trace = std::fs::read_to_string(d.join("sample.json")).unwrap();
+    let events: Vec<serde_json::Value> = serde_json::from_str(&trace).expect("the trace is JSON");
+    for name in ["next_token", "block", "flash_attention.forward"] {
+        assert_eq!(
+            events
+                .iter()
+                .filter(|e| e["name"] == name && e["ph"] == "B")
+                .count(),
+            events
+                .iter()
+                .filter(|e| e["name"] == name && e["ph"] == "E")
+                .count(),
+        );
+        assert!(events.iter().any(|e| e["name"] == name), "no `{name}` span");
+    }
 }
