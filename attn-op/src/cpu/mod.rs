@@ -11,6 +11,7 @@ use std::borrow::Cow;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, Layout, Result};
+use half::slice::HalfFloatSliceExt;
 
 /// A tensor's elements as f32, borrowed for f32 storage and converted for f16/bf16.
 /// `at(off)` takes the storage offsets of the tensor's layout.
@@ -40,8 +41,12 @@ impl<'a> Src<'a> {
         let (lo, hi) = span(l);
         let data = match s {
             CpuStorage::F32(v) => Cow::Borrowed(&v[lo..hi]),
-            CpuStorage::F16(v) => Cow::Owned(v[lo..hi].iter().map(|x| x.to_f32()).collect()),
-            CpuStorage::BF16(v) => Cow::Owned(v[lo..hi].iter().map(|x| x.to_f32()).collect()),
+            CpuStorage::F16(v) => Cow::Owned(v[lo..hi].to_f32_vec()),
+            CpuStorage::BF16(v) => {
+                let mut out = vec![0f32; hi - lo];
+                simd::bf16_to_f32(&v[lo..hi], &mut out);
+                Cow::Owned(out)
+            }
             other => bail!(
                 "attention: dtype {:?} is not supported by the fused CPU ops (f32, f16, bf16)",
                 other.dtype()

@@ -156,6 +156,25 @@ pub(crate) fn add(y: &mut [f32], x: &[f32]) {
     }
 }
 
+/// bf16 to f32 (exact: the bf16 bits are the f32's high half).
+#[multiversion(targets("x86_64+avx2+fma+avx512f+avx512vl", "x86_64+avx2+fma"))]
+pub(crate) fn bf16_to_f32(src: &[half::bf16], dst: &mut [f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = f32::from_bits(u32::from(s.to_bits()) << 16);
+    }
+}
+
+/// f32 to bf16, rounding to nearest even (NaN stays NaN), as `half::bf16::from_f32`.
+#[multiversion(targets("x86_64+avx2+fma+avx512f+avx512vl", "x86_64+avx2+fma"))]
+pub(crate) fn f32_to_bf16(src: &[f32], dst: &mut [half::bf16]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        let x = s.to_bits();
+        let rounded = (x.wrapping_add(0x7FFF + ((x >> 16) & 1)) >> 16) as u16;
+        let nan = ((x >> 16) as u16) | 0x0040;
+        *d = half::bf16::from_bits(if s.is_nan() { nan } else { rounded });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,6 +196,36 @@ mod tests {
             assert!(exp(f32::NAN, fma).is_nan());
             assert_eq!(exp(0.0, fma), 1.0);
         }
+    }
+
+    #[test]
+    fn bf16_conversions_match_half() {
+        let xs: Vec<f32> = (0..2000)
+            .map(|i| (i as f32 * 0.731).sin() * 10f32.powi(i % 9 - 4))
+            .chain([
+                f32::from_bits(u32::MAX),
+                0.0,
+                -0.0,
+                f32::INFINITY,
+                f32::NEG_INFINITY,
+                f32::MAX,
+                1.0039062,
+                1.0117188,
+            ])
+            .collect();
+        let mut b = vec![half::bf16::ZERO; xs.len()];
+        f32_to_bf16(&xs, &mut b);
+        for (x, y) in xs.iter().zip(&b) {
+            assert_eq!(y.to_bits(), half::bf16::from_f32(*x).to_bits(), "{x}");
+        }
+        let mut back = vec![0f32; b.len()];
+        bf16_to_f32(&b, &mut back);
+        for (y, z) in b.iter().zip(&back) {
+            assert_eq!(y.to_f32().to_bits(), z.to_bits());
+        }
+        let mut n = [half::bf16::ZERO];
+        f32_to_bf16(&[f32::NAN], &mut n);
+        assert!(n[0].is_nan());
     }
 
     #[test]

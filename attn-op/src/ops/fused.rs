@@ -6,6 +6,7 @@ use std::sync::Mutex;
 use candle_core::backend::BackendStorage;
 use candle_core::op::BackpropOp;
 use candle_core::{bail, CpuStorage, DType, Device, Layout, Result, Shape, Storage, Tensor};
+use half::slice::HalfFloatSliceExt;
 
 use crate::config::{AttnConfig, Dropout};
 use crate::cpu::backward::backward;
@@ -30,8 +31,16 @@ pub(crate) struct Fused {
 pub(crate) fn to_storage(v: Vec<f32>, dtype: DType) -> Result<CpuStorage> {
     Ok(match dtype {
         DType::F32 => CpuStorage::F32(v),
-        DType::F16 => CpuStorage::F16(v.into_iter().map(half::f16::from_f32).collect()),
-        DType::BF16 => CpuStorage::BF16(v.into_iter().map(half::bf16::from_f32).collect()),
+        DType::F16 => {
+            let mut out = vec![half::f16::ZERO; v.len()];
+            out.convert_from_f32_slice(&v);
+            CpuStorage::F16(out)
+        }
+        DType::BF16 => {
+            let mut out = vec![half::bf16::ZERO; v.len()];
+            crate::cpu::simd::f32_to_bf16(&v, &mut out);
+            CpuStorage::BF16(out)
+        }
         d => bail!("attention: dtype {d:?} is not supported by the fused ops (f32, f16, bf16)"),
     })
 }
