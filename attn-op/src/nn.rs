@@ -220,6 +220,7 @@ impl CausalSelfAttention {
     /// (bottom-right), so the result equals the full forward's last `T_new` positions. Evaluation
     /// mode (no dropout).
     pub fn forward_cached(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let _span = tracing::debug_span!("CausalSelfAttention").entered();
         let (q, k, v) = self.heads(&self.qkv(x)?)?;
         let (k, v) = match cache.kv.take() {
             Some((k0, v0)) => (Tensor::cat(&[&k0, &k], 1)?, Tensor::cat(&[&v0, &v], 1)?),
@@ -235,6 +236,7 @@ impl CausalSelfAttention {
     /// other, `cu_seqlens` (u32, `batch + 1` values from 0) their cumulative lengths. Equals
     /// running [`ModuleT::forward_t`] on each sequence alone, without padding.
     pub fn forward_packed(&self, x: &Tensor, cu_seqlens: &Tensor, train: bool) -> Result<Tensor> {
+        let _span = tracing::debug_span!("CausalSelfAttention").entered();
         let (total, _) = x.dims2()?;
         let (q, k, v) = self.heads(&self.qkv(&x.unsqueeze(0)?)?)?;
         let (q, k, v) = (q.squeeze(0)?, k.squeeze(0)?, v.squeeze(0)?);
