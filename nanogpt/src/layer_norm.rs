@@ -67,25 +67,35 @@ impl LayerNorm {
     }
 }
 
-/// `Σ f(i)` for `i < n`, in 16 interleaved partial sums so that the loop vectorises.
+/// `Σ f(a_i, b_i, c_i)` over the length of `a`, in 16 interleaved partial sums added in order,
+/// then the tail: written with fixed-size chunks so that the loop vectorises.
 #[inline(always)]
-fn sum(n: usize, f: impl Fn(usize) -> f32) -> f32 {
+fn sum3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> f32 {
+    let n = a.len();
+    let (b, c) = (&b[..n], &c[..n]);
+    let (mut ia, mut ib, mut ic) = (a.chunks_exact(16), b.chunks_exact(16), c.chunks_exact(16));
     let mut acc = [0f32; 16];
-    let full = n - n % 16;
-    for base in (0..full).step_by(16) {
-        for (j, a) in acc.iter_mut().enumerate() {
-            *a += f(base + j);
+    for ((ca, cb), cc) in (&mut ia).zip(&mut ib).zip(&mut ic) {
+        for j in 0..16 {
+            acc[j] += f(ca[j], cb[j], cc[j]);
         }
     }
-    acc.iter().sum::<f32>() + (full..n).map(f).sum::<f32>()
+    let tail: f32 = ia
+        .remainder()
+        .iter()
+        .zip(ib.remainder())
+        .zip(ic.remainder())
+        .map(|((&x, &y), &z)| f(x, y, z))
+        .sum();
+    acc.iter().sum::<f32>() + tail
 }
 
 /// Mean and `1 / sqrt(var + eps)` of a row.
 #[inline(always)]
 fn row_stats(x: &[f32]) -> (f32, f32) {
     let n = x.len() as f32;
-    let mean = sum(x.len(), |i| x[i]) / n;
-    let var = sum(x.len(), |i| (x[i] - mean) * (x[i] - mean)) / n;
+    let mean = sum3(x, x, x, |v, _, _| v) / n;
+    let var = sum3(x, x, x, |v, _, _| (v - mean) * (v - mean)) / n;
     (mean, 1.0 / (var + EPS as f32).sqrt())
 }
 
@@ -112,14 +122,14 @@ fn fused_backward(x: &[f32], w: &[f32], g: &[f32], out: &mut [f32]) {
         .zip(dx.chunks_exact_mut(c))
     {
         let (mean, rstd) = row_stats(x);
-        for i in 0..c {
-            xhat[i] = (x[i] - mean) * rstd;
-            dw[i] += g[i] * xhat[i];
+        for (((xh, dw), &x), &g) in xhat.iter_mut().zip(dw.iter_mut()).zip(x).zip(g) {
+            *xh = (x - mean) * rstd;
+            *dw += g * *xh;
         }
-        let a = sum(c, |i| g[i] * w[i]) / c as f32;
-        let b = sum(c, |i| g[i] * w[i] * xhat[i]) / c as f32;
-        for i in 0..c {
-            dx[i] = rstd * (g[i] * w[i] - a - xhat[i] * b);
+        let a = sum3(g, w, w, |g, w, _| g * w) / c as f32;
+        let b = sum3(g, w, &xhat, |g, w, xh| g * w * xh) / c as f32;
+        for (((dx, &g), &w), &xh) in dx.iter_mut().zip(g).zip(w).zip(&xhat) {
+            *dx = rstd * (g * w - a - xh * b);
         }
     }
 }

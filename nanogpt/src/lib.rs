@@ -15,6 +15,7 @@ pub mod data;
 pub mod device;
 pub mod gelu;
 pub mod layer_norm;
+pub mod linear;
 pub mod model;
 pub mod optim;
 pub mod plot;

@@ -30,35 +30,7 @@ pub struct ModelConfig {
     pub bias: bool,
 }
 
-/// A Linear layer `y = x Wᵀ + b` over the last dimension, `W` stored `(out, in)` as PyTorch does.
-#[derive(Clone, Debug)]
-pub struct Linear {
-    weight: Tensor,
-    bias: Option<Tensor>,
-}
-
-impl Linear {
-    /// A `d_in -> d_out` layer whose `weight` (and `bias`) live under `vb`.
-    pub fn new(d_in: usize, d_out: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get((d_out, d_in), "weight")?,
-            bias: if bias {
-                Some(vb.get(d_out, "bias")?)
-            } else {
-                None
-            },
-        })
-    }
-
-    /// Applies the layer to the rows of `x` `(N, d_in)`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.weight.to_dtype(x.dtype())?.t()?)?;
-        match &self.bias {
-            Some(bias) => y.broadcast_add(&bias.to_dtype(y.dtype())?),
-            None => Ok(y),
-        }
-    }
-}
+pub use crate::linear::Linear;
 
 /// Returns `t` once the device has computed it when a profiler runs, so that the span that ends
 /// here is timed truly on CUDA (kernels are asynchronous); free otherwise.
@@ -80,27 +52,24 @@ pub fn dropout(x: &Tensor, p: f64, rng: Option<&mut Rng>) -> Result<Tensor> {
     }
 }
 
-/// The 4x feed-forward network with GELU.
+/// The 4x feed-forward network with GELU, then dropout.
 #[derive(Clone, Debug)]
 struct Mlp {
-    c_fc: Linear,
-    c_proj: Linear,
+    mlp: crate::linear::Mlp,
     dropout: f64,
 }
 
 impl Mlp {
     fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            c_fc: Linear::new(cfg.n_embd, 4 * cfg.n_embd, cfg.bias, vb.pp("c_fc"))?,
-            c_proj: Linear::new(4 * cfg.n_embd, cfg.n_embd, cfg.bias, vb.pp("c_proj"))?,
+            mlp: crate::linear::Mlp::new(cfg.n_embd, cfg.bias, vb)?,
             dropout: cfg.dropout,
         })
     }
 
     fn forward(&self, x: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
         let _span = tracing::debug_span!("mlp").entered();
-        let h = crate::gelu::gelu(&self.c_fc.forward(x)?)?;
-        synced(dropout(&self.c_proj.forward(&h)?, self.dropout, rng)?)
+        synced(dropout(&self.mlp.forward(x)?, self.dropout, rng)?)
     }
 }
 
@@ -231,10 +200,8 @@ impl Gpt {
         let x = self.ln_f.forward(&x)?;
         let _span = tracing::debug_span!("lm_head").entered();
         // lm_head shares the token embedding's weight.
-        synced(
-            x.matmul(&self.wte.to_dtype(dtype)?.t()?)?
-                .to_dtype(DType::F32)?,
-        )
+        let lm_head = Linear::from_weights(self.wte.to_dtype(dtype)?, None);
+        synced(lm_head.forward(&x)?.to_dtype(DType::F32)?)
     }
 
     /// Mean cross-entropy of predicting `targets` `(B, T)` from `idx` `(B, T)`.

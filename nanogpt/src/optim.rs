@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 
 use anyhow::{bail, Result};
-use candle_core::{backprop::GradStore, DType, Tensor, Var};
+use candle_core::{
+    backprop::GradStore, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var,
+};
 use candle_nn::VarMap;
 
 use crate::config::TrainConfig;
@@ -25,6 +27,9 @@ pub struct AdamW {
     beta1: f64,
     beta2: f64,
     weight_decay: f64,
+    /// Whether CPU f32 parameters take the fused in-place update (off only to test it against
+    /// the composed one).
+    fused_cpu: bool,
 }
 
 const EPS: f64 = 1e-8;
@@ -53,6 +58,7 @@ impl AdamW {
             beta1: cfg.beta1,
             beta2: cfg.beta2,
             weight_decay: cfg.weight_decay,
+            fused_cpu: true,
         })
     }
 
@@ -84,13 +90,37 @@ impl AdamW {
         let step_size = lr / (1.0 - b1.powi(t));
         let v_scale = 1.0 / (1.0 - b2.powi(t)).sqrt();
         for (p, g) in self.params.iter_mut().zip(grads) {
-            p.m = ((&p.m * b1)? + (g * (1.0 - b1))?)?;
-            p.v = ((&p.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let decay = if p.decay {
                 1.0 - lr * self.weight_decay
             } else {
                 1.0
             };
+            if self.fused_cpu && fused(p, g) {
+                // Same arithmetic as below, element by element, in place.
+                p.m.inplace_op2(
+                    g,
+                    &Moment {
+                        beta: b1,
+                        square: false,
+                    },
+                )?;
+                p.v.inplace_op2(
+                    g,
+                    &Moment {
+                        beta: b2,
+                        square: true,
+                    },
+                )?;
+                let update = Update {
+                    decay,
+                    step_size,
+                    v_scale,
+                };
+                p.var.as_tensor().inplace_op3(&p.m, &p.v, &update)?;
+                continue;
+            }
+            p.m = ((&p.m * b1)? + (g * (1.0 - b1))?)?;
+            p.v = ((&p.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let denom = ((p.v.sqrt()? * v_scale)? + EPS)?;
             let update = ((&p.m / denom)? * step_size)?;
             p.var.set(&((p.var.as_tensor() * decay)? - update)?)?;
@@ -103,17 +133,15 @@ impl AdamW {
         self.step
     }
 
-    /// The moments as named tensors (`optim.m.NAME`, `optim.v.NAME`), for checkpoints.
-    pub fn state(&self) -> Vec<(String, Tensor)> {
-        self.params
-            .iter()
-            .flat_map(|p| {
-                [
-                    (format!("optim.m.{}", p.name), p.m.clone()),
-                    (format!("optim.v.{}", p.name), p.v.clone()),
-                ]
-            })
-            .collect()
+    /// The moments as named tensors (`optim.m.NAME`, `optim.v.NAME`), for checkpoints: copies,
+    /// since [`AdamW::step`] updates the moments in place.
+    pub fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::with_capacity(2 * self.params.len());
+        for p in &self.params {
+            out.push((format!("optim.m.{}", p.name), p.m.copy()?));
+            out.push((format!("optim.v.{}", p.name), p.v.copy()?));
+        }
+        Ok(out)
     }
 
     /// Restores moments saved by [`AdamW::state`] after `step` steps.
@@ -131,10 +159,113 @@ impl AdamW {
                         p.var.dims()
                     );
                 }
-                *slot = t.to_dtype(DType::F32)?.to_device(p.var.device())?;
+                // A copy of its own: the moments are updated in place.
+                *slot = t.to_dtype(DType::F32)?.to_device(p.var.device())?.copy()?;
             }
         }
         self.step = step;
+        Ok(())
+    }
+}
+
+/// Whether [`AdamW::step`] updates `p` with the fused in-place CPU ops: f32 CPU tensors, all
+/// contiguous.
+fn fused(p: &Param, g: &Tensor) -> bool {
+    let t = p.var.as_tensor();
+    t.device().is_cpu()
+        && [t, g, &p.m, &p.v]
+            .iter()
+            .all(|x| x.dtype() == DType::F32 && x.is_contiguous() && x.shape() == t.shape())
+}
+
+fn f32_data<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("AdamW: expected contiguous f32 tensors"),
+    }
+}
+
+fn f32_data_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("AdamW: expected contiguous f32 tensors"),
+    }
+}
+
+/// `m = m·β + g·(1-β)`, or with `square` `v = v·β + g²·(1-β)`, in place; rounded as Candle's
+/// `affine` and `add` round it (each scalar product plus 0, the scalars in f32).
+struct Moment {
+    beta: f64,
+    square: bool,
+}
+
+impl InplaceOp2 for Moment {
+    fn name(&self) -> &'static str {
+        "nanogpt-adamw-moment"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let (m, g) = (f32_data_mut(s1, l1)?, f32_data(s2, l2)?);
+        if m.len() != g.len() {
+            candle_core::bail!(
+                "AdamW: moment of {} elements, gradient of {}",
+                m.len(),
+                g.len()
+            );
+        }
+        let (beta, rest) = (self.beta as f32, (1.0 - self.beta) as f32);
+        if self.square {
+            for (m, &g) in m.iter_mut().zip(g) {
+                *m = (*m * beta + 0.0) + ((g * g) * rest + 0.0);
+            }
+        } else {
+            for (m, &g) in m.iter_mut().zip(g) {
+                *m = (*m * beta + 0.0) + (g * rest + 0.0);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `p = p·decay - m / (sqrt(v)·v_scale + eps) · step_size`, in place, rounded as the composed
+/// Candle ops round it.
+struct Update {
+    decay: f64,
+    step_size: f64,
+    v_scale: f64,
+}
+
+impl InplaceOp3 for Update {
+    fn name(&self) -> &'static str {
+        "nanogpt-adamw-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        let (p, m, v) = (f32_data_mut(s1, l1)?, f32_data(s2, l2)?, f32_data(s3, l3)?);
+        if p.len() != m.len() || p.len() != v.len() {
+            candle_core::bail!("AdamW: parameter and moments differ in size");
+        }
+        let (decay, step_size) = (self.decay as f32, self.step_size as f32);
+        let (v_scale, eps) = (self.v_scale as f32, EPS as f32);
+        for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+            let denom = (v.sqrt() * v_scale + 0.0) * 1.0 + eps;
+            let update = (m / denom) * step_size + 0.0;
+            *p = (*p * decay + 0.0) - update;
+        }
         Ok(())
     }
 }
@@ -200,6 +331,52 @@ mod tests {
         let mut g = vec![Tensor::new(&[3f32, 0.], &dev)?, Tensor::new(&[4f32], &dev)?];
         assert!((clip_grad_norm(&mut g, 1.0)? - 5.0).abs() < 1e-6);
         assert!((clip_grad_norm(&mut g, 1.0)? - 1.0).abs() < 1e-5);
+        Ok(())
+    }
+
+    /// The fused in-place CPU update gives the composed Candle ops' bits, step after step.
+    #[test]
+    fn fused_step_matches_composed() -> Result<()> {
+        let dev = Device::Cpu;
+        let cfg = TrainConfig::from_toml(CPU_RECIPE).unwrap();
+        let mut rng = crate::rng::Rng::new(5, 0);
+        let init_w = rng.normal_vec(37 * 3, 1.0);
+        let init_b = rng.normal_vec(37, 1.0);
+        let run = |fused: bool| -> Result<Vec<Vec<f32>>> {
+            let map = VarMap::new();
+            let vb = candle_nn::VarBuilder::from_varmap(&map, DType::F32, &dev);
+            vb.get_with_hints((37, 3), "w", candle_nn::Init::Const(0.0))?;
+            vb.get_with_hints(37, "b", candle_nn::Init::Const(0.0))?;
+            map.data().lock().unwrap()["w"].set(&Tensor::from_vec(
+                init_w.clone(),
+                (37, 3),
+                &dev,
+            )?)?;
+            map.data().lock().unwrap()["b"].set(&Tensor::from_vec(init_b.clone(), 37, &dev)?)?;
+            let mut opt = AdamW::new(&map, &cfg)?;
+            let mut grng = crate::rng::Rng::new(6, 0);
+            for step in 0..5 {
+                let grads = [
+                    Tensor::from_vec(grng.normal_vec(37, 1.0), 37, &dev)?,
+                    Tensor::from_vec(grng.normal_vec(37 * 3, 1.0), (37, 3), &dev)?,
+                ];
+                opt.fused_cpu = fused;
+                opt.step(&grads, 1e-2 * (step + 1) as f64)?;
+            }
+            let mut out = Vec::new();
+            for name in ["b", "w"] {
+                out.push(
+                    map.data().lock().unwrap()[name]
+                        .flatten_all()?
+                        .to_vec1::<f32>()?,
+                );
+            }
+            for (_, t) in opt.state()? {
+                out.push(t.flatten_all()?.to_vec1::<f32>()?);
+            }
+            Ok(out)
+        };
+        assert_eq!(run(true)?, run(false)?);
         Ok(())
     }
 

@@ -179,7 +179,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                         tokenizer: tokenizer_json.clone(),
                     };
                     let _span = tracing::debug_span!("checkpoint").entered();
-                    checkpoint::save(&ckpt_path, &varmap, opt.state(), &meta)?;
+                    checkpoint::save(&ckpt_path, &varmap, opt.state()?, &meta)?;
                     say(format!("saving checkpoint to {}", ckpt_path.display()));
                 }
             }

@@ -1,0 +1,838 @@
+//! Linear layers and the GPT's MLP as fused CPU ops whose matrix products run on every core.
+//!
+//! Built from Candle ops, `x · Wᵀ + b` is a transpose, a matrix product and a broadcast add: three
+//! graph nodes, each of which Candle's backward pass pays with a zero-filled gradient buffer and
+//! an addition, and a product whose backward transposes its results again. Here a Linear layer is
+//! one node with a hand-written backward (`dx = dy · W`, `dW = dyᵀ · x`, `db = Σ dy`), and the MLP
+//! (`c_fc`, GELU, `c_proj`) is one node as well. Each product is cut into blocks of output rows
+//! and every block is one single-threaded call of the `gemm` crate on rayon's pool. The blocks
+//! depend only on the shapes, never on the number of threads, so the results are the same bits
+//! on one thread or many.
+//!
+//! The fused ops run on the CPU in f32; other devices and dtypes use the composed Candle ops
+//! (also the reference the fused ops are tested against).
+
+use std::sync::OnceLock;
+
+use candle_core::{
+    CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
+};
+use candle_nn::VarBuilder;
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// A Linear layer `y = x Wᵀ + b` over the last dimension, `W` stored `(out, in)` as PyTorch does.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// A `d_in -> d_out` layer whose `weight` (and `bias`) live under `vb`.
+    pub fn new(d_in: usize, d_out: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get((d_out, d_in), "weight")?,
+            bias: if bias {
+                Some(vb.get(d_out, "bias")?)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// A layer over existing tensors (a tied weight, say).
+    pub fn from_weights(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    /// Applies the layer to the rows of `x` `(N, d_in)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if !fused(x, &[Some(&self.weight), self.bias.as_ref()]) {
+            return self.forward_composed(x);
+        }
+        let x = x.contiguous()?;
+        match &self.bias {
+            None => x.apply_op2(&self.weight, LinearOp),
+            Some(b) => x.apply_op3(&self.weight, b, LinearOp),
+        }
+    }
+
+    /// The reference: Candle's matrix product and broadcast add.
+    pub fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.matmul(&self.weight.to_dtype(x.dtype())?.t()?)?;
+        match &self.bias {
+            Some(bias) => y.broadcast_add(&bias.to_dtype(y.dtype())?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Whether the fused CPU ops apply: a CPU f32 matrix `x` and f32 parameters.
+fn fused(x: &Tensor, params: &[Option<&Tensor>]) -> bool {
+    x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && x.rank() == 2
+        && params.iter().flatten().all(|p| p.dtype() == DType::F32)
+}
+
+/// nanoGPT's MLP: `c_proj(gelu(c_fc(x)))`.
+#[derive(Clone, Debug)]
+pub struct Mlp {
+    c_fc: Linear,
+    c_proj: Linear,
+}
+
+impl Mlp {
+    /// An `n_embd -> 4·n_embd -> n_embd` MLP whose layers live under `vb` (`c_fc`, `c_proj`).
+    pub fn new(n_embd: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            c_fc: Linear::new(n_embd, 4 * n_embd, bias, vb.pp("c_fc"))?,
+            c_proj: Linear::new(4 * n_embd, n_embd, bias, vb.pp("c_proj"))?,
+        })
+    }
+
+    /// Applies the MLP to the rows of `x` `(N, n_embd)`: one fused op on the CPU in f32 without
+    /// biases, two fused Linear ops and the fused GELU with biases, Candle's ops elsewhere.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let no_bias = self.c_fc.bias.is_none() && self.c_proj.bias.is_none();
+        let params = [Some(&self.c_fc.weight), Some(&self.c_proj.weight)];
+        if no_bias && fused(x, &params) {
+            return x.contiguous()?.apply_op3(
+                &self.c_fc.weight,
+                &self.c_proj.weight,
+                MlpOp::default(),
+            );
+        }
+        let h = crate::gelu::gelu(&self.c_fc.forward(x)?)?;
+        self.c_proj.forward(&h)
+    }
+
+    /// The reference: Candle's matrix products and `gelu_erf`.
+    pub fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.c_fc.forward_composed(x)?.gelu_erf()?;
+        self.c_proj.forward_composed(&h)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Matrix products on views of slices.
+
+/// A strided `rows × cols` matrix in a slice: element `(i, j)` is `data[i·rs + j·cs]`. Every
+/// constructor checks that the last element lies inside `data`, which is what makes the `gemm`
+/// calls below sound.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> View<'a> {
+    fn new(data: &'a [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> Result<Self> {
+        let fits = rows == 0
+            || cols == 0
+            || (rows - 1)
+                .checked_mul(rs)
+                .and_then(|a| (cols - 1).checked_mul(cs).and_then(|b| a.checked_add(b)))
+                .is_some_and(|last| last < data.len());
+        if !fits {
+            candle_core::bail!(
+                "linear: a {rows}×{cols} matrix with strides ({rs}, {cs}) does not fit in {} elements",
+                data.len()
+            );
+        }
+        Ok(Self {
+            data,
+            rows,
+            cols,
+            rs,
+            cs,
+        })
+    }
+
+    /// A contiguous row-major matrix.
+    fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Result<Self> {
+        if data.len() != rows * cols {
+            candle_core::bail!("linear: {} elements for a {rows}×{cols} matrix", data.len());
+        }
+        Self::new(data, rows, cols, cols, 1)
+    }
+
+    /// The transpose (no copy).
+    fn t(self) -> Self {
+        Self {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+
+    /// Rows `start..start + len`.
+    fn rows(self, start: usize, len: usize) -> Result<Self> {
+        if start + len > self.rows {
+            candle_core::bail!("linear: rows {start}..{} of {}", start + len, self.rows);
+        }
+        if len == 0 {
+            return Self::new(&self.data[..0], 0, self.cols, self.rs, self.cs);
+        }
+        Self::new(
+            &self.data[start * self.rs..],
+            len,
+            self.cols,
+            self.rs,
+            self.cs,
+        )
+    }
+}
+
+/// `dst = a · b` (or `dst += a · b` when `accumulate`), `dst` a contiguous row-major
+/// `a.rows × b.cols` matrix, on the calling thread.
+fn matmul_into(dst: &mut [f32], a: View, b: View, accumulate: bool) -> Result<()> {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    if b.rows != k || dst.len() != m * n {
+        candle_core::bail!(
+            "linear: cannot multiply {m}×{k} by {}×{n} into {} elements",
+            b.rows,
+            dst.len()
+        );
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.fill(0.0);
+        }
+        return Ok(());
+    }
+    // SAFETY: gemm reads lhs elements `a.data[i·a.rs + p·a.cs]` for i < m, p < k, rhs elements
+    // `b.data[p·b.rs + j·b.cs]` for p < k, j < n, and writes (reads too when `accumulate`)
+    // `dst[i·n + j]`. `View::new` checked that the last element of each view lies inside its
+    // slice, and all strides are non-negative, so every index read is in bounds; `dst` holds
+    // exactly m·n elements. `dst` is a unique borrow, so it does not alias `a` or `b`. The strides
+    // fit in `isize` because they index slices, whose lengths do.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        );
+    }
+    Ok(())
+}
+
+/// Blocks of rows that a product of `rows` output rows is cut into: at most [`MAX_BLOCKS`],
+/// none under [`MIN_BLOCK_ROWS`] rows, sizes a multiple of 16 except the last. A function of
+/// the shape only, so that the results do not depend on the number of threads.
+fn row_blocks(rows: usize) -> usize {
+    let blocks = (rows / MIN_BLOCK_ROWS).clamp(1, MAX_BLOCKS);
+    (rows.div_ceil(blocks)).next_multiple_of(16).max(1)
+}
+
+/// Most blocks a product is cut into (the machine this was tuned on has two cores).
+const MAX_BLOCKS: usize = 4;
+/// Fewest rows in a block: below this, the per-call packing overhead outweighs a second core.
+const MIN_BLOCK_ROWS: usize = 64;
+
+/// Runs `jobs` on rayon's pool (in order on the calling thread when the pool has one thread),
+/// returning the first error.
+fn run_jobs<'a>(jobs: Vec<Box<dyn FnOnce() -> Result<()> + Send + 'a>>) -> Result<()> {
+    if jobs.len() <= 1 || rayon::current_num_threads() <= 1 {
+        return jobs.into_iter().try_for_each(|job| job());
+    }
+    jobs.into_par_iter().map(|job| job()).collect()
+}
+
+/// `f(first_row, rows)` for each block of rows of the row-major `out` (`row_len` wide), on
+/// rayon's pool.
+fn for_row_blocks<F>(out: &mut [f32], row_len: usize, f: F) -> Result<()>
+where
+    F: Fn(usize, &mut [f32]) -> Result<()> + Sync,
+{
+    if row_len == 0 || out.is_empty() {
+        return Ok(());
+    }
+    let block = row_blocks(out.len() / row_len);
+    let f = &f;
+    let jobs = out
+        .chunks_mut(block * row_len)
+        .enumerate()
+        .map(|(i, chunk)| {
+            Box::new(move || f(i * block, chunk)) as Box<dyn FnOnce() -> Result<()> + Send>
+        })
+        .collect();
+    run_jobs(jobs)
+}
+
+/// Jobs computing `dst = a · b` (`dst` row-major) block of rows by block of rows.
+fn product_jobs<'a>(
+    dst: &'a mut [f32],
+    a: View<'a>,
+    b: View<'a>,
+) -> Vec<Box<dyn FnOnce() -> Result<()> + Send + 'a>> {
+    let n = b.cols;
+    if n == 0 || dst.is_empty() {
+        return Vec::new();
+    }
+    let block = row_blocks(a.rows);
+    dst.chunks_mut(block * n)
+        .enumerate()
+        .map(|(i, chunk)| {
+            Box::new(move || {
+                let rows = chunk.len() / n;
+                matmul_into(chunk, a.rows(i * block, rows)?, b, false)
+            }) as Box<dyn FnOnce() -> Result<()> + Send + 'a>
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Storage access.
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("{what}: expected a contiguous f32 CPU tensor"),
+    }
+}
+
+/// Runs `f` on the contiguous f32 data of CPU tensors.
+fn with_data<R>(
+    tensors: &[&Tensor],
+    what: &str,
+    f: impl FnOnce(&[&[f32]]) -> Result<R>,
+) -> Result<R> {
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(tensors.len());
+    for (storage, layout) in &guards {
+        match &**storage {
+            Storage::Cpu(s) => slices.push(f32_slice(s, layout, what)?),
+            _ => candle_core::bail!("{what}: expected CPU tensors"),
+        }
+    }
+    f(&slices)
+}
+
+/// `(rows, cols)` of a matrix layout.
+fn dims2(l: &Layout, what: &str) -> Result<(usize, usize)> {
+    match l.dims() {
+        &[r, c] => Ok((r, c)),
+        d => candle_core::bail!("{what}: expected a matrix, got shape {d:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The Linear op.
+
+/// `x · Wᵀ (+ b)`: a [`CustomOp2`] without bias, a [`CustomOp3`] with one.
+struct LinearOp;
+
+impl LinearOp {
+    fn forward(
+        x: &[f32],
+        lx: &Layout,
+        w: &[f32],
+        lw: &Layout,
+        b: Option<&[f32]>,
+    ) -> Result<Vec<f32>> {
+        let (n, d_in) = dims2(lx, "linear input")?;
+        let (d_out, w_in) = dims2(lw, "linear weight")?;
+        if w_in != d_in || b.is_some_and(|b| b.len() != d_out) {
+            candle_core::bail!(
+                "linear: input {:?}, weight {:?} and bias of {:?} elements do not match",
+                lx.dims(),
+                lw.dims(),
+                b.map(<[f32]>::len)
+            );
+        }
+        let (xv, wt) = (
+            View::row_major(x, n, d_in)?,
+            View::row_major(w, d_out, d_in)?.t(),
+        );
+        let mut y = vec![0f32; n * d_out];
+        for_row_blocks(&mut y, d_out, |first, rows| {
+            if let Some(b) = b {
+                for row in rows.chunks_exact_mut(d_out) {
+                    row.copy_from_slice(b);
+                }
+            }
+            matmul_into(rows, xv.rows(first, rows.len() / d_out)?, wt, b.is_some())
+        })?;
+        Ok(y)
+    }
+
+    /// `(dx, dW, db)` for the gradient `g` of the output.
+    fn backward(
+        x: &Tensor,
+        w: &Tensor,
+        bias: bool,
+        g: &Tensor,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        let _span = tracing::debug_span!("linear.backward").entered();
+        let g = g.contiguous()?;
+        let (n, d_in) = x.dims2()?;
+        let (d_out, _) = w.dims2()?;
+        let (dx, dw, db) = with_data(&[x, w, &g], "linear backward", |d| {
+            let (xv, wv, gv) = (
+                View::row_major(d[0], n, d_in)?,
+                View::row_major(d[1], d_out, d_in)?,
+                View::row_major(d[2], n, d_out)?,
+            );
+            let mut dx = vec![0f32; n * d_in];
+            let mut dw = vec![0f32; d_out * d_in];
+            let mut db = vec![0f32; if bias { d_out } else { 0 }];
+            // dx = g · W and dW = gᵀ · x, cut by rows of their outputs; db = Σ_rows g.
+            let mut jobs = product_jobs(&mut dx, gv, wv);
+            jobs.extend(product_jobs(&mut dw, gv.t(), xv));
+            if bias {
+                let g = d[2];
+                let db = &mut db;
+                jobs.push(Box::new(move || {
+                    column_sums(g, d_out, db);
+                    Ok(())
+                }));
+            }
+            run_jobs(jobs)?;
+            Ok((dx, dw, db))
+        })?;
+        let dev = x.device();
+        Ok((
+            Tensor::from_vec(dx, (n, d_in), dev)?,
+            Tensor::from_vec(dw, (d_out, d_in), dev)?,
+            if bias {
+                Some(Tensor::from_vec(db, d_out, dev)?)
+            } else {
+                None
+            },
+        ))
+    }
+}
+
+/// `out[j] = Σ_i m[i·out.len() + j]`, rows added in order.
+fn column_sums(m: &[f32], width: usize, out: &mut [f32]) {
+    out.fill(0.0);
+    for row in m.chunks_exact(width) {
+        for (o, v) in out.iter_mut().zip(row) {
+            *o += v;
+        }
+    }
+}
+
+impl CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "nanogpt-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = (f32_slice(s1, l1, "linear")?, f32_slice(s2, l2, "linear")?);
+        let y = Self::forward(x, l1, w, l2, None)?;
+        Ok((
+            CpuStorage::F32(y),
+            Shape::from((l1.dims()[0], l2.dims()[0])),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = Self::backward(x, w, false, grad)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "nanogpt-linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (
+            f32_slice(s1, l1, "linear")?,
+            f32_slice(s2, l2, "linear")?,
+            f32_slice(s3, l3, "linear")?,
+        );
+        let y = Self::forward(x, l1, w, l2, Some(b))?;
+        Ok((
+            CpuStorage::F32(y),
+            Shape::from((l1.dims()[0], l2.dims()[0])),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = Self::backward(x, w, true, grad)?;
+        Ok((Some(dx), Some(dw), db))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The MLP op.
+
+/// `gelu(x · W_fcᵀ) · W_projᵀ`. Keeps the pre-activation `x · W_fcᵀ` from the forward pass for
+/// the backward pass.
+#[derive(Default)]
+struct MlpOp {
+    pre_activation: OnceLock<Vec<f32>>,
+}
+
+impl CustomOp3 for MlpOp {
+    fn name(&self) -> &'static str {
+        "nanogpt-mlp"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let _span = tracing::debug_span!("mlp.forward").entered();
+        let (x, w_fc, w_proj) = (
+            f32_slice(s1, l1, "mlp")?,
+            f32_slice(s2, l2, "mlp")?,
+            f32_slice(s3, l3, "mlp")?,
+        );
+        let (n, c) = dims2(l1, "mlp input")?;
+        let (hidden, fc_in) = dims2(l2, "mlp c_fc weight")?;
+        let (proj_out, proj_in) = dims2(l3, "mlp c_proj weight")?;
+        if fc_in != c || proj_in != hidden {
+            candle_core::bail!(
+                "mlp: input {:?}, c_fc weight {:?} and c_proj weight {:?} do not chain",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            );
+        }
+        let xv = View::row_major(x, n, c)?;
+        let w_fc_t = View::row_major(w_fc, hidden, c)?.t();
+        let w_proj_t = View::row_major(w_proj, proj_out, hidden)?.t();
+        let mut u = vec![0f32; n * hidden];
+        let mut y = vec![0f32; n * proj_out];
+        // Blocks of rows: u = x W_fcᵀ, h = gelu(u), y = h W_projᵀ, each block on one thread.
+        let block = row_blocks(n);
+        let jobs = u
+            .chunks_mut((block * hidden).max(1))
+            .zip(y.chunks_mut((block * proj_out).max(1)))
+            .enumerate()
+            .map(|(i, (u, y))| {
+                Box::new(move || {
+                    let rows = u.len() / hidden.max(1);
+                    matmul_into(u, xv.rows(i * block, rows)?, w_fc_t, false)?;
+                    let mut h = vec![0f32; u.len()];
+                    crate::gelu::forward_slice(u, &mut h);
+                    matmul_into(y, View::row_major(&h, rows, hidden)?, w_proj_t, false)
+                }) as Box<dyn FnOnce() -> Result<()> + Send>
+            })
+            .collect();
+        run_jobs(jobs)?;
+        // Only the first forward of this op object stores its pre-activation; a second one
+        // cannot happen (each call of `Mlp::forward` makes a new op).
+        let _ = self.pre_activation.set(u);
+        Ok((CpuStorage::F32(y), Shape::from((n, proj_out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w_fc: &Tensor,
+        w_proj: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _span = tracing::debug_span!("mlp.backward").entered();
+        let Some(u) = self.pre_activation.get() else {
+            candle_core::bail!("mlp backward: the forward pass did not run on the CPU");
+        };
+        let g = grad.contiguous()?;
+        let (n, c) = x.dims2()?;
+        let (hidden, _) = w_fc.dims2()?;
+        let (out, _) = w_proj.dims2()?;
+        let (dx, dw_fc, dw_proj) = with_data(&[x, w_fc, w_proj, &g], "mlp backward", |d| {
+            let xv = View::row_major(d[0], n, c)?;
+            let w_fc = View::row_major(d[1], hidden, c)?;
+            let w_proj = View::row_major(d[2], out, hidden)?;
+            let gv = View::row_major(d[3], n, out)?;
+            let mut h = vec![0f32; n * hidden];
+            let mut du = vec![0f32; n * hidden];
+            let mut dx = vec![0f32; n * c];
+            // Blocks of rows: dh = g W_proj, du = dh ⊙ gelu'(u) (and h = gelu(u) for dW_proj),
+            // dx = du W_fc.
+            let block = row_blocks(n);
+            let jobs = h
+                .chunks_mut((block * hidden).max(1))
+                .zip(du.chunks_mut((block * hidden).max(1)))
+                .zip(dx.chunks_mut((block * c).max(1)))
+                .enumerate()
+                .map(|(i, ((h, du), dx))| {
+                    Box::new(move || {
+                        let rows = h.len() / hidden.max(1);
+                        let first = i * block;
+                        let u = &u[first * hidden..(first + rows) * hidden];
+                        matmul_into(du, gv.rows(first, rows)?, w_proj, false)?;
+                        crate::gelu::forward_backward_in_place(u, h, du);
+                        matmul_into(dx, View::row_major(du, rows, hidden)?, w_fc, false)
+                    }) as Box<dyn FnOnce() -> Result<()> + Send>
+                })
+                .collect();
+            run_jobs(jobs)?;
+            // dW_proj = gᵀ h and dW_fc = duᵀ x, cut by rows of their outputs.
+            let mut dw_proj = vec![0f32; out * hidden];
+            let mut dw_fc = vec![0f32; hidden * c];
+            let mut jobs = product_jobs(&mut dw_proj, gv.t(), View::row_major(&h, n, hidden)?);
+            jobs.extend(product_jobs(
+                &mut dw_fc,
+                View::row_major(&du, n, hidden)?.t(),
+                xv,
+            ));
+            run_jobs(jobs)?;
+            Ok((dx, dw_fc, dw_proj))
+        })?;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, (n, c), dev)?),
+            Some(Tensor::from_vec(dw_fc, (hidden, c), dev)?),
+            Some(Tensor::from_vec(dw_proj, (out, hidden), dev)?),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+    use candle_nn::VarMap;
+
+    use crate::rng::Rng;
+
+    fn set_random(map: &VarMap, rng: &mut Rng, std: f64) -> Result<()> {
+        let data = map.data().lock().unwrap();
+        let mut names: Vec<_> = data.keys().cloned().collect();
+        names.sort();
+        for name in names {
+            let var = &data[&name];
+            let values = rng.normal_vec(var.elem_count(), std);
+            var.set(&Tensor::from_vec(values, var.shape(), var.device())?.to_dtype(var.dtype())?)?;
+        }
+        Ok(())
+    }
+
+    /// Output, then the gradients of `Σ y ⊙ probe` with respect to `x` and each of `params`.
+    fn output_and_grads(
+        y: &Tensor,
+        probe: &Tensor,
+        x: &Var,
+        params: &[Tensor],
+    ) -> Result<Vec<Vec<f32>>> {
+        let grads = (y * probe)?.sum_all()?.backward()?;
+        let mut out = vec![y.flatten_all()?.to_vec1()?];
+        for t in std::iter::once(x.as_tensor()).chain(params) {
+            out.push(grads.get(t).expect("a gradient").flatten_all()?.to_vec1()?);
+        }
+        Ok(out)
+    }
+
+    fn assert_close(fused: &[Vec<f32>], reference: &[Vec<f32>], tol: f32) {
+        assert_eq!(fused.len(), reference.len());
+        for (k, (a, b)) in fused.iter().zip(reference).enumerate() {
+            assert_eq!(a.len(), b.len(), "tensor {k}");
+            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3);
+            for (i, (p, q)) in a.iter().zip(b).enumerate() {
+                assert!(
+                    (p - q).abs() <= tol * scale,
+                    "tensor {k}[{i}]: fused {p} vs reference {q} (scale {scale})"
+                );
+            }
+        }
+    }
+
+    /// Fused Linear (with and without bias; shapes that split into several uneven blocks) against
+    /// Candle's matrix product and its autograd.
+    #[test]
+    fn linear_matches_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        for (bias, n, d_in, d_out) in [(false, 300, 40, 72), (true, 211, 33, 129), (true, 3, 5, 7)]
+        {
+            let map = VarMap::new();
+            let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
+            let layer = Linear::new(d_in, d_out, bias, vb)?;
+            let mut rng = Rng::new(11, 0);
+            set_random(&map, &mut rng, 1.0)?;
+            let x = Var::from_vec(rng.normal_vec(n * d_in, 1.0), (n, d_in), &dev)?;
+            let probe = Tensor::from_vec(rng.normal_vec(n * d_out, 1.0), (n, d_out), &dev)?;
+            let mut params = vec![layer.weight.clone()];
+            params.extend(layer.bias.clone());
+            let fused = output_and_grads(&layer.forward(&x)?, &probe, &x, &params)?;
+            let reference = output_and_grads(&layer.forward_composed(&x)?, &probe, &x, &params)?;
+            assert_close(&fused, &reference, 1e-5);
+        }
+        Ok(())
+    }
+
+    /// Fused MLP against the composed Candle ops (matrix products, `gelu_erf`) and their autograd.
+    #[test]
+    fn mlp_matches_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        for (n, c) in [(257, 24), (2, 8)] {
+            let map = VarMap::new();
+            let mlp = Mlp::new(c, false, VarBuilder::from_varmap(&map, DType::F32, &dev))?;
+            let mut rng = Rng::new(12, 0);
+            set_random(&map, &mut rng, 0.3)?;
+            let x = Var::from_vec(rng.normal_vec(n * c, 1.0), (n, c), &dev)?;
+            let probe = Tensor::from_vec(rng.normal_vec(n * c, 1.0), (n, c), &dev)?;
+            let params = [mlp.c_fc.weight.clone(), mlp.c_proj.weight.clone()];
+            let fused = output_and_grads(&mlp.forward(&x)?, &probe, &x, &params)?;
+            let reference = output_and_grads(&mlp.forward_composed(&x)?, &probe, &x, &params)?;
+            assert_close(&fused, &reference, 2e-5);
+        }
+        Ok(())
+    }
+
+    /// The composed reference's gradients match central finite differences (in f64), so the
+    /// fused ops, which match the reference, have the right gradients.
+    #[test]
+    fn composed_gradients_match_finite_differences() -> Result<()> {
+        let dev = Device::Cpu;
+        let map = VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F64, &dev);
+        let mlp = Mlp::new(3, true, vb)?;
+        let mut rng = Rng::new(13, 0);
+        set_random(&map, &mut rng, 0.7)?;
+        let x = Var::from_vec(
+            rng.normal_vec(4 * 3, 1.0)
+                .into_iter()
+                .map(f64::from)
+                .collect::<Vec<_>>(),
+            (4, 3),
+            &dev,
+        )?;
+        let probe = Tensor::from_vec(
+            rng.normal_vec(4 * 3, 1.0)
+                .into_iter()
+                .map(f64::from)
+                .collect::<Vec<_>>(),
+            (4, 3),
+            &dev,
+        )?;
+        let loss = |x: &Tensor| -> Result<f64> {
+            (mlp.forward_composed(x)? * &probe)?
+                .sum_all()?
+                .to_scalar::<f64>()
+        };
+        let grads = (mlp.forward_composed(&x)? * &probe)?
+            .sum_all()?
+            .backward()?;
+        let mut inputs: Vec<(String, Var)> = map
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        inputs.push(("x".into(), x.clone()));
+        let h = 1e-6;
+        for (name, var) in &inputs {
+            let analytic = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("no gradient for {name}"))
+                .flatten_all()?
+                .to_vec1::<f64>()?;
+            let base = var.as_tensor().flatten_all()?.to_vec1::<f64>()?;
+            for (i, &a) in analytic.iter().enumerate() {
+                let shifted = |delta: f64| -> Result<f64> {
+                    let mut v = base.clone();
+                    v[i] += delta;
+                    var.set(&Tensor::from_vec(v, var.shape(), &dev)?)?;
+                    let l = loss(x.as_tensor())?;
+                    var.set(&Tensor::from_vec(base.clone(), var.shape(), &dev)?)?;
+                    Ok(l)
+                };
+                let numeric = (shifted(h)? - shifted(-h)?) / (2.0 * h);
+                assert!(
+                    (numeric - a).abs() < 1e-6 * (1.0 + a.abs()),
+                    "{name}[{i}]: analytic {a}, finite difference {numeric}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// One thread or two: the same bits (the blocks depend on the shapes only).
+    #[test]
+    fn results_do_not_depend_on_the_thread_count() -> Result<()> {
+        let dev = Device::Cpu;
+        let map = VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
+        let mlp = Mlp::new(32, false, vb.pp("mlp"))?;
+        let lin = Linear::new(32, 48, true, vb.pp("lin"))?;
+        let mut rng = Rng::new(14, 0);
+        set_random(&map, &mut rng, 0.2)?;
+        let x = Var::from_vec(rng.normal_vec(300 * 32, 1.0), (300, 32), &dev)?;
+        let probe = Tensor::from_vec(rng.normal_vec(300 * 48, 1.0), (300, 48), &dev)?;
+        let params = [
+            mlp.c_fc.weight.clone(),
+            mlp.c_proj.weight.clone(),
+            lin.weight.clone(),
+            lin.bias.clone().unwrap(),
+        ];
+        let run = |threads: usize| -> Result<Vec<Vec<f32>>> {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .map_err(candle_core::Error::wrap)?;
+            pool.install(|| {
+                let y = lin.forward(&mlp.forward(&x)?)?;
+                output_and_grads(&y, &probe, &x, &params)
+            })
+        };
+        assert_eq!(run(1)?, run(2)?);
+        Ok(())
+    }
+}
