@@ -41,6 +41,11 @@ fn main() -> Result<()> {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
+    // As the binary: the step runs on a thread of the rayon pool (see main.rs).
+    rayon::ThreadPoolBuilder::new().build()?.install(run)
+}
+
+fn run() -> Result<()> {
     let cfg = TrainConfig::from_toml(CPU_RECIPE)?;
     let dev = Device::Cpu;
     let model_cfg = ModelConfig {
