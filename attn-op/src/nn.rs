@@ -196,15 +196,87 @@ impl CausalSelfAttention {
         ))
     }
 
-    /// `c_proj` and residual dropout of the attention output `(B, T, H, D)`.
+    /// `c_proj` and residual dropout of the attention output `(B, T, H, D)`, as `(B, T, C)`.
     fn project(&self, y: &Tensor, train: bool) -> Result<Tensor> {
         let (b, t, _, _) = y.dims4()?;
-        let y = self.c_proj.forward(&y.reshape((b, t, self.cfg.n_embd))?)?;
+        self.project_rows(&y.reshape((b * t, self.cfg.n_embd))?, train)?
+            .reshape((b, t, self.cfg.n_embd))
+    }
+
+    /// `c_proj` and residual dropout of attention output rows `(N, C)`.
+    fn project_rows(&self, y: &Tensor, train: bool) -> Result<Tensor> {
+        let y = self.c_proj.forward(y)?;
         if train && self.cfg.dropout > 0.0 {
             dropout(&y, self.cfg.dropout, splitmix64(&self.seeds))
         } else {
             Ok(y)
         }
+    }
+
+    /// The layer on token rows `x` `(B·T, C)`, sequences of `seq_len` = T tokens one after the
+    /// other: [`ModuleT::forward_t`] of `x` reshaped to `(B, T, C)`, returned as rows `(B·T, C)`.
+    /// For models that keep their residual stream as a matrix (nanogpt does): on the CPU no
+    /// reshape enters the autograd graph, where each node costs Candle's backward a zero-filled
+    /// buffer and an addition.
+    ///
+    /// ```
+    /// use attn_op::nn::{AttentionConfig, Causality, CausalSelfAttention};
+    /// use candle_core::{DType, Device, ModuleT, Tensor};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// let vm = VarMap::new();
+    /// let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    /// let cfg = AttentionConfig { n_embd: 32, n_head: 4, bias: false, dropout: 0.0, causality: Causality::Always };
+    /// let attn = CausalSelfAttention::new(cfg, vb)?;
+    /// let x = Tensor::randn(0f32, 1., (2 * 10, 32), &Device::Cpu)?;
+    /// let rows = attn.forward_rows(&x, 10, true)?;
+    /// let batched = attn.forward_t(&x.reshape((2, 10, 32))?, true)?;
+    /// assert_eq!(rows.to_vec2::<f32>()?, batched.reshape((20, 32))?.to_vec2::<f32>()?);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn forward_rows(&self, x: &Tensor, seq_len: usize, train: bool) -> Result<Tensor> {
+        let (n, _) = x.dims2()?;
+        if seq_len == 0 || !n.is_multiple_of(seq_len) {
+            bail!(
+                "CausalSelfAttention::forward_rows: seq_len = {seq_len} must be positive and divide the {n} rows"
+            );
+        }
+        self.attend_rows(x, n / seq_len, seq_len, train)
+    }
+
+    /// Rows `(B·T, C)` to rows `(B·T, C)`.
+    fn attend_rows(&self, x: &Tensor, b: usize, t: usize, train: bool) -> Result<Tensor> {
+        let _span = tracing::debug_span!("CausalSelfAttention").entered();
+        let c = self.cfg.n_embd;
+        let (_, x_c) = x.dims2()?;
+        if x_c != c {
+            bail!("CausalSelfAttention: input has {x_c} features, expected n_embd = {c}");
+        }
+        // A 2-D product: no reshape nodes.
+        let qkv = self.c_attn.forward(x)?;
+        let (q, k, v) = self.heads(&qkv.reshape((b, t, 3 * c))?)?;
+        let (q, k, v) = (q.transpose(1, 2)?, k.transpose(1, 2)?, v.transpose(1, 2)?);
+        let opts = SdpaOptions {
+            is_causal: self.causal(train),
+            dropout_p: if train { self.cfg.dropout } else { 0.0 },
+            seed: train.then(|| splitmix64(&self.seeds)),
+            ..Default::default()
+        };
+        let backend = select_backend(&q, &k, &v, &opts)?.backend;
+        let y = if x.device().is_cpu() && backend != Backend::Math && t > 0 {
+            // Straight from the packed projection rows: backward returns one gradient for them
+            // instead of three zero-padded pieces (the views above are not used).
+            let _span = span(backend).entered();
+            let scale = 1.0 / (self.head_dim() as f32).sqrt();
+            let mut cfg = AttnConfig::new(scale, opts.is_causal.then_some(CausalAlign::TopLeft));
+            cfg.dropout = Dropout::new(opts.dropout_p, opts.seed.unwrap_or(0));
+            qkv.contiguous()?
+                .apply_op1(QkvAttention::new(cfg, self.cfg.n_head, t))?
+        } else {
+            scaled_dot_product_attention(&q, &k, &v, &opts)?
+                .transpose(1, 2)?
+                .reshape((b * t, c))?
+        };
+        self.project_rows(&y, train)
     }
 
     fn causal(&self, train: bool) -> bool {
@@ -273,32 +345,9 @@ impl CausalSelfAttention {
 impl ModuleT for CausalSelfAttention {
     /// `x` `(B, T, C)` to `(B, T, C)`; dropout only when `train`.
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let _span = tracing::debug_span!("CausalSelfAttention").entered();
-        let qkv = self.qkv(x)?;
-        let (q, k, v) = self.heads(&qkv)?;
-        let (q, k, v) = (q.transpose(1, 2)?, k.transpose(1, 2)?, v.transpose(1, 2)?);
-        let opts = SdpaOptions {
-            is_causal: self.causal(train),
-            dropout_p: if train { self.cfg.dropout } else { 0.0 },
-            seed: train.then(|| splitmix64(&self.seeds)),
-            ..Default::default()
-        };
-        let backend = select_backend(&q, &k, &v, &opts)?.backend;
-        let y = if x.device().is_cpu() && backend != Backend::Math && q.dim(2)? > 0 {
-            // Straight from the packed projection: backward returns one gradient for it
-            // instead of three zero-padded pieces.
-            let _span = span(backend).entered();
-            let scale = 1.0 / (self.head_dim() as f32).sqrt();
-            let mut cfg = AttnConfig::new(scale, opts.is_causal.then_some(CausalAlign::TopLeft));
-            cfg.dropout = Dropout::new(opts.dropout_p, opts.seed.unwrap_or(0));
-            let (b, t, _) = x.dims3()?;
-            qkv.contiguous()?
-                .apply_op1(QkvAttention::new(cfg, self.cfg.n_head))?
-                .reshape((b, t, self.cfg.n_head, self.head_dim()))?
-        } else {
-            scaled_dot_product_attention(&q, &k, &v, &opts)?.transpose(1, 2)?
-        };
-        self.project(&y, train)
+        let (b, t, c) = x.dims3()?;
+        self.attend_rows(&x.reshape((b * t, c))?, b, t, train)?
+            .reshape((b, t, c))
     }
 }
 

@@ -234,3 +234,53 @@ fn packed_projection_path_equals_plain_path() -> Result<()> {
     }
     Ok(())
 }
+
+/// `forward_rows` on `(B·T, C)` token rows equals `forward_t` on `(B, T, C)`, bit for bit, with
+/// the same gradients, on the fused CPU path and on the math backend, dropout included; a
+/// sequence length that does not divide the rows is an error.
+#[test]
+fn token_rows_equal_batched_forward() -> Result<()> {
+    let (attn, vm) = layer(Causality::Always, 0.2, true)?;
+    let (b, t, c) = (3, 13, 32);
+    let x = Var::randn(0f32, 1., (b * t, c), &Device::Cpu)?;
+    for only in [None, Some(attn_op::Backend::Math)] {
+        let run = |rows: bool| -> Result<Vec<Tensor>> {
+            let _g = only.map(|b| attn_op::sdpa_kernel(&[b]));
+            attn.set_seed_state(11);
+            let y = if rows {
+                attn.forward_rows(&x, t, true)?
+            } else {
+                attn.forward_t(&x.reshape((b, t, c))?, true)?
+                    .reshape((b * t, c))?
+            };
+            let w = Tensor::ones(y.shape(), DType::F32, &Device::Cpu)?.cumsum(1)?;
+            let grads = (y.clone() * w)?.sum_all()?.backward()?;
+            let mut out = vec![y, grads.get(&x).unwrap().clone()];
+            for name in [
+                "c_attn.weight",
+                "c_attn.bias",
+                "c_proj.weight",
+                "c_proj.bias",
+            ] {
+                let var = vm.data().lock().unwrap().get(name).unwrap().clone();
+                out.push(grads.get(var.as_tensor()).unwrap().clone());
+            }
+            Ok(out)
+        };
+        let (rows, batched) = (run(true)?, run(false)?);
+        assert!(max_diff(&rows[0], &Tensor::zeros_like(&rows[0])?) > 0.0);
+        for (i, (a, b)) in rows.iter().zip(&batched).enumerate() {
+            assert_eq!(max_diff(a, b), 0.0, "{only:?}, tensor {i}");
+        }
+    }
+    for bad in [0, 5] {
+        let err = attn.forward_rows(&x, bad, false).unwrap_err().to_string();
+        assert!(err.contains("seq_len"), "{err}");
+    }
+    let err = attn
+        .forward_rows(&Tensor::zeros((4, 16), DType::F32, &Device::Cpu)?, 2, false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("expected n_embd = 32"), "{err}");
+    Ok(())
+}

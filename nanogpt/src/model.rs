@@ -3,7 +3,7 @@
 
 use attn_op::nn::{AttentionConfig, CausalSelfAttention, Causality, KvCache};
 use attn_op::profile::sync_if_profiling;
-use candle_core::{DType, ModuleT, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
@@ -110,16 +110,16 @@ impl Block {
     ) -> Result<Tensor> {
         let (n, c) = x.dims2()?;
         // attn-op's layer keeps its weights in f32: it runs in f32 whatever the model's dtype.
-        let h = self
-            .ln_1
-            .forward(x)?
-            .to_dtype(DType::F32)?
-            .reshape((b, n / b, c))?;
+        let h = self.ln_1.forward(x)?.to_dtype(DType::F32)?;
         let h = match cache {
-            Some(cache) => self.attn.forward_cached(&h, cache)?,
-            None => self.attn.forward_t(&h, rng.is_some())?,
+            Some(cache) => self
+                .attn
+                .forward_cached(&h.reshape((b, n / b, c))?, cache)?
+                .reshape((n, c))?,
+            // Token rows in and out: no reshape nodes in the autograd graph.
+            None => self.attn.forward_rows(&h, n / b, rng.is_some())?,
         };
-        let x = (x + h.reshape((n, c))?.to_dtype(x.dtype())?)?;
+        let x = (x + h.to_dtype(x.dtype())?)?;
         synced((&x + self.mlp.forward(&self.ln_2.forward(&x)?, rng)?)?)
     }
 }
@@ -177,6 +177,9 @@ impl Gpt {
     ) -> Result<Tensor> {
         let _span = tracing::debug_span!("forward").entered();
         let (b, t) = idx.dims2()?;
+        if b == 0 || t == 0 {
+            candle_core::bail!("cannot forward an empty batch of {b} sequences of {t} tokens");
+        }
         if pos + t > self.cfg.block_size {
             candle_core::bail!(
                 "cannot forward a sequence of {} tokens: the model's block-size is only {}",

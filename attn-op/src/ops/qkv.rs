@@ -1,8 +1,9 @@
-//! [`QkvAttention`]: causal self-attention read straight from a fused `c_attn` output
-//! `(B, T, 3·C)` and written straight in the `(B, T, C)` layout `c_proj` takes, on the CPU.
+//! [`QkvAttention`]: causal self-attention read straight from a fused `c_attn` output, the token
+//! rows `(B·T, 3·C)`, and written straight as the rows `(B·T, C)` that `c_proj` takes, on the CPU.
 //!
-//! Splitting q, k and v with `narrow` costs Candle's backward a zero-filled full-size buffer and
-//! an addition per piece; this op returns the gradient of the packed tensor in one piece instead.
+//! Splitting q, k and v with `narrow`, or reshaping between `(B·T, ·)` and `(B, T, ·)`, costs
+//! Candle's backward a zero-filled full-size buffer and an addition per node; this op takes and
+//! returns token rows and gives the gradient of the packed tensor in one piece.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
@@ -13,18 +14,24 @@ use crate::config::AttnConfig;
 use crate::cpu::forward::forward;
 use crate::Backend;
 
-/// Attention over the heads of a packed `(B, T, 3·C)` q|k|v tensor, as [`crate::FlashAttention`]
-/// computes it, with output `(B, T, C)`.
+/// Attention over the heads of packed `(B·T, 3·C)` q|k|v token rows (sequences of `seq_len`
+/// tokens one after the other), as [`crate::FlashAttention`] computes it, with output `(B·T, C)`.
 pub(crate) struct QkvAttention {
     fused: Fused,
     n_head: usize,
+    seq_len: usize,
 }
 
-/// `(B, T, H, D)` of a packed `(B, T, 3·H·D)` tensor.
-fn dims(shape: &[usize], n_head: usize) -> Result<(usize, usize, usize, usize)> {
+/// `(B, T, H, D)` of packed `(B·T, 3·H·D)` rows in sequences of `seq_len` = T tokens.
+fn dims(shape: &[usize], n_head: usize, seq_len: usize) -> Result<(usize, usize, usize, usize)> {
     match *shape {
-        [b, t, c3] if n_head > 0 && c3 % (3 * n_head) == 0 => Ok((b, t, n_head, c3 / (3 * n_head))),
-        _ => bail!("qkv attention: expected (B, T, 3·C) with C a multiple of {n_head} heads, got {shape:?}"),
+        [n, c3] if n_head > 0 && c3 % (3 * n_head) == 0 && seq_len > 0 && n % seq_len == 0 => {
+            Ok((n / seq_len, seq_len, n_head, c3 / (3 * n_head)))
+        }
+        _ => bail!(
+            "qkv attention: expected (B·T, 3·C) rows with T = {seq_len} > 0 dividing B·T and C a \
+             multiple of {n_head} heads, got {shape:?}"
+        ),
     }
 }
 
@@ -44,16 +51,17 @@ fn heads_to_tokens(rows: &[f32], h: usize, t: usize, d: usize) -> Vec<f32> {
 }
 
 impl QkvAttention {
-    pub fn new(cfg: AttnConfig, n_head: usize) -> Self {
+    pub fn new(cfg: AttnConfig, n_head: usize, seq_len: usize) -> Self {
         Self {
             fused: Fused::new(cfg),
             n_head,
+            seq_len,
         }
     }
 
     /// Layouts of the q, k and v heads `(B, H, T, D)` inside the packed tensor.
     fn head_layouts(&self, l: &Layout) -> Result<[Layout; 3]> {
-        let (b, t, h, d) = dims(l.dims(), self.n_head)?;
+        let (b, t, h, d) = dims(l.dims(), self.n_head, self.seq_len)?;
         if !l.is_contiguous() {
             bail!("qkv attention: the packed q|k|v tensor must be contiguous");
         }
@@ -70,7 +78,7 @@ impl QkvAttention {
 
     /// q, k, v as `(B, H, T, D)` views of the packed tensor.
     fn head_views(&self, qkv: &Tensor) -> Result<[Tensor; 3]> {
-        let (b, t, h, d) = dims(qkv.dims(), self.n_head)?;
+        let (b, t, h, d) = dims(qkv.dims(), self.n_head, self.seq_len)?;
         let x = qkv.reshape((b, t, 3, h, d))?;
         let view = |i: usize| x.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
         Ok([view(0)?, view(1)?, view(2)?])
@@ -84,7 +92,7 @@ impl CustomOp1 for QkvAttention {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let _span = tracing::debug_span!("flash_attention.forward").entered();
-        let (b, t, h, d) = dims(l.dims(), self.n_head)?;
+        let (b, t, h, d) = dims(l.dims(), self.n_head, self.seq_len)?;
         let [lq, lk, lv] = self.head_layouts(l)?;
         let (rows, lse) = self.fused.with_sources(s, &lq, s, &lk, s, &lv, |g, src| {
             Ok(forward(g, src, &self.fused.params()))
@@ -93,12 +101,12 @@ impl CustomOp1 for QkvAttention {
         self.fused
             .keep_lse(Tensor::from_vec(lse, n, &candle_core::Device::Cpu)?);
         let y = heads_to_tokens(&rows, h, t, d);
-        Ok((to_storage(y, s.dtype())?, Shape::from((b, t, h * d))))
+        Ok((to_storage(y, s.dtype())?, Shape::from((b * t, h * d))))
     }
 
     fn bwd(&self, qkv: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let _span = tracing::debug_span!("flash_attention.backward").entered();
-        let (b, t, h, d) = dims(qkv.dims(), self.n_head)?;
+        let (b, t, h, d) = dims(qkv.dims(), self.n_head, self.seq_len)?;
         let [q, k, v] = self.head_views(qkv)?;
         let heads = |x: &Tensor| x.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous();
         let lse = self.fused.lse(Backend::Flash, &q, &k, &v)?;
@@ -107,6 +115,6 @@ impl CustomOp1 for QkvAttention {
                 .cpu_backward(&q, &k, &v, &heads(res)?, &heads(grad)?, &lse)?;
         let tokens = |x: Tensor| x.transpose(1, 2);
         let dqkv = Tensor::stack(&[tokens(dq)?, tokens(dk)?, tokens(dv)?], 2)?;
-        Ok(Some(dqkv.reshape((b, t, 3 * h * d))?))
+        Ok(Some(dqkv.reshape((b * t, 3 * h * d))?))
     }
 }
