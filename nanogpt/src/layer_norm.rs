@@ -10,6 +10,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use candle_nn::VarBuilder;
 use multiversion::multiversion;
+use rayon::prelude::*;
 
 /// Layer normalisation over the last dimension, with an optional bias (nanoGPT's `LayerNorm`).
 #[derive(Clone, Debug)]
@@ -99,8 +100,14 @@ fn row_stats(x: &[f32]) -> (f32, f32) {
     (mean, 1.0 / (var + EPS as f32).sqrt())
 }
 
+/// Rows per parallel block of the fused ops (fixed, so results do not depend on the thread count).
+const BLOCK_ROWS: usize = 32;
+
+/// Columns per parallel block of the weight gradient.
+const BLOCK_COLS: usize = 32;
+
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
-fn fused_forward(x: &[f32], w: &[f32], y: &mut [f32]) {
+fn forward_rows(x: &[f32], w: &[f32], y: &mut [f32]) {
     let c = w.len();
     for (x, y) in x.chunks_exact(c).zip(y.chunks_exact_mut(c)) {
         let (mean, rstd) = row_stats(x);
@@ -110,21 +117,29 @@ fn fused_forward(x: &[f32], w: &[f32], y: &mut [f32]) {
     }
 }
 
-/// Writes dx into `out[..n·c]` and dw into `out[n·c..]`.
+/// `y` = LayerNorm of the rows of `x` (`w.len()` wide, `w` non-empty), blocks of rows in parallel.
+fn fused_forward(x: &[f32], w: &[f32], y: &mut [f32]) {
+    let block = BLOCK_ROWS * w.len();
+    y.par_chunks_mut(block)
+        .zip(x.par_chunks(block))
+        .for_each(|(y, x)| forward_rows(x, w, y));
+}
+
+/// dx of rows of `x` and `g`, and each row's mean and `1/std` into `stats`.
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
-fn fused_backward(x: &[f32], w: &[f32], g: &[f32], out: &mut [f32]) {
+fn backward_rows(x: &[f32], w: &[f32], g: &[f32], dx: &mut [f32], stats: &mut [(f32, f32)]) {
     let c = w.len();
-    let (dx, dw) = out.split_at_mut(x.len());
     let mut xhat = vec![0f32; c];
-    for ((x, g), dx) in x
+    for (((x, g), dx), stat) in x
         .chunks_exact(c)
         .zip(g.chunks_exact(c))
         .zip(dx.chunks_exact_mut(c))
+        .zip(stats.iter_mut())
     {
         let (mean, rstd) = row_stats(x);
-        for (((xh, dw), &x), &g) in xhat.iter_mut().zip(dw.iter_mut()).zip(x).zip(g) {
+        *stat = (mean, rstd);
+        for (xh, &x) in xhat.iter_mut().zip(x) {
             *xh = (x - mean) * rstd;
-            *dw += g * *xh;
         }
         let a = sum3(g, w, w, |g, w, _| g * w) / c as f32;
         let b = sum3(g, w, &xhat, |g, w, xh| g * w * xh) / c as f32;
@@ -132,6 +147,36 @@ fn fused_backward(x: &[f32], w: &[f32], g: &[f32], out: &mut [f32]) {
             *dx = rstd * (g * w - a - xh * b);
         }
     }
+}
+
+/// `dw[j] = Σ_rows g·x̂` for the columns `first..first + dw.len()`, rows in order.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+fn weight_grad_cols(x: &[f32], g: &[f32], stats: &[(f32, f32)], first: usize, dw: &mut [f32]) {
+    let c = x.len() / stats.len().max(1);
+    let cols = first..first + dw.len();
+    for ((x, g), &(mean, rstd)) in x.chunks_exact(c).zip(g.chunks_exact(c)).zip(stats) {
+        for ((dw, &x), &g) in dw.iter_mut().zip(&x[cols.clone()]).zip(&g[cols.clone()]) {
+            let xh = (x - mean) * rstd;
+            *dw += g * xh;
+        }
+    }
+}
+
+/// Writes dx into `out[..n·c]` and dw into `out[n·c..]` (`w` non-empty): dx by blocks of rows,
+/// then dw by blocks of columns, each summing over the rows in order.
+fn fused_backward(x: &[f32], w: &[f32], g: &[f32], out: &mut [f32]) {
+    let c = w.len();
+    let (dx, dw) = out.split_at_mut(x.len());
+    let mut stats = vec![(0f32, 0f32); x.len() / c];
+    let block = BLOCK_ROWS * c;
+    dx.par_chunks_mut(block)
+        .zip(x.par_chunks(block))
+        .zip(g.par_chunks(block))
+        .zip(stats.par_chunks_mut(BLOCK_ROWS))
+        .for_each(|(((dx, x), g), stats)| backward_rows(x, w, g, dx, stats));
+    dw.par_chunks_mut(BLOCK_COLS)
+        .enumerate()
+        .for_each(|(i, dw)| weight_grad_cols(x, g, &stats, i * BLOCK_COLS, dw));
 }
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
@@ -165,7 +210,9 @@ impl CustomOp2 for FusedLayerNorm {
             );
         }
         let mut y = vec![0f32; x.len()];
-        fused_forward(x, w, &mut y);
+        if !w.is_empty() {
+            fused_forward(x, w, &mut y);
+        }
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -203,8 +250,18 @@ impl CustomOp3 for FusedLayerNormGrad {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, w, g) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
+        if g.len() != x.len() || (!w.is_empty() && !x.len().is_multiple_of(w.len())) {
+            candle_core::bail!(
+                "layer norm backward: input of {} elements, gradient of {}, width {}",
+                x.len(),
+                g.len(),
+                w.len()
+            );
+        }
         let mut out = vec![0f32; x.len() + w.len()];
-        fused_backward(x, w, g, &mut out);
+        if !w.is_empty() {
+            fused_backward(x, w, g, &mut out);
+        }
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
     }

@@ -8,6 +8,7 @@ use candle_core::{
     backprop::GradStore, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var,
 };
 use candle_nn::VarMap;
+use rayon::prelude::*;
 
 use crate::config::TrainConfig;
 
@@ -33,6 +34,10 @@ pub struct AdamW {
 }
 
 const EPS: f64 = 1e-8;
+
+/// Elements per parallel piece of the in-place updates, element by element (so the result does
+/// not depend on the split); tensors smaller than this stay in one piece.
+const CHUNK: usize = 1 << 14;
 
 impl AdamW {
     /// An optimizer over every variable of `varmap`, in name order. Tensors of rank >= 2
@@ -220,15 +225,20 @@ impl InplaceOp2 for Moment {
             );
         }
         let (beta, rest) = (self.beta as f32, (1.0 - self.beta) as f32);
-        if self.square {
-            for (m, &g) in m.iter_mut().zip(g) {
-                *m = (*m * beta + 0.0) + ((g * g) * rest + 0.0);
-            }
-        } else {
-            for (m, &g) in m.iter_mut().zip(g) {
-                *m = (*m * beta + 0.0) + (g * rest + 0.0);
-            }
-        }
+        let square = self.square;
+        m.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(m, g)| {
+                if square {
+                    for (m, &g) in m.iter_mut().zip(g) {
+                        *m = (*m * beta + 0.0) + ((g * g) * rest + 0.0);
+                    }
+                } else {
+                    for (m, &g) in m.iter_mut().zip(g) {
+                        *m = (*m * beta + 0.0) + (g * rest + 0.0);
+                    }
+                }
+            });
         Ok(())
     }
 }
@@ -261,11 +271,16 @@ impl InplaceOp3 for Update {
         }
         let (decay, step_size) = (self.decay as f32, self.step_size as f32);
         let (v_scale, eps) = (self.v_scale as f32, EPS as f32);
-        for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
-            let denom = (v.sqrt() * v_scale + 0.0) * 1.0 + eps;
-            let update = (m / denom) * step_size + 0.0;
-            *p = (*p * decay + 0.0) - update;
-        }
+        p.par_chunks_mut(CHUNK)
+            .zip(m.par_chunks(CHUNK))
+            .zip(v.par_chunks(CHUNK))
+            .for_each(|((p, m), v)| {
+                for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+                    let denom = (v.sqrt() * v_scale + 0.0) * 1.0 + eps;
+                    let update = (m / denom) * step_size + 0.0;
+                    *p = (*p * decay + 0.0) - update;
+                }
+            });
         Ok(())
     }
 }
