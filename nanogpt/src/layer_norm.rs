@@ -331,7 +331,8 @@ mod tests {
         Ok(())
     }
 
-    /// The fused CPU op gives the reference's output and gradients.
+    /// The fused CPU op gives the reference's output and gradients (75 rows, 48 wide: several
+    /// blocks of rows and of columns, the last ones partial).
     #[test]
     fn fused_matches_composed() -> Result<()> {
         let dev = Device::Cpu;
@@ -341,8 +342,8 @@ mod tests {
         for var in map.all_vars() {
             var.set(&Tensor::from_vec(rng.normal_vec(48, 1.0), 48, &dev)?)?;
         }
-        let x = Var::from_vec(rng.normal_vec(5 * 48, 3.0), (5, 48), &dev)?;
-        let probe = Tensor::from_vec(rng.normal_vec(5 * 48, 1.0), (5, 48), &dev)?;
+        let x = Var::from_vec(rng.normal_vec(75 * 48, 3.0), (75, 48), &dev)?;
+        let probe = Tensor::from_vec(rng.normal_vec(75 * 48, 1.0), (75, 48), &dev)?;
         let run = |fused: bool| -> Result<Vec<Vec<f32>>> {
             let y = if fused {
                 ln.forward(&x)?

@@ -352,19 +352,22 @@ mod tests {
     /// The fused in-place CPU update gives the composed Candle ops' bits, step after step.
     #[test]
     fn fused_step_matches_composed() -> Result<()> {
+        // Wide enough that the weight's update is split into several pieces.
+        const COLS: usize = 1000;
+        assert!(37 * COLS > 2 * CHUNK);
         let dev = Device::Cpu;
         let cfg = TrainConfig::from_toml(CPU_RECIPE).unwrap();
         let mut rng = crate::rng::Rng::new(5, 0);
-        let init_w = rng.normal_vec(37 * 3, 1.0);
+        let init_w = rng.normal_vec(37 * COLS, 1.0);
         let init_b = rng.normal_vec(37, 1.0);
         let run = |fused: bool| -> Result<Vec<Vec<f32>>> {
             let map = VarMap::new();
             let vb = candle_nn::VarBuilder::from_varmap(&map, DType::F32, &dev);
-            vb.get_with_hints((37, 3), "w", candle_nn::Init::Const(0.0))?;
+            vb.get_with_hints((37, COLS), "w", candle_nn::Init::Const(0.0))?;
             vb.get_with_hints(37, "b", candle_nn::Init::Const(0.0))?;
             map.data().lock().unwrap()["w"].set(&Tensor::from_vec(
                 init_w.clone(),
-                (37, 3),
+                (37, COLS),
                 &dev,
             )?)?;
             map.data().lock().unwrap()["b"].set(&Tensor::from_vec(init_b.clone(), 37, &dev)?)?;
@@ -373,7 +376,7 @@ mod tests {
             for step in 0..5 {
                 let grads = [
                     Tensor::from_vec(grng.normal_vec(37, 1.0), 37, &dev)?,
-                    Tensor::from_vec(grng.normal_vec(37 * 3, 1.0), (37, 3), &dev)?,
+                    Tensor::from_vec(grng.normal_vec(37 * COLS, 1.0), (37, COLS), &dev)?,
                 ];
                 opt.fused_cpu = fused;
                 opt.step(&grads, 1e-2 * (step + 1) as f64)?;
