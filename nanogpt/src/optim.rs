@@ -354,7 +354,7 @@ mod tests {
     fn fused_step_matches_composed() -> Result<()> {
         // Wide enough that the weight's update is split into several pieces.
         const COLS: usize = 1000;
-        assert!(37 * COLS > 2 * CHUNK);
+        const { assert!(37 * COLS > 2 * CHUNK) };
         let dev = Device::Cpu;
         let cfg = TrainConfig::from_toml(CPU_RECIPE).unwrap();
         let mut rng = crate::rng::Rng::new(5, 0);
