@@ -32,20 +32,11 @@ fn cpu_ms() -> f64 {
 }
 
 fn main() -> Result<()> {
-    // The binary's allocator and thread settings (see main.rs).
-    // SAFETY: called before any other thread starts.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-    }
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
-    // As the binary: the step runs on a thread of the rayon pool (see main.rs).
-    rayon::ThreadPoolBuilder::new().build()?.install(run)
+    // The binary's allocator, thread settings and pool (see nanogpt::runtime).
+    nanogpt::runtime::run(breakdown)
 }
 
-fn run() -> Result<()> {
+fn breakdown() -> Result<()> {
     let cfg = TrainConfig::from_toml(CPU_RECIPE)?;
     let dev = Device::Cpu;
     let model_cfg = ModelConfig {

@@ -4,7 +4,8 @@
 //! [`model`] ([`train`], [`optim`], [`checkpoint`], [`plot`]), `nanogpt sample` generates text
 //! ([`sample`]), `nanogpt bench` times attention as PyTorch's SDPA tutorial does ([`mod@bench`]).
 //! Everything random draws from the seeded generator in [`rng`], so a CPU run is
-//! reproducible bit for bit and resumes exactly.
+//! reproducible bit for bit and resumes exactly. [`runtime`] is how the binary sets up the
+//! process (allocator, threads) for CPU training.
 
 #![warn(missing_docs)]
 
@@ -20,6 +21,7 @@ pub mod model;
 pub mod optim;
 pub mod plot;
 pub mod rng;
+pub mod runtime;
 pub mod sample;
 pub mod tokenizer;
 pub mod train;

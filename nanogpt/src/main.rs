@@ -23,10 +23,8 @@ use nanogpt::train::{train, TrainOptions};
 use nanogpt::{checkpoint, device};
 
 fn main() {
-    keep_freed_memory();
-    single_threaded_elementwise_ops();
     let cli = Cli::parse();
-    let result = on_worker_pool(move || match cli.command {
+    let result = nanogpt::runtime::run(move || match cli.command {
         Command::Prepare(args) => prepare(args),
         Command::Train(args) => profiled(args.profile.clone().as_deref(), || train_cmd(args)),
         Command::Sample(args) => profiled(args.profile.clone().as_deref(), || sample(args)),
@@ -40,44 +38,6 @@ fn main() {
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
-    }
-}
-
-/// Runs `work` on a thread of a rayon pool instead of the main thread. The parallel parts of a
-/// step (matrix products, attention) then run on the pool with that thread taking a share, rather
-/// than on the pool's workers while the main thread sleeps until they finish: one thread fewer
-/// competes for the cores, with fewer sleeps and wake-ups per step. On 2 cores a CPU-recipe step
-/// measured about 10% faster this way (BENCHMARKS.md). Without a pool it runs `work` here.
-fn on_worker_pool<T: Send>(work: impl FnOnce() -> T + Send) -> T {
-    // Candle walks the autograd graph recursively: a deep model needs more than rayon's default
-    // stack (only address space is reserved until it is used).
-    match rayon::ThreadPoolBuilder::new().stack_size(64 << 20).build() {
-        Ok(pool) => pool.install(work),
-        Err(_) => work(),
-    }
-}
-
-/// Each training step allocates and frees the same large activation buffers. By default glibc
-/// serves them with fresh `mmap`s that the kernel must zero page by page (a fifth of a CPU step);
-/// keeping freed memory in the heap lets the next step reuse it.
-fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only tunes the allocator's thresholds; it is called before any threads start.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-    }
-}
-
-/// Candle runs element-wise ops on a pool whose threads meet at a barrier after every op, and
-/// busy-wait there. When anything else runs on the machine, a descheduled worker stalls each op:
-/// with 2 threads on a loaded 2-core machine a CPU-recipe step took 400 ms instead of 92 ms.
-/// These ops are memory-bound at nanoGPT's sizes, so they run on one thread unless
-/// `CANDLE_NUM_THREADS` says otherwise; matrix products still use every core (`RAYON_NUM_THREADS`).
-fn single_threaded_elementwise_ops() {
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        // Safe here: no other thread exists yet to read the environment concurrently.
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
 }
 
