@@ -8,6 +8,8 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use multiversion::multiversion;
 
+use crate::cpu_data::f32_slice;
+
 /// `x · Φ(x)`, Φ the standard normal CDF.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
     let _span = tracing::debug_span!("gelu").entered();
@@ -87,13 +89,6 @@ pub(crate) fn forward_backward_in_place(u: &[f32], h: &mut [f32], g: &mut [f32])
     }
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("gelu: expected a contiguous f32 tensor"),
-    }
-}
-
 struct GeluErf;
 
 impl CustomOp1 for GeluErf {
@@ -102,7 +97,7 @@ impl CustomOp1 for GeluErf {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = slice(s, l)?;
+        let x = f32_slice(s, l, "gelu")?;
         let mut y = vec![0f32; x.len()];
         forward(x, &mut y);
         Ok((CpuStorage::F32(y), l.shape().clone()))
@@ -128,7 +123,7 @@ impl CustomOp2 for GeluGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, g) = (slice(s1, l1)?, slice(s2, l2)?);
+        let (x, g) = (f32_slice(s1, l1, "gelu")?, f32_slice(s2, l2, "gelu")?);
         let mut dx = vec![0f32; x.len()];
         backward(x, g, &mut dx);
         Ok((CpuStorage::F32(dx), l1.shape().clone()))

@@ -12,6 +12,11 @@ use candle_nn::VarBuilder;
 use multiversion::multiversion;
 use rayon::prelude::*;
 
+use crate::cpu_data::f32_slice;
+
+/// The op's name in errors.
+const LN: &str = "layer norm";
+
 /// Layer normalisation over the last dimension, with an optional bias (nanoGPT's `LayerNorm`).
 #[derive(Clone, Debug)]
 pub struct LayerNorm {
@@ -179,13 +184,6 @@ fn fused_backward(x: &[f32], w: &[f32], g: &[f32], out: &mut [f32]) {
         .for_each(|(i, dw)| weight_grad_cols(x, g, &stats, i * BLOCK_COLS, dw));
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("layer norm: expected contiguous f32 tensors"),
-    }
-}
-
 /// `(x - mean) / sqrt(var + eps) * w` over rows of `x`, with its backward.
 struct FusedLayerNorm;
 
@@ -201,7 +199,7 @@ impl CustomOp2 for FusedLayerNorm {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, w) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
+        let (x, w) = (f32_slice(s1, l1, LN)?, f32_slice(s2, l2, LN)?);
         if l1.dims().last() != Some(&w.len()) {
             candle_core::bail!(
                 "layer norm: input {:?} does not end in the weight's width {}",
@@ -249,7 +247,11 @@ impl CustomOp3 for FusedLayerNormGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, w, g) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
+        let (x, w, g) = (
+            f32_slice(s1, l1, LN)?,
+            f32_slice(s2, l2, LN)?,
+            f32_slice(s3, l3, LN)?,
+        );
         if g.len() != x.len() || (!w.is_empty() && !x.len().is_multiple_of(w.len())) {
             candle_core::bail!(
                 "layer norm backward: input of {} elements, gradient of {}, width {}",

@@ -12,6 +12,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
+mod cpu_data;
 pub mod data;
 pub mod device;
 pub mod gelu;

@@ -21,6 +21,8 @@ use candle_nn::VarBuilder;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use crate::cpu_data::f32_slice;
+
 /// A Linear layer `y = x Wᵀ + b` over the last dimension, `W` stored `(out, in)` as PyTorch does.
 #[derive(Clone, Debug)]
 pub struct Linear {
@@ -309,13 +311,6 @@ fn product_jobs<'a>(
 
 // ---------------------------------------------------------------------------------------------
 // Storage access.
-
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("{what}: expected a contiguous f32 CPU tensor"),
-    }
-}
 
 /// Runs `f` on the contiguous f32 data of CPU tensors.
 fn with_data<R>(

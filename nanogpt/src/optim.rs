@@ -11,6 +11,7 @@ use candle_nn::VarMap;
 use rayon::prelude::*;
 
 use crate::config::TrainConfig;
+use crate::cpu_data::{f32_slice, f32_slice_mut};
 
 /// One parameter and its Adam moments.
 struct Param {
@@ -183,20 +184,6 @@ fn fused(p: &Param, g: &Tensor) -> bool {
             .all(|x| x.dtype() == DType::F32 && x.is_contiguous() && x.shape() == t.shape())
 }
 
-fn f32_data<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("AdamW: expected contiguous f32 tensors"),
-    }
-}
-
-fn f32_data_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
-        _ => candle_core::bail!("AdamW: expected contiguous f32 tensors"),
-    }
-}
-
 /// `m = m·β + g·(1-β)`, or with `square` `v = v·β + g²·(1-β)`, in place; rounded as Candle's
 /// `affine` and `add` round it (each scalar product plus 0, the scalars in f32).
 struct Moment {
@@ -216,7 +203,7 @@ impl InplaceOp2 for Moment {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<()> {
-        let (m, g) = (f32_data_mut(s1, l1)?, f32_data(s2, l2)?);
+        let (m, g) = (f32_slice_mut(s1, l1, "AdamW")?, f32_slice(s2, l2, "AdamW")?);
         if m.len() != g.len() {
             candle_core::bail!(
                 "AdamW: moment of {} elements, gradient of {}",
@@ -265,7 +252,11 @@ impl InplaceOp3 for Update {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<()> {
-        let (p, m, v) = (f32_data_mut(s1, l1)?, f32_data(s2, l2)?, f32_data(s3, l3)?);
+        let (p, m, v) = (
+            f32_slice_mut(s1, l1, "AdamW")?,
+            f32_slice(s2, l2, "AdamW")?,
+            f32_slice(s3, l3, "AdamW")?,
+        );
         if p.len() != m.len() || p.len() != v.len() {
             candle_core::bail!("AdamW: parameter and moments differ in size");
         }
