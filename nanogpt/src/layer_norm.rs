@@ -292,45 +292,9 @@ mod tests {
         }
         let x = Var::from_vec(randn(15), (3, 5), &dev)?;
         let probe = Tensor::from_vec(randn(15), (3, 5), &dev)?;
-        let loss = |ln: &LayerNorm, x: &Tensor| -> Result<f64> {
-            (ln.forward_composed(x)? * &probe)?
-                .sum_all()?
-                .to_scalar::<f64>()
-        };
-        let grads = (ln.forward_composed(&x)? * &probe)?.sum_all()?.backward()?;
-        let mut inputs: Vec<(String, Var)> = map
-            .data()
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        inputs.push(("x".into(), x.clone()));
-        let h = 1e-6;
-        for (name, var) in &inputs {
-            let analytic = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("no gradient for {name}"))
-                .flatten_all()?
-                .to_vec1::<f64>()?;
-            let base = var.as_tensor().flatten_all()?.to_vec1::<f64>()?;
-            for (i, &a) in analytic.iter().enumerate() {
-                let shifted = |delta: f64| -> Result<f64> {
-                    let mut v = base.clone();
-                    v[i] += delta;
-                    var.set(&Tensor::from_vec(v, var.shape(), &dev)?)?;
-                    let l = loss(&ln, &x)?;
-                    var.set(&Tensor::from_vec(base.clone(), var.shape(), &dev)?)?;
-                    Ok(l)
-                };
-                let numeric = (shifted(h)? - shifted(-h)?) / (2.0 * h);
-                assert!(
-                    (numeric - a).abs() < 1e-6 * (1.0 + a.abs()),
-                    "{name}[{i}]: analytic {a}, finite difference {numeric}"
-                );
-            }
-        }
-        Ok(())
+        crate::test_util::assert_gradients_match_finite_differences(&map, &x, || {
+            (ln.forward_composed(&x)? * &probe)?.sum_all()
+        })
     }
 
     /// The fused CPU op gives the reference's output and gradients (75 rows, 48 wide: several

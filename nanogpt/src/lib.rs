@@ -24,5 +24,7 @@ pub mod plot;
 pub mod rng;
 pub mod runtime;
 pub mod sample;
+#[cfg(test)]
+mod test_util;
 pub mod tokenizer;
 pub mod train;

@@ -756,47 +756,9 @@ mod tests {
             (4, 3),
             &dev,
         )?;
-        let loss = |x: &Tensor| -> Result<f64> {
-            (mlp.forward_composed(x)? * &probe)?
-                .sum_all()?
-                .to_scalar::<f64>()
-        };
-        let grads = (mlp.forward_composed(&x)? * &probe)?
-            .sum_all()?
-            .backward()?;
-        let mut inputs: Vec<(String, Var)> = map
-            .data()
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        inputs.push(("x".into(), x.clone()));
-        let h = 1e-6;
-        for (name, var) in &inputs {
-            let analytic = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("no gradient for {name}"))
-                .flatten_all()?
-                .to_vec1::<f64>()?;
-            let base = var.as_tensor().flatten_all()?.to_vec1::<f64>()?;
-            for (i, &a) in analytic.iter().enumerate() {
-                let shifted = |delta: f64| -> Result<f64> {
-                    let mut v = base.clone();
-                    v[i] += delta;
-                    var.set(&Tensor::from_vec(v, var.shape(), &dev)?)?;
-                    let l = loss(x.as_tensor())?;
-                    var.set(&Tensor::from_vec(base.clone(), var.shape(), &dev)?)?;
-                    Ok(l)
-                };
-                let numeric = (shifted(h)? - shifted(-h)?) / (2.0 * h);
-                assert!(
-                    (numeric - a).abs() < 1e-6 * (1.0 + a.abs()),
-                    "{name}[{i}]: analytic {a}, finite difference {numeric}"
-                );
-            }
-        }
-        Ok(())
+        crate::test_util::assert_gradients_match_finite_differences(&map, &x, || {
+            (mlp.forward_composed(&x)? * &probe)?.sum_all()
+        })
     }
 
     /// One thread or two: the same bits (the blocks depend on the shapes only).
