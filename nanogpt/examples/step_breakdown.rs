@@ -39,15 +39,7 @@ fn main() -> Result<()> {
 fn breakdown() -> Result<()> {
     let cfg = TrainConfig::from_toml(CPU_RECIPE)?;
     let dev = Device::Cpu;
-    let model_cfg = ModelConfig {
-        vocab_size: 65,
-        block_size: cfg.block_size,
-        n_layer: cfg.n_layer,
-        n_head: cfg.n_head,
-        n_embd: cfg.n_embd,
-        dropout: cfg.dropout,
-        bias: cfg.bias,
-    };
+    let model_cfg = ModelConfig::from_train(&cfg, 65);
     let varmap = VarMap::new();
     let model = Gpt::new(
         &model_cfg,

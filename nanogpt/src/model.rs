@@ -7,6 +7,7 @@ use candle_core::{DType, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
+use crate::config::TrainConfig;
 use crate::layer_norm::LayerNorm;
 use crate::rng::Rng;
 
@@ -28,6 +29,30 @@ pub struct ModelConfig {
     pub dropout: f64,
     /// Biases in Linear and LayerNorm layers.
     pub bias: bool,
+}
+
+impl ModelConfig {
+    /// The model that the training settings `cfg` describe, over `vocab_size` tokens.
+    ///
+    /// ```
+    /// use nanogpt::config::{TrainConfig, CPU_RECIPE};
+    /// use nanogpt::model::ModelConfig;
+    /// let cfg = TrainConfig::from_toml(CPU_RECIPE)?;
+    /// let model = ModelConfig::from_train(&cfg, 65);
+    /// assert_eq!((model.vocab_size, model.n_layer, model.n_embd), (65, 4, 128));
+    /// # Ok::<(), anyhow::Error>(())
+    /// ```
+    pub fn from_train(cfg: &TrainConfig, vocab_size: usize) -> Self {
+        Self {
+            vocab_size,
+            block_size: cfg.block_size,
+            n_layer: cfg.n_layer,
+            n_head: cfg.n_head,
+            n_embd: cfg.n_embd,
+            dropout: cfg.dropout,
+            bias: cfg.bias,
+        }
+    }
 }
 
 pub use crate::linear::Linear;

@@ -78,15 +78,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         InitFrom::Scratch => None,
         InitFrom::Resume => Some(checkpoint::load(&ckpt_path, device)?),
     };
-    let model_cfg = ModelConfig {
-        vocab_size: dataset.tokenizer.vocab_size(),
-        block_size: cfg.block_size,
-        n_layer: cfg.n_layer,
-        n_head: cfg.n_head,
-        n_embd: cfg.n_embd,
-        dropout: cfg.dropout,
-        bias: cfg.bias,
-    };
+    let model_cfg = ModelConfig::from_train(cfg, dataset.tokenizer.vocab_size());
     if let Some(ckpt) = &resume {
         check_compatible(ckpt, &model_cfg, &tokenizer_json)?;
     }
