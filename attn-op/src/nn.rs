@@ -4,7 +4,7 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use candle_core::{bail, DType, Module, ModuleT, Result, Tensor};
+use candle_core::{bail, DType, Module, ModuleT, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 
 use crate::config::{AttnConfig, CausalAlign, Dropout};
@@ -173,9 +173,9 @@ impl CausalSelfAttention {
         self.cfg.n_embd / self.cfg.n_head
     }
 
-    /// q, k, v as `(B, T, H, D)` views of one `c_attn` output, no copies.
+    /// The `c_attn` projection `(..., 3·C)` of `x` `(..., C)`, whose width it checks.
     fn qkv(&self, x: &Tensor) -> Result<Tensor> {
-        let (_, _, c) = x.dims3()?;
+        let c = x.dim(D::Minus1)?;
         if c != self.cfg.n_embd {
             bail!(
                 "CausalSelfAttention: input has {c} features, expected n_embd = {}",
@@ -247,12 +247,9 @@ impl CausalSelfAttention {
     fn attend_rows(&self, x: &Tensor, b: usize, t: usize, train: bool) -> Result<Tensor> {
         let _span = tracing::debug_span!("CausalSelfAttention").entered();
         let c = self.cfg.n_embd;
-        let (_, x_c) = x.dims2()?;
-        if x_c != c {
-            bail!("CausalSelfAttention: input has {x_c} features, expected n_embd = {c}");
-        }
+        x.dims2()?;
         // A 2-D product: no reshape nodes.
-        let qkv = self.c_attn.forward(x)?;
+        let qkv = self.qkv(x)?;
         let (q, k, v) = self.heads(&qkv.reshape((b, t, 3 * c))?)?;
         let (q, k, v) = (q.transpose(1, 2)?, k.transpose(1, 2)?, v.transpose(1, 2)?);
         let opts = SdpaOptions {
