@@ -59,8 +59,9 @@ fn cdf_pdf(x: f32) -> (f32, f32) {
     (0.5 * (1.0 + erf), e * INV_SQRT_2PI)
 }
 
+/// `y = gelu(x)` element by element (also the fused MLP's forward).
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
-fn forward(x: &[f32], y: &mut [f32]) {
+pub(crate) fn forward(x: &[f32], y: &mut [f32]) {
     for (y, &x) in y.iter_mut().zip(x) {
         *y = x * cdf_pdf(x).0;
     }
@@ -72,11 +73,6 @@ fn backward(x: &[f32], grad: &[f32], dx: &mut [f32]) {
         let (cdf, pdf) = cdf_pdf(x);
         *dx = g * (cdf + x * pdf);
     }
-}
-
-/// `y = gelu(x)` element by element (the fused MLP's forward).
-pub(crate) fn forward_slice(x: &[f32], y: &mut [f32]) {
-    forward(x, y);
 }
 
 /// `h = gelu(u)` and `g *= gelu'(u)` element by element (the fused MLP's backward).

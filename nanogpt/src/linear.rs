@@ -562,7 +562,7 @@ impl CustomOp3 for MlpOp {
                     let rows = u.len() / hidden.max(1);
                     matmul_into(u, xv.rows(i * block, rows)?, w_fc_t, false)?;
                     let mut h = vec![0f32; u.len()];
-                    crate::gelu::forward_slice(u, &mut h);
+                    crate::gelu::forward(u, &mut h);
                     matmul_into(y, View::row_major(&h, rows, hidden)?, w_proj_t, false)
                 }) as Box<dyn FnOnce() -> Result<()> + Send>
             })
