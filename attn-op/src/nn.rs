@@ -5,7 +5,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{bail, DType, Module, ModuleT, Result, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::config::{AttnConfig, CausalAlign, Dropout};
 use crate::cpu::geometry::Varlen;
@@ -112,8 +112,8 @@ impl KvCache {
 /// # Ok::<(), candle_core::Error>(())
 /// ```
 pub struct CausalSelfAttention {
-    c_attn: Linear,
-    c_proj: Linear,
+    c_attn: Projection,
+    c_proj: Projection,
     cfg: AttentionConfig,
     seeds: AtomicU64,
 }
@@ -128,10 +128,46 @@ fn splitmix64(state: &AtomicU64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// A projection layer of [`CausalSelfAttention`]: any Candle module (so that a model can bring
+/// its own Linear, fused or quantized).
+type Projection = Box<dyn Module + Send + Sync>;
+
 impl CausalSelfAttention {
     /// Creates the layer's weights through `vb` (`c_attn.weight` `(3C, C)`, `c_proj.weight`
-    /// `(C, C)`, and biases when `cfg.bias`).
+    /// `(C, C)`, and biases when `cfg.bias`) as Candle's `Linear` layers.
     pub fn new(cfg: AttentionConfig, vb: VarBuilder) -> Result<Self> {
+        let c = cfg.n_embd;
+        let c_attn = candle_nn::linear_b(c, 3 * c, cfg.bias, vb.pp("c_attn"))?;
+        let c_proj = candle_nn::linear_b(c, c, cfg.bias, vb.pp("c_proj"))?;
+        Self::with_projections(cfg, c_attn, c_proj)
+    }
+
+    /// The layer over projections of the caller's: `c_attn` maps `(..., C)` to `(..., 3·C)`
+    /// (q, k, v one after the other) and `c_proj` maps `(..., C)` to `(..., C)`, for C =
+    /// `cfg.n_embd`. A model whose own Linear layer is faster on its device (nanogpt's fused
+    /// CPU op, say) passes that; `cfg.bias` only describes them when the layer prints itself.
+    ///
+    /// ```
+    /// use attn_op::nn::{AttentionConfig, Causality, CausalSelfAttention};
+    /// use candle_core::{DType, Device, ModuleT, Tensor};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// let vm = VarMap::new();
+    /// let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    /// let cfg = AttentionConfig { n_embd: 32, n_head: 4, bias: false, dropout: 0.0, causality: Causality::Always };
+    /// let (c_attn, c_proj) = (
+    ///     candle_nn::linear_no_bias(32, 96, vb.pp("c_attn"))?,
+    ///     candle_nn::linear_no_bias(32, 32, vb.pp("c_proj"))?,
+    /// );
+    /// let attn = CausalSelfAttention::with_projections(cfg, c_attn, c_proj)?;
+    /// let x = Tensor::randn(0f32, 1., (2, 10, 32), &Device::Cpu)?;
+    /// assert_eq!(attn.forward_t(&x, false)?.dims(), &[2, 10, 32]);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn with_projections(
+        cfg: AttentionConfig,
+        c_attn: impl Module + Send + Sync + 'static,
+        c_proj: impl Module + Send + Sync + 'static,
+    ) -> Result<Self> {
         if cfg.n_head == 0 || !cfg.n_embd.is_multiple_of(cfg.n_head) {
             bail!(
                 "CausalSelfAttention: n_embd = {} must be a positive multiple of n_head = {}",
@@ -145,10 +181,9 @@ impl CausalSelfAttention {
                 cfg.dropout
             );
         }
-        let c = cfg.n_embd;
         Ok(Self {
-            c_attn: candle_nn::linear_b(c, 3 * c, cfg.bias, vb.pp("c_attn"))?,
-            c_proj: candle_nn::linear_b(c, c, cfg.bias, vb.pp("c_proj"))?,
+            c_attn: Box::new(c_attn),
+            c_proj: Box::new(c_proj),
             cfg,
             seeds: AtomicU64::new(0),
         })
@@ -182,7 +217,15 @@ impl CausalSelfAttention {
                 self.cfg.n_embd
             );
         }
-        self.c_attn.forward(x)
+        let qkv = self.c_attn.forward(x)?;
+        let width = qkv.dim(D::Minus1)?;
+        if width != 3 * c {
+            bail!(
+                "CausalSelfAttention: c_attn returned {width} features, expected 3·n_embd = {}",
+                3 * c
+            );
+        }
+        Ok(qkv)
     }
 
     /// q, k, v as `(B, T, H, D)` views of the packed `c_attn` output, no copies.
@@ -206,6 +249,13 @@ impl CausalSelfAttention {
     /// `c_proj` and residual dropout of attention output rows `(N, C)`.
     fn project_rows(&self, y: &Tensor, train: bool) -> Result<Tensor> {
         let y = self.c_proj.forward(y)?;
+        let width = y.dim(D::Minus1)?;
+        if width != self.cfg.n_embd {
+            bail!(
+                "CausalSelfAttention: c_proj returned {width} features, expected n_embd = {}",
+                self.cfg.n_embd
+            );
+        }
         if train && self.cfg.dropout > 0.0 {
             dropout(&y, self.cfg.dropout, splitmix64(&self.seeds))
         } else {

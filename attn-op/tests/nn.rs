@@ -284,3 +284,61 @@ fn token_rows_equal_batched_forward() -> Result<()> {
     assert!(err.contains("expected n_embd = 32"), "{err}");
     Ok(())
 }
+
+/// A projection that counts its calls, around a Candle Linear.
+struct Counted {
+    inner: candle_nn::Linear,
+    calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl candle_core::Module for Counted {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.forward(x)
+    }
+}
+
+#[test]
+fn caller_projections_are_used_and_checked() -> Result<()> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let (plain, vm) = layer(Causality::Always, 0.0, true)?;
+    let cfg = *plain.config();
+    let linear = |name: &str| {
+        candle_nn::Linear::new(
+            weight(&vm, &format!("{name}.weight")),
+            Some(weight(&vm, &format!("{name}.bias"))),
+        )
+    };
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = |name: &str| Counted {
+        inner: linear(name),
+        calls: calls.clone(),
+    };
+    let own = CausalSelfAttention::with_projections(cfg, counted("c_attn"), counted("c_proj"))?;
+    let x = Tensor::randn(0f32, 1., (2, 7, 32), &Device::Cpu)?;
+    let (want, got) = (plain.forward_t(&x, true)?, own.forward_t(&x, true)?);
+    assert_eq!(calls.load(Ordering::Relaxed), 2);
+    assert_eq!(max_diff(&want, &got), 0.0);
+    let rows = own.forward_rows(&x.reshape((14, 32))?, 7, true)?;
+    assert_eq!(max_diff(&want.reshape((14, 32))?, &rows), 0.0);
+
+    // Projections of the wrong width are named in the error.
+    let narrow = CausalSelfAttention::with_projections(cfg, linear("c_proj"), linear("c_proj"))?;
+    let e = narrow.forward_t(&x, false).unwrap_err().to_string();
+    assert!(
+        e.contains("c_attn returned 32 features, expected 3·n_embd = 96"),
+        "{e}"
+    );
+    let wide = CausalSelfAttention::with_projections(cfg, linear("c_attn"), linear("c_attn"))?;
+    let e = wide
+        .forward_rows(&x.reshape((14, 32))?, 7, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("c_proj returned 96 features, expected n_embd = 32"),
+        "{e}"
+    );
+    Ok(())
+}
