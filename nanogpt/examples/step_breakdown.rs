@@ -52,6 +52,7 @@ fn breakdown() -> Result<()> {
     let phases = ["forward + loss", "backward", "grad clip", "AdamW", "step"];
     let mut wall = vec![Vec::new(); phases.len()];
     let mut cpu = vec![Vec::new(); phases.len()];
+    let _awake = nanogpt::runtime::WorkersAwake::start();
     for step in 0..55 {
         let tokens = |rng: &mut Rng| -> Result<Tensor> {
             let ids: Vec<u32> = (0..n_tok).map(|_| rng.below(65) as u32).collect();

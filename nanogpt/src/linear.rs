@@ -70,6 +70,24 @@ impl Linear {
     }
 }
 
+/// Any rank: the last dimension is the features, the others are flattened into rows (how
+/// attn-op's attention layer calls its projections).
+impl candle_core::Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.rank() == 2 {
+            return Linear::forward(self, x);
+        }
+        let dims = x.dims().to_vec();
+        let Some((&d_in, lead)) = dims.split_last() else {
+            candle_core::bail!("linear: expected at least one dimension, got a scalar");
+        };
+        let y = Linear::forward(self, &x.reshape((lead.iter().product::<usize>(), d_in))?)?;
+        let mut out = lead.to_vec();
+        out.push(y.dim(1)?);
+        y.reshape(out)
+    }
+}
+
 /// Whether the fused CPU ops apply: a CPU f32 matrix `x` and f32 parameters.
 fn fused(x: &Tensor, params: &[Option<&Tensor>]) -> bool {
     x.device().is_cpu()
@@ -708,6 +726,29 @@ mod tests {
             let reference = output_and_grads(&layer.forward_composed(&x)?, &probe, &x, &params)?;
             assert_close(&fused, &reference, 1e-5);
         }
+        Ok(())
+    }
+
+    /// As a `Module` (how attn-op's attention layer calls it), any rank maps over the last
+    /// dimension: the same values as the fused op on the flattened rows, gradients included.
+    #[test]
+    fn module_forward_takes_any_rank() -> Result<()> {
+        use candle_core::Module;
+        let dev = Device::Cpu;
+        let map = VarMap::new();
+        let layer = Linear::new(6, 9, true, VarBuilder::from_varmap(&map, DType::F32, &dev))?;
+        let mut rng = Rng::new(5, 0);
+        set_random(&map, &mut rng, 1.0)?;
+        let x = Var::from_vec(rng.normal_vec(2 * 3 * 6, 1.0), (2, 3, 6), &dev)?;
+        let probe = Tensor::from_vec(rng.normal_vec(2 * 3 * 9, 1.0), (6, 9), &dev)?;
+        let params = [layer.weight.clone(), layer.bias.clone().expect("a bias")];
+        let y = Module::forward(&layer, &x)?;
+        assert_eq!(y.dims(), &[2, 3, 9]);
+        let batched = output_and_grads(&y.reshape((6, 9))?, &probe, &x, &params)?;
+        let rows = output_and_grads(&layer.forward(&x.reshape((6, 6))?)?, &probe, &x, &params)?;
+        assert_close(&batched, &rows, 0.0);
+        let e = Module::forward(&layer, &Tensor::new(1f32, &dev)?).unwrap_err();
+        assert!(e.to_string().contains("got a scalar"), "{e}");
         Ok(())
     }
 

@@ -108,17 +108,20 @@ struct Block {
 
 impl Block {
     fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        let c = cfg.n_embd;
         Ok(Self {
             ln_1: LayerNorm::new(cfg.n_embd, cfg.bias, vb.pp("ln_1"))?,
-            attn: CausalSelfAttention::new(
+            // attn-op's layer over this crate's fused Linear (parallel on the CPU).
+            attn: CausalSelfAttention::with_projections(
                 AttentionConfig {
-                    n_embd: cfg.n_embd,
+                    n_embd: c,
                     n_head: cfg.n_head,
                     bias: cfg.bias,
                     dropout: cfg.dropout,
                     causality: Causality::Always,
                 },
-                vb.pp("attn"),
+                Linear::new(c, 3 * c, cfg.bias, vb.pp("attn.c_attn"))?,
+                Linear::new(c, c, cfg.bias, vb.pp("attn.c_proj"))?,
             )?,
             ln_2: LayerNorm::new(cfg.n_embd, cfg.bias, vb.pp("ln_2"))?,
             mlp: Mlp::new(cfg, vb.pp("mlp"))?,

@@ -143,6 +143,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     };
     let mut step_ms = Vec::new();
     let mut running_mfu = -1.0;
+    let _awake = crate::runtime::WorkersAwake::start();
     for iter in start..=cfg.max_iters {
         summary.iter = iter;
         let resumed_here = iter == start && start > 0;
