@@ -113,10 +113,12 @@ fn key_range(
     let members = &g.q_segs[kv.members.clone()];
     let lq = members.first().map_or(0, |s| s.len);
     let mut dq = vec![0f32; members.len() * lq * e];
-    let mut s = vec![0f32; BQ * BK];
-    let mut pd = vec![0f32; BQ * BK];
-    let mut dp = vec![0f32; BQ * BK];
-    let mut z = vec![0f32; BQ * BK];
+    // Tiles of at most BQ rows by the task's widest key tile; the dropout mask only with dropout.
+    let tile = BQ.min(lq) * BK.min(t.c_end - t.c_start);
+    let mut s = vec![0f32; tile];
+    let mut pd = vec![0f32; tile];
+    let mut dp = vec![0f32; tile];
+    let mut z = vec![0f32; if p.dropout.is_some() { tile } else { 0 }];
     let (mut k_buf, mut v_buf) = (Vec::new(), Vec::new());
     for c0 in (t.c_start..t.c_end).step_by(BK) {
         let cols = BK.min(t.c_end - c0);
@@ -138,12 +140,12 @@ fn key_range(
                 let q = MatRef::rows(src.q.at(seg.q + r0 * g.q_rs), rows, e, g.q_rs);
                 let row0 = seg.row0 + r0;
                 let dot = MatRef::rows(&dout[row0 * ev..(row0 + rows) * ev], rows, ev, ev);
-                let (s, pd, dp, z) = (
+                let (s, pd, dp) = (
                     &mut s[..rows * cols],
                     &mut pd[..rows * cols],
                     &mut dp[..rows * cols],
-                    &mut z[..rows * cols],
                 );
+                let z = &mut z[..if p.dropout.is_some() { rows * cols } else { 0 }];
                 // P = exp(scale·QKᵀ + mask - lse); Pd = P with dropout applied.
                 gemm(s, cols, q, k_packed, false, 1.0);
                 for (i, row) in s.chunks_exact_mut(cols).enumerate() {

@@ -52,10 +52,18 @@ impl<'a> MatRef<'a> {
 pub(crate) fn transpose_into<'a>(m: MatRef, out: &'a mut Vec<f32>) -> MatRef<'a> {
     out.clear();
     out.resize(m.rows * m.cols, 0.0);
+    assert!(m.in_bounds(), "transpose: matrix out of bounds");
     for r in 0..m.rows {
-        let src = &m.data[r * m.rs..];
-        for c in 0..m.cols {
-            out[c * m.rows + r] = src[c * m.cs];
+        let dst = out[r..].iter_mut().step_by(m.rows);
+        if m.cs == 1 {
+            // Contiguous source rows: no index arithmetic or bounds check per element.
+            let src = &m.data[r * m.rs..r * m.rs + m.cols];
+            dst.zip(src).for_each(|(o, &v)| *o = v);
+        } else {
+            let src = &m.data[r * m.rs..];
+            dst.zip(src.iter().step_by(m.cs))
+                .take(m.cols)
+                .for_each(|(o, &v)| *o = v);
         }
     }
     MatRef::rows(out, m.cols, m.rows, m.rows)

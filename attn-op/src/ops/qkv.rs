@@ -6,7 +6,7 @@
 //! returns token rows and gives the gradient of the packed tensor in one piece.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::fused::{to_storage, Fused};
@@ -48,6 +48,61 @@ fn heads_to_tokens(rows: &[f32], h: usize, t: usize, d: usize) -> Vec<f32> {
             }
         });
     out
+}
+
+/// Copies token rows `(B·T, H·D)` into `(B, H, T, D)` order (head-major).
+fn tokens_to_heads_fn(
+    b: usize,
+    t: usize,
+    h: usize,
+    d: usize,
+) -> impl Fn(&[f32]) -> Result<Vec<f32>> {
+    move |rows| {
+        let mut out = vec![0f32; b * h * t * d];
+        out.par_chunks_mut((t * d).max(1))
+            .enumerate()
+            .for_each(|(bh, head)| {
+                let (bi, hi) = (bh / h, bh % h);
+                for (ti, dst) in head.chunks_exact_mut(d).enumerate() {
+                    let src = ((bi * t + ti) * h + hi) * d;
+                    dst.copy_from_slice(&rows[src..src + d]);
+                }
+            });
+        Ok(out)
+    }
+}
+
+/// Packs the `(B, H, T, D)` gradients of q, k and v into the token rows `(B·T, 3·H·D)` of the
+/// packed tensor.
+fn pack_heads(grads: [&[f32]; 3], b: usize, t: usize, h: usize, d: usize) -> Vec<f32> {
+    let c = h * d;
+    let mut out = vec![0f32; b * t * 3 * c];
+    out.par_chunks_mut((3 * c).max(1))
+        .enumerate()
+        .for_each(|(bt, token)| {
+            let (bi, ti) = (bt / t, bt % t);
+            for (part, grad) in token.chunks_exact_mut(c).zip(grads) {
+                for (hi, dst) in part.chunks_exact_mut(d).enumerate() {
+                    let src = ((bi * h + hi) * t + ti) * d;
+                    dst.copy_from_slice(&grad[src..src + d]);
+                }
+            }
+        });
+    out
+}
+
+/// Runs `f` on the elements of `x` as contiguous f32 CPU data (converted and copied only when
+/// they are not).
+fn with_f32_rows<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(data)) => {
+            let start = layout.start_offset();
+            f(&data[start..start + x.elem_count()])
+        }
+        _ => bail!("qkv attention: expected a CPU tensor"),
+    }
 }
 
 impl QkvAttention {
@@ -108,13 +163,29 @@ impl CustomOp1 for QkvAttention {
         let _span = tracing::debug_span!("flash_attention.backward").entered();
         let (b, t, h, d) = dims(qkv.dims(), self.n_head, self.seq_len)?;
         let [q, k, v] = self.head_views(qkv)?;
-        let heads = |x: &Tensor| x.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous();
+        let dev = qkv.device();
+        // Token rows to (B, H, T, D) heads and back in one parallel pass each, not Candle's
+        // single-threaded strided copies, stack and reshape.
+        let heads = |x: &Tensor| -> Result<Tensor> {
+            let rows = with_f32_rows(x, tokens_to_heads_fn(b, t, h, d))?;
+            Tensor::from_vec(rows, (b, h, t, d), dev)?.to_dtype(x.dtype())
+        };
         let lse = self.fused.lse(Backend::Flash, &q, &k, &v)?;
         let (dq, dk, dv) =
             self.fused
                 .cpu_backward(&q, &k, &v, &heads(res)?, &heads(grad)?, &lse)?;
-        let tokens = |x: Tensor| x.transpose(1, 2);
-        let dqkv = Tensor::stack(&[tokens(dq)?, tokens(dk)?, tokens(dv)?], 2)?;
-        Ok(Some(dqkv.reshape((b * t, 3 * h * d))?))
+        let (dq, dk, dv) = (
+            dq.to_dtype(DType::F32)?,
+            dk.to_dtype(DType::F32)?,
+            dv.to_dtype(DType::F32)?,
+        );
+        let packed = with_f32_rows(&dq, |dq| {
+            with_f32_rows(&dk, |dk| {
+                with_f32_rows(&dv, |dv| Ok(pack_heads([dq, dk, dv], b, t, h, d)))
+            })
+        })?;
+        Ok(Some(
+            Tensor::from_vec(packed, (b * t, 3 * h * d), dev)?.to_dtype(qkv.dtype())?,
+        ))
     }
 }
