@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::forward::{prepare_scores, Params, Sources, BK, BQ};
+use super::forward::{prepare_scores, visible_keys, Params, Sources, BK, BQ, CAUSAL_ROWS};
 use super::geometry::{Geometry, KvSeg};
 use super::matmul::{gemm, transpose_into, MatRef};
 use super::{simd, split_rows};
@@ -121,22 +121,43 @@ fn key_range(
     let mut z = vec![0f32; if p.dropout.is_some() { tile } else { 0 }];
     let (mut k_buf, mut v_buf) = (Vec::new(), Vec::new());
     for c0 in (t.c_start..t.c_end).step_by(BK) {
-        let cols = BK.min(t.c_end - c0);
-        let kt = MatRef::rows(src.k.at(kv.k + c0 * g.k_rs), cols, e, g.k_rs);
-        let vt = MatRef::rows(src.v.at(kv.v + c0 * g.v_rs), cols, ev, g.v_rs);
+        let tile_cols = BK.min(t.c_end - c0);
+        let kt_tile = MatRef::rows(src.k.at(kv.k + c0 * g.k_rs), tile_cols, e, g.k_rs);
+        let vt = MatRef::rows(src.v.at(kv.v + c0 * g.v_rs), tile_cols, ev, g.v_rs);
         // Kᵀ and Vᵀ with contiguous rows, the right-hand sides of S = QKᵀ and dP = dO Vᵀ.
-        let k_packed = transpose_into(kt, &mut k_buf);
-        let v_packed = transpose_into(vt, &mut v_buf);
-        let dk_t = &mut t.dk[(c0 - t.c_start) * e..(c0 - t.c_start + cols) * e];
-        let dv_t = &mut t.dv[(c0 - t.c_start) * ev..(c0 - t.c_start + cols) * ev];
+        let k_tile_t = transpose_into(kt_tile, &mut k_buf);
+        let v_tile_t = transpose_into(vt, &mut v_buf);
+        let dk_tile = &mut t.dk[(c0 - t.c_start) * e..(c0 - t.c_start + tile_cols) * e];
+        let dv_tile = &mut t.dv[(c0 - t.c_start) * ev..(c0 - t.c_start + tile_cols) * ev];
         for (mi, seg) in members.iter().enumerate() {
             // Rows that see none of these keys contribute nothing.
             let first_row = match seg.causal {
                 Some(off) => (c0 as isize - off).clamp(0, seg.len as isize) as usize,
                 None => 0,
             };
-            for r0 in (first_row..seg.len).step_by(BQ) {
-                let rows = BQ.min(seg.len - r0);
+            // Causal blocks of fewer rows see fewer keys: the masked triangle is skipped.
+            let block_rows = if seg.causal.is_some() {
+                CAUSAL_ROWS
+            } else {
+                BQ
+            };
+            for r0 in (first_row..seg.len).step_by(block_rows) {
+                let rows = block_rows.min(seg.len - r0);
+                // Keys of the tile that the block's last row sees.
+                let cols = visible_keys(seg.causal, r0 + rows - 1, kv.len)
+                    .saturating_sub(c0)
+                    .min(tile_cols);
+                if cols == 0 {
+                    continue;
+                }
+                let kt = MatRef {
+                    rows: cols,
+                    ..kt_tile
+                };
+                let k_packed = MatRef { cols, ..k_tile_t };
+                let v_packed = MatRef { cols, ..v_tile_t };
+                let dk_t = &mut dk_tile[..cols * e];
+                let dv_t = &mut dv_tile[..cols * ev];
                 let q = MatRef::rows(src.q.at(seg.q + r0 * g.q_rs), rows, e, g.q_rs);
                 let row0 = seg.row0 + r0;
                 let dot = MatRef::rows(&dout[row0 * ev..(row0 + rows) * ev], rows, ev, ev);

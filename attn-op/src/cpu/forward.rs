@@ -13,6 +13,9 @@ use crate::config::Dropout;
 pub(crate) const BQ: usize = 64;
 /// Keys per score tile.
 pub(crate) const BK: usize = 128;
+/// Query rows per block on causal segments: small enough that the tiles on the diagonal skip
+/// most of their masked triangle, large enough for the register-blocked products.
+pub(crate) const CAUSAL_ROWS: usize = 16;
 /// Forward tasks wanted per thread: enough for rayon to balance uneven (causal) work.
 const TASKS_PER_THREAD: usize = 8;
 
@@ -142,8 +145,14 @@ fn forward_block(
             &mut scratch.kt,
         );
         let vt = MatRef::rows(src.v.at(kv.v + c0 * g.v_rs), cols, ev, g.v_rs);
-        for s0 in (0..rows).step_by(BQ) {
-            let srows = BQ.min(rows - s0);
+        // Causal blocks of fewer rows see fewer keys: the masked triangle is skipped.
+        let block_rows = if seg.causal.is_some() {
+            CAUSAL_ROWS
+        } else {
+            BQ
+        };
+        for s0 in (0..rows).step_by(block_rows) {
+            let srows = block_rows.min(rows - s0);
             // Keys of this tile that the sub-tile's last row can see (causal skipping).
             let scols = visible_keys(seg.causal, r0 + s0 + srows - 1, kv.len)
                 .saturating_sub(c0)
