@@ -35,60 +35,49 @@ fn dims(shape: &[usize], n_head: usize, seq_len: usize) -> Result<(usize, usize,
     }
 }
 
-/// Copies `(B·H, T, D)` rows (head-major) into `(B, T, H, D)` order (token-major).
-fn heads_to_tokens(rows: &[f32], h: usize, t: usize, d: usize) -> Vec<f32> {
-    let mut out = vec![0f32; rows.len()];
-    out.par_chunks_mut(h * d)
+/// A `len`-element buffer of rows of `row_len`, each row filled piece by piece (`d` elements at
+/// a time) from `piece(row, j)`, rows in parallel: the reorderings between head-major and
+/// token-major layouts below.
+fn gather<'a>(
+    len: usize,
+    row_len: usize,
+    d: usize,
+    piece: impl Fn(usize, usize) -> &'a [f32] + Sync,
+) -> Vec<f32> {
+    let mut out = vec![0f32; len];
+    if d == 0 || row_len == 0 {
+        return out;
+    }
+    out.par_chunks_mut(row_len)
         .enumerate()
-        .for_each(|(bt, token)| {
-            let (bi, ti) = (bt / t, bt % t);
-            for (hi, dst) in token.chunks_exact_mut(d).enumerate() {
-                let src = ((bi * h + hi) * t + ti) * d;
-                dst.copy_from_slice(&rows[src..src + d]);
+        .for_each(|(r, row)| {
+            for (j, dst) in row.chunks_exact_mut(d).enumerate() {
+                dst.copy_from_slice(&piece(r, j)[..d]);
             }
         });
     out
 }
 
+/// Copies `(B·H, T, D)` rows (head-major) into `(B, T, H, D)` order (token-major).
+fn heads_to_tokens(rows: &[f32], h: usize, t: usize, d: usize) -> Vec<f32> {
+    gather(rows.len(), h * d, d, |bt, hi| {
+        &rows[(((bt / t) * h + hi) * t + bt % t) * d..]
+    })
+}
+
 /// Copies token rows `(B·T, H·D)` into `(B, H, T, D)` order (head-major).
-fn tokens_to_heads_fn(
-    b: usize,
-    t: usize,
-    h: usize,
-    d: usize,
-) -> impl Fn(&[f32]) -> Result<Vec<f32>> {
-    move |rows| {
-        let mut out = vec![0f32; b * h * t * d];
-        out.par_chunks_mut((t * d).max(1))
-            .enumerate()
-            .for_each(|(bh, head)| {
-                let (bi, hi) = (bh / h, bh % h);
-                for (ti, dst) in head.chunks_exact_mut(d).enumerate() {
-                    let src = ((bi * t + ti) * h + hi) * d;
-                    dst.copy_from_slice(&rows[src..src + d]);
-                }
-            });
-        Ok(out)
-    }
+fn tokens_to_heads(rows: &[f32], h: usize, t: usize, d: usize) -> Vec<f32> {
+    gather(rows.len(), t * d, d, |bh, ti| {
+        &rows[(((bh / h) * t + ti) * h + bh % h) * d..]
+    })
 }
 
 /// Packs the `(B, H, T, D)` gradients of q, k and v into the token rows `(B·T, 3·H·D)` of the
 /// packed tensor.
-fn pack_heads(grads: [&[f32]; 3], b: usize, t: usize, h: usize, d: usize) -> Vec<f32> {
-    let c = h * d;
-    let mut out = vec![0f32; b * t * 3 * c];
-    out.par_chunks_mut((3 * c).max(1))
-        .enumerate()
-        .for_each(|(bt, token)| {
-            let (bi, ti) = (bt / t, bt % t);
-            for (part, grad) in token.chunks_exact_mut(c).zip(grads) {
-                for (hi, dst) in part.chunks_exact_mut(d).enumerate() {
-                    let src = ((bi * h + hi) * t + ti) * d;
-                    dst.copy_from_slice(&grad[src..src + d]);
-                }
-            }
-        });
-    out
+fn pack_heads(grads: [&[f32]; 3], h: usize, t: usize, d: usize) -> Vec<f32> {
+    gather(3 * grads[0].len(), 3 * h * d, d, |bt, j| {
+        &grads[j / h][(((bt / t) * h + j % h) * t + bt % t) * d..]
+    })
 }
 
 /// Runs `f` on the elements of `x` as contiguous f32 CPU data (converted and copied only when
@@ -167,7 +156,7 @@ impl CustomOp1 for QkvAttention {
         // Token rows to (B, H, T, D) heads and back in one parallel pass each, not Candle's
         // single-threaded strided copies, stack and reshape.
         let heads = |x: &Tensor| -> Result<Tensor> {
-            let rows = with_f32_rows(x, tokens_to_heads_fn(b, t, h, d))?;
+            let rows = with_f32_rows(x, |rows| Ok(tokens_to_heads(rows, h, t, d)))?;
             Tensor::from_vec(rows, (b, h, t, d), dev)?.to_dtype(x.dtype())
         };
         let lse = self.fused.lse(Backend::Flash, &q, &k, &v)?;
@@ -181,7 +170,7 @@ impl CustomOp1 for QkvAttention {
         );
         let packed = with_f32_rows(&dq, |dq| {
             with_f32_rows(&dk, |dk| {
-                with_f32_rows(&dv, |dv| Ok(pack_heads([dq, dk, dv], b, t, h, d)))
+                with_f32_rows(&dv, |dv| Ok(pack_heads([dq, dk, dv], h, t, d)))
             })
         })?;
         Ok(Some(
