@@ -143,7 +143,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     };
     let mut step_ms = Vec::new();
     let mut running_mfu = -1.0;
-    let _awake = crate::runtime::WorkersAwake::start();
+    // On the CPU the pool's workers spin between parallel pieces; on CUDA they would only burn
+    // cores while the GPU works.
+    let _awake = device.is_cpu().then(crate::runtime::WorkersAwake::start);
     for iter in start..=cfg.max_iters {
         summary.iter = iter;
         let resumed_here = iter == start && start > 0;
