@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::forward::{prepare_scores, visible_keys, Params, Sources, BK, BQ, CAUSAL_ROWS};
+use super::forward::{block_rows, prepare_scores, visible_keys, Params, Sources, BK, BQ};
 use super::geometry::{Geometry, KvSeg};
 use super::matmul::{gemm, transpose_into, MatRef};
 use super::{simd, split_rows};
@@ -135,12 +135,7 @@ fn key_range(
                 Some(off) => (c0 as isize - off).clamp(0, seg.len as isize) as usize,
                 None => 0,
             };
-            // Causal blocks of fewer rows see fewer keys: the masked triangle is skipped.
-            let block_rows = if seg.causal.is_some() {
-                CAUSAL_ROWS
-            } else {
-                BQ
-            };
+            let block_rows = block_rows(seg.causal);
             for r0 in (first_row..seg.len).step_by(block_rows) {
                 let rows = block_rows.min(seg.len - r0);
                 // Keys of the tile that the block's last row sees.

@@ -15,7 +15,17 @@ pub(crate) const BQ: usize = 64;
 pub(crate) const BK: usize = 128;
 /// Query rows per block on causal segments: small enough that the tiles on the diagonal skip
 /// most of their masked triangle, large enough for the register-blocked products.
-pub(crate) const CAUSAL_ROWS: usize = 16;
+const CAUSAL_ROWS: usize = 16;
+
+/// Query rows per block of a tile: causal blocks of fewer rows see fewer keys, so the masked
+/// triangle of the diagonal tiles is skipped.
+pub(crate) fn block_rows(causal: Option<isize>) -> usize {
+    if causal.is_some() {
+        CAUSAL_ROWS
+    } else {
+        BQ
+    }
+}
 /// Forward tasks wanted per thread: enough for rayon to balance uneven (causal) work.
 const TASKS_PER_THREAD: usize = 8;
 
@@ -145,12 +155,7 @@ fn forward_block(
             &mut scratch.kt,
         );
         let vt = MatRef::rows(src.v.at(kv.v + c0 * g.v_rs), cols, ev, g.v_rs);
-        // Causal blocks of fewer rows see fewer keys: the masked triangle is skipped.
-        let block_rows = if seg.causal.is_some() {
-            CAUSAL_ROWS
-        } else {
-            BQ
-        };
+        let block_rows = block_rows(seg.causal);
         for s0 in (0..rows).step_by(block_rows) {
             let srows = block_rows.min(rows - s0);
             // Keys of this tile that the sub-tile's last row can see (causal skipping).
