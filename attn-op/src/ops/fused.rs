@@ -9,7 +9,7 @@ use candle_core::{bail, CpuStorage, DType, Device, Layout, Result, Shape, Storag
 use half::slice::HalfFloatSliceExt;
 
 use crate::config::{AttnConfig, Dropout};
-use crate::cpu::backward::backward;
+use crate::cpu::backward::{backward, Grads};
 use crate::cpu::forward::{forward, Params, Sources};
 use crate::cpu::geometry::Geometry;
 use crate::cpu::{MaskSrc, Src};
@@ -260,6 +260,30 @@ impl Fused {
         grad: &Tensor,
         lse: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
+        let grads = self.cpu_backward_rows(q, k, v, res, grad, lse)?;
+        let t = |data: Vec<f32>, like: &Tensor| -> Result<Tensor> {
+            let storage = Storage::Cpu(to_storage(data, like.dtype())?);
+            Ok(Tensor::from_storage(
+                storage,
+                like.shape(),
+                BackpropOp::none(),
+                false,
+            ))
+        };
+        Ok((t(grads.dq, q)?, t(grads.dk, k)?, t(grads.dv, v)?))
+    }
+
+    /// [`Fused::cpu_backward`]'s gradients as f32 rows in q's, k's and v's contiguous order,
+    /// for callers that lay them out themselves.
+    pub(crate) fn cpu_backward_rows(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+        lse: &Tensor,
+    ) -> Result<Grads> {
         // o, dO and lse as contiguous f32 rows, read in place where they already are.
         let (res, grad) = (res.contiguous()?, grad.contiguous()?);
         let (so, lo) = res.storage_and_layout();
@@ -275,21 +299,11 @@ impl Fused {
         let (s2, l2) = k.storage_and_layout();
         let (s3, l3) = v.storage_and_layout();
         let (c1, c2, c3) = (cpu(&s1, "query")?, cpu(&s2, "key")?, cpu(&s3, "value")?);
-        let grads = self.with_sources(c1, l1, c2, l2, c3, l3, |g, src| {
+        self.with_sources(c1, l1, c2, l2, c3, l3, |g, src| {
             if o.len() != g.q_rows * g.ev || dout.len() != o.len() || lse.len() != g.q_rows {
                 bail!("attention backward: output, gradient or logsumexp do not match the inputs");
             }
             Ok(backward(g, src, &self.params(), o, dout, lse))
-        })?;
-        let t = |data: Vec<f32>, like: &Tensor| -> Result<Tensor> {
-            let storage = Storage::Cpu(to_storage(data, like.dtype())?);
-            Ok(Tensor::from_storage(
-                storage,
-                like.shape(),
-                BackpropOp::none(),
-                false,
-            ))
-        };
-        Ok((t(grads.dq, q)?, t(grads.dk, k)?, t(grads.dv, v)?))
+        })
     }
 }

@@ -160,19 +160,10 @@ impl CustomOp1 for QkvAttention {
             Tensor::from_vec(rows, (b, h, t, d), dev)?.to_dtype(x.dtype())
         };
         let lse = self.fused.lse(Backend::Flash, &q, &k, &v)?;
-        let (dq, dk, dv) =
-            self.fused
-                .cpu_backward(&q, &k, &v, &heads(res)?, &heads(grad)?, &lse)?;
-        let (dq, dk, dv) = (
-            dq.to_dtype(DType::F32)?,
-            dk.to_dtype(DType::F32)?,
-            dv.to_dtype(DType::F32)?,
-        );
-        let packed = with_f32_rows(&dq, |dq| {
-            with_f32_rows(&dk, |dk| {
-                with_f32_rows(&dv, |dv| Ok(pack_heads([dq, dk, dv], h, t, d)))
-            })
-        })?;
+        let grads = self
+            .fused
+            .cpu_backward_rows(&q, &k, &v, &heads(res)?, &heads(grad)?, &lse)?;
+        let packed = pack_heads([&grads.dq, &grads.dk, &grads.dv], h, t, d);
         Ok(Some(
             Tensor::from_vec(packed, (b * t, 3 * h * d), dev)?.to_dtype(qkv.dtype())?,
         ))
