@@ -5,10 +5,12 @@
 //! Here the forward and the backward are each one vectorised pass. Other devices and dtypes
 //! use Candle's op.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use multiversion::multiversion;
 
-use crate::cpu_data::f32_slice;
+use crate::cpu_data::{f32_slice, Unwritten};
 
 /// `x · Φ(x)`, Φ the standard normal CDF.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
@@ -61,26 +63,26 @@ fn cdf_pdf(x: f32) -> (f32, f32) {
 
 /// `y = gelu(x)` element by element (also the fused MLP's forward).
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
-pub(crate) fn forward(x: &[f32], y: &mut [f32]) {
+pub(crate) fn forward(x: &[f32], y: &mut [MaybeUninit<f32>]) {
     for (y, &x) in y.iter_mut().zip(x) {
-        *y = x * cdf_pdf(x).0;
+        y.write(x * cdf_pdf(x).0);
     }
 }
 
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
-fn backward(x: &[f32], grad: &[f32], dx: &mut [f32]) {
+fn backward(x: &[f32], grad: &[f32], dx: &mut [MaybeUninit<f32>]) {
     for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(grad) {
         let (cdf, pdf) = cdf_pdf(x);
-        *dx = g * (cdf + x * pdf);
+        dx.write(g * (cdf + x * pdf));
     }
 }
 
 /// `h = gelu(u)` and `g *= gelu'(u)` element by element (the fused MLP's backward).
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
-pub(crate) fn forward_backward_in_place(u: &[f32], h: &mut [f32], g: &mut [f32]) {
+pub(crate) fn forward_backward_in_place(u: &[f32], h: &mut [MaybeUninit<f32>], g: &mut [f32]) {
     for ((h, g), &u) in h.iter_mut().zip(g.iter_mut()).zip(u) {
         let (cdf, pdf) = cdf_pdf(u);
-        *h = u * cdf;
+        h.write(u * cdf);
         *g *= cdf + u * pdf;
     }
 }
@@ -94,9 +96,13 @@ impl CustomOp1 for GeluErf {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "gelu")?;
-        let mut y = vec![0f32; x.len()];
-        forward(x, &mut y);
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+        let mut y = Unwritten::new(x.len());
+        forward(x, y.slots());
+        // SAFETY: `forward` wrote every element.
+        Ok((
+            CpuStorage::F32(unsafe { y.assume_written() }),
+            l.shape().clone(),
+        ))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -120,9 +126,20 @@ impl CustomOp2 for GeluGrad {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, g) = (f32_slice(s1, l1, "gelu")?, f32_slice(s2, l2, "gelu")?);
-        let mut dx = vec![0f32; x.len()];
-        backward(x, g, &mut dx);
-        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+        if g.len() != x.len() {
+            candle_core::bail!(
+                "gelu backward: {} gradients for {} inputs",
+                g.len(),
+                x.len()
+            );
+        }
+        let mut dx = Unwritten::new(x.len());
+        backward(x, g, dx.slots());
+        // SAFETY: `backward` wrote every element (`g` is as long as `x`).
+        Ok((
+            CpuStorage::F32(unsafe { dx.assume_written() }),
+            l1.shape().clone(),
+        ))
     }
 }
 

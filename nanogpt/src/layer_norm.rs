@@ -7,12 +7,14 @@
 //! hand-written backward (checked against the reference): the composed version creates eight
 //! tensors per call, and Candle's backward zero-fills and adds a gradient for each of them.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use candle_nn::VarBuilder;
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-use crate::cpu_data::f32_slice;
+use crate::cpu_data::{f32_slice, Unwritten};
 
 /// The op's name in errors.
 const LN: &str = "layer norm";
@@ -112,18 +114,19 @@ const BLOCK_ROWS: usize = 32;
 const BLOCK_COLS: usize = 32;
 
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
-fn forward_rows(x: &[f32], w: &[f32], y: &mut [f32]) {
+fn forward_rows(x: &[f32], w: &[f32], y: &mut [MaybeUninit<f32>]) {
     let c = w.len();
     for (x, y) in x.chunks_exact(c).zip(y.chunks_exact_mut(c)) {
         let (mean, rstd) = row_stats(x);
         for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
-            *y = (x - mean) * rstd * w;
+            y.write((x - mean) * rstd * w);
         }
     }
 }
 
-/// `y` = LayerNorm of the rows of `x` (`w.len()` wide, `w` non-empty), blocks of rows in parallel.
-fn fused_forward(x: &[f32], w: &[f32], y: &mut [f32]) {
+/// `y` = LayerNorm of the rows of `x` (`w.len()` wide, `w` non-empty), blocks of rows in parallel;
+/// writes every element of `y` when `x` is as long as `y` and a whole number of rows.
+fn fused_forward(x: &[f32], w: &[f32], y: &mut [MaybeUninit<f32>]) {
     let block = BLOCK_ROWS * w.len();
     y.par_chunks_mut(block)
         .zip(x.par_chunks(block))
@@ -207,11 +210,16 @@ impl CustomOp2 for FusedLayerNorm {
                 w.len()
             );
         }
-        let mut y = vec![0f32; x.len()];
+        let mut y = Unwritten::new(x.len());
         if !w.is_empty() {
-            fused_forward(x, w, &mut y);
+            fused_forward(x, w, y.slots());
         }
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        // SAFETY: `fused_forward` wrote every element: `x` is whole rows of `w.len()` (the last
+        // dimension, checked above), and is empty when `w` is.
+        Ok((
+            CpuStorage::F32(unsafe { y.assume_written() }),
+            l1.shape().clone(),
+        ))
     }
 
     fn bwd(

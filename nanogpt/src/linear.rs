@@ -13,6 +13,7 @@
 //! The fused ops run on the CPU in f32; other devices and dtypes use the composed Candle ops
 //! (also the reference the fused ops are tested against).
 
+use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 use candle_core::{
@@ -22,7 +23,7 @@ use candle_nn::VarBuilder;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use crate::cpu_data::f32_slice;
+use crate::cpu_data::{assume_written, f32_slice, Unwritten};
 
 /// A Linear layer `y = x Wᵀ + b` over the last dimension, `W` stored `(out, in)` as PyTorch does.
 #[derive(Clone, Debug)]
@@ -211,48 +212,48 @@ impl<'a> View<'a> {
     }
 }
 
-/// `dst = a · b` (or `dst += a · b` when `accumulate`), `dst` a contiguous row-major
-/// `a.rows × b.cols` matrix, on the calling thread.
-fn matmul_into(dst: &mut [f32], a: View, b: View, accumulate: bool) -> Result<()> {
+/// `(m, k, n)` of `a · b` into a row-major destination of `dst_len` elements, checked.
+fn product_dims(dst_len: usize, a: View, b: View) -> Result<(usize, usize, usize)> {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    if b.rows != k || dst.len() != m * n {
+    if b.rows != k || dst_len != m * n {
         candle_core::bail!(
-            "linear: cannot multiply {m}×{k} by {}×{n} into {} elements",
-            b.rows,
-            dst.len()
+            "linear: cannot multiply {m}×{k} by {}×{n} into {dst_len} elements",
+            b.rows
         );
     }
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    if k == 0 {
-        if !accumulate {
-            dst.fill(0.0);
-        }
-        return Ok(());
-    }
+    Ok((m, k, n))
+}
+
+/// `dst = a · b` (or `dst += a · b` when `read_dst`) through raw `dst`, on the calling thread.
+///
+/// # Safety
+///
+/// `dst` points to `a.rows · b.cols` writable elements (initialised when `read_dst`) that
+/// nothing else accesses during the call.
+unsafe fn gemm_raw(dst: *mut f32, a: View, b: View, read_dst: bool) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
     // SAFETY: gemm reads lhs elements `a.data[i·a.rs + p·a.cs]` for i < m, p < k, rhs elements
-    // `b.data[p·b.rs + j·b.cs]` for p < k, j < n, and writes (reads too when `accumulate`)
-    // `dst[i·n + j]`. `View::new` checked that the last element of each view lies inside its
-    // slice, and all strides are non-negative, so every index read is in bounds; `dst` holds
-    // exactly m·n elements. `dst` is a unique borrow, so it does not alias `a` or `b`. The strides
-    // fit in `isize` because they index slices, whose lengths do.
+    // `b.data[p·b.rs + j·b.cs]` for p < k, j < n, and writes `dst[i·n + j]` for every i < m,
+    // j < n (zeros when k = 0), reading it first only when `read_dst`. `View::new` checked that
+    // the last element of each view lies inside its slice, and all strides are non-negative, so
+    // every index read is in bounds; the caller vouches for `dst`. The strides fit in `isize`
+    // because they index slices, whose lengths do.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             n as isize,
-            accumulate,
+            read_dst,
             a.data.as_ptr(),
             a.cs as isize,
             a.rs as isize,
             b.data.as_ptr(),
             b.cs as isize,
             b.rs as isize,
-            if accumulate { 1.0 } else { 0.0 },
+            if read_dst { 1.0 } else { 0.0 },
             1.0,
             false,
             false,
@@ -260,6 +261,23 @@ fn matmul_into(dst: &mut [f32], a: View, b: View, accumulate: bool) -> Result<()
             Parallelism::None,
         );
     }
+}
+
+/// `dst = a · b` into the unwritten row-major `a.rows × b.cols` matrix `dst`, on the calling
+/// thread; returns `dst`, now written.
+fn matmul_to<'d>(dst: &'d mut [MaybeUninit<f32>], a: View, b: View) -> Result<&'d mut [f32]> {
+    product_dims(dst.len(), a, b)?;
+    // SAFETY: `dst` holds exactly m·n elements and is a unique borrow.
+    unsafe { gemm_raw(dst.as_mut_ptr().cast(), a, b, false) };
+    // SAFETY: gemm wrote all m·n elements.
+    Ok(unsafe { assume_written(dst) })
+}
+
+/// `dst += a · b`, `dst` a row-major `a.rows × b.cols` matrix, on the calling thread.
+fn matmul_add(dst: &mut [f32], a: View, b: View) -> Result<()> {
+    product_dims(dst.len(), a, b)?;
+    // SAFETY: `dst` holds exactly m·n initialised elements and is a unique borrow.
+    unsafe { gemm_raw(dst.as_mut_ptr(), a, b, true) };
     Ok(())
 }
 
@@ -286,9 +304,9 @@ fn run_jobs<'a>(jobs: Vec<Box<dyn FnOnce() -> Result<()> + Send + 'a>>) -> Resul
 
 /// `f(first_row, rows)` for each block of rows of the row-major `out` (`row_len` wide), on
 /// rayon's pool.
-fn for_row_blocks<F>(out: &mut [f32], row_len: usize, f: F) -> Result<()>
+fn for_row_blocks<T: Send, F>(out: &mut [T], row_len: usize, f: F) -> Result<()>
 where
-    F: Fn(usize, &mut [f32]) -> Result<()> + Sync,
+    F: Fn(usize, &mut [T]) -> Result<()> + Sync,
 {
     if row_len == 0 || out.is_empty() {
         return Ok(());
@@ -305,9 +323,10 @@ where
     run_jobs(jobs)
 }
 
-/// Jobs computing `dst = a · b` (`dst` row-major) block of rows by block of rows.
+/// Jobs computing `dst = a · b` (`dst` row-major, unwritten) block of rows by block of rows;
+/// when they have all returned `Ok`, every element of `dst` is written.
 fn product_jobs<'a>(
-    dst: &'a mut [f32],
+    dst: &'a mut [MaybeUninit<f32>],
     a: View<'a>,
     b: View<'a>,
 ) -> Vec<Box<dyn FnOnce() -> Result<()> + Send + 'a>> {
@@ -321,7 +340,7 @@ fn product_jobs<'a>(
         .map(|(i, chunk)| {
             Box::new(move || {
                 let rows = chunk.len() / n;
-                matmul_into(chunk, a.rows(i * block, rows)?, b, false)
+                matmul_to(chunk, a.rows(i * block, rows)?, b).map(drop)
             }) as Box<dyn FnOnce() -> Result<()> + Send + 'a>
         })
         .collect()
@@ -383,16 +402,22 @@ impl LinearOp {
             View::row_major(x, n, d_in)?,
             View::row_major(w, d_out, d_in)?.t(),
         );
-        let mut y = vec![0f32; n * d_out];
-        for_row_blocks(&mut y, d_out, |first, rows| {
-            if let Some(b) = b {
-                for row in rows.chunks_exact_mut(d_out) {
-                    row.copy_from_slice(b);
+        let mut y = Unwritten::new(n * d_out);
+        for_row_blocks(y.slots(), d_out, |first, rows| {
+            let x_rows = xv.rows(first, rows.len() / d_out)?;
+            match b {
+                None => matmul_to(rows, x_rows, wt).map(drop),
+                Some(b) => {
+                    for (slot, &v) in rows.iter_mut().zip(b.iter().cycle()) {
+                        slot.write(v);
+                    }
+                    // SAFETY: the loop wrote every element (`rows` is whole rows of `d_out`).
+                    matmul_add(unsafe { assume_written(rows) }, x_rows, wt)
                 }
             }
-            matmul_into(rows, xv.rows(first, rows.len() / d_out)?, wt, b.is_some())
         })?;
-        Ok(y)
+        // SAFETY: the row blocks cover `y`, and each wrote its rows (all returned `Ok`).
+        Ok(unsafe { y.assume_written() })
     }
 
     /// `(dx, dW, db)` for the gradient `g` of the output.
@@ -412,12 +437,12 @@ impl LinearOp {
                 View::row_major(d[1], d_out, d_in)?,
                 View::row_major(d[2], n, d_out)?,
             );
-            let mut dx = vec![0f32; n * d_in];
-            let mut dw = vec![0f32; d_out * d_in];
+            let mut dx = Unwritten::new(n * d_in);
+            let mut dw = Unwritten::new(d_out * d_in);
             let mut db = vec![0f32; if bias { d_out } else { 0 }];
             // dx = g · W and dW = gᵀ · x, cut by rows of their outputs; db = Σ_rows g.
-            let mut jobs = product_jobs(&mut dx, gv, wv);
-            jobs.extend(product_jobs(&mut dw, gv.t(), xv));
+            let mut jobs = product_jobs(dx.slots(), gv, wv);
+            jobs.extend(product_jobs(dw.slots(), gv.t(), xv));
             if bias {
                 let g = d[2];
                 let db = &mut db;
@@ -427,7 +452,8 @@ impl LinearOp {
                 }));
             }
             run_jobs(jobs)?;
-            Ok((dx, dw, db))
+            // SAFETY: the product jobs wrote all of `dx` and `dw` (they all returned `Ok`).
+            Ok(unsafe { (dx.assume_written(), dw.assume_written(), db) })
         })?;
         let dev = x.device();
         Ok((
@@ -567,25 +593,31 @@ impl CustomOp3 for MlpOp {
         let xv = View::row_major(x, n, c)?;
         let w_fc_t = View::row_major(w_fc, hidden, c)?.t();
         let w_proj_t = View::row_major(w_proj, proj_out, hidden)?.t();
-        let mut u = vec![0f32; n * hidden];
-        let mut y = vec![0f32; n * proj_out];
+        let mut u = Unwritten::new(n * hidden);
+        let mut y = Unwritten::new(n * proj_out);
         // Blocks of rows: u = x W_fcᵀ, h = gelu(u), y = h W_projᵀ, each block on one thread.
         let block = row_blocks(n);
         let jobs = u
+            .slots()
             .chunks_mut((block * hidden).max(1))
-            .zip(y.chunks_mut((block * proj_out).max(1)))
+            .zip(y.slots().chunks_mut((block * proj_out).max(1)))
             .enumerate()
             .map(|(i, (u, y))| {
                 Box::new(move || {
                     let rows = u.len() / hidden.max(1);
-                    matmul_into(u, xv.rows(i * block, rows)?, w_fc_t, false)?;
-                    let mut h = vec![0f32; u.len()];
-                    crate::gelu::forward(u, &mut h);
-                    matmul_into(y, View::row_major(&h, rows, hidden)?, w_proj_t, false)
+                    let u = matmul_to(u, xv.rows(i * block, rows)?, w_fc_t)?;
+                    let mut h = Unwritten::new(u.len());
+                    crate::gelu::forward(u, h.slots());
+                    // SAFETY: `gelu::forward` writes every element of `h`.
+                    let h = unsafe { h.assume_written() };
+                    matmul_to(y, View::row_major(&h, rows, hidden)?, w_proj_t).map(drop)
                 }) as Box<dyn FnOnce() -> Result<()> + Send>
             })
             .collect();
         run_jobs(jobs)?;
+        // SAFETY: the blocks cover `u` and `y`, and each job wrote its rows of both (all
+        // returned `Ok`).
+        let (u, y) = unsafe { (u.assume_written(), y.assume_written()) };
         // Only the first forward of this op object stores its pre-activation; a second one
         // cannot happen (each call of `Mlp::forward` makes a new op).
         let _ = self.pre_activation.set(u);
@@ -613,40 +645,46 @@ impl CustomOp3 for MlpOp {
             let w_fc = View::row_major(d[1], hidden, c)?;
             let w_proj = View::row_major(d[2], out, hidden)?;
             let gv = View::row_major(d[3], n, out)?;
-            let mut h = vec![0f32; n * hidden];
-            let mut du = vec![0f32; n * hidden];
-            let mut dx = vec![0f32; n * c];
+            let mut h = Unwritten::new(n * hidden);
+            let mut du = Unwritten::new(n * hidden);
+            let mut dx = Unwritten::new(n * c);
             // Blocks of rows: dh = g W_proj, du = dh ⊙ gelu'(u) (and h = gelu(u) for dW_proj),
             // dx = du W_fc.
             let block = row_blocks(n);
             let jobs = h
+                .slots()
                 .chunks_mut((block * hidden).max(1))
-                .zip(du.chunks_mut((block * hidden).max(1)))
-                .zip(dx.chunks_mut((block * c).max(1)))
+                .zip(du.slots().chunks_mut((block * hidden).max(1)))
+                .zip(dx.slots().chunks_mut((block * c).max(1)))
                 .enumerate()
                 .map(|(i, ((h, du), dx))| {
                     Box::new(move || {
                         let rows = h.len() / hidden.max(1);
                         let first = i * block;
                         let u = &u[first * hidden..(first + rows) * hidden];
-                        matmul_into(du, gv.rows(first, rows)?, w_proj, false)?;
+                        let du = matmul_to(du, gv.rows(first, rows)?, w_proj)?;
                         crate::gelu::forward_backward_in_place(u, h, du);
-                        matmul_into(dx, View::row_major(du, rows, hidden)?, w_fc, false)
+                        matmul_to(dx, View::row_major(du, rows, hidden)?, w_fc).map(drop)
                     }) as Box<dyn FnOnce() -> Result<()> + Send>
                 })
                 .collect();
             run_jobs(jobs)?;
+            // SAFETY: the blocks cover `h`, `du` and `dx`; each job wrote its rows of all three
+            // (`forward_backward_in_place` writes every element of `h`; all returned `Ok`).
+            let (h, du, dx) =
+                unsafe { (h.assume_written(), du.assume_written(), dx.assume_written()) };
             // dW_proj = gᵀ h and dW_fc = duᵀ x, cut by rows of their outputs.
-            let mut dw_proj = vec![0f32; out * hidden];
-            let mut dw_fc = vec![0f32; hidden * c];
-            let mut jobs = product_jobs(&mut dw_proj, gv.t(), View::row_major(&h, n, hidden)?);
+            let mut dw_proj = Unwritten::new(out * hidden);
+            let mut dw_fc = Unwritten::new(hidden * c);
+            let mut jobs = product_jobs(dw_proj.slots(), gv.t(), View::row_major(&h, n, hidden)?);
             jobs.extend(product_jobs(
-                &mut dw_fc,
+                dw_fc.slots(),
                 View::row_major(&du, n, hidden)?.t(),
                 xv,
             ));
             run_jobs(jobs)?;
-            Ok((dx, dw_fc, dw_proj))
+            // SAFETY: the product jobs wrote all of both (they all returned `Ok`).
+            Ok(unsafe { (dx, dw_fc.assume_written(), dw_proj.assume_written()) })
         })?;
         let dev = x.device();
         Ok((
