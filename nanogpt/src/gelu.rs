@@ -26,6 +26,17 @@ const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 /// 1/sqrt(2π).
 const INV_SQRT_2PI: f32 = 0.398_942_3;
 
+/// `c[0] + x·(c[1] + x·(c[2] + ...))` with fused multiply-adds (one rounding each; the targets
+/// below have FMA, so this is one instruction per coefficient).
+#[inline(always)]
+fn horner(x: f32, c: &[f32]) -> f32 {
+    c.iter()
+        .rev()
+        .copied()
+        .reduce(|acc, c| acc.mul_add(x, c))
+        .unwrap_or(0.0)
+}
+
 /// `exp(x)` for `x <= 0` to about 2 ulp: `2^n · p(r)` with `r` in `[-ln2/2, ln2/2]`.
 #[inline(always)]
 fn exp_neg(x: f32) -> f32 {
@@ -34,13 +45,21 @@ fn exp_neg(x: f32) -> f32 {
     // the low mantissa bits of `shifted`: the conversion to an integer is a bit shift, not a
     // saturating `as i32` (which LLVM does not vectorise).
     const SHIFTER: f32 = 12_582_912.0;
-    let shifted = x * std::f32::consts::LOG2_E + SHIFTER;
+    let shifted = x.mul_add(std::f32::consts::LOG2_E, SHIFTER);
     let n = shifted - SHIFTER;
-    let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (0.166_666_67 + r * (0.041_666_52 + r * (0.008_333_55 + r * 0.001_394_9)))));
+    let r = n.mul_add(-1.428_606_8e-6, n.mul_add(-0.693_145_75, x));
+    let p = horner(
+        r,
+        &[
+            1.0,
+            1.0,
+            0.5,
+            0.166_666_67,
+            0.041_666_52,
+            0.008_333_55,
+            0.001_394_9,
+        ],
+    );
     // The low 9 bits of `shifted`'s pattern are n mod 512 (2^22 is a multiple of 512), and
     // n + 127 lies in [1, 127] for x in [-87, 0]: shifting it into the exponent field gives 2^n.
     p * f32::from_bits(shifted.to_bits().wrapping_add(127) << 23)
@@ -51,39 +70,46 @@ fn exp_neg(x: f32) -> f32 {
 #[inline(always)]
 fn cdf_pdf(x: f32) -> (f32, f32) {
     let z = x.abs() * FRAC_1_SQRT_2;
-    let t = 1.0 / (1.0 + 0.327_591_1 * z);
-    let poly = t
-        * (0.254_829_6
-            + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
+    let t = 1.0 / 0.327_591_1f32.mul_add(z, 1.0);
+    let poly = t * horner(
+        t,
+        &[
+            0.254_829_6,
+            -0.284_496_74,
+            1.421_413_7,
+            -1.453_152_1,
+            1.061_405_4,
+        ],
+    );
     let e = exp_neg(-z * z); // exp(-x²/2)
-    let erf_abs = 1.0 - poly * e;
+    let erf_abs = (-poly).mul_add(e, 1.0);
     let erf = if x < 0.0 { -erf_abs } else { erf_abs };
     (0.5 * (1.0 + erf), e * INV_SQRT_2PI)
 }
 
 /// `y = gelu(x)` element by element (also the fused MLP's forward).
-#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+#[multiversion(targets("x86_64+avx512f+avx512vl+fma", "x86_64+avx2+fma"))]
 pub(crate) fn forward(x: &[f32], y: &mut [MaybeUninit<f32>]) {
     for (y, &x) in y.iter_mut().zip(x) {
         y.write(x * cdf_pdf(x).0);
     }
 }
 
-#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+#[multiversion(targets("x86_64+avx512f+avx512vl+fma", "x86_64+avx2+fma"))]
 fn backward(x: &[f32], grad: &[f32], dx: &mut [MaybeUninit<f32>]) {
     for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(grad) {
         let (cdf, pdf) = cdf_pdf(x);
-        dx.write(g * (cdf + x * pdf));
+        dx.write(g * x.mul_add(pdf, cdf));
     }
 }
 
 /// `h = gelu(u)` and `g *= gelu'(u)` element by element (the fused MLP's backward).
-#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+#[multiversion(targets("x86_64+avx512f+avx512vl+fma", "x86_64+avx2+fma"))]
 pub(crate) fn forward_backward_in_place(u: &[f32], h: &mut [MaybeUninit<f32>], g: &mut [f32]) {
     for ((h, g), &u) in h.iter_mut().zip(g.iter_mut()).zip(u) {
         let (cdf, pdf) = cdf_pdf(u);
         h.write(u * cdf);
-        *g *= cdf + u * pdf;
+        *g *= u.mul_add(pdf, cdf);
     }
 }
 
