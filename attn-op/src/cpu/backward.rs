@@ -76,7 +76,9 @@ pub(crate) fn backward(
     first_task.push(tasks.len());
     let shares: Vec<Vec<f32>> = tasks
         .into_par_iter()
-        .map(|t| key_range(g, src, p, dout, lse, &delta, t))
+        .map_init(Scratch::default, |scratch, t| {
+            key_range(g, src, p, dout, lse, &delta, t, scratch)
+        })
         .collect();
 
     // dQ of each query segment: the sum of the shares of its key/value segment's tasks, in order.
@@ -97,8 +99,25 @@ pub(crate) fn backward(
     Grads { dq, dk, dv }
 }
 
+/// Tiles a backward task overwrites before reading them, reused by the tasks of a thread.
+#[derive(Default)]
+struct Scratch {
+    /// Probabilities P.
+    s: Vec<f32>,
+    /// P with dropout applied (only with dropout; otherwise P itself is used).
+    pd: Vec<f32>,
+    /// dP, then dS.
+    dp: Vec<f32>,
+    /// The dropout multipliers.
+    z: Vec<f32>,
+    /// Kᵀ and Vᵀ of the key tile.
+    k_buf: Vec<f32>,
+    v_buf: Vec<f32>,
+}
+
 /// Gradients from key rows `[c_start, c_end)`: fills the task's dK/dV rows and returns its dQ
 /// share for every member query segment (`members × len × e`).
+#[allow(clippy::too_many_arguments)]
 fn key_range(
     g: &Geometry,
     src: &Sources,
@@ -107,26 +126,42 @@ fn key_range(
     lse: &[f32],
     delta: &[f32],
     t: Task,
+    scratch: &mut Scratch,
 ) -> Vec<f32> {
     let (e, ev) = (g.e, g.ev);
     let kv = t.kv;
     let members = &g.q_segs[kv.members.clone()];
     let lq = members.first().map_or(0, |s| s.len);
     let mut dq = vec![0f32; members.len() * lq * e];
-    // Tiles of at most BQ rows by the task's widest key tile; the dropout mask only with dropout.
+    // Tiles of at most BQ rows by the task's widest key tile; Pd and the dropout mask only with
+    // dropout. Every tile element a product reads was written first in this task.
     let tile = BQ.min(lq) * BK.min(t.c_end - t.c_start);
-    let mut s = vec![0f32; tile];
-    let mut pd = vec![0f32; tile];
-    let mut dp = vec![0f32; tile];
-    let mut z = vec![0f32; if p.dropout.is_some() { tile } else { 0 }];
-    let (mut k_buf, mut v_buf) = (Vec::new(), Vec::new());
+    let dropout_tile = if p.dropout.is_some() { tile } else { 0 };
+    let Scratch {
+        s,
+        pd,
+        dp,
+        z,
+        k_buf,
+        v_buf,
+    } = scratch;
+    for (buf, len) in [
+        (&mut *s, tile),
+        (&mut *dp, tile),
+        (&mut *pd, dropout_tile),
+        (&mut *z, dropout_tile),
+    ] {
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+    }
     for c0 in (t.c_start..t.c_end).step_by(BK) {
         let tile_cols = BK.min(t.c_end - c0);
         let kt_tile = MatRef::rows(src.k.at(kv.k + c0 * g.k_rs), tile_cols, e, g.k_rs);
         let vt = MatRef::rows(src.v.at(kv.v + c0 * g.v_rs), tile_cols, ev, g.v_rs);
         // Kᵀ and Vᵀ with contiguous rows, the right-hand sides of S = QKᵀ and dP = dO Vᵀ.
-        let k_tile_t = transpose_into(kt_tile, &mut k_buf);
-        let v_tile_t = transpose_into(vt, &mut v_buf);
+        let k_tile_t = transpose_into(kt_tile, k_buf);
+        let v_tile_t = transpose_into(vt, v_buf);
         let dk_tile = &mut t.dk[(c0 - t.c_start) * e..(c0 - t.c_start + tile_cols) * e];
         let dv_tile = &mut t.dv[(c0 - t.c_start) * ev..(c0 - t.c_start + tile_cols) * ev];
         for (mi, seg) in members.iter().enumerate() {
@@ -156,28 +191,27 @@ fn key_range(
                 let q = MatRef::rows(src.q.at(seg.q + r0 * g.q_rs), rows, e, g.q_rs);
                 let row0 = seg.row0 + r0;
                 let dot = MatRef::rows(&dout[row0 * ev..(row0 + rows) * ev], rows, ev, ev);
-                let (s, pd, dp) = (
-                    &mut s[..rows * cols],
-                    &mut pd[..rows * cols],
-                    &mut dp[..rows * cols],
-                );
-                let z = &mut z[..if p.dropout.is_some() { rows * cols } else { 0 }];
+                let n = rows * cols;
+                let n_dropout = if p.dropout.is_some() { n } else { 0 };
+                let (s, dp) = (&mut s[..n], &mut dp[..n]);
+                let (pd, z) = (&mut pd[..n_dropout], &mut z[..n_dropout]);
                 // P = exp(scale·QKᵀ + mask - lse); Pd = P with dropout applied.
                 gemm(s, cols, q, k_packed, false, 1.0);
                 for (i, row) in s.chunks_exact_mut(cols).enumerate() {
                     let r = r0 + i;
                     let mul = prepare_scores(g, seg, src, p, r, c0, kv.len, row);
                     simd::exp_affine_sum(row, mul, lse[row0 + i]);
-                    let pd_row = &mut pd[i * cols..(i + 1) * cols];
-                    pd_row.copy_from_slice(row);
                     if let Some(d) = &p.dropout {
+                        let pd_row = &mut pd[i * cols..(i + 1) * cols];
+                        pd_row.copy_from_slice(row);
                         let z_row = &mut z[i * cols..(i + 1) * cols];
                         d.mask.fill_row(seg.stream, r, c0, z_row);
                         simd::scale(z_row, d.keep_scale());
                         simd::mul(pd_row, z_row);
                     }
                 }
-                // dV += Pdᵀ dO
+                // dV += Pdᵀ dO (Pd = P without dropout)
+                let pd = if p.dropout.is_some() { &*pd } else { &*s };
                 gemm(
                     dv_t,
                     ev,

@@ -48,11 +48,15 @@ impl<'a> MatRef<'a> {
 }
 
 /// Copies the transpose of `m` into `out` (`m.cols × m.rows`, contiguous rows) and returns a
-/// view of it: right-hand sides of products are read fastest with contiguous rows.
+/// view of it: right-hand sides of products are read fastest with contiguous rows. `out` is
+/// scratch: it is resized (zero-filled) only when its length changes, since every element is
+/// overwritten.
 pub(crate) fn transpose_into<'a>(m: MatRef, out: &'a mut Vec<f32>) -> MatRef<'a> {
-    out.clear();
-    out.resize(m.rows * m.cols, 0.0);
     assert!(m.in_bounds(), "transpose: matrix out of bounds");
+    if out.len() != m.rows * m.cols {
+        out.clear();
+        out.resize(m.rows * m.cols, 0.0);
+    }
     for r in 0..m.rows {
         let dst = out[r..].iter_mut().step_by(m.rows);
         if m.cs == 1 {
@@ -349,11 +353,34 @@ mod tests {
 
     #[test]
     fn transposed_copy() {
-        let a: Vec<f32> = (0..30).map(|i| i as f32).collect();
-        let m = MatRef::rows(&a, 3, 4, 10);
-        let mut buf = Vec::new();
-        let t = transpose_into(m, &mut buf);
-        assert_eq!((t.rows, t.cols), (4, 3));
-        assert_eq!(t.data[2 * 3 + 1], a[10 + 2]);
+        let a: Vec<f32> = (0..4000).map(|i| i as f32).collect();
+        // One scratch buffer through every shape: stale contents must all be overwritten.
+        let mut buf = vec![f32::NAN; 7];
+        for &(rows, cols) in &[
+            (3, 4),
+            (8, 8),
+            (17, 11),
+            (64, 32),
+            (9, 24),
+            (64, 32),
+            (1, 1),
+        ] {
+            for (rs, cs) in [(cols + 3, 1), (1, rows + 2)] {
+                let m = MatRef {
+                    data: &a,
+                    rows,
+                    cols,
+                    rs,
+                    cs,
+                };
+                let t = transpose_into(m, &mut buf);
+                assert_eq!((t.rows, t.cols, t.rs), (cols, rows, rows));
+                for r in 0..rows {
+                    for c in 0..cols {
+                        assert_eq!(t.data[c * rows + r], a[r * rs + c * cs], "{rows}x{cols}");
+                    }
+                }
+            }
+        }
     }
 }
