@@ -42,6 +42,16 @@ impl LayerNorm {
         })
     }
 
+    /// The scale `γ`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The shift `β`, when the layer has one.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
     /// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let _span = tracing::debug_span!("layer_norm").entered();
@@ -120,6 +130,50 @@ fn forward_rows(x: &[f32], w: &[f32], y: &mut [MaybeUninit<f32>]) {
         let (mean, rstd) = row_stats(x);
         for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
             y.write((x - mean) * rstd * w);
+        }
+    }
+}
+
+/// `x̂ = (x - mean) · rstd` for the rows of `x` (`c` wide), with each row's `rstd` (the
+/// normalisation without the weight, for ops that fold the weight into what follows). Writes
+/// every element of `xhat` and `rstd` when `x` is `rstd.len()` rows of `c` and `xhat` as long.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+pub(crate) fn normalize_rows(
+    x: &[f32],
+    c: usize,
+    xhat: &mut [MaybeUninit<f32>],
+    rstd: &mut [MaybeUninit<f32>],
+) {
+    for ((x, xhat), rstd) in x.chunks_exact(c).zip(xhat.chunks_exact_mut(c)).zip(rstd) {
+        let (mean, r) = row_stats(x);
+        rstd.write(r);
+        for (xh, &x) in xhat.iter_mut().zip(x) {
+            xh.write((x - mean) * r);
+        }
+    }
+}
+
+/// The backward of [`normalize_rows`] plus a residual gradient: `d` holds `dL/dx̂` on entry and
+/// `g + dL/dx` on return, row by row (`c` wide), where
+/// `dL/dx = rstd · (dx̂ - mean(dx̂) - x̂ · mean(dx̂ ⊙ x̂))`.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+pub(crate) fn normalize_backward_rows(
+    xhat: &[f32],
+    rstd: &[f32],
+    g: &[f32],
+    c: usize,
+    d: &mut [f32],
+) {
+    for (((xhat, &r), g), d) in xhat
+        .chunks_exact(c)
+        .zip(rstd)
+        .zip(g.chunks_exact(c))
+        .zip(d.chunks_exact_mut(c))
+    {
+        let a = sum3(d, d, d, |d, _, _| d) / c as f32;
+        let b = sum3(d, xhat, xhat, |d, xh, _| d * xh) / c as f32;
+        for ((d, &xh), &g) in d.iter_mut().zip(xhat).zip(g) {
+            *d = g + r * (*d - a - xh * b);
         }
     }
 }

@@ -24,6 +24,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::cpu_data::{assume_written, f32_slice, Unwritten};
+use crate::layer_norm::LayerNorm;
 
 /// A Linear layer `y = x Wᵀ + b` over the last dimension, `W` stored `(out, in)` as PyTorch does.
 #[derive(Clone, Debug)]
@@ -128,6 +129,33 @@ impl Mlp {
         }
         let h = crate::gelu::gelu(&self.c_fc.forward(x)?)?;
         self.c_proj.forward(&h)
+    }
+
+    /// `x + mlp(ln(x))`, a pre-LayerNorm block's second half, on the rows of `x` `(N, n_embd)`.
+    /// On the CPU in f32 without biases it is one fused op: LayerNorm's weight `γ` scales the
+    /// columns of `c_fc`'s weight (`LN(x)·W_fcᵀ = x̂·(W_fc·diag γ)ᵀ`, one small Candle product
+    /// that carries γ's gradient), and the op normalises, runs the MLP and adds the residual,
+    /// so the LayerNorm output, the MLP output and the addition are not nodes of the graph
+    /// (each would cost Candle's backward a zero-filled buffer and an addition).
+    pub fn forward_residual(&self, x: &Tensor, ln: &LayerNorm) -> Result<Tensor> {
+        let no_bias = self.c_fc.bias.is_none() && self.c_proj.bias.is_none() && ln.bias().is_none();
+        let params = [
+            Some(&self.c_fc.weight),
+            Some(&self.c_proj.weight),
+            Some(ln.weight()),
+        ];
+        if no_bias && fused(x, &params) {
+            let w_fc = self.c_fc.weight.apply_op2(ln.weight(), ScaleColumns)?;
+            return x.contiguous()?.apply_op3(
+                &w_fc,
+                &self.c_proj.weight,
+                MlpOp {
+                    normed_residual: true,
+                    ..MlpOp::default()
+                },
+            );
+        }
+        x + self.forward(&ln.forward(x)?)?
     }
 
     /// The reference: Candle's matrix products and `gelu_erf`.
@@ -552,16 +580,29 @@ impl CustomOp3 for LinearOp {
 // ---------------------------------------------------------------------------------------------
 // The MLP op.
 
-/// `gelu(x · W_fcᵀ) · W_projᵀ`. Keeps the pre-activation `x · W_fcᵀ` from the forward pass for
-/// the backward pass.
+/// `gelu(x · W_fcᵀ) · W_projᵀ`, or with `normed_residual` `x + gelu(x̂ · W_fcᵀ) · W_projᵀ` where
+/// `x̂` is `x` normalised row by row (a pre-LayerNorm block's MLP with the LayerNorm weight
+/// folded into `W_fc`). Keeps what the backward pass needs from the forward pass.
 #[derive(Default)]
 struct MlpOp {
-    pre_activation: OnceLock<Vec<f32>>,
+    normed_residual: bool,
+    saved: OnceLock<MlpSaved>,
+}
+
+/// The pre-activation `u = x · W_fcᵀ`, and with `normed_residual` `x̂` and each row's `rstd`.
+struct MlpSaved {
+    u: Vec<f32>,
+    xhat: Vec<f32>,
+    rstd: Vec<f32>,
 }
 
 impl CustomOp3 for MlpOp {
     fn name(&self) -> &'static str {
-        "nanogpt-mlp"
+        if self.normed_residual {
+            "nanogpt-residual-mlp"
+        } else {
+            "nanogpt-mlp"
+        }
     }
 
     fn cpu_fwd(
@@ -582,7 +623,7 @@ impl CustomOp3 for MlpOp {
         let (n, c) = dims2(l1, "mlp input")?;
         let (hidden, fc_in) = dims2(l2, "mlp c_fc weight")?;
         let (proj_out, proj_in) = dims2(l3, "mlp c_proj weight")?;
-        if fc_in != c || proj_in != hidden {
+        if fc_in != c || proj_in != hidden || (self.normed_residual && proj_out != c) {
             candle_core::bail!(
                 "mlp: input {:?}, c_fc weight {:?} and c_proj weight {:?} do not chain",
                 l1.dims(),
@@ -590,37 +631,73 @@ impl CustomOp3 for MlpOp {
                 l3.dims()
             );
         }
+        let normed = self.normed_residual;
         let xv = View::row_major(x, n, c)?;
         let w_fc_t = View::row_major(w_fc, hidden, c)?.t();
         let w_proj_t = View::row_major(w_proj, proj_out, hidden)?.t();
         let mut u = Unwritten::new(n * hidden);
         let mut y = Unwritten::new(n * proj_out);
-        // Blocks of rows: u = x W_fcᵀ, h = gelu(u), y = h W_projᵀ, each block on one thread.
+        let (xhat_len, rstd_len) = if normed { (n * c, n) } else { (0, 0) };
+        let (mut xhat, mut rstd) = (Unwritten::new(xhat_len), Unwritten::new(rstd_len));
+        // Blocks of rows: (x̂ =) normalise(x), u = x W_fcᵀ, h = gelu(u), y = (x +) h W_projᵀ,
+        // each block on one thread.
         let block = row_blocks(n);
         let jobs = u
             .slots()
             .chunks_mut((block * hidden).max(1))
             .zip(y.slots().chunks_mut((block * proj_out).max(1)))
+            .zip(chunks_or_empty(xhat.slots(), block * c))
+            .zip(chunks_or_empty(rstd.slots(), block))
             .enumerate()
-            .map(|(i, (u, y))| {
+            .map(|(i, (((u, y), xhat), rstd))| {
                 Box::new(move || {
                     let rows = u.len() / hidden.max(1);
-                    let u = matmul_to(u, xv.rows(i * block, rows)?, w_fc_t)?;
+                    let first = i * block;
+                    let input = if normed {
+                        crate::layer_norm::normalize_rows(
+                            &x[first * c..(first + rows) * c],
+                            c,
+                            xhat,
+                            rstd,
+                        );
+                        // SAFETY: `normalize_rows` wrote all `rows` rows of both.
+                        View::row_major(unsafe { assume_written(xhat) }, rows, c)?
+                    } else {
+                        xv.rows(first, rows)?
+                    };
+                    let u = matmul_to(u, input, w_fc_t)?;
                     let mut h = Unwritten::new(u.len());
                     crate::gelu::forward(u, h.slots());
-                    // SAFETY: `gelu::forward` writes every element of `h`.
+                    // SAFETY: `gelu::forward` writes every element of `h`, as long as `u`.
                     let h = unsafe { h.assume_written() };
-                    matmul_to(y, View::row_major(&h, rows, hidden)?, w_proj_t).map(drop)
+                    let h = View::row_major(&h, rows, hidden)?;
+                    if normed {
+                        // The residual: y = x, then y += h W_projᵀ.
+                        for (slot, &v) in y.iter_mut().zip(&x[first * c..(first + rows) * c]) {
+                            slot.write(v);
+                        }
+                        // SAFETY: the loop wrote `rows · c = y.len()` elements.
+                        matmul_add(unsafe { assume_written(y) }, h, w_proj_t)
+                    } else {
+                        matmul_to(y, h, w_proj_t).map(drop)
+                    }
                 }) as Box<dyn FnOnce() -> Result<()> + Send>
             })
             .collect();
         run_jobs(jobs)?;
-        // SAFETY: the blocks cover `u` and `y`, and each job wrote its rows of both (all
-        // returned `Ok`).
-        let (u, y) = unsafe { (u.assume_written(), y.assume_written()) };
-        // Only the first forward of this op object stores its pre-activation; a second one
-        // cannot happen (each call of `Mlp::forward` makes a new op).
-        let _ = self.pre_activation.set(u);
+        // SAFETY: the blocks cover `u`, `y` (and `xhat`, `rstd`), and each job wrote its rows of
+        // all of them (all returned `Ok`).
+        let (u, y, xhat, rstd) = unsafe {
+            (
+                u.assume_written(),
+                y.assume_written(),
+                xhat.assume_written(),
+                rstd.assume_written(),
+            )
+        };
+        // Only the first forward of this op object stores its results; a second one cannot
+        // happen (each call of `Mlp::forward` makes a new op).
+        let _ = self.saved.set(MlpSaved { u, xhat, rstd });
         Ok((CpuStorage::F32(y), Shape::from((n, proj_out))))
     }
 
@@ -633,15 +710,17 @@ impl CustomOp3 for MlpOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let _span = tracing::debug_span!("mlp.backward").entered();
-        let Some(u) = self.pre_activation.get() else {
+        let Some(MlpSaved { u, xhat, rstd }) = self.saved.get() else {
             candle_core::bail!("mlp backward: the forward pass did not run on the CPU");
         };
+        let normed = self.normed_residual;
         let g = grad.contiguous()?;
         let (n, c) = x.dims2()?;
         let (hidden, _) = w_fc.dims2()?;
         let (out, _) = w_proj.dims2()?;
         let (dx, dw_fc, dw_proj) = with_data(&[x, w_fc, w_proj, &g], "mlp backward", |d| {
-            let xv = View::row_major(d[0], n, c)?;
+            // The product's input: x, or x̂ with `normed_residual`.
+            let input = View::row_major(if normed { xhat } else { d[0] }, n, c)?;
             let w_fc = View::row_major(d[1], hidden, c)?;
             let w_proj = View::row_major(d[2], out, hidden)?;
             let gv = View::row_major(d[3], n, out)?;
@@ -649,7 +728,7 @@ impl CustomOp3 for MlpOp {
             let mut du = Unwritten::new(n * hidden);
             let mut dx = Unwritten::new(n * c);
             // Blocks of rows: dh = g W_proj, du = dh ⊙ gelu'(u) (and h = gelu(u) for dW_proj),
-            // dx = du W_fc.
+            // d(input) = du W_fc; with `normed_residual`, dx = g + the normalisation's backward.
             let block = row_blocks(n);
             let jobs = h
                 .slots()
@@ -664,7 +743,18 @@ impl CustomOp3 for MlpOp {
                         let u = &u[first * hidden..(first + rows) * hidden];
                         let du = matmul_to(du, gv.rows(first, rows)?, w_proj)?;
                         crate::gelu::forward_backward_in_place(u, h, du);
-                        matmul_to(dx, View::row_major(du, rows, hidden)?, w_fc).map(drop)
+                        let dx = matmul_to(dx, View::row_major(du, rows, hidden)?, w_fc)?;
+                        if normed {
+                            let rows = first..first + rows;
+                            crate::layer_norm::normalize_backward_rows(
+                                &xhat[rows.start * c..rows.end * c],
+                                &rstd[rows.clone()],
+                                &d[3][rows.start * c..rows.end * c],
+                                c,
+                                dx,
+                            );
+                        }
+                        Ok(())
                     }) as Box<dyn FnOnce() -> Result<()> + Send>
                 })
                 .collect();
@@ -673,14 +763,14 @@ impl CustomOp3 for MlpOp {
             // (`forward_backward_in_place` writes every element of `h`; all returned `Ok`).
             let (h, du, dx) =
                 unsafe { (h.assume_written(), du.assume_written(), dx.assume_written()) };
-            // dW_proj = gᵀ h and dW_fc = duᵀ x, cut by rows of their outputs.
+            // dW_proj = gᵀ h and dW_fc = duᵀ · input, cut by rows of their outputs.
             let mut dw_proj = Unwritten::new(out * hidden);
             let mut dw_fc = Unwritten::new(hidden * c);
             let mut jobs = product_jobs(dw_proj.slots(), gv.t(), View::row_major(&h, n, hidden)?);
             jobs.extend(product_jobs(
                 dw_fc.slots(),
                 View::row_major(&du, n, hidden)?.t(),
-                xv,
+                input,
             ));
             run_jobs(jobs)?;
             // SAFETY: the product jobs wrote all of both (they all returned `Ok`).
@@ -693,6 +783,86 @@ impl CustomOp3 for MlpOp {
             Some(Tensor::from_vec(dw_proj, (out, hidden), dev)?),
         ))
     }
+}
+
+/// `W · diag(γ)`: column `j` of the matrix `W` times `γ[j]`, with its backward (Candle's
+/// `broadcast_mul` differentiates through a strided reduction over rows that is many times
+/// slower).
+struct ScaleColumns;
+
+impl CustomOp2 for ScaleColumns {
+    fn name(&self) -> &'static str {
+        "nanogpt-scale-columns"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (w, gamma) = (
+            f32_slice(s1, l1, "scale columns")?,
+            f32_slice(s2, l2, "scale columns")?,
+        );
+        let (_, cols) = dims2(l1, "scale columns")?;
+        if gamma.len() != cols {
+            candle_core::bail!(
+                "scale columns: a matrix {:?} and {} scales",
+                l1.dims(),
+                gamma.len()
+            );
+        }
+        Ok((CpuStorage::F32(scale_columns(w, gamma)), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        w: &Tensor,
+        gamma: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = grad.contiguous()?;
+        let (rows, cols) = w.dims2()?;
+        let (dw, dgamma) = with_data(&[w, gamma, &g], "scale columns backward", |d| {
+            let (w, gamma, g) = (d[0], d[1], d[2]);
+            let mut dgamma = vec![0f32; cols];
+            for (w_row, g_row) in w.chunks_exact(cols.max(1)).zip(g.chunks_exact(cols.max(1))) {
+                for ((dg, w), g) in dgamma.iter_mut().zip(w_row).zip(g_row) {
+                    *dg += g * w;
+                }
+            }
+            Ok((scale_columns(g, gamma), dgamma))
+        })?;
+        let dev = w.device();
+        Ok((
+            Some(Tensor::from_vec(dw, (rows, cols), dev)?),
+            Some(Tensor::from_vec(dgamma, cols, dev)?),
+        ))
+    }
+}
+
+/// The rows of `m` (`scales.len()` wide) times `scales`, element by element.
+fn scale_columns(m: &[f32], scales: &[f32]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(m.len());
+    for row in m.chunks_exact(scales.len().max(1)) {
+        out.extend(row.iter().zip(scales).map(|(v, s)| v * s));
+    }
+    out
+}
+
+/// `slots` in chunks of `size`, or endless empty chunks when `slots` is empty (an optional
+/// buffer zipped with the others).
+fn chunks_or_empty(
+    slots: &mut [MaybeUninit<f32>],
+    size: usize,
+) -> impl Iterator<Item = &mut [MaybeUninit<f32>]> {
+    let empty = slots.is_empty();
+    slots
+        .chunks_mut(size.max(1))
+        .chain(std::iter::repeat_with(|| &mut [][..]).take_while(move |_| empty))
 }
 
 #[cfg(test)]
@@ -804,6 +974,34 @@ mod tests {
             let params = [mlp.c_fc.weight.clone(), mlp.c_proj.weight.clone()];
             let fused = output_and_grads(&mlp.forward(&x)?, &probe, &x, &params)?;
             let reference = output_and_grads(&mlp.forward_composed(&x)?, &probe, &x, &params)?;
+            assert_close(&fused, &reference, 2e-5);
+        }
+        Ok(())
+    }
+
+    /// The fused residual MLP (`x + mlp(ln(x))`, LayerNorm weight folded into `c_fc`) against
+    /// the composed LayerNorm, MLP and addition, with a random LayerNorm weight, and on shapes
+    /// that split into uneven blocks.
+    #[test]
+    fn residual_mlp_matches_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        for (n, c) in [(257, 24), (2, 8)] {
+            let map = VarMap::new();
+            let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
+            let mlp = Mlp::new(c, false, vb.pp("mlp"))?;
+            let ln = LayerNorm::new(c, false, vb.pp("ln"))?;
+            let mut rng = Rng::new(15, 0);
+            set_random(&map, &mut rng, 0.5)?;
+            let x = Var::from_vec(rng.normal_vec(n * c, 1.0), (n, c), &dev)?;
+            let probe = Tensor::from_vec(rng.normal_vec(n * c, 1.0), (n, c), &dev)?;
+            let params = [
+                mlp.c_fc.weight.clone(),
+                mlp.c_proj.weight.clone(),
+                ln.weight().clone(),
+            ];
+            let fused = output_and_grads(&mlp.forward_residual(&x, &ln)?, &probe, &x, &params)?;
+            let composed = (x.as_tensor() + mlp.forward_composed(&ln.forward_composed(&x)?)?)?;
+            let reference = output_and_grads(&composed, &probe, &x, &params)?;
             assert_close(&fused, &reference, 2e-5);
         }
         Ok(())

@@ -92,9 +92,21 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
+    /// `x + dropout(mlp(ln(x)))`: one fused op where that applies and no dropout is drawn.
+    fn forward_residual(
+        &self,
+        x: &Tensor,
+        ln: &LayerNorm,
+        rng: Option<&mut Rng>,
+    ) -> Result<Tensor> {
         let _span = tracing::debug_span!("mlp").entered();
-        synced(dropout(&self.mlp.forward(x)?, self.dropout, rng)?)
+        match rng {
+            Some(rng) if self.dropout > 0.0 => {
+                let h = self.mlp.forward(&ln.forward(x)?)?;
+                synced((x + dropout(&h, self.dropout, Some(rng))?)?)
+            }
+            _ => synced(self.mlp.forward_residual(x, ln)?),
+        }
     }
 }
 
@@ -148,7 +160,7 @@ impl Block {
             None => self.attn.forward_rows(&h, n / b, rng.is_some())?,
         };
         let x = (x + h.to_dtype(x.dtype())?)?;
-        synced((&x + self.mlp.forward(&self.ln_2.forward(&x)?, rng)?)?)
+        self.mlp.forward_residual(&x, &self.ln_2, rng)
     }
 }
 
