@@ -153,27 +153,32 @@ pub(crate) fn normalize_rows(
     }
 }
 
-/// The backward of [`normalize_rows`] plus a residual gradient: `d` holds `dL/dx̂` on entry and
-/// `g + dL/dx` on return, row by row (`c` wide), where
+/// The backward of [`normalize_rows`], plus a residual gradient when there is one: `d` holds
+/// `dL/dx̂` on entry and `dL/dx` (`+ residual`) on return, row by row (`c` wide), where
 /// `dL/dx = rstd · (dx̂ - mean(dx̂) - x̂ · mean(dx̂ ⊙ x̂))`.
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
 pub(crate) fn normalize_backward_rows(
     xhat: &[f32],
     rstd: &[f32],
-    g: &[f32],
+    residual: Option<&[f32]>,
     c: usize,
     d: &mut [f32],
 ) {
-    for (((xhat, &r), g), d) in xhat
+    for (i, ((xhat, &r), d)) in xhat
         .chunks_exact(c)
         .zip(rstd)
-        .zip(g.chunks_exact(c))
         .zip(d.chunks_exact_mut(c))
+        .enumerate()
     {
         let a = sum3(d, d, d, |d, _, _| d) / c as f32;
         let b = sum3(d, xhat, xhat, |d, xh, _| d * xh) / c as f32;
-        for ((d, &xh), &g) in d.iter_mut().zip(xhat).zip(g) {
-            *d = g + r * (*d - a - xh * b);
+        for (d, &xh) in d.iter_mut().zip(xhat) {
+            *d = r * (*d - a - xh * b);
+        }
+        if let Some(g) = residual {
+            for (d, &g) in d.iter_mut().zip(&g[i * c..(i + 1) * c]) {
+                *d += g;
+            }
         }
     }
 }

@@ -77,17 +77,65 @@ impl Linear {
 /// attn-op's attention layer calls its projections).
 impl candle_core::Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.rank() == 2 {
-            return Linear::forward(self, x);
+        over_rows(x, |rows| Linear::forward(self, rows))
+    }
+}
+
+/// `f` applied to the rows of `x`: its last dimension is the features, the others are
+/// flattened into rows for `f` and restored in its result.
+fn over_rows(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    if x.rank() == 2 {
+        return f(x);
+    }
+    let dims = x.dims().to_vec();
+    let Some((&d_in, lead)) = dims.split_last() else {
+        candle_core::bail!("linear: expected at least one dimension, got a scalar");
+    };
+    let y = f(&x.reshape((lead.iter().product::<usize>(), d_in))?)?;
+    let mut out = lead.to_vec();
+    out.push(y.dim(1)?);
+    y.reshape(out)
+}
+
+/// A LayerNorm then a Linear layer, `linear(ln(x))` (a pre-LayerNorm block's `ln_1` and the
+/// attention's `c_attn`). On the CPU in f32 without biases it is one fused op: the LayerNorm
+/// weight `γ` scales the columns of the Linear weight (`LN(x)·Wᵀ = x̂·(W·diag γ)ᵀ`), and the op
+/// normalises and multiplies, so the LayerNorm's output is not a node of the graph.
+#[derive(Clone, Debug)]
+pub struct NormedLinear {
+    ln: LayerNorm,
+    linear: Linear,
+}
+
+impl NormedLinear {
+    /// `linear(ln(x))`.
+    pub fn new(ln: LayerNorm, linear: Linear) -> Self {
+        Self { ln, linear }
+    }
+
+    /// Applies the layers to the rows of `x` `(N, d_in)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let no_bias = self.linear.bias.is_none() && self.ln.bias().is_none();
+        if no_bias && fused(x, &[Some(&self.linear.weight), Some(self.ln.weight())]) {
+            let w = self
+                .linear
+                .weight
+                .apply_op2(self.ln.weight(), ScaleColumns)?;
+            return x.contiguous()?.apply_op2(&w, NormedLinearOp::default());
         }
-        let dims = x.dims().to_vec();
-        let Some((&d_in, lead)) = dims.split_last() else {
-            candle_core::bail!("linear: expected at least one dimension, got a scalar");
-        };
-        let y = Linear::forward(self, &x.reshape((lead.iter().product::<usize>(), d_in))?)?;
-        let mut out = lead.to_vec();
-        out.push(y.dim(1)?);
-        y.reshape(out)
+        self.linear.forward(&self.ln.forward(x)?)
+    }
+
+    /// The reference: the composed LayerNorm and Candle's product.
+    pub fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
+        self.linear.forward_composed(&self.ln.forward_composed(x)?)
+    }
+}
+
+/// Any rank, as [`Linear`]'s `Module`.
+impl candle_core::Module for NormedLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        over_rows(x, |rows| NormedLinear::forward(self, rows))
     }
 }
 
@@ -460,28 +508,7 @@ impl LinearOp {
         let (n, d_in) = x.dims2()?;
         let (d_out, _) = w.dims2()?;
         let (dx, dw, db) = with_data(&[x, w, &g], "linear backward", |d| {
-            let (xv, wv, gv) = (
-                View::row_major(d[0], n, d_in)?,
-                View::row_major(d[1], d_out, d_in)?,
-                View::row_major(d[2], n, d_out)?,
-            );
-            let mut dx = Unwritten::new(n * d_in);
-            let mut dw = Unwritten::new(d_out * d_in);
-            let mut db = vec![0f32; if bias { d_out } else { 0 }];
-            // dx = g · W and dW = gᵀ · x, cut by rows of their outputs; db = Σ_rows g.
-            let mut jobs = product_jobs(dx.slots(), gv, wv);
-            jobs.extend(product_jobs(dw.slots(), gv.t(), xv));
-            if bias {
-                let g = d[2];
-                let db = &mut db;
-                jobs.push(Box::new(move || {
-                    column_sums(g, d_out, db);
-                    Ok(())
-                }));
-            }
-            run_jobs(jobs)?;
-            // SAFETY: the product jobs wrote all of `dx` and `dw` (they all returned `Ok`).
-            Ok(unsafe { (dx.assume_written(), dw.assume_written(), db) })
+            Self::backward_rows(d[0], d[1], d[2], (n, d_in, d_out), bias)
         })?;
         let dev = x.device();
         Ok((
@@ -492,6 +519,118 @@ impl LinearOp {
             } else {
                 None
             },
+        ))
+    }
+
+    /// `(dx, dW, db)` of `y = x · Wᵀ (+ b)` for the output gradient `g`, all row-major slices of
+    /// the shapes `(n, d_in, d_out)` say; `db` is empty without `bias`.
+    fn backward_rows(
+        x: &[f32],
+        w: &[f32],
+        g: &[f32],
+        (n, d_in, d_out): (usize, usize, usize),
+        bias: bool,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let (xv, wv, gv) = (
+            View::row_major(x, n, d_in)?,
+            View::row_major(w, d_out, d_in)?,
+            View::row_major(g, n, d_out)?,
+        );
+        let mut dx = Unwritten::new(n * d_in);
+        let mut dw = Unwritten::new(d_out * d_in);
+        let mut db = vec![0f32; if bias { d_out } else { 0 }];
+        // dx = g · W and dW = gᵀ · x, cut by rows of their outputs; db = Σ_rows g.
+        let mut jobs = product_jobs(dx.slots(), gv, wv);
+        jobs.extend(product_jobs(dw.slots(), gv.t(), xv));
+        if bias {
+            let db = &mut db;
+            jobs.push(Box::new(move || {
+                column_sums(g, d_out, db);
+                Ok(())
+            }));
+        }
+        run_jobs(jobs)?;
+        // SAFETY: the product jobs wrote all of `dx` and `dw` (they all returned `Ok`).
+        Ok(unsafe { (dx.assume_written(), dw.assume_written(), db) })
+    }
+}
+
+/// `x̂ · Wᵀ`, `x̂` the rows of `x` normalised ([`NormedLinear`]'s fused op). Keeps `x̂` and each
+/// row's `rstd` for the backward pass.
+#[derive(Default)]
+struct NormedLinearOp {
+    saved: OnceLock<(Vec<f32>, Vec<f32>)>,
+}
+
+/// Rows per parallel block of the normalisation.
+const NORM_BLOCK_ROWS: usize = 32;
+
+impl CustomOp2 for NormedLinearOp {
+    fn name(&self) -> &'static str {
+        "nanogpt-normed-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = (f32_slice(s1, l1, "linear")?, f32_slice(s2, l2, "linear")?);
+        let (n, c) = dims2(l1, "linear input")?;
+        let mut xhat = Unwritten::new(n * c);
+        let mut rstd = Unwritten::new(n);
+        if c == 0 {
+            // Empty rows: nothing to normalise.
+            for r in rstd.slots() {
+                r.write(0.0);
+            }
+        } else {
+            xhat.slots()
+                .par_chunks_mut(NORM_BLOCK_ROWS * c)
+                .zip(rstd.slots().par_chunks_mut(NORM_BLOCK_ROWS))
+                .zip(x.par_chunks(NORM_BLOCK_ROWS * c))
+                .for_each(|((xhat, rstd), x)| crate::layer_norm::normalize_rows(x, c, xhat, rstd));
+        }
+        // SAFETY: the blocks cover both (`x` is `n` rows of `c`), and `normalize_rows` wrote
+        // every row of each (with `c = 0`, `xhat` is empty and the loop wrote `rstd`).
+        let (xhat, rstd) = unsafe { (xhat.assume_written(), rstd.assume_written()) };
+        let y = LinearOp::forward(&xhat, l1, w, l2, None)?;
+        let _ = self.saved.set((xhat, rstd));
+        Ok((CpuStorage::F32(y), Shape::from((n, l2.dims()[0]))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _span = tracing::debug_span!("linear.backward").entered();
+        let Some((xhat, rstd)) = self.saved.get() else {
+            candle_core::bail!("linear backward: the forward pass did not run on the CPU");
+        };
+        let g = grad.contiguous()?;
+        let (n, c) = x.dims2()?;
+        let (d_out, _) = w.dims2()?;
+        let (mut dx, dw, _) = with_data(&[w, &g], "linear backward", |d| {
+            LinearOp::backward_rows(xhat, d[0], d[1], (n, c, d_out), false)
+        })?;
+        if c > 0 {
+            // dx holds dL/dx̂; the normalisation's backward makes it dL/dx.
+            dx.par_chunks_mut(NORM_BLOCK_ROWS * c)
+                .zip(xhat.par_chunks(NORM_BLOCK_ROWS * c))
+                .zip(rstd.par_chunks(NORM_BLOCK_ROWS))
+                .for_each(|((d, xhat), rstd)| {
+                    crate::layer_norm::normalize_backward_rows(xhat, rstd, None, c, d)
+                });
+        }
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, (n, c), dev)?),
+            Some(Tensor::from_vec(dw, (d_out, c), dev)?),
         ))
     }
 }
@@ -749,7 +888,7 @@ impl CustomOp3 for MlpOp {
                             crate::layer_norm::normalize_backward_rows(
                                 &xhat[rows.start * c..rows.end * c],
                                 &rstd[rows.clone()],
-                                &d[3][rows.start * c..rows.end * c],
+                                Some(&d[3][rows.start * c..rows.end * c]),
                                 c,
                                 dx,
                             );
@@ -1002,6 +1141,34 @@ mod tests {
             let fused = output_and_grads(&mlp.forward_residual(&x, &ln)?, &probe, &x, &params)?;
             let composed = (x.as_tensor() + mlp.forward_composed(&ln.forward_composed(&x)?)?)?;
             let reference = output_and_grads(&composed, &probe, &x, &params)?;
+            assert_close(&fused, &reference, 2e-5);
+        }
+        Ok(())
+    }
+
+    /// The fused LayerNorm + Linear (weight folded into the Linear's) against the composed
+    /// layers, with a random LayerNorm weight, through the `Module` (rank 3) as attn-op calls it.
+    #[test]
+    fn normed_linear_matches_candle() -> Result<()> {
+        use candle_core::Module;
+        let dev = Device::Cpu;
+        for (n, c, d_out) in [(130, 24, 72), (3, 8, 5)] {
+            let map = VarMap::new();
+            let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
+            let layer = NormedLinear::new(
+                LayerNorm::new(c, false, vb.pp("ln"))?,
+                Linear::new(c, d_out, false, vb.pp("lin"))?,
+            );
+            let mut rng = Rng::new(16, 0);
+            set_random(&map, &mut rng, 0.5)?;
+            let x = Var::from_vec(rng.normal_vec(n * c, 1.0), (1, n, c), &dev)?;
+            let probe = Tensor::from_vec(rng.normal_vec(n * d_out, 1.0), (1, n, d_out), &dev)?;
+            let params = [layer.linear.weight.clone(), layer.ln.weight().clone()];
+            let y = Module::forward(&layer, &x)?;
+            assert_eq!(y.dims(), &[1, n, d_out]);
+            let fused = output_and_grads(&y, &probe, &x, &params)?;
+            let composed = layer.forward_composed(&x.reshape((n, c))?)?;
+            let reference = output_and_grads(&composed.unsqueeze(0)?, &probe, &x, &params)?;
             assert_close(&fused, &reference, 2e-5);
         }
         Ok(())

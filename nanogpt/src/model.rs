@@ -55,7 +55,7 @@ impl ModelConfig {
     }
 }
 
-pub use crate::linear::Linear;
+pub use crate::linear::{Linear, NormedLinear};
 
 /// Returns `t` once the device has computed it when a profiler runs, so that the span that ends
 /// here is timed truly on CUDA (kernels are asynchronous); free otherwise.
@@ -110,9 +110,9 @@ impl Mlp {
     }
 }
 
-/// One transformer block: `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`.
+/// One transformer block: `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`. `ln_1` is applied by
+/// the attention's input projection (`c_attn` is `ln_1` then the Linear, one fused op).
 struct Block {
-    ln_1: LayerNorm,
     attn: CausalSelfAttention,
     ln_2: LayerNorm,
     mlp: Mlp,
@@ -122,7 +122,6 @@ impl Block {
     fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
         let c = cfg.n_embd;
         Ok(Self {
-            ln_1: LayerNorm::new(cfg.n_embd, cfg.bias, vb.pp("ln_1"))?,
             // attn-op's layer over this crate's fused Linear (parallel on the CPU).
             attn: CausalSelfAttention::with_projections(
                 AttentionConfig {
@@ -132,7 +131,10 @@ impl Block {
                     dropout: cfg.dropout,
                     causality: Causality::Always,
                 },
-                Linear::new(c, 3 * c, cfg.bias, vb.pp("attn.c_attn"))?,
+                NormedLinear::new(
+                    LayerNorm::new(c, cfg.bias, vb.pp("ln_1"))?,
+                    Linear::new(c, 3 * c, cfg.bias, vb.pp("attn.c_attn"))?,
+                ),
                 Linear::new(c, c, cfg.bias, vb.pp("attn.c_proj"))?,
             )?,
             ln_2: LayerNorm::new(cfg.n_embd, cfg.bias, vb.pp("ln_2"))?,
@@ -150,7 +152,7 @@ impl Block {
     ) -> Result<Tensor> {
         let (n, c) = x.dims2()?;
         // attn-op's layer keeps its weights in f32: it runs in f32 whatever the model's dtype.
-        let h = self.ln_1.forward(x)?.to_dtype(DType::F32)?;
+        let h = x.to_dtype(DType::F32)?;
         let h = match cache {
             Some(cache) => self
                 .attn
