@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use nanogpt::config::{TrainConfig, CPU_RECIPE};
 use nanogpt::model::{init_weights, Gpt, ModelConfig};
-use nanogpt::optim::{clip_grad_norm, AdamW};
+use nanogpt::optim::{clip_factor, AdamW};
 use nanogpt::rng::Rng;
 use nanogpt::train::median;
 
@@ -67,11 +67,11 @@ fn breakdown() -> Result<()> {
         let loss = model.loss(&x, &y, DType::F32, Some(&mut rng))?;
         loss.to_scalar::<f32>()?;
         marks.push((Instant::now(), cpu_ms()));
-        let mut grads = opt.grads(&loss.backward()?)?;
+        let grads = opt.grads(&loss.backward()?)?;
         marks.push((Instant::now(), cpu_ms()));
-        clip_grad_norm(&mut grads, cfg.grad_clip)?;
+        let (_, grad_scale) = clip_factor(&grads, cfg.grad_clip)?;
         marks.push((Instant::now(), cpu_ms()));
-        opt.step(&grads, cfg.learning_rate)?;
+        opt.step_scaled(&grads, cfg.learning_rate, grad_scale)?;
         marks.push((Instant::now(), cpu_ms()));
         if step < 5 {
             continue; // warm-up

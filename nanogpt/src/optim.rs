@@ -90,6 +90,13 @@ impl AdamW {
 
     /// One AdamW step at learning rate `lr` with `grads` from [`AdamW::grads`].
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+        self.step_scaled(grads, lr, 1.0)
+    }
+
+    /// [`AdamW::step`] with the gradients multiplied by `grad_scale` first (the factor of
+    /// [`clip_factor`]): on the CPU the fused update scales each gradient element as it reads
+    /// it, instead of a pass that writes scaled copies.
+    pub fn step_scaled(&mut self, grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<()> {
         self.step += 1;
         let t = self.step as i32;
         let (b1, b2) = (self.beta1, self.beta2);
@@ -108,6 +115,7 @@ impl AdamW {
                     &Moment {
                         beta: b1,
                         square: false,
+                        grad_scale,
                     },
                 )?;
                 p.v.inplace_op2(
@@ -115,6 +123,7 @@ impl AdamW {
                     &Moment {
                         beta: b2,
                         square: true,
+                        grad_scale,
                     },
                 )?;
                 let update = Update {
@@ -125,6 +134,12 @@ impl AdamW {
                 p.var.as_tensor().inplace_op3(&p.m, &p.v, &update)?;
                 continue;
             }
+            let g = if grad_scale == 1.0 {
+                g.clone()
+            } else {
+                (g * grad_scale)?
+            };
+            let g = &g;
             p.m = ((&p.m * b1)? + (g * (1.0 - b1))?)?;
             p.v = ((&p.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let denom = ((p.v.sqrt()? * v_scale)? + EPS)?;
@@ -184,11 +199,13 @@ fn fused(p: &Param, g: &Tensor) -> bool {
             .all(|x| x.dtype() == DType::F32 && x.is_contiguous() && x.shape() == t.shape())
 }
 
-/// `m = m·β + g·(1-β)`, or with `square` `v = v·β + g²·(1-β)`, in place; rounded as Candle's
-/// `affine` and `add` round it (each scalar product plus 0, the scalars in f32).
+/// `m = m·β + g·(1-β)`, or with `square` `v = v·β + g²·(1-β)`, in place, `g` the gradient times
+/// `grad_scale`; rounded as Candle's `affine` and `add` round it (each scalar product plus 0, the
+/// scalars in f32).
 struct Moment {
     beta: f64,
     square: bool,
+    grad_scale: f64,
 }
 
 impl InplaceOp2 for Moment {
@@ -212,21 +229,28 @@ impl InplaceOp2 for Moment {
             );
         }
         let (beta, rest) = (self.beta as f32, (1.0 - self.beta) as f32);
-        let square = self.square;
+        let (square, scale) = (self.square, self.grad_scale as f32);
+        let scaled = self.grad_scale != 1.0;
         m.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK))
-            .for_each(|(m, g)| {
-                if square {
-                    for (m, &g) in m.iter_mut().zip(g) {
-                        *m = (*m * beta + 0.0) + ((g * g) * rest + 0.0);
-                    }
-                } else {
-                    for (m, &g) in m.iter_mut().zip(g) {
-                        *m = (*m * beta + 0.0) + (g * rest + 0.0);
-                    }
-                }
+            .for_each(|(m, g)| match (square, scaled) {
+                (false, false) => moment(m, g, beta, rest, |g| g),
+                (true, false) => moment(m, g, beta, rest, |g| g * g),
+                (false, true) => moment(m, g, beta, rest, |g| g * scale + 0.0),
+                (true, true) => moment(m, g, beta, rest, |g| {
+                    let g = g * scale + 0.0;
+                    g * g
+                }),
             });
         Ok(())
+    }
+}
+
+/// `m = m·β + f(g)·(1-β)` element by element (one loop per `f`, so that each vectorises).
+#[inline(always)]
+fn moment(m: &mut [f32], g: &[f32], beta: f32, rest: f32, f: impl Fn(f32) -> f32) {
+    for (m, &g) in m.iter_mut().zip(g) {
+        *m = (*m * beta + 0.0) + (f(g) * rest + 0.0);
     }
 }
 
@@ -294,25 +318,63 @@ pub fn learning_rate(it: usize, cfg: &TrainConfig) -> f64 {
     cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
 }
 
-/// Scales `grads` so that their global L2 norm is at most `max_norm` (PyTorch's
-/// `clip_grad_norm_`); returns the norm before clipping.
-pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
+/// The global L2 norm of `grads`, and the factor that PyTorch's `clip_grad_norm_` multiplies
+/// them by so that it is at most `max_norm`: `max_norm / (norm + 1e-6)`, or 1 when that is
+/// larger. The squares are summed in f64, on the CPU straight from f32 data (no squared copy).
+pub fn clip_factor(grads: &[Tensor], max_norm: f64) -> Result<(f64, f64)> {
     let mut sum_sq = 0f64;
-    for g in grads.iter() {
-        sum_sq += g
-            .sqr()?
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
+    for g in grads {
+        sum_sq += sum_of_squares(g)?;
     }
     let norm = sum_sq.sqrt();
-    let coef = max_norm / (norm + 1e-6);
-    if coef < 1.0 {
+    Ok((norm, (max_norm / (norm + 1e-6)).min(1.0)))
+}
+
+/// Scales `grads` so that their global L2 norm is at most `max_norm` (PyTorch's
+/// `clip_grad_norm_`); returns the norm before clipping. Training passes [`clip_factor`]'s factor
+/// to [`AdamW::step_scaled`] instead, which scales while it updates.
+pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
+    let (norm, scale) = clip_factor(grads, max_norm)?;
+    if scale < 1.0 {
         for g in grads.iter_mut() {
-            *g = (&*g * coef)?;
+            *g = (&*g * scale)?;
         }
     }
     Ok(norm)
+}
+
+/// `Σ v²` in f64, in 8 interleaved partial sums (so that the loop vectorises) added in order.
+fn squares(c: &[f32]) -> f64 {
+    let mut lanes = [0f64; 8];
+    let mut it = c.chunks_exact(8);
+    for block in &mut it {
+        for (acc, &v) in lanes.iter_mut().zip(block) {
+            *acc += f64::from(v) * f64::from(v);
+        }
+    }
+    let tail: f64 = it
+        .remainder()
+        .iter()
+        .map(|&v| f64::from(v) * f64::from(v))
+        .sum();
+    lanes.iter().sum::<f64>() + tail
+}
+
+/// `Σ g²` over the elements of `g`: in fixed chunks added in order on the CPU (so the same for
+/// any thread count), with Candle's ops elsewhere.
+fn sum_of_squares(g: &Tensor) -> Result<f64> {
+    if g.device().is_cpu() && g.dtype() == DType::F32 && g.is_contiguous() {
+        let (storage, layout) = g.storage_and_layout();
+        if let candle_core::Storage::Cpu(s) = &*storage {
+            let data = f32_slice(s, layout, "gradient norm")?;
+            let chunks: Vec<f64> = data.par_chunks(CHUNK).map(squares).collect();
+            return Ok(chunks.iter().sum());
+        }
+    }
+    Ok(g.sqr()?
+        .sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?)
 }
 
 #[cfg(test)]
@@ -335,8 +397,16 @@ mod tests {
     fn clipping_bounds_the_global_norm() -> Result<()> {
         let dev = Device::Cpu;
         let mut g = vec![Tensor::new(&[3f32, 0.], &dev)?, Tensor::new(&[4f32], &dev)?];
+        let (norm, factor) = clip_factor(&g, 1.0)?;
+        assert!((norm - 5.0).abs() < 1e-6 && (factor - 1.0 / (5.0 + 1e-6)).abs() < 1e-12);
+        assert_eq!(clip_factor(&g, 10.0)?.1, 1.0);
         assert!((clip_grad_norm(&mut g, 1.0)? - 5.0).abs() < 1e-6);
         assert!((clip_grad_norm(&mut g, 1.0)? - 1.0).abs() < 1e-5);
+        // Long enough for several chunks and a tail: the f64 sum of squares.
+        let long: Vec<f32> = (0..3 * CHUNK + 5).map(|i| (i % 7) as f32 - 3.0).collect();
+        let want: f64 = long.iter().map(|&v| f64::from(v).powi(2)).sum();
+        let t = [Tensor::from_vec(long, 3 * CHUNK + 5, &dev)?];
+        assert!((clip_factor(&t, 1.0)?.0 - want.sqrt()).abs() < 1e-9 * want.sqrt());
         Ok(())
     }
 
@@ -370,7 +440,9 @@ mod tests {
                     Tensor::from_vec(grng.normal_vec(37 * COLS, 1.0), (37, COLS), &dev)?,
                 ];
                 opt.fused_cpu = fused;
-                opt.step(&grads, 1e-2 * (step + 1) as f64)?;
+                // Clipped (scaled) steps and unclipped ones.
+                let scale = if step % 2 == 0 { 0.37 } else { 1.0 };
+                opt.step_scaled(&grads, 1e-2 * (step + 1) as f64, scale)?;
             }
             let mut out = Vec::new();
             for name in ["b", "w"] {

@@ -15,7 +15,7 @@ use crate::checkpoint::{self, Checkpoint, Meta};
 use crate::config::{InitFrom, TrainConfig};
 use crate::data::{self, Dataset, PrepareOptions, Split};
 use crate::model::{init_weights, Gpt, ModelConfig};
-use crate::optim::{clip_grad_norm, learning_rate, AdamW};
+use crate::optim::{clip_factor, learning_rate, AdamW};
 use crate::plot::{LossLog, Record};
 use crate::rng::Rng;
 use crate::tokenizer::TokenizerKind;
@@ -218,15 +218,18 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                     .collect::<candle_core::Result<_>>()?,
             });
         }
-        let mut grads = grads.expect("at least one micro-batch");
-        if cfg.grad_clip > 0.0 {
+        let grads = grads.expect("at least one micro-batch");
+        let grad_scale = if cfg.grad_clip > 0.0 {
             let _span = tracing::debug_span!("clip_grad_norm").entered();
-            clip_grad_norm(&mut grads, cfg.grad_clip)?;
+            let (_, scale) = clip_factor(&grads, cfg.grad_clip)?;
             sync_if_profiling(device)?;
-        }
+            scale
+        } else {
+            1.0
+        };
         {
             let _span = tracing::debug_span!("optimizer_step").entered();
-            opt.step(&grads, lr)?;
+            opt.step_scaled(&grads, lr, grad_scale)?;
             sync_if_profiling(device)?;
         }
         drop(step_span);
