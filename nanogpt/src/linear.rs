@@ -4,9 +4,11 @@
 //! graph nodes, each of which Candle's backward pass pays with a zero-filled gradient buffer and
 //! an addition, and a product whose backward transposes its results again. Here a Linear layer is
 //! one node with a hand-written backward (`dx = dy · W`, `dW = dyᵀ · x`, `db = Σ dy`), and the MLP
-//! (`c_fc`, GELU, `c_proj`) is one node as well. Each product is cut into blocks of output rows
-//! and every block is one single-threaded call of the `gemm` crate on rayon's pool, one block
-//! per thread. `gemm` computes each output element by the same sequence of operations however
+//! (`c_fc`, GELU, `c_proj`) is one node as well. A LayerNorm in front of either folds into it:
+//! its weight scales the columns of the next weight (`ScaleColumns`) and the op normalises its
+//! input itself (`NormedLinear`, `Mlp::forward_residual`, which adds the residual too). Each
+//! product is cut into blocks of output rows and every block is one single-threaded call of the
+//! `gemm` crate on rayon's pool, one block per thread. `gemm` computes each output element by the same sequence of operations however
 //! the rows are cut, so the results are the same bits on one thread or many (a test checks
 //! 1, 2, 3 and 5 threads).
 //!
@@ -181,8 +183,8 @@ impl Mlp {
 
     /// `x + mlp(ln(x))`, a pre-LayerNorm block's second half, on the rows of `x` `(N, n_embd)`.
     /// On the CPU in f32 without biases it is one fused op: LayerNorm's weight `γ` scales the
-    /// columns of `c_fc`'s weight (`LN(x)·W_fcᵀ = x̂·(W_fc·diag γ)ᵀ`, one small Candle product
-    /// that carries γ's gradient), and the op normalises, runs the MLP and adds the residual,
+    /// columns of `c_fc`'s weight (`LN(x)·W_fcᵀ = x̂·(W_fc·diag γ)ᵀ`, a small op that carries
+    /// γ's gradient), and the op normalises, runs the MLP and adds the residual,
     /// so the LayerNorm output, the MLP output and the addition are not nodes of the graph
     /// (each would cost Candle's backward a zero-filled buffer and an addition).
     pub fn forward_residual(&self, x: &Tensor, ln: &LayerNorm) -> Result<Tensor> {
