@@ -39,7 +39,7 @@ fn horner(x: f32, c: &[f32]) -> f32 {
 
 /// `exp(x)` for `x <= 0` to about 2 ulp: `2^n · p(r)` with `r` in `[-ln2/2, ln2/2]`.
 #[inline(always)]
-fn exp_neg(x: f32) -> f32 {
+pub(crate) fn exp_neg(x: f32) -> f32 {
     let x = x.max(-87.0);
     // Adding 1.5·2^23 rounds x·log2(e) to the nearest integer n (ties to even) and leaves n in
     // the low mantissa bits of `shifted`: the conversion to an integer is a bit shift, not a

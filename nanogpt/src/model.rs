@@ -231,10 +231,7 @@ impl Gpt {
         }
         let mut x = {
             let _span = tracing::debug_span!("embedding").entered();
-            let tok = self.wte.index_select(&idx.flatten_all()?, 0)?;
-            let positions: Vec<u32> = (0..b).flat_map(|_| pos as u32..(pos + t) as u32).collect();
-            let positions = Tensor::from_vec(positions, b * t, idx.device())?;
-            let x = (tok + self.wpe.index_select(&positions, 0)?)?.to_dtype(dtype)?;
+            let x = crate::embedding::embed(&self.wte, &self.wpe, idx, pos)?.to_dtype(dtype)?;
             synced(dropout(&x, self.cfg.dropout, rng.as_deref_mut())?)?
         };
         for (i, block) in self.blocks.iter().enumerate() {
@@ -242,10 +239,13 @@ impl Gpt {
             let cache = caches.as_deref_mut().map(|c| &mut c[i]);
             x = block.forward(&x, b, rng.as_deref_mut(), cache)?;
         }
-        let x = self.ln_f.forward(&x)?;
         let _span = tracing::debug_span!("lm_head").entered();
-        // lm_head shares the token embedding's weight.
-        let lm_head = Linear::from_weights(self.wte.to_dtype(dtype)?, None);
+        // lm_head shares the token embedding's weight; ln_f is folded into it (one fused op on
+        // the CPU).
+        let lm_head = NormedLinear::new(
+            self.ln_f.clone(),
+            Linear::from_weights(self.wte.to_dtype(dtype)?, None),
+        );
         synced(lm_head.forward(&x)?.to_dtype(DType::F32)?)
     }
 
@@ -259,7 +259,7 @@ impl Gpt {
     ) -> Result<Tensor> {
         let logits = self.forward(idx, 0, dtype, rng, None)?;
         let _span = tracing::debug_span!("loss").entered();
-        synced(candle_nn::loss::cross_entropy(
+        synced(crate::loss::cross_entropy(
             &logits,
             &targets.flatten_all()?,
         )?)
