@@ -3,7 +3,7 @@
 
 use std::mem::MaybeUninit;
 
-use candle_core::{CpuStorage, Layout, Result};
+use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 
 /// The elements of a contiguous f32 CPU tensor; `what` names the op in the error otherwise.
 pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -11,6 +11,24 @@ pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result
         (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
         _ => candle_core::bail!("{what}: expected a contiguous f32 CPU tensor"),
     }
+}
+
+/// Runs `f` on the contiguous f32 data of CPU tensors (the backward passes of the fused ops,
+/// which get their inputs as tensors); `what` names the op in the errors.
+pub(crate) fn with_data<R>(
+    tensors: &[&Tensor],
+    what: &str,
+    f: impl FnOnce(&[&[f32]]) -> Result<R>,
+) -> Result<R> {
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(tensors.len());
+    for (storage, layout) in &guards {
+        match &**storage {
+            Storage::Cpu(s) => slices.push(f32_slice(s, layout, what)?),
+            _ => candle_core::bail!("{what}: expected CPU tensors"),
+        }
+    }
+    f(&slices)
 }
 
 /// [`f32_slice`], mutable (for in-place ops).

@@ -4,9 +4,9 @@
 //! that Candle's backward pays each with a zero-filled buffer and an addition. On the CPU in f32
 //! it is one op here, whose backward adds the gradient rows into the two tables directly.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
-use crate::cpu_data::{f32_slice, Unwritten};
+use crate::cpu_data::{f32_slice, with_data, Unwritten};
 
 /// `wte[ids[i]] + wpe[positions[i]]` for every row `i`: `(ids.len(), C)` from the tables
 /// `wte` `(vocab, C)` and `wpe` `(block_size, C)`.
@@ -116,29 +116,28 @@ impl CustomOp2 for Embedding {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (vocab, block, c) = self.check(wte.layout(), wpe.layout())?;
         let grad = grad.contiguous()?;
-        let (storage, layout) = grad.storage_and_layout();
-        let Storage::Cpu(s) = &*storage else {
-            candle_core::bail!("embedding backward: expected a CPU gradient");
-        };
-        let g = f32_slice(s, layout, "embedding backward")?;
-        if g.len() != self.ids.len() * c {
-            candle_core::bail!(
-                "embedding backward: {} gradient elements for {} rows of {c}",
-                g.len(),
-                self.ids.len()
-            );
-        }
-        // Rows added in order: the same sums however the work is split.
-        let mut dwte = vec![0f32; vocab * c];
-        let mut dwpe = vec![0f32; block * c];
-        for ((row, &id), &p) in g.chunks_exact(c.max(1)).zip(&self.ids).zip(&self.positions) {
-            for (d, &v) in dwte[id as usize * c..][..c].iter_mut().zip(row) {
-                *d += v;
+        let (dwte, dwpe) = with_data(&[&grad], "embedding backward", |d| {
+            let g = d[0];
+            if g.len() != self.ids.len() * c {
+                candle_core::bail!(
+                    "embedding backward: {} gradient elements for {} rows of {c}",
+                    g.len(),
+                    self.ids.len()
+                );
             }
-            for (d, &v) in dwpe[p as usize * c..][..c].iter_mut().zip(row) {
-                *d += v;
+            // Rows added in order: the same sums however the work is split.
+            let mut dwte = vec![0f32; vocab * c];
+            let mut dwpe = vec![0f32; block * c];
+            for ((row, &id), &p) in g.chunks_exact(c.max(1)).zip(&self.ids).zip(&self.positions) {
+                for (d, &v) in dwte[id as usize * c..][..c].iter_mut().zip(row) {
+                    *d += v;
+                }
+                for (d, &v) in dwpe[p as usize * c..][..c].iter_mut().zip(row) {
+                    *d += v;
+                }
             }
-        }
+            Ok((dwte, dwpe))
+        })?;
         let dev = wte.device();
         Ok((
             Some(Tensor::from_vec(dwte, (vocab, c), dev)?),

@@ -18,14 +18,12 @@
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
-use candle_core::{
-    CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use crate::cpu_data::{assume_written, f32_slice, Unwritten};
+use crate::cpu_data::{assume_written, f32_slice, with_data, Unwritten};
 use crate::layer_norm::LayerNorm;
 
 /// A Linear layer `y = x Wᵀ + b` over the last dimension, `W` stored `(out, in)` as PyTorch does.
@@ -426,23 +424,6 @@ fn product_jobs<'a>(
 
 // ---------------------------------------------------------------------------------------------
 // Storage access.
-
-/// Runs `f` on the contiguous f32 data of CPU tensors.
-fn with_data<R>(
-    tensors: &[&Tensor],
-    what: &str,
-    f: impl FnOnce(&[&[f32]]) -> Result<R>,
-) -> Result<R> {
-    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
-    let mut slices = Vec::with_capacity(tensors.len());
-    for (storage, layout) in &guards {
-        match &**storage {
-            Storage::Cpu(s) => slices.push(f32_slice(s, layout, what)?),
-            _ => candle_core::bail!("{what}: expected CPU tensors"),
-        }
-    }
-    f(&slices)
-}
 
 /// `(rows, cols)` of a matrix layout.
 fn dims2(l: &Layout, what: &str) -> Result<(usize, usize)> {

@@ -7,10 +7,10 @@
 
 use std::mem::MaybeUninit;
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use multiversion::multiversion;
 
-use crate::cpu_data::{f32_slice, Unwritten};
+use crate::cpu_data::{f32_slice, with_data, Unwritten};
 
 /// Mean over rows of `logsumexp(logits_i) - logits_i[targets_i]`, a scalar; `logits` `(N, V)`,
 /// `targets` `(N)` of ids below `V`.
@@ -113,27 +113,25 @@ impl CustomOp1 for CrossEntropy {
         };
         let (n, v) = self.check(logits.layout())?;
         let scale = grad.to_dtype(DType::F32)?.to_scalar::<f32>()? / n as f32;
-        let (storage, layout) = logits.storage_and_layout();
-        let Storage::Cpu(s) = &*storage else {
-            candle_core::bail!("cross-entropy backward: expected CPU logits");
-        };
-        let x = f32_slice(s, layout, "cross-entropy backward")?;
-        let mut d = Unwritten::new(n * v);
-        for (((drow, row), &l), &t) in d
-            .slots()
-            .chunks_exact_mut(v)
-            .zip(x.chunks_exact(v))
-            .zip(lse)
-            .zip(&self.targets)
-        {
-            softmax_rows(row, l, scale, drow);
-            // The target's element: (p - 1) · scale.
-            let t = t as usize;
-            drow[t].write((crate::gelu::exp_neg(row[t] - l) - 1.0) * scale);
-        }
-        // SAFETY: `check` made `x` `n` rows of `v` with one target each, so the loops wrote all
-        // `n · v` elements.
-        let d = unsafe { d.assume_written() };
+        let d = with_data(&[logits], "cross-entropy backward", |x| {
+            let x = x[0];
+            let mut d = Unwritten::new(n * v);
+            for (((drow, row), &l), &t) in d
+                .slots()
+                .chunks_exact_mut(v)
+                .zip(x.chunks_exact(v))
+                .zip(lse)
+                .zip(&self.targets)
+            {
+                softmax_rows(row, l, scale, drow);
+                // The target's element: (p - 1) · scale.
+                let t = t as usize;
+                drow[t].write((crate::gelu::exp_neg(row[t] - l) - 1.0) * scale);
+            }
+            // SAFETY: `check` made `x` `n` rows of `v` with one target each, so the loops
+            // wrote all `n · v` elements.
+            Ok(unsafe { d.assume_written() })
+        })?;
         Ok(Some(Tensor::from_vec(d, (n, v), logits.device())?))
     }
 }

@@ -11,7 +11,7 @@ use candle_nn::VarMap;
 use rayon::prelude::*;
 
 use crate::config::TrainConfig;
-use crate::cpu_data::{f32_slice, f32_slice_mut};
+use crate::cpu_data::{f32_slice, f32_slice_mut, with_data};
 
 /// One parameter and its Adam moments.
 struct Param {
@@ -364,12 +364,10 @@ fn squares(c: &[f32]) -> f64 {
 /// any thread count), with Candle's ops elsewhere.
 fn sum_of_squares(g: &Tensor) -> Result<f64> {
     if g.device().is_cpu() && g.dtype() == DType::F32 && g.is_contiguous() {
-        let (storage, layout) = g.storage_and_layout();
-        if let candle_core::Storage::Cpu(s) = &*storage {
-            let data = f32_slice(s, layout, "gradient norm")?;
-            let chunks: Vec<f64> = data.par_chunks(CHUNK).map(squares).collect();
-            return Ok(chunks.iter().sum());
-        }
+        return Ok(with_data(&[g], "gradient norm", |d| {
+            let chunks: Vec<f64> = d[0].par_chunks(CHUNK).map(squares).collect();
+            Ok(chunks.iter().sum())
+        })?);
     }
     Ok(g.sqr()?
         .sum_all()?
