@@ -31,6 +31,7 @@ mod ops;
 mod options;
 pub mod philox;
 pub mod profile;
+pub mod rows;
 mod sdpa;
 mod validate;
 pub mod varlen;

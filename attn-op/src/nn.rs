@@ -11,6 +11,7 @@ use crate::config::{AttnConfig, CausalAlign, Dropout};
 use crate::cpu::geometry::Varlen;
 use crate::ops::qkv::QkvAttention;
 use crate::philox::DropoutMask;
+use crate::rows::QkvRows;
 use crate::sdpa::span;
 use crate::{
     flash_attn, scaled_dot_product_attention, select_backend, Backend, FlashAttention, SdpaOptions,
@@ -313,11 +314,9 @@ impl CausalSelfAttention {
             // Straight from the packed projection rows: backward returns one gradient for them
             // instead of three zero-padded pieces (the views above are not used).
             let _span = span(backend).entered();
-            let scale = 1.0 / (self.head_dim() as f32).sqrt();
-            let mut cfg = AttnConfig::new(scale, opts.is_causal.then_some(CausalAlign::TopLeft));
-            cfg.dropout = Dropout::new(opts.dropout_p, opts.seed.unwrap_or(0));
-            qkv.contiguous()?
-                .apply_op1(QkvAttention::new(cfg, self.cfg.n_head, t))?
+            let rows = QkvRows::new(self.cfg.n_head, self.head_dim(), t, opts.is_causal)?
+                .with_dropout(opts.dropout_p, opts.seed.unwrap_or(0))?;
+            qkv.contiguous()?.apply_op1(QkvAttention::new(rows))?
         } else {
             scaled_dot_product_attention(&q, &k, &v, &opts)?
                 .transpose(1, 2)?

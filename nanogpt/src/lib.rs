@@ -9,6 +9,7 @@
 
 #![warn(missing_docs)]
 
+pub mod attention;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
@@ -20,6 +21,7 @@ pub mod gelu;
 pub mod layer_norm;
 pub mod linear;
 pub mod loss;
+mod matmul;
 pub mod model;
 pub mod optim;
 pub mod plot;

@@ -20,17 +20,19 @@ use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
-use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::cpu_data::{assume_written, f32_slice, with_data, Unwritten};
 use crate::layer_norm::LayerNorm;
+use crate::matmul::{
+    for_row_blocks, matmul_add, matmul_to, product_jobs, row_blocks, run_jobs, View,
+};
 
 /// A Linear layer `y = x Wᵀ + b` over the last dimension, `W` stored `(out, in)` as PyTorch does.
 #[derive(Clone, Debug)]
 pub struct Linear {
-    weight: Tensor,
-    bias: Option<Tensor>,
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Option<Tensor>,
 }
 
 impl Linear {
@@ -140,7 +142,7 @@ impl candle_core::Module for NormedLinear {
 }
 
 /// Whether the fused CPU ops apply: a CPU f32 matrix `x` and f32 parameters.
-fn fused(x: &Tensor, params: &[Option<&Tensor>]) -> bool {
+pub(crate) fn fused(x: &Tensor, params: &[Option<&Tensor>]) -> bool {
     x.device().is_cpu()
         && x.dtype() == DType::F32
         && x.rank() == 2
@@ -214,219 +216,10 @@ impl Mlp {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Matrix products on views of slices.
-
-/// A strided `rows × cols` matrix in a slice: element `(i, j)` is `data[i·rs + j·cs]`. Every
-/// constructor checks that the last element lies inside `data`, which is what makes the `gemm`
-/// calls below sound.
-#[derive(Clone, Copy)]
-struct View<'a> {
-    data: &'a [f32],
-    rows: usize,
-    cols: usize,
-    rs: usize,
-    cs: usize,
-}
-
-impl<'a> View<'a> {
-    fn new(data: &'a [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> Result<Self> {
-        let fits = rows == 0
-            || cols == 0
-            || (rows - 1)
-                .checked_mul(rs)
-                .and_then(|a| (cols - 1).checked_mul(cs).and_then(|b| a.checked_add(b)))
-                .is_some_and(|last| last < data.len());
-        if !fits {
-            candle_core::bail!(
-                "linear: a {rows}×{cols} matrix with strides ({rs}, {cs}) does not fit in {} elements",
-                data.len()
-            );
-        }
-        Ok(Self {
-            data,
-            rows,
-            cols,
-            rs,
-            cs,
-        })
-    }
-
-    /// A contiguous row-major matrix.
-    fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Result<Self> {
-        if data.len() != rows * cols {
-            candle_core::bail!("linear: {} elements for a {rows}×{cols} matrix", data.len());
-        }
-        Self::new(data, rows, cols, cols, 1)
-    }
-
-    /// The transpose (no copy).
-    fn t(self) -> Self {
-        Self {
-            data: self.data,
-            rows: self.cols,
-            cols: self.rows,
-            rs: self.cs,
-            cs: self.rs,
-        }
-    }
-
-    /// Rows `start..start + len`.
-    fn rows(self, start: usize, len: usize) -> Result<Self> {
-        if start + len > self.rows {
-            candle_core::bail!("linear: rows {start}..{} of {}", start + len, self.rows);
-        }
-        if len == 0 {
-            return Self::new(&self.data[..0], 0, self.cols, self.rs, self.cs);
-        }
-        Self::new(
-            &self.data[start * self.rs..],
-            len,
-            self.cols,
-            self.rs,
-            self.cs,
-        )
-    }
-}
-
-/// `(m, k, n)` of `a · b` into a row-major destination of `dst_len` elements, checked.
-fn product_dims(dst_len: usize, a: View, b: View) -> Result<(usize, usize, usize)> {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
-    if b.rows != k || dst_len != m * n {
-        candle_core::bail!(
-            "linear: cannot multiply {m}×{k} by {}×{n} into {dst_len} elements",
-            b.rows
-        );
-    }
-    Ok((m, k, n))
-}
-
-/// `dst = a · b` (or `dst += a · b` when `read_dst`) through raw `dst`, on the calling thread.
-///
-/// # Safety
-///
-/// `dst` points to `a.rows · b.cols` writable elements (initialised when `read_dst`) that
-/// nothing else accesses during the call.
-unsafe fn gemm_raw(dst: *mut f32, a: View, b: View, read_dst: bool) {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
-    // SAFETY: gemm reads lhs elements `a.data[i·a.rs + p·a.cs]` for i < m, p < k, rhs elements
-    // `b.data[p·b.rs + j·b.cs]` for p < k, j < n, and writes `dst[i·n + j]` for every i < m,
-    // j < n (zeros when k = 0), reading it first only when `read_dst`. `View::new` checked that
-    // the last element of each view lies inside its slice, and all strides are non-negative, so
-    // every index read is in bounds; the caller vouches for `dst`. The strides fit in `isize`
-    // because they index slices, whose lengths do.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            n as isize,
-            read_dst,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            if read_dst { 1.0 } else { 0.0 },
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        );
-    }
-}
-
-/// `dst = a · b` into the unwritten row-major `a.rows × b.cols` matrix `dst`, on the calling
-/// thread; returns `dst`, now written.
-fn matmul_to<'d>(dst: &'d mut [MaybeUninit<f32>], a: View, b: View) -> Result<&'d mut [f32]> {
-    product_dims(dst.len(), a, b)?;
-    // SAFETY: `dst` holds exactly m·n elements and is a unique borrow.
-    unsafe { gemm_raw(dst.as_mut_ptr().cast(), a, b, false) };
-    // SAFETY: gemm wrote all m·n elements.
-    Ok(unsafe { assume_written(dst) })
-}
-
-/// `dst += a · b`, `dst` a row-major `a.rows × b.cols` matrix, on the calling thread.
-fn matmul_add(dst: &mut [f32], a: View, b: View) -> Result<()> {
-    product_dims(dst.len(), a, b)?;
-    // SAFETY: `dst` holds exactly m·n initialised elements and is a unique borrow.
-    unsafe { gemm_raw(dst.as_mut_ptr(), a, b, true) };
-    Ok(())
-}
-
-/// Rows per block when a product of `rows` output rows is cut into one block per thread of the
-/// pool (fewer when a block would have under [`MIN_BLOCK_ROWS`] rows), sizes a multiple of 16
-/// except the last. One block per thread rather than more: each block is a separate `gemm`
-/// call that packs its operands again (four blocks on two threads were 8% slower per step).
-fn row_blocks(rows: usize) -> usize {
-    let blocks = (rows / MIN_BLOCK_ROWS).clamp(1, rayon::current_num_threads().max(1));
-    (rows.div_ceil(blocks)).next_multiple_of(16).max(1)
-}
-
-/// Fewest rows in a block: below this, the per-call packing overhead outweighs a second core.
-const MIN_BLOCK_ROWS: usize = 64;
-
-/// Runs `jobs` on rayon's pool (in order on the calling thread when the pool has one thread),
-/// returning the first error.
-fn run_jobs<'a>(jobs: Vec<Box<dyn FnOnce() -> Result<()> + Send + 'a>>) -> Result<()> {
-    if jobs.len() <= 1 || rayon::current_num_threads() <= 1 {
-        return jobs.into_iter().try_for_each(|job| job());
-    }
-    jobs.into_par_iter().map(|job| job()).collect()
-}
-
-/// `f(first_row, rows)` for each block of rows of the row-major `out` (`row_len` wide), on
-/// rayon's pool.
-fn for_row_blocks<T: Send, F>(out: &mut [T], row_len: usize, f: F) -> Result<()>
-where
-    F: Fn(usize, &mut [T]) -> Result<()> + Sync,
-{
-    if row_len == 0 || out.is_empty() {
-        return Ok(());
-    }
-    let block = row_blocks(out.len() / row_len);
-    let f = &f;
-    let jobs = out
-        .chunks_mut(block * row_len)
-        .enumerate()
-        .map(|(i, chunk)| {
-            Box::new(move || f(i * block, chunk)) as Box<dyn FnOnce() -> Result<()> + Send>
-        })
-        .collect();
-    run_jobs(jobs)
-}
-
-/// Jobs computing `dst = a · b` (`dst` row-major, unwritten) block of rows by block of rows;
-/// when they have all returned `Ok`, every element of `dst` is written.
-fn product_jobs<'a>(
-    dst: &'a mut [MaybeUninit<f32>],
-    a: View<'a>,
-    b: View<'a>,
-) -> Vec<Box<dyn FnOnce() -> Result<()> + Send + 'a>> {
-    let n = b.cols;
-    if n == 0 || dst.is_empty() {
-        return Vec::new();
-    }
-    let block = row_blocks(a.rows);
-    dst.chunks_mut(block * n)
-        .enumerate()
-        .map(|(i, chunk)| {
-            Box::new(move || {
-                let rows = chunk.len() / n;
-                matmul_to(chunk, a.rows(i * block, rows)?, b).map(drop)
-            }) as Box<dyn FnOnce() -> Result<()> + Send + 'a>
-        })
-        .collect()
-}
-
-// ---------------------------------------------------------------------------------------------
 // Storage access.
 
 /// `(rows, cols)` of a matrix layout.
-fn dims2(l: &Layout, what: &str) -> Result<(usize, usize)> {
+pub(crate) fn dims2(l: &Layout, what: &str) -> Result<(usize, usize)> {
     match l.dims() {
         &[r, c] => Ok((r, c)),
         d => candle_core::bail!("{what}: expected a matrix, got shape {d:?}"),
@@ -546,7 +339,7 @@ struct NormedLinearOp {
 }
 
 /// Rows per parallel block of the normalisation.
-const NORM_BLOCK_ROWS: usize = 32;
+pub(crate) const NORM_BLOCK_ROWS: usize = 32;
 
 impl CustomOp2 for NormedLinearOp {
     fn name(&self) -> &'static str {
@@ -910,7 +703,7 @@ impl CustomOp3 for MlpOp {
 /// `W · diag(γ)`: column `j` of the matrix `W` times `γ[j]`, with its backward (Candle's
 /// `broadcast_mul` differentiates through a strided reduction over rows that is many times
 /// slower).
-struct ScaleColumns;
+pub(crate) struct ScaleColumns;
 
 impl CustomOp2 for ScaleColumns {
     fn name(&self) -> &'static str {
@@ -994,47 +787,7 @@ mod tests {
     use candle_nn::VarMap;
 
     use crate::rng::Rng;
-
-    fn set_random(map: &VarMap, rng: &mut Rng, std: f64) -> Result<()> {
-        let data = map.data().lock().unwrap();
-        let mut names: Vec<_> = data.keys().cloned().collect();
-        names.sort();
-        for name in names {
-            let var = &data[&name];
-            let values = rng.normal_vec(var.elem_count(), std);
-            var.set(&Tensor::from_vec(values, var.shape(), var.device())?.to_dtype(var.dtype())?)?;
-        }
-        Ok(())
-    }
-
-    /// Output, then the gradients of `Σ y ⊙ probe` with respect to `x` and each of `params`.
-    fn output_and_grads(
-        y: &Tensor,
-        probe: &Tensor,
-        x: &Var,
-        params: &[Tensor],
-    ) -> Result<Vec<Vec<f32>>> {
-        let grads = (y * probe)?.sum_all()?.backward()?;
-        let mut out = vec![y.flatten_all()?.to_vec1()?];
-        for t in std::iter::once(x.as_tensor()).chain(params) {
-            out.push(grads.get(t).expect("a gradient").flatten_all()?.to_vec1()?);
-        }
-        Ok(out)
-    }
-
-    fn assert_close(fused: &[Vec<f32>], reference: &[Vec<f32>], tol: f32) {
-        assert_eq!(fused.len(), reference.len());
-        for (k, (a, b)) in fused.iter().zip(reference).enumerate() {
-            assert_eq!(a.len(), b.len(), "tensor {k}");
-            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3);
-            for (i, (p, q)) in a.iter().zip(b).enumerate() {
-                assert!(
-                    (p - q).abs() <= tol * scale,
-                    "tensor {k}[{i}]: fused {p} vs reference {q} (scale {scale})"
-                );
-            }
-        }
-    }
+    use crate::test_util::{assert_close, output_and_grads, set_random};
 
     /// Fused Linear (with and without bias; shapes that split into several uneven blocks) against
     /// Candle's matrix product and its autograd.

@@ -1,12 +1,13 @@
 //! The GPT of nanoGPT's `model.py`: token and position embeddings, pre-LayerNorm blocks of causal
 //! self-attention and a 4x GELU MLP, a final LayerNorm, and an lm_head tied to the token embedding.
 
-use attn_op::nn::{AttentionConfig, CausalSelfAttention, Causality, KvCache};
+use attn_op::nn::KvCache;
 use attn_op::profile::sync_if_profiling;
 use candle_core::{DType, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
+use crate::attention::Attention;
 use crate::config::TrainConfig;
 use crate::layer_norm::LayerNorm;
 use crate::rng::Rng;
@@ -110,33 +111,18 @@ impl Mlp {
     }
 }
 
-/// One transformer block: `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`. `ln_1` is applied by
-/// the attention's input projection (`c_attn` is `ln_1` then the Linear, one fused op).
+/// One transformer block: `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`, each half one fused op
+/// on the CPU.
 struct Block {
-    attn: CausalSelfAttention,
+    attn: Attention,
     ln_2: LayerNorm,
     mlp: Mlp,
 }
 
 impl Block {
     fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
-        let c = cfg.n_embd;
         Ok(Self {
-            // attn-op's layer over this crate's fused Linear (parallel on the CPU).
-            attn: CausalSelfAttention::with_projections(
-                AttentionConfig {
-                    n_embd: c,
-                    n_head: cfg.n_head,
-                    bias: cfg.bias,
-                    dropout: cfg.dropout,
-                    causality: Causality::Always,
-                },
-                NormedLinear::new(
-                    LayerNorm::new(c, cfg.bias, vb.pp("ln_1"))?,
-                    Linear::new(c, 3 * c, cfg.bias, vb.pp("attn.c_attn"))?,
-                ),
-                Linear::new(c, c, cfg.bias, vb.pp("attn.c_proj"))?,
-            )?,
+            attn: Attention::new(cfg.n_embd, cfg.n_head, cfg.bias, cfg.dropout, vb.clone())?,
             ln_2: LayerNorm::new(cfg.n_embd, cfg.bias, vb.pp("ln_2"))?,
             mlp: Mlp::new(cfg, vb.pp("mlp"))?,
         })
@@ -151,17 +137,14 @@ impl Block {
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (n, c) = x.dims2()?;
-        // attn-op's layer keeps its weights in f32: it runs in f32 whatever the model's dtype.
-        let h = x.to_dtype(DType::F32)?;
-        let h = match cache {
+        let x = match cache {
             Some(cache) => self
                 .attn
-                .forward_cached(&h.reshape((b, n / b, c))?, cache)?
+                .forward_cached(&x.reshape((b, n / b, c))?, cache)?
                 .reshape((n, c))?,
             // Token rows in and out: no reshape nodes in the autograd graph.
-            None => self.attn.forward_rows(&h, n / b, rng.is_some())?,
+            None => synced(self.attn.forward_residual(x, n / b, rng.is_some())?)?,
         };
-        let x = (x + h.to_dtype(x.dtype())?)?;
         self.mlp.forward_residual(&x, &self.ln_2, rng)
     }
 }

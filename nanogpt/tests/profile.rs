@@ -67,17 +67,18 @@ fn train_and_sample_profiles_are_chrome_traces_with_module_spans() {
         "forward",
         "embedding",
         "block",
-        // The LayerNorms are folded into the ops after them on the CPU (ln_1 into c_attn, ln_2
-        // into the MLP, ln_f into lm_head): no `layer_norm` spans of their own.
-        "CausalSelfAttention",
-        "sdpa.flash",
+        // Each half of a block is one fused op on the CPU, the LayerNorms folded into the
+        // products after them (ln_1 into c_attn, ln_2 into the MLP, ln_f into lm_head): no
+        // `layer_norm` spans of their own.
+        "attention",
+        "attention.forward",
         "flash_attention.forward",
         "mlp",
-        // The MLP (c_fc, GELU, c_proj) is one fused op on the CPU.
         "mlp.forward",
         "lm_head",
         "loss",
         "backward",
+        "attention.backward",
         "flash_attention.backward",
         "linear.backward",
         "mlp.backward",

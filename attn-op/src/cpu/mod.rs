@@ -55,6 +55,14 @@ impl<'a> Src<'a> {
         Ok(Self { data, base: lo })
     }
 
+    /// f32 elements whose storage offsets are their indices.
+    pub fn borrowed(data: &'a [f32]) -> Self {
+        Self {
+            data: Cow::Borrowed(data),
+            base: 0,
+        }
+    }
+
     /// The elements from storage offset `off` on.
     #[inline]
     pub fn at(&self, off: usize) -> &[f32] {

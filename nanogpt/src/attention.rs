@@ -1,0 +1,409 @@
+//! The attention half of a pre-LayerNorm block, `x + c_proj(attn(c_attn(ln_1(x))))`.
+//!
+//! attn-op's [`CausalSelfAttention`] computes it from nanoGPT's weights as five nodes of Candle's
+//! autograd graph (`c_attn` with `ln_1` folded in, the attention, `c_proj`, the residual
+//! addition), each of which costs Candle's backward pass a zero-filled buffer and an addition
+//! as large as its input: the packed q|k|v rows `(B·T, 3·C)` most of all. On the CPU in f32,
+//! without biases and without dropout, [`Attention`] is one op instead: it normalises its input,
+//! projects it to q|k|v, runs attn-op's flash attention on those rows in place
+//! ([`attn_op::rows::QkvRows`]), projects and adds the residual, and keeps what its backward
+//! pass needs. LayerNorm's weight is folded into `c_attn`'s (`LN(x)·Wᵀ = x̂·(W·diag γ)ᵀ`) as in
+//! the MLP. Elsewhere (biases, dropout in training, other devices and dtypes, the KV cache of
+//! sampling) attn-op's layer runs over the same weights.
+
+use std::sync::OnceLock;
+
+use attn_op::nn::{AttentionConfig, CausalSelfAttention, Causality, KvCache};
+use attn_op::rows::{QkvForward, QkvRows};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_nn::VarBuilder;
+use rayon::prelude::*;
+
+use crate::cpu_data::{assume_written, f32_slice, with_data, Unwritten};
+use crate::layer_norm::{normalize_backward_rows, normalize_rows, LayerNorm};
+use crate::linear::{dims2, fused, Linear, NormedLinear, ScaleColumns, NORM_BLOCK_ROWS};
+use crate::matmul::{matmul_add, matmul_to, product_jobs, row_blocks, run_jobs, View};
+
+/// nanoGPT's causal self-attention with its `ln_1` in front and the residual around it.
+pub struct Attention {
+    ln_1: LayerNorm,
+    c_attn: Linear,
+    c_proj: Linear,
+    n_head: usize,
+    dropout: f64,
+    /// attn-op's layer over the same weights.
+    layer: CausalSelfAttention,
+}
+
+impl Attention {
+    /// The weights `ln_1.*` and `attn.{c_attn, c_proj}.*` of a block under `vb`.
+    pub fn new(
+        n_embd: usize,
+        n_head: usize,
+        bias: bool,
+        dropout: f64,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let ln_1 = LayerNorm::new(n_embd, bias, vb.pp("ln_1"))?;
+        let c_attn = Linear::new(n_embd, 3 * n_embd, bias, vb.pp("attn.c_attn"))?;
+        let c_proj = Linear::new(n_embd, n_embd, bias, vb.pp("attn.c_proj"))?;
+        let layer = CausalSelfAttention::with_projections(
+            AttentionConfig {
+                n_embd,
+                n_head,
+                bias,
+                dropout,
+                causality: Causality::Always,
+            },
+            // attn-op's layer over this crate's fused Linear (parallel on the CPU).
+            NormedLinear::new(ln_1.clone(), c_attn.clone()),
+            c_proj.clone(),
+        )?;
+        Ok(Self {
+            ln_1,
+            c_attn,
+            c_proj,
+            n_head,
+            dropout,
+            layer,
+        })
+    }
+
+    /// `x + attn(ln_1(x))` for the residual stream `x` `(B·T, C)` of sequences of `seq_len`
+    /// tokens; `train` turns dropout on.
+    pub fn forward_residual(&self, x: &Tensor, seq_len: usize, train: bool) -> Result<Tensor> {
+        let _span = tracing::debug_span!("attention").entered();
+        if self.fuses(x, train) {
+            let (n, c) = x.dims2()?;
+            if seq_len == 0 || !n.is_multiple_of(seq_len) {
+                candle_core::bail!(
+                    "attention: seq_len = {seq_len} must be positive and divide the {n} rows"
+                );
+            }
+            let w_attn = self
+                .c_attn
+                .weight
+                .apply_op2(self.ln_1.weight(), ScaleColumns)?;
+            let op = AttentionOp {
+                rows: QkvRows::new(self.n_head, c / self.n_head, seq_len, true)?,
+                saved: OnceLock::new(),
+            };
+            return x.contiguous()?.apply_op3(&w_attn, &self.c_proj.weight, op);
+        }
+        // attn-op's layer keeps its weights in f32: it runs in f32 whatever the model's dtype.
+        let h = self
+            .layer
+            .forward_rows(&x.to_dtype(DType::F32)?, seq_len, train)?;
+        x + h.to_dtype(x.dtype())?
+    }
+
+    /// Whether [`Self::forward_residual`] runs the fused op: on the CPU in f32, without biases,
+    /// and without dropout (in training).
+    fn fuses(&self, x: &Tensor, train: bool) -> bool {
+        let no_bias =
+            self.c_attn.bias.is_none() && self.c_proj.bias.is_none() && self.ln_1.bias().is_none();
+        let weights = [
+            Some(&self.c_attn.weight),
+            Some(&self.c_proj.weight),
+            Some(self.ln_1.weight()),
+        ];
+        no_bias && !(train && self.dropout > 0.0) && fused(x, &weights)
+    }
+
+    /// `x + attn(ln_1(x))` for `x` `(B, T, C)` that continues the sequences in `cache`.
+    pub fn forward_cached(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let h = self.layer.forward_cached(&x.to_dtype(DType::F32)?, cache)?;
+        x + h.to_dtype(x.dtype())?
+    }
+
+    /// Where the layer is in its sequence of dropout seeds.
+    pub fn seed_state(&self) -> u64 {
+        self.layer.seed_state()
+    }
+
+    /// Restores a [`Self::seed_state`].
+    pub fn set_seed_state(&self, state: u64) {
+        self.layer.set_seed_state(state)
+    }
+}
+
+/// `x + attn(x̂ · W_attnᵀ) · W_projᵀ`, `x̂` the rows of `x` normalised, `W_attn` with LayerNorm's
+/// weight folded in. Keeps what the backward pass needs from the forward pass.
+struct AttentionOp {
+    rows: QkvRows,
+    saved: OnceLock<Saved>,
+}
+
+/// `x̂` and each row's `rstd`, the packed q|k|v rows, and the attention's output and logsumexp.
+struct Saved {
+    xhat: Vec<f32>,
+    rstd: Vec<f32>,
+    qkv: Vec<f32>,
+    attn: QkvForward,
+}
+
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "nanogpt-residual-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let _span = tracing::debug_span!("attention.forward").entered();
+        let (x, w_attn, w_proj) = (
+            f32_slice(s1, l1, "attention")?,
+            f32_slice(s2, l2, "attention")?,
+            f32_slice(s3, l3, "attention")?,
+        );
+        let (n, c) = dims2(l1, "attention input")?;
+        if c == 0 || l2.dims() != [3 * c, c] || l3.dims() != [c, c] {
+            candle_core::bail!(
+                "attention: input {:?} needs a c_attn weight ({}, {c}) and a c_proj weight \
+                 ({c}, {c}), got {:?} and {:?}",
+                l1.dims(),
+                3 * c,
+                l2.dims(),
+                l3.dims()
+            );
+        }
+        let w_attn_t = View::row_major(w_attn, 3 * c, c)?.t();
+        let w_proj_t = View::row_major(w_proj, c, c)?.t();
+        // Blocks of rows: x̂ = normalise(x), qkv = x̂ W_attnᵀ, each block on one thread.
+        let mut xhat = Unwritten::new(n * c);
+        let mut rstd = Unwritten::new(n);
+        let mut qkv = Unwritten::new(n * 3 * c);
+        let block = row_blocks(n);
+        let jobs = qkv
+            .slots()
+            .chunks_mut((block * 3 * c).max(1))
+            .zip(xhat.slots().chunks_mut((block * c).max(1)))
+            .zip(rstd.slots().chunks_mut(block.max(1)))
+            .enumerate()
+            .map(|(i, ((qkv, xhat), rstd))| {
+                Box::new(move || {
+                    let rows = rstd.len();
+                    let first = i * block;
+                    normalize_rows(&x[first * c..(first + rows) * c], c, xhat, rstd);
+                    // SAFETY: `normalize_rows` wrote all `rows` rows of `xhat` (and `rstd`).
+                    let xhat = View::row_major(unsafe { assume_written(xhat) }, rows, c)?;
+                    matmul_to(qkv, xhat, w_attn_t).map(drop)
+                }) as Box<dyn FnOnce() -> Result<()> + Send>
+            })
+            .collect();
+        run_jobs(jobs)?;
+        // SAFETY: the blocks cover `xhat`, `rstd` and `qkv` (`n` rows each), and every job wrote
+        // its rows of all three (all returned `Ok`).
+        let (xhat, rstd, qkv) = unsafe {
+            (
+                xhat.assume_written(),
+                rstd.assume_written(),
+                qkv.assume_written(),
+            )
+        };
+        let attn = {
+            let _span = tracing::debug_span!("flash_attention.forward").entered();
+            self.rows.forward(&qkv)?
+        };
+        // out = x + y W_projᵀ, by blocks of rows.
+        let mut out = x.to_vec();
+        let yv = View::row_major(&attn.y, n, c)?;
+        let jobs = out
+            .chunks_mut((block * c).max(1))
+            .enumerate()
+            .map(|(i, out)| {
+                Box::new(move || matmul_add(out, yv.rows(i * block, out.len() / c)?, w_proj_t))
+                    as Box<dyn FnOnce() -> Result<()> + Send + '_>
+            })
+            .collect();
+        run_jobs(jobs)?;
+        // Only the first forward of this op object stores its results; a second one cannot
+        // happen (each call of `Attention::forward_residual` makes a new op).
+        let _ = self.saved.set(Saved {
+            xhat,
+            rstd,
+            qkv,
+            attn,
+        });
+        Ok((CpuStorage::F32(out), Shape::from((n, c))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w_attn: &Tensor,
+        w_proj: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _span = tracing::debug_span!("attention.backward").entered();
+        let Some(Saved {
+            xhat,
+            rstd,
+            qkv,
+            attn,
+        }) = self.saved.get()
+        else {
+            candle_core::bail!("attention backward: the forward pass did not run on the CPU");
+        };
+        let g = grad.contiguous()?;
+        let (n, c) = x.dims2()?;
+        let (dx, dw_attn, dw_proj) = with_data(&[w_attn, w_proj, &g], "attention backward", |d| {
+            let w_attn = View::row_major(d[0], 3 * c, c)?;
+            let w_proj = View::row_major(d[1], c, c)?;
+            let gv = View::row_major(d[2], n, c)?;
+            // dy = g W_proj and dW_proj = gᵀ y.
+            let mut dy = Unwritten::new(n * c);
+            let mut dw_proj = Unwritten::new(c * c);
+            let mut jobs = product_jobs(dy.slots(), gv, w_proj);
+            jobs.extend(product_jobs(
+                dw_proj.slots(),
+                gv.t(),
+                View::row_major(&attn.y, n, c)?,
+            ));
+            run_jobs(jobs)?;
+            // SAFETY: the product jobs wrote all of both (they all returned `Ok`).
+            let (dy, dw_proj) = unsafe { (dy.assume_written(), dw_proj.assume_written()) };
+            let dqkv = {
+                let _span = tracing::debug_span!("flash_attention.backward").entered();
+                self.rows.backward(qkv, &attn.y, &attn.lse, &dy)?
+            };
+            // dx̂ = dqkv W_attn and dW_attn = dqkvᵀ x̂.
+            let dqkv = View::row_major(&dqkv, n, 3 * c)?;
+            let mut dx = Unwritten::new(n * c);
+            let mut dw_attn = Unwritten::new(3 * c * c);
+            let mut jobs = product_jobs(dx.slots(), dqkv, w_attn);
+            jobs.extend(product_jobs(
+                dw_attn.slots(),
+                dqkv.t(),
+                View::row_major(xhat, n, c)?,
+            ));
+            run_jobs(jobs)?;
+            // SAFETY: the product jobs wrote all of both (they all returned `Ok`).
+            let (mut dx, dw_attn) = unsafe { (dx.assume_written(), dw_attn.assume_written()) };
+            if c > 0 {
+                // dx holds dL/dx̂; the normalisation's backward and the residual make it dL/dx.
+                dx.par_chunks_mut(NORM_BLOCK_ROWS * c)
+                    .zip(xhat.par_chunks(NORM_BLOCK_ROWS * c))
+                    .zip(rstd.par_chunks(NORM_BLOCK_ROWS))
+                    .zip(d[2].par_chunks(NORM_BLOCK_ROWS * c))
+                    .for_each(|(((d, xhat), rstd), g)| {
+                        normalize_backward_rows(xhat, rstd, Some(g), c, d)
+                    });
+            }
+            Ok((dx, dw_attn, dw_proj))
+        })?;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, (n, c), dev)?),
+            Some(Tensor::from_vec(dw_attn, (3 * c, c), dev)?),
+            Some(Tensor::from_vec(dw_proj, (c, c), dev)?),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use attn_op::{scaled_dot_product_attention, sdpa_kernel, Backend, SdpaOptions};
+    use candle_core::{Device, Var};
+    use candle_nn::VarMap;
+
+    use crate::rng::Rng;
+    use crate::test_util::{assert_close, output_and_grads, set_random};
+
+    /// The reference: Candle's LayerNorm and products, and attn-op's math backend (plain Candle
+    /// ops) on q, k, v split out of the packed rows.
+    fn composed(attn: &Attention, x: &Tensor, t: usize) -> Result<Tensor> {
+        let (n, c) = x.dims2()?;
+        let (h, b) = (attn.n_head, n / t);
+        let qkv = attn
+            .c_attn
+            .forward_composed(&attn.ln_1.forward_composed(x)?)?
+            .reshape((b, t, 3, h, c / h))?;
+        let head = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
+        let _math = sdpa_kernel(&[Backend::Math]);
+        let opts = SdpaOptions {
+            is_causal: true,
+            ..Default::default()
+        };
+        let y = scaled_dot_product_attention(&head(0)?, &head(1)?, &head(2)?, &opts)?
+            .transpose(1, 2)?
+            .reshape((n, c))?;
+        x + attn.c_proj.forward_composed(&y)?
+    }
+
+    fn layer(c: usize, h: usize, bias: bool, map: &VarMap) -> Result<Attention> {
+        let vb = VarBuilder::from_varmap(map, DType::F32, &Device::Cpu);
+        let attn = Attention::new(c, h, bias, 0.0, vb)?;
+        set_random(map, &mut Rng::new(21, 0), 0.4)?;
+        Ok(attn)
+    }
+
+    /// The fused op against the composed reference and its autograd: random LayerNorm weight,
+    /// rows that split into uneven blocks, a sequence length that is not a multiple of the
+    /// attention's tiles; in training and in evaluation.
+    #[test]
+    fn fused_matches_composed() -> Result<()> {
+        for (b, t, c, h) in [(10, 13, 24, 3), (1, 5, 8, 2), (2, 64, 32, 4)] {
+            let map = VarMap::new();
+            let attn = layer(c, h, false, &map)?;
+            let mut rng = Rng::new(22, 0);
+            let x = Var::from_vec(rng.normal_vec(b * t * c, 1.0), (b * t, c), &Device::Cpu)?;
+            let probe = Tensor::from_vec(rng.normal_vec(b * t * c, 1.0), (b * t, c), x.device())?;
+            let params = [
+                attn.c_attn.weight.clone(),
+                attn.c_proj.weight.clone(),
+                attn.ln_1.weight().clone(),
+            ];
+            let reference = output_and_grads(&composed(&attn, &x, t)?, &probe, &x, &params)?;
+            for train in [true, false] {
+                assert!(attn.fuses(&x, train));
+                let y = attn.forward_residual(&x, t, train)?;
+                let fused = output_and_grads(&y, &probe, &x, &params)?;
+                assert_close(&fused, &reference, 2e-5);
+            }
+        }
+        Ok(())
+    }
+
+    /// With biases attn-op's layer runs (over the same weights), and matches the reference too.
+    #[test]
+    fn biases_use_attn_ops_layer() -> Result<()> {
+        let (b, t, c, h) = (2, 7, 16, 2);
+        let map = VarMap::new();
+        let attn = layer(c, h, true, &map)?;
+        let mut rng = Rng::new(23, 0);
+        let x = Var::from_vec(rng.normal_vec(b * t * c, 1.0), (b * t, c), &Device::Cpu)?;
+        let probe = Tensor::from_vec(rng.normal_vec(b * t * c, 1.0), (b * t, c), x.device())?;
+        let params: Vec<Tensor> = map
+            .all_vars()
+            .iter()
+            .map(|v| v.as_tensor().clone())
+            .collect();
+        assert!(!attn.fuses(&x, true));
+        let y = attn.forward_residual(&x, t, true)?;
+        let got = output_and_grads(&y, &probe, &x, &params)?;
+        let reference = output_and_grads(&composed(&attn, &x, t)?, &probe, &x, &params)?;
+        assert_close(&got, &reference, 2e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn a_sequence_length_that_does_not_divide_the_rows_is_an_error() -> Result<()> {
+        let map = VarMap::new();
+        let attn = layer(8, 2, false, &map)?;
+        let x = Tensor::ones((6, 8), DType::F32, &Device::Cpu)?;
+        for t in [0, 4] {
+            let err = attn.forward_residual(&x, t, false).unwrap_err().to_string();
+            assert!(err.contains("seq_len"), "{err}");
+        }
+        Ok(())
+    }
+}
