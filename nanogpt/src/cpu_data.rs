@@ -1,9 +1,10 @@
 //! The f32 data of CPU storage, as the fused CPU ops (Linear, MLP, GELU, LayerNorm, AdamW) read
 //! and write it.
 
+use std::cell::RefCell;
 use std::mem::MaybeUninit;
 
-use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
+use candle_core::{CpuStorage, InplaceOp1, Layout, Result, Storage, Tensor};
 
 /// The elements of a contiguous f32 CPU tensor; `what` names the op in the error otherwise.
 pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -29,6 +30,46 @@ pub(crate) fn with_data<R>(
         }
     }
     f(&slices)
+}
+
+/// Runs `f` on the contiguous f32 data of the CPU tensor `t`, mutably and in place (Candle's
+/// in-place op, so nothing else reads or writes it meanwhile); `what` names the op in the
+/// errors. Nested calls hold several tensors at once (the AdamW update writes a parameter and
+/// both its moments in one pass).
+pub(crate) fn with_data_mut<R>(
+    t: &Tensor,
+    what: &'static str,
+    f: impl FnOnce(&mut [f32]) -> Result<R>,
+) -> Result<R> {
+    /// The in-place op that hands the storage to `f` (taken on the first and only call).
+    struct InPlace<F> {
+        f: RefCell<Option<F>>,
+        what: &'static str,
+    }
+    impl<F: FnOnce(&mut [f32]) -> Result<()>> InplaceOp1 for InPlace<F> {
+        fn name(&self) -> &'static str {
+            self.what
+        }
+
+        fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
+            let Some(f) = self.f.borrow_mut().take() else {
+                candle_core::bail!("{}: the in-place op ran twice", self.what);
+            };
+            f(f32_slice_mut(s, l, self.what)?)
+        }
+    }
+    if !t.device().is_cpu() {
+        candle_core::bail!("{what}: expected a CPU tensor");
+    }
+    let mut out = None;
+    t.inplace_op1(&InPlace {
+        f: RefCell::new(Some(|data: &mut [f32]| {
+            out = Some(f(data)?);
+            Ok(())
+        })),
+        what,
+    })?;
+    out.ok_or_else(|| candle_core::Error::Msg(format!("{what}: the in-place op did not run")))
 }
 
 /// [`f32_slice`], mutable (for in-place ops).

@@ -761,11 +761,15 @@ impl CustomOp2 for ScaleColumns {
 
 /// The rows of `m` (`scales.len()` wide) times `scales`, element by element.
 fn scale_columns(m: &[f32], scales: &[f32]) -> Vec<f32> {
-    let mut out = Vec::with_capacity(m.len());
-    for row in m.chunks_exact(scales.len().max(1)) {
-        out.extend(row.iter().zip(scales).map(|(v, s)| v * s));
+    let cols = scales.len().max(1);
+    let mut out = Unwritten::new(m.len() / cols * cols);
+    for (out, row) in out.slots().chunks_exact_mut(cols).zip(m.chunks_exact(cols)) {
+        for ((o, &v), &s) in out.iter_mut().zip(row).zip(scales) {
+            o.write(v * s);
+        }
     }
-    out
+    // SAFETY: the loop wrote every row of `out` (it holds whole rows of `cols` only).
+    unsafe { out.assume_written() }
 }
 
 /// `slots` in chunks of `size`, or endless empty chunks when `slots` is empty (an optional

@@ -4,14 +4,12 @@
 use std::collections::HashMap;
 
 use anyhow::{bail, Result};
-use candle_core::{
-    backprop::GradStore, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var,
-};
+use candle_core::{backprop::GradStore, DType, Tensor, Var};
 use candle_nn::VarMap;
 use rayon::prelude::*;
 
 use crate::config::TrainConfig;
-use crate::cpu_data::{f32_slice, f32_slice_mut, with_data};
+use crate::cpu_data::{with_data, with_data_mut};
 
 /// One parameter and its Adam moments.
 struct Param {
@@ -109,29 +107,26 @@ impl AdamW {
                 1.0
             };
             if self.fused_cpu && fused(p, g) {
-                // Same arithmetic as below, element by element, in place.
-                p.m.inplace_op2(
-                    g,
-                    &Moment {
-                        beta: b1,
-                        square: false,
-                        grad_scale,
-                    },
-                )?;
-                p.v.inplace_op2(
-                    g,
-                    &Moment {
-                        beta: b2,
-                        square: true,
-                        grad_scale,
-                    },
-                )?;
+                // Same arithmetic as below, element by element, in place, in one pass.
                 let update = Update {
-                    decay,
-                    step_size,
-                    v_scale,
+                    b1: b1 as f32,
+                    r1: (1.0 - b1) as f32,
+                    b2: b2 as f32,
+                    r2: (1.0 - b2) as f32,
+                    grad_scale: grad_scale as f32,
+                    decay: decay as f32,
+                    step_size: step_size as f32,
+                    v_scale: v_scale as f32,
                 };
-                p.var.as_tensor().inplace_op3(&p.m, &p.v, &update)?;
+                with_data(&[g], "AdamW", |g| {
+                    with_data_mut(&p.m, "AdamW", |m| {
+                        with_data_mut(&p.v, "AdamW", |v| {
+                            with_data_mut(p.var.as_tensor(), "AdamW", |w| {
+                                update.apply(w, m, v, g[0])
+                            })
+                        })
+                    })
+                })?;
                 continue;
             }
             let g = if grad_scale == 1.0 {
@@ -199,104 +194,75 @@ fn fused(p: &Param, g: &Tensor) -> bool {
             .all(|x| x.dtype() == DType::F32 && x.is_contiguous() && x.shape() == t.shape())
 }
 
-/// `m = m·β + g·(1-β)`, or with `square` `v = v·β + g²·(1-β)`, in place, `g` the gradient times
-/// `grad_scale`; rounded as Candle's `affine` and `add` round it (each scalar product plus 0, the
-/// scalars in f32).
-struct Moment {
-    beta: f64,
-    square: bool,
-    grad_scale: f64,
+/// One AdamW update of a parameter `w` and its moments `m`, `v` from its gradient `g`, in
+/// place, element by element, rounded as the composed Candle ops round it (Candle's `affine`
+/// adds 0 after each scalar product; the scalars are f32):
+/// `g' = g·s`, `m = m·β₁ + g'·(1-β₁)`, `v = v·β₂ + g'²·(1-β₂)`,
+/// `w = w·decay - m / (sqrt(v)·v_scale + eps) · step_size`.
+struct Update {
+    b1: f32,
+    /// `1 - β₁`, rounded from f64 as Candle rounds the scalar.
+    r1: f32,
+    b2: f32,
+    r2: f32,
+    grad_scale: f32,
+    decay: f32,
+    step_size: f32,
+    v_scale: f32,
 }
 
-impl InplaceOp2 for Moment {
-    fn name(&self) -> &'static str {
-        "nanogpt-adamw-moment"
-    }
-
-    fn cpu_fwd(
+impl Update {
+    fn apply(
         &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
+        w: &mut [f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        g: &[f32],
     ) -> candle_core::Result<()> {
-        let (m, g) = (f32_slice_mut(s1, l1, "AdamW")?, f32_slice(s2, l2, "AdamW")?);
-        if m.len() != g.len() {
+        if [m.len(), v.len(), g.len()].iter().any(|&n| n != w.len()) {
             candle_core::bail!(
-                "AdamW: moment of {} elements, gradient of {}",
+                "AdamW: a parameter of {} elements with moments of {} and {} and a gradient of {}",
+                w.len(),
                 m.len(),
+                v.len(),
                 g.len()
             );
         }
-        let (beta, rest) = (self.beta as f32, (1.0 - self.beta) as f32);
-        let (square, scale) = (self.square, self.grad_scale as f32);
         let scaled = self.grad_scale != 1.0;
-        m.par_chunks_mut(CHUNK)
+        w.par_chunks_mut(CHUNK)
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK))
             .zip(g.par_chunks(CHUNK))
-            .for_each(|(m, g)| match (square, scaled) {
-                (false, false) => moment(m, g, beta, rest, |g| g),
-                (true, false) => moment(m, g, beta, rest, |g| g * g),
-                (false, true) => moment(m, g, beta, rest, |g| g * scale + 0.0),
-                (true, true) => moment(m, g, beta, rest, |g| {
-                    let g = g * scale + 0.0;
-                    g * g
-                }),
-            });
-        Ok(())
-    }
-}
-
-/// `m = m·β + f(g)·(1-β)` element by element (one loop per `f`, so that each vectorises).
-#[inline(always)]
-fn moment(m: &mut [f32], g: &[f32], beta: f32, rest: f32, f: impl Fn(f32) -> f32) {
-    for (m, &g) in m.iter_mut().zip(g) {
-        *m = (*m * beta + 0.0) + (f(g) * rest + 0.0);
-    }
-}
-
-/// `p = p·decay - m / (sqrt(v)·v_scale + eps) · step_size`, in place, rounded as the composed
-/// Candle ops round it.
-struct Update {
-    decay: f64,
-    step_size: f64,
-    v_scale: f64,
-}
-
-impl InplaceOp3 for Update {
-    fn name(&self) -> &'static str {
-        "nanogpt-adamw-update"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<()> {
-        let (p, m, v) = (
-            f32_slice_mut(s1, l1, "AdamW")?,
-            f32_slice(s2, l2, "AdamW")?,
-            f32_slice(s3, l3, "AdamW")?,
-        );
-        if p.len() != m.len() || p.len() != v.len() {
-            candle_core::bail!("AdamW: parameter and moments differ in size");
-        }
-        let (decay, step_size) = (self.decay as f32, self.step_size as f32);
-        let (v_scale, eps) = (self.v_scale as f32, EPS as f32);
-        p.par_chunks_mut(CHUNK)
-            .zip(m.par_chunks(CHUNK))
-            .zip(v.par_chunks(CHUNK))
-            .for_each(|((p, m), v)| {
-                for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
-                    let denom = (v.sqrt() * v_scale + 0.0) * 1.0 + eps;
-                    let update = (m / denom) * step_size + 0.0;
-                    *p = (*p * decay + 0.0) - update;
+            .for_each(|(((w, m), v), g)| {
+                // One loop per case, so that each vectorises without a branch inside.
+                if scaled {
+                    self.update(w, m, v, g, |g| g * self.grad_scale + 0.0)
+                } else {
+                    self.update(w, m, v, g, |g| g)
                 }
             });
         Ok(())
+    }
+
+    #[inline(always)]
+    fn update(
+        &self,
+        w: &mut [f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        g: &[f32],
+        scale: impl Fn(f32) -> f32,
+    ) {
+        let (b1, r1, b2, r2) = (self.b1, self.r1, self.b2, self.r2);
+        let eps = EPS as f32;
+        for (((w, m), v), &g) in w.iter_mut().zip(m).zip(v).zip(g) {
+            let g = scale(g);
+            *m = (*m * b1 + 0.0) + (g * r1 + 0.0);
+            *v = (*v * b2 + 0.0) + ((g * g) * r2 + 0.0);
+            let denom = (v.sqrt() * self.v_scale + 0.0) * 1.0 + eps;
+            let update = (*m / denom) * self.step_size + 0.0;
+            *w = (*w * self.decay + 0.0) - update;
+        }
     }
 }
 
