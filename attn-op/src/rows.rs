@@ -69,24 +69,34 @@ fn dims(len: usize, width: usize, h: usize, t: usize) -> Result<(usize, usize, u
 
 /// A `len`-element buffer of rows of `row_len`, each row filled piece by piece (`d` elements at
 /// a time) from `piece(row, j)`, rows in parallel: the reorderings between head-major and
-/// token-major layouts below.
+/// token-major layouts below. The buffer is not zero-filled first: every element is written
+/// once (zero-filling it too made the backward pass about 20% slower at nanoGPT's CPU shape).
 fn gather<'a>(
     len: usize,
     row_len: usize,
     d: usize,
     piece: impl Fn(usize, usize) -> &'a [f32] + Sync,
 ) -> Vec<f32> {
-    let mut out = vec![0f32; len];
-    if d == 0 || row_len == 0 {
-        return out;
+    if d == 0 || row_len == 0 || !row_len.is_multiple_of(d) || !len.is_multiple_of(row_len) {
+        // Nothing to copy (or no whole pieces, which the callers never ask for).
+        return vec![0f32; len];
     }
-    out.par_chunks_mut(row_len)
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(row_len)
         .enumerate()
         .for_each(|(r, row)| {
             for (j, dst) in row.chunks_exact_mut(d).enumerate() {
-                dst.copy_from_slice(&piece(r, j)[..d]);
+                let src = &piece(r, j)[..d];
+                // SAFETY: `src` and `dst` are `d` elements each, distinct (`dst` is a unique
+                // borrow of `out`), and `MaybeUninit<f32>` has the layout of `f32`.
+                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.as_mut_ptr().cast(), d) };
             }
         });
+    // SAFETY: the rows cover `out[..len]` (`len` is a multiple of `row_len`), each row is cut
+    // into whole pieces of `d` (`row_len` is a multiple of `d`), and every piece was written in
+    // full above (`src` is `d` long: slicing it would have panicked otherwise).
+    unsafe { out.set_len(len) };
     out
 }
 

@@ -197,15 +197,17 @@ fn key_range(
                 let (pd, z) = (&mut pd[..n_dropout], &mut z[..n_dropout]);
                 // P = exp(scale·QKᵀ + mask - lse); Pd = P with dropout applied.
                 gemm(s, cols, q, k_packed, false, 1.0);
+                let mut mul = p.scale;
                 for (i, row) in s.chunks_exact_mut(cols).enumerate() {
-                    let r = r0 + i;
-                    let mul = prepare_scores(g, seg, src, p, r, c0, kv.len, row);
-                    simd::exp_affine_sum(row, mul, lse[row0 + i]);
-                    if let Some(d) = &p.dropout {
+                    mul = prepare_scores(g, seg, src, p, r0 + i, c0, kv.len, row);
+                }
+                simd::exp_rows(s, cols, mul, &lse[row0..row0 + rows]);
+                if let Some(d) = &p.dropout {
+                    for (i, row) in s.chunks_exact(cols).enumerate() {
                         let pd_row = &mut pd[i * cols..(i + 1) * cols];
                         pd_row.copy_from_slice(row);
                         let z_row = &mut z[i * cols..(i + 1) * cols];
-                        d.mask.fill_row(seg.stream, r, c0, z_row);
+                        d.mask.fill_row(seg.stream, r0 + i, c0, z_row);
                         simd::scale(z_row, d.keep_scale());
                         simd::mul(pd_row, z_row);
                     }
@@ -222,12 +224,12 @@ fn key_range(
                 );
                 // dP = dO Vᵀ (∘ dropout), dS = P ∘ (dP - D)
                 gemm(dp, cols, dot, v_packed, false, 1.0);
-                for (i, dp_row) in dp.chunks_exact_mut(cols).enumerate() {
-                    if p.dropout.is_some() {
-                        simd::mul(dp_row, &z[i * cols..(i + 1) * cols]);
+                if p.dropout.is_some() {
+                    for (dp_row, z_row) in dp.chunks_exact_mut(cols).zip(z.chunks_exact(cols)) {
+                        simd::mul(dp_row, z_row);
                     }
-                    simd::softmax_bwd(&s[i * cols..(i + 1) * cols], dp_row, delta[row0 + i]);
                 }
+                simd::softmax_bwd_rows(s, dp, cols, &delta[row0..row0 + rows]);
                 let ds = MatRef::rows(dp, rows, cols, cols);
                 // dK += scale · dSᵀ Q, dQ += scale · dS K
                 gemm(dk_t, e, ds.t(), q, true, p.scale);

@@ -126,6 +126,8 @@ struct Scratch {
     scores: Vec<f32>,
     kt: Vec<f32>,
     keep: Vec<f32>,
+    /// Each row's output rescaling of the current key tile.
+    alpha: Vec<f32>,
 }
 
 /// Rows `[r0, r0 + lse.len())` of one query segment through every key tile they can see.
@@ -148,6 +150,7 @@ fn forward_block(
     let mut l = vec![0f32; rows];
     scratch.scores.resize(BQ * BK, 0.0);
     scratch.keep.resize(BK, 0.0);
+    scratch.alpha.resize(BQ, 0.0);
     for c0 in (0..kend).step_by(BK) {
         let cols = BK.min(kend - c0);
         let kt = transpose_into(
@@ -168,23 +171,19 @@ fn forward_block(
             let q = MatRef::rows(src.q.at(seg.q + (r0 + s0) * g.q_rs), srows, e, g.q_rs);
             let s = &mut scratch.scores[..srows * scols];
             gemm(s, scols, q, MatRef { cols: scols, ..kt }, false, 1.0);
+            // The same multiplier for every row: the scale, or 1 once a mask has been added.
+            let mut mul = p.scale;
             for (i, row) in s.chunks_exact_mut(scols).enumerate() {
-                let (ri, r) = (s0 + i, r0 + s0 + i);
-                let mul = prepare_scores(g, seg, src, p, r, c0, kv.len, row);
-                let m_new = m[ri].max(mul * simd::max(row));
-                if m_new == f32::NEG_INFINITY {
-                    row.fill(0.0);
-                    continue;
-                }
-                let alpha = (m[ri] - m_new).exp();
-                l[ri] = l[ri] * alpha + simd::exp_affine_sum(row, mul, m_new);
-                m[ri] = m_new;
-                if alpha != 1.0 {
-                    simd::scale(&mut o[ri * ev..(ri + 1) * ev], alpha);
-                }
-                if let Some(d) = &p.dropout {
+                mul = prepare_scores(g, seg, src, p, r0 + s0 + i, c0, kv.len, row);
+            }
+            let sub = s0..s0 + srows;
+            let alpha = &mut scratch.alpha[..srows];
+            simd::online_softmax_rows(s, scols, mul, &mut m[sub.clone()], &mut l[sub], alpha);
+            simd::scale_rows(&mut o[s0 * ev..(s0 + srows) * ev], ev, alpha);
+            if let Some(d) = &p.dropout {
+                for (i, row) in s.chunks_exact_mut(scols).enumerate() {
                     let keep = &mut scratch.keep[..scols];
-                    d.mask.fill_row(seg.stream, r, c0, keep);
+                    d.mask.fill_row(seg.stream, r0 + s0 + i, c0, keep);
                     simd::scale(keep, d.keep_scale());
                     simd::mul(row, keep);
                 }

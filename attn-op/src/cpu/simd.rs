@@ -72,6 +72,12 @@ fn fast_max(a: f32, b: f32) -> f32 {
 /// Largest element (`-inf` for an empty row).
 #[multiversion(targets("x86_64+avx2+fma+avx512f+avx512vl", "x86_64+avx2+fma"))]
 pub(crate) fn max(x: &[f32]) -> f32 {
+    max_of(x)
+}
+
+/// [`max`], inlined into the caller's compiled version.
+#[inline(always)]
+fn max_of(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let chunks = x.chunks_exact(LANES);
     let tail = chunks.remainder();
@@ -93,9 +99,67 @@ pub(crate) fn scale(x: &mut [f32], a: f32) {
 }
 
 /// `x = e^(a·x - b)`, returning the sum of the new values.
+#[cfg(test)]
 #[multiversion(targets("x86_64+avx2+fma+avx512f+avx512vl", "x86_64+avx2+fma"))]
 pub(crate) fn exp_affine_sum(x: &mut [f32], a: f32, b: f32) -> f32 {
+    exp_affine_sum_of(x, a, b, target_cfg_f!(target_feature = "fma"))
+}
+
+/// The online-softmax step of a tile of score rows, `cols` wide, whose keys a row may not see
+/// are already `-inf`, with one multiplier `mul` for every score. For row `i`, with
+/// `m_new = max(m[i], mul·max(row))`: the row becomes `e^(mul·row - m_new)`,
+/// `alpha[i] = e^(m[i] - m_new)` (what the row's output so far must be scaled by),
+/// `l[i] = l[i]·alpha[i] + Σ row` and `m[i] = m_new`. A row that sees no key yet
+/// (`m_new = -inf`) becomes zeros and keeps its `m` and `l` (`alpha[i] = 1`).
+#[multiversion(targets("x86_64+avx2+fma+avx512f+avx512vl", "x86_64+avx2+fma"))]
+pub(crate) fn online_softmax_rows(
+    s: &mut [f32],
+    cols: usize,
+    mul: f32,
+    m: &mut [f32],
+    l: &mut [f32],
+    alpha: &mut [f32],
+) {
     let fma = target_cfg_f!(target_feature = "fma");
+    let rows = s.chunks_exact_mut(cols.max(1));
+    for (((row, m), l), alpha) in rows.zip(m).zip(l).zip(alpha) {
+        let m_new = m.max(mul * max_of(row));
+        if m_new == f32::NEG_INFINITY {
+            row.fill(0.0);
+            *alpha = 1.0;
+            continue;
+        }
+        *alpha = (*m - m_new).exp();
+        *l = *l * *alpha + exp_affine_sum_of(row, mul, m_new, fma);
+        *m = m_new;
+    }
+}
+
+/// `row = e^(mul·row - b[i])` for each row `i` of a tile `cols` wide (the probabilities of the
+/// backward pass, `b` the rows' logsumexps).
+#[multiversion(targets("x86_64+avx2+fma+avx512f+avx512vl", "x86_64+avx2+fma"))]
+pub(crate) fn exp_rows(s: &mut [f32], cols: usize, mul: f32, b: &[f32]) {
+    let fma = target_cfg_f!(target_feature = "fma");
+    for (row, &b) in s.chunks_exact_mut(cols.max(1)).zip(b) {
+        exp_affine_sum_of(row, mul, b, fma);
+    }
+}
+
+/// `x *= a[i]` for each row `i` of `x` (`cols` wide) whose `a[i]` is not 1.
+#[multiversion(targets("x86_64+avx2+fma+avx512f+avx512vl", "x86_64+avx2+fma"))]
+pub(crate) fn scale_rows(x: &mut [f32], cols: usize, a: &[f32]) {
+    for (row, &a) in x.chunks_exact_mut(cols.max(1)).zip(a) {
+        if a != 1.0 {
+            for v in row {
+                *v *= a;
+            }
+        }
+    }
+}
+
+/// [`exp_affine_sum`], inlined into the caller's compiled version.
+#[inline(always)]
+fn exp_affine_sum_of(x: &mut [f32], a: f32, b: f32, fma: bool) -> f32 {
     let mut acc = [0f32; LANES];
     let mut chunks = x.chunks_exact_mut(LANES);
     for c in &mut chunks {
@@ -120,11 +184,16 @@ pub(crate) fn mul(x: &mut [f32], y: &[f32]) {
     }
 }
 
-/// `dp = p * (dp - d)`: the softmax backward of one row.
+/// `dp = p * (dp - d[i])` for each row `i` of a tile `cols` wide: the softmax backward.
 #[multiversion(targets("x86_64+avx2+fma+avx512f+avx512vl", "x86_64+avx2+fma"))]
-pub(crate) fn softmax_bwd(p: &[f32], dp: &mut [f32], d: f32) {
-    for (g, pv) in dp.iter_mut().zip(p) {
-        *g = pv * (*g - d);
+pub(crate) fn softmax_bwd_rows(p: &[f32], dp: &mut [f32], cols: usize, d: &[f32]) {
+    let rows = dp
+        .chunks_exact_mut(cols.max(1))
+        .zip(p.chunks_exact(cols.max(1)));
+    for ((dp, p), &d) in rows.zip(d) {
+        for (g, pv) in dp.iter_mut().zip(p) {
+            *g = pv * (*g - d);
+        }
     }
 }
 
