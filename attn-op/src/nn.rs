@@ -36,15 +36,40 @@ pub fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
         return Ok(x.clone());
     }
     let cols = x.dims().last().copied().unwrap_or(1).max(1);
-    let rows = x.elem_count() / cols;
+    let keep = dropout_multipliers(x.elem_count() / cols, cols, p, seed)?;
+    x * Tensor::from_vec(keep, x.shape(), x.device())?.to_dtype(x.dtype())?
+}
+
+/// The multipliers [`dropout`] applies to a `(rows, cols)` tensor: 0 for a dropped element,
+/// `1/(1-p)` (as f32) for a kept one, row by row, the mask drawn from `seed` (Philox). For
+/// callers that apply the same dropout inside an op of their own.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let x = Tensor::ones((3, 8), candle_core::DType::F32, &Device::Cpu)?;
+/// let keep = attn_op::nn::dropout_multipliers(3, 8, 0.25, 7)?;
+/// let y = attn_op::nn::dropout(&x, 0.25, 7)?;
+/// assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, keep);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn dropout_multipliers(rows: usize, cols: usize, p: f64, seed: u64) -> Result<Vec<f32>> {
+    if !(0.0..1.0).contains(&p) {
+        bail!("dropout: p = {p} is outside [0, 1)");
+    }
+    let scale = (1.0 / (1.0 - p)) as f32;
+    if p == 0.0 {
+        return Ok(vec![scale; rows * cols]);
+    }
     let mask = DropoutMask::new(p, seed);
     let mut keep = vec![0f32; rows * cols];
-    for (r, row) in keep.chunks_exact_mut(cols).enumerate() {
+    for (r, row) in keep.chunks_exact_mut(cols.max(1)).enumerate() {
         mask.fill_row(0, r, 0, row);
+        for k in row {
+            // Rounded as Candle's `affine` rounds `keep * scale`.
+            *k = *k * scale + 0.0;
+        }
     }
-    let scale = 1.0 / (1.0 - p);
-    let keep = (Tensor::from_vec(keep, x.shape(), x.device())? * scale)?.to_dtype(x.dtype())?;
-    x * keep
+    Ok(keep)
 }
 
 /// When a [`CausalSelfAttention`] masks the future.
@@ -193,6 +218,14 @@ impl CausalSelfAttention {
     /// The layer's configuration.
     pub fn config(&self) -> &AttentionConfig {
         &self.cfg
+    }
+
+    /// Draws the next seed of the layer's dropout sequence, as its own forward passes draw them
+    /// in training (one for the attention weights, then one for the output when dropout > 0):
+    /// for callers that fuse the layer's work into an op of their own ([`crate::rows::QkvRows`],
+    /// [`dropout_multipliers`]) and must draw the same masks as the layer would.
+    pub fn draw_seed(&self) -> u64 {
+        splitmix64(&self.seeds)
     }
 
     /// State of the dropout seed sequence (save it with a checkpoint).

@@ -3,17 +3,18 @@
 //! attn-op's [`CausalSelfAttention`] computes it from nanoGPT's weights as five nodes of Candle's
 //! autograd graph (`c_attn` with `ln_1` folded in, the attention, `c_proj`, the residual
 //! addition), each of which costs Candle's backward pass a zero-filled buffer and an addition
-//! as large as its input: the packed q|k|v rows `(B·T, 3·C)` most of all. On the CPU in f32,
-//! without biases and without dropout, [`Attention`] is one op instead: it normalises its input,
-//! projects it to q|k|v, runs attn-op's flash attention on those rows in place
-//! ([`attn_op::rows::QkvRows`]), projects and adds the residual, and keeps what its backward
-//! pass needs. LayerNorm's weight is folded into `c_attn`'s (`LN(x)·Wᵀ = x̂·(W·diag γ)ᵀ`) as in
-//! the MLP. Elsewhere (biases, dropout in training, other devices and dtypes, the KV cache of
-//! sampling) attn-op's layer runs over the same weights.
+//! as large as its input: the packed q|k|v rows `(B·T, 3·C)` most of all. On the CPU in f32
+//! without biases, [`Attention`] is one op instead: it normalises its input, projects it to
+//! q|k|v, runs attn-op's flash attention on those rows in place ([`attn_op::rows::QkvRows`]),
+//! projects and adds the residual, and keeps what its backward pass needs. LayerNorm's weight
+//! is folded into `c_attn`'s (`LN(x)·Wᵀ = x̂·(W·diag γ)ᵀ`) as in the MLP. Dropout draws its
+//! seeds from attn-op's layer and its masks as the layer does, so a run is the same whichever
+//! path it takes. Elsewhere (biases, other devices and dtypes, the KV cache of sampling)
+//! attn-op's layer runs over the same weights.
 
 use std::sync::OnceLock;
 
-use attn_op::nn::{AttentionConfig, CausalSelfAttention, Causality, KvCache};
+use attn_op::nn::{dropout_multipliers, AttentionConfig, CausalSelfAttention, Causality, KvCache};
 use attn_op::rows::{QkvForward, QkvRows};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
@@ -73,19 +74,32 @@ impl Attention {
     /// tokens; `train` turns dropout on.
     pub fn forward_residual(&self, x: &Tensor, seq_len: usize, train: bool) -> Result<Tensor> {
         let _span = tracing::debug_span!("attention").entered();
-        if self.fuses(x, train) {
+        if self.fuses(x) {
             let (n, c) = x.dims2()?;
             if seq_len == 0 || !n.is_multiple_of(seq_len) {
                 candle_core::bail!(
                     "attention: seq_len = {seq_len} must be positive and divide the {n} rows"
                 );
             }
+            let mut rows = QkvRows::new(self.n_head, c / self.n_head, seq_len, true)?;
+            let mut keep = None;
+            if train {
+                // The seeds attn-op's layer would draw: the attention weights' (always in
+                // training), then the output's when there is dropout.
+                let seed = self.layer.draw_seed();
+                if self.dropout > 0.0 {
+                    rows = rows.with_dropout(self.dropout, seed)?;
+                    let seed = self.layer.draw_seed();
+                    keep = Some(dropout_multipliers(n, c, self.dropout, seed)?);
+                }
+            }
             let w_attn = self
                 .c_attn
                 .weight
                 .apply_op2(self.ln_1.weight(), ScaleColumns)?;
             let op = AttentionOp {
-                rows: QkvRows::new(self.n_head, c / self.n_head, seq_len, true)?,
+                rows,
+                keep,
                 saved: OnceLock::new(),
             };
             return x.contiguous()?.apply_op3(&w_attn, &self.c_proj.weight, op);
@@ -97,9 +111,8 @@ impl Attention {
         x + h.to_dtype(x.dtype())?
     }
 
-    /// Whether [`Self::forward_residual`] runs the fused op: on the CPU in f32, without biases,
-    /// and without dropout (in training).
-    fn fuses(&self, x: &Tensor, train: bool) -> bool {
+    /// Whether [`Self::forward_residual`] runs the fused op: on the CPU in f32, without biases.
+    fn fuses(&self, x: &Tensor) -> bool {
         let no_bias =
             self.c_attn.bias.is_none() && self.c_proj.bias.is_none() && self.ln_1.bias().is_none();
         let weights = [
@@ -107,7 +120,7 @@ impl Attention {
             Some(&self.c_proj.weight),
             Some(self.ln_1.weight()),
         ];
-        no_bias && !(train && self.dropout > 0.0) && fused(x, &weights)
+        no_bias && fused(x, &weights)
     }
 
     /// `x + attn(ln_1(x))` for `x` `(B, T, C)` that continues the sequences in `cache`.
@@ -128,9 +141,12 @@ impl Attention {
 }
 
 /// `x + attn(x̂ · W_attnᵀ) · W_projᵀ`, `x̂` the rows of `x` normalised, `W_attn` with LayerNorm's
-/// weight folded in. Keeps what the backward pass needs from the forward pass.
+/// weight folded in; with dropout (in `rows` and `keep`), `x + keep ⊙ (attn(·) · W_projᵀ)`. Keeps
+/// what the backward pass needs from the forward pass.
 struct AttentionOp {
     rows: QkvRows,
+    /// Dropout multipliers of the output projection, one per output element.
+    keep: Option<Vec<f32>>,
     saved: OnceLock<Saved>,
 }
 
@@ -211,18 +227,49 @@ impl CustomOp3 for AttentionOp {
             let _span = tracing::debug_span!("flash_attention.forward").entered();
             self.rows.forward(&qkv)?
         };
-        // out = x + y W_projᵀ, by blocks of rows.
-        let mut out = x.to_vec();
+        // out = x + y W_projᵀ (x + keep ⊙ (y W_projᵀ) with dropout), by blocks of rows.
+        if self.keep.as_ref().is_some_and(|k| k.len() != n * c) {
+            candle_core::bail!("attention: one dropout multiplier per output element needed");
+        }
+        let keep = self.keep.as_deref();
+        let mut out = Unwritten::new(n * c);
         let yv = View::row_major(&attn.y, n, c)?;
         let jobs = out
+            .slots()
             .chunks_mut((block * c).max(1))
             .enumerate()
             .map(|(i, out)| {
-                Box::new(move || matmul_add(out, yv.rows(i * block, out.len() / c)?, w_proj_t))
-                    as Box<dyn FnOnce() -> Result<()> + Send + '_>
+                Box::new(move || {
+                    let (first, rows) = (i * block, out.len() / c);
+                    let x_rows = &x[first * c..(first + rows) * c];
+                    match keep {
+                        None => {
+                            for (slot, &v) in out.iter_mut().zip(x_rows) {
+                                slot.write(v);
+                            }
+                            // SAFETY: the loop wrote all `rows · c` elements.
+                            matmul_add(
+                                unsafe { assume_written(out) },
+                                yv.rows(first, rows)?,
+                                w_proj_t,
+                            )
+                        }
+                        Some(keep) => {
+                            // Rounded as the composed ops round it: x + (h ⊙ keep).
+                            let h = matmul_to(out, yv.rows(first, rows)?, w_proj_t)?;
+                            let keep = &keep[first * c..(first + rows) * c];
+                            for ((h, &x), &k) in h.iter_mut().zip(x_rows).zip(keep) {
+                                *h = x + *h * k;
+                            }
+                            Ok(())
+                        }
+                    }
+                }) as Box<dyn FnOnce() -> Result<()> + Send + '_>
             })
             .collect();
         run_jobs(jobs)?;
+        // SAFETY: the blocks cover `out`, and each job wrote all its rows (all returned `Ok`).
+        let out = unsafe { out.assume_written() };
         // Only the first forward of this op object stores its results; a second one cannot
         // happen (each call of `Attention::forward_residual` makes a new op).
         let _ = self.saved.set(Saved {
@@ -257,7 +304,16 @@ impl CustomOp3 for AttentionOp {
         let (dx, dw_attn, dw_proj) = with_data(&[w_attn, w_proj, &g], "attention backward", |d| {
             let w_attn = View::row_major(d[0], 3 * c, c)?;
             let w_proj = View::row_major(d[1], c, c)?;
-            let gv = View::row_major(d[2], n, c)?;
+            // The gradient of the projection's output: g, times the dropout multipliers if any.
+            let dropped: Vec<f32>;
+            let g_proj = match &self.keep {
+                Some(keep) => {
+                    dropped = d[2].iter().zip(keep).map(|(g, k)| g * k).collect();
+                    &dropped[..]
+                }
+                None => d[2],
+            };
+            let gv = View::row_major(g_proj, n, c)?;
             // dy = g W_proj and dW_proj = gᵀ y.
             let mut dy = Unwritten::new(n * c);
             let mut dw_proj = Unwritten::new(c * c);
@@ -364,7 +420,7 @@ mod tests {
             ];
             let reference = output_and_grads(&composed(&attn, &x, t)?, &probe, &x, &params)?;
             for train in [true, false] {
-                assert!(attn.fuses(&x, train));
+                assert!(attn.fuses(&x));
                 let y = attn.forward_residual(&x, t, train)?;
                 let fused = output_and_grads(&y, &probe, &x, &params)?;
                 assert_close(&fused, &reference, 2e-5);
@@ -387,11 +443,55 @@ mod tests {
             .iter()
             .map(|v| v.as_tensor().clone())
             .collect();
-        assert!(!attn.fuses(&x, true));
+        assert!(!attn.fuses(&x));
         let y = attn.forward_residual(&x, t, true)?;
         let got = output_and_grads(&y, &probe, &x, &params)?;
         let reference = output_and_grads(&composed(&attn, &x, t)?, &probe, &x, &params)?;
         assert_close(&got, &reference, 2e-5);
+        Ok(())
+    }
+
+    /// With dropout in training, the fused op draws the same seeds and masks as attn-op's layer:
+    /// the same output and gradients as the layer from the same seed state, a different output
+    /// from another seed state, and the same seed state afterwards.
+    #[test]
+    fn dropout_matches_attn_ops_layer() -> Result<()> {
+        let (b, t, c, h) = (3, 16, 32, 4);
+        let map = VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+        let attn = Attention::new(c, h, false, 0.3, vb)?;
+        set_random(&map, &mut Rng::new(24, 0), 0.4)?;
+        let mut rng = Rng::new(25, 0);
+        let x = Var::from_vec(rng.normal_vec(b * t * c, 1.0), (b * t, c), &Device::Cpu)?;
+        let probe = Tensor::from_vec(rng.normal_vec(b * t * c, 1.0), (b * t, c), x.device())?;
+        let params: Vec<Tensor> = map
+            .all_vars()
+            .iter()
+            .map(|v| v.as_tensor().clone())
+            .collect();
+        let run = |fused: bool, state: u64| -> Result<(Vec<Vec<f32>>, u64)> {
+            attn.set_seed_state(state);
+            let y = if fused {
+                attn.forward_residual(&x, t, true)?
+            } else {
+                (x.as_tensor() + attn.layer.forward_rows(&x, t, true)?)?
+            };
+            Ok((
+                output_and_grads(&y, &probe, &x, &params)?,
+                attn.seed_state(),
+            ))
+        };
+        let (fused, fused_state) = run(true, 7)?;
+        let (layer, layer_state) = run(false, 7)?;
+        assert_eq!(fused_state, layer_state);
+        assert_close(&fused, &layer, 2e-5);
+        let (other, _) = run(true, 8)?;
+        let diff = fused[0]
+            .iter()
+            .zip(&other[0])
+            .filter(|(a, b)| a != b)
+            .count();
+        assert!(diff > 0, "another seed drops other weights");
         Ok(())
     }
 

@@ -187,7 +187,22 @@ impl Mlp {
     /// γ's gradient), and the op normalises, runs the MLP and adds the residual,
     /// so the LayerNorm output, the MLP output and the addition are not nodes of the graph
     /// (each would cost Candle's backward a zero-filled buffer and an addition).
-    pub fn forward_residual(&self, x: &Tensor, ln: &LayerNorm) -> Result<Tensor> {
+    ///
+    /// `keep`, when given, is dropout on the MLP's output: one multiplier per output element (0
+    /// or `1/(1-p)`), so `x + keep ⊙ mlp(ln(x))`.
+    pub fn forward_residual(
+        &self,
+        x: &Tensor,
+        ln: &LayerNorm,
+        keep: Option<Vec<f32>>,
+    ) -> Result<Tensor> {
+        if keep.as_ref().is_some_and(|k| k.len() != x.elem_count()) {
+            candle_core::bail!(
+                "mlp: {} dropout multipliers for an input of shape {:?}",
+                keep.map_or(0, |k| k.len()),
+                x.dims()
+            );
+        }
         let no_bias = self.c_fc.bias.is_none() && self.c_proj.bias.is_none() && ln.bias().is_none();
         let params = [
             Some(&self.c_fc.weight),
@@ -201,11 +216,18 @@ impl Mlp {
                 &self.c_proj.weight,
                 MlpOp {
                     normed_residual: true,
+                    keep,
                     ..MlpOp::default()
                 },
             );
         }
-        x + self.forward(&ln.forward(x)?)?
+        let h = self.forward(&ln.forward(x)?)?;
+        match keep {
+            Some(keep) => {
+                x + (h * Tensor::from_vec(keep, x.shape(), x.device())?.to_dtype(x.dtype())?)?
+            }
+            None => x + h,
+        }
     }
 
     /// The reference: Candle's matrix products and `gelu_erf`.
@@ -501,6 +523,8 @@ impl CustomOp3 for LinearOp {
 #[derive(Default)]
 struct MlpOp {
     normed_residual: bool,
+    /// With `normed_residual`: dropout multipliers of the MLP's output, `x + keep ⊙ mlp(x̂)`.
+    keep: Option<Vec<f32>>,
     saved: OnceLock<MlpSaved>,
 }
 
@@ -546,7 +570,14 @@ impl CustomOp3 for MlpOp {
                 l3.dims()
             );
         }
-        let normed = self.normed_residual;
+        if self
+            .keep
+            .as_ref()
+            .is_some_and(|k| !self.normed_residual || k.len() != n * c)
+        {
+            candle_core::bail!("mlp: dropout multipliers need the residual MLP and one per output");
+        }
+        let (normed, keep) = (self.normed_residual, self.keep.as_deref());
         let xv = View::row_major(x, n, c)?;
         let w_fc_t = View::row_major(w_fc, hidden, c)?.t();
         let w_proj_t = View::row_major(w_proj, proj_out, hidden)?.t();
@@ -586,15 +617,26 @@ impl CustomOp3 for MlpOp {
                     // SAFETY: `gelu::forward` writes every element of `h`, as long as `u`.
                     let h = unsafe { h.assume_written() };
                     let h = View::row_major(&h, rows, hidden)?;
-                    if normed {
-                        // The residual: y = x, then y += h W_projᵀ.
-                        for (slot, &v) in y.iter_mut().zip(&x[first * c..(first + rows) * c]) {
-                            slot.write(v);
+                    let x_rows = &x[first * c..(first + rows) * c];
+                    match (normed, keep) {
+                        (true, None) => {
+                            // The residual: y = x, then y += h W_projᵀ.
+                            for (slot, &v) in y.iter_mut().zip(x_rows) {
+                                slot.write(v);
+                            }
+                            // SAFETY: the loop wrote `rows · c = y.len()` elements.
+                            matmul_add(unsafe { assume_written(y) }, h, w_proj_t)
                         }
-                        // SAFETY: the loop wrote `rows · c = y.len()` elements.
-                        matmul_add(unsafe { assume_written(y) }, h, w_proj_t)
-                    } else {
-                        matmul_to(y, h, w_proj_t).map(drop)
+                        (true, Some(keep)) => {
+                            // y = x + keep ⊙ (h W_projᵀ), rounded as the composed ops round it.
+                            let y = matmul_to(y, h, w_proj_t)?;
+                            let keep = &keep[first * c..(first + rows) * c];
+                            for ((y, &x), &k) in y.iter_mut().zip(x_rows).zip(keep) {
+                                *y = x + *y * k;
+                            }
+                            Ok(())
+                        }
+                        (false, _) => matmul_to(y, h, w_proj_t).map(drop),
                     }
                 }) as Box<dyn FnOnce() -> Result<()> + Send>
             })
@@ -638,7 +680,16 @@ impl CustomOp3 for MlpOp {
             let input = View::row_major(if normed { xhat } else { d[0] }, n, c)?;
             let w_fc = View::row_major(d[1], hidden, c)?;
             let w_proj = View::row_major(d[2], out, hidden)?;
-            let gv = View::row_major(d[3], n, out)?;
+            // The gradient of the MLP's output: g, times the dropout multipliers if any.
+            let dropped: Vec<f32>;
+            let g_mlp = match &self.keep {
+                Some(keep) => {
+                    dropped = d[3].iter().zip(keep).map(|(g, k)| g * k).collect();
+                    &dropped[..]
+                }
+                None => d[3],
+            };
+            let gv = View::row_major(g_mlp, n, out)?;
             let mut h = Unwritten::new(n * hidden);
             let mut du = Unwritten::new(n * hidden);
             let mut dx = Unwritten::new(n * c);
@@ -859,12 +910,12 @@ mod tests {
     }
 
     /// The fused residual MLP (`x + mlp(ln(x))`, LayerNorm weight folded into `c_fc`) against
-    /// the composed LayerNorm, MLP and addition, with a random LayerNorm weight, and on shapes
-    /// that split into uneven blocks.
+    /// the composed LayerNorm, MLP and addition, with a random LayerNorm weight, on shapes that
+    /// split into uneven blocks, without and with dropout multipliers on the MLP's output.
     #[test]
     fn residual_mlp_matches_candle() -> Result<()> {
         let dev = Device::Cpu;
-        for (n, c) in [(257, 24), (2, 8)] {
+        for (n, c, p) in [(257, 24, 0.0), (2, 8, 0.0), (257, 24, 0.3), (3, 8, 0.5)] {
             let map = VarMap::new();
             let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
             let mlp = Mlp::new(c, false, vb.pp("mlp"))?;
@@ -878,9 +929,15 @@ mod tests {
                 mlp.c_proj.weight.clone(),
                 ln.weight().clone(),
             ];
-            let fused = output_and_grads(&mlp.forward_residual(&x, &ln)?, &probe, &x, &params)?;
-            let composed = (x.as_tensor() + mlp.forward_composed(&ln.forward_composed(&x)?)?)?;
-            let reference = output_and_grads(&composed, &probe, &x, &params)?;
+            let keep = (p > 0.0).then(|| rng.dropout_mask(n * c, p));
+            let y = mlp.forward_residual(&x, &ln, keep.clone())?;
+            let fused = output_and_grads(&y, &probe, &x, &params)?;
+            let mut h = mlp.forward_composed(&ln.forward_composed(&x)?)?;
+            if let Some(keep) = keep {
+                assert!(keep.contains(&0.0), "some outputs dropped");
+                h = (h * Tensor::from_vec(keep, (n, c), &dev)?)?;
+            }
+            let reference = output_and_grads(&(x.as_tensor() + h)?, &probe, &x, &params)?;
             assert_close(&fused, &reference, 2e-5);
         }
         Ok(())

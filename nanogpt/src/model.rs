@@ -93,7 +93,7 @@ impl Mlp {
         })
     }
 
-    /// `x + dropout(mlp(ln(x)))`: one fused op where that applies and no dropout is drawn.
+    /// `x + dropout(mlp(ln(x)))`: one fused op on the CPU.
     fn forward_residual(
         &self,
         x: &Tensor,
@@ -101,13 +101,11 @@ impl Mlp {
         rng: Option<&mut Rng>,
     ) -> Result<Tensor> {
         let _span = tracing::debug_span!("mlp").entered();
-        match rng {
-            Some(rng) if self.dropout > 0.0 => {
-                let h = self.mlp.forward(&ln.forward(x)?)?;
-                synced((x + dropout(&h, self.dropout, Some(rng))?)?)
-            }
-            _ => synced(self.mlp.forward_residual(x, ln)?),
-        }
+        let keep = match rng {
+            Some(rng) if self.dropout > 0.0 => Some(rng.dropout_mask(x.elem_count(), self.dropout)),
+            _ => None,
+        };
+        synced(self.mlp.forward_residual(x, ln, keep)?)
     }
 }
 
