@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{bail, DType, Module, ModuleT, Result, Tensor, D};
 use candle_nn::VarBuilder;
+use rayon::prelude::*;
 
 use crate::config::{AttnConfig, CausalAlign, Dropout};
 use crate::cpu::geometry::Varlen;
@@ -62,13 +63,16 @@ pub fn dropout_multipliers(rows: usize, cols: usize, p: f64, seed: u64) -> Resul
     }
     let mask = DropoutMask::new(p, seed);
     let mut keep = vec![0f32; rows * cols];
-    for (r, row) in keep.chunks_exact_mut(cols.max(1)).enumerate() {
-        mask.fill_row(0, r, 0, row);
-        for k in row {
-            // Rounded as Candle's `affine` rounds `keep * scale`.
-            *k = *k * scale + 0.0;
-        }
-    }
+    // Rows in parallel: each row's mask depends only on the seed and the row.
+    keep.par_chunks_mut(cols.max(1))
+        .enumerate()
+        .for_each(|(r, row)| {
+            mask.fill_row(0, r, 0, row);
+            for k in row {
+                // Rounded as Candle's `affine` rounds `keep * scale`.
+                *k = *k * scale + 0.0;
+            }
+        });
     Ok(keep)
 }
 
