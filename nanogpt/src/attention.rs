@@ -20,7 +20,9 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use crate::cpu_data::{assume_written, f32_slice, with_data, Unwritten};
+use crate::cpu_data::{
+    add_dropped, assume_written, f32_slice, through_dropout, with_data, Unwritten,
+};
 use crate::layer_norm::{normalize_backward_rows, normalize_rows, LayerNorm};
 use crate::linear::{dims2, fused, Linear, NormedLinear, ScaleColumns, NORM_BLOCK_ROWS};
 use crate::matmul::{matmul_add, matmul_to, product_jobs, row_blocks, run_jobs, View};
@@ -257,10 +259,7 @@ impl CustomOp3 for AttentionOp {
                         Some(keep) => {
                             // Rounded as the composed ops round it: x + (h ⊙ keep).
                             let h = matmul_to(out, yv.rows(first, rows)?, w_proj_t)?;
-                            let keep = &keep[first * c..(first + rows) * c];
-                            for ((h, &x), &k) in h.iter_mut().zip(x_rows).zip(keep) {
-                                *h = x + *h * k;
-                            }
+                            add_dropped(h, x_rows, &keep[first * c..(first + rows) * c]);
                             Ok(())
                         }
                     }
@@ -305,15 +304,8 @@ impl CustomOp3 for AttentionOp {
             let w_attn = View::row_major(d[0], 3 * c, c)?;
             let w_proj = View::row_major(d[1], c, c)?;
             // The gradient of the projection's output: g, times the dropout multipliers if any.
-            let dropped: Vec<f32>;
-            let g_proj = match &self.keep {
-                Some(keep) => {
-                    dropped = d[2].iter().zip(keep).map(|(g, k)| g * k).collect();
-                    &dropped[..]
-                }
-                None => d[2],
-            };
-            let gv = View::row_major(g_proj, n, c)?;
+            let g_proj = through_dropout(d[2], self.keep.as_deref());
+            let gv = View::row_major(&g_proj, n, c)?;
             // dy = g W_proj and dW_proj = gᵀ y.
             let mut dy = Unwritten::new(n * c);
             let mut dw_proj = Unwritten::new(c * c);
@@ -395,6 +387,14 @@ mod tests {
         x + attn.c_proj.forward_composed(&y)?
     }
 
+    /// A random input `x` `(n, c)` (a variable) and a random probe of the output, from `seed`.
+    fn inputs(n: usize, c: usize, seed: u64) -> Result<(Var, Tensor)> {
+        let mut rng = Rng::new(seed, 0);
+        let x = Var::from_vec(rng.normal_vec(n * c, 1.0), (n, c), &Device::Cpu)?;
+        let probe = Tensor::from_vec(rng.normal_vec(n * c, 1.0), (n, c), &Device::Cpu)?;
+        Ok((x, probe))
+    }
+
     fn layer(c: usize, h: usize, bias: bool, map: &VarMap) -> Result<Attention> {
         let vb = VarBuilder::from_varmap(map, DType::F32, &Device::Cpu);
         let attn = Attention::new(c, h, bias, 0.0, vb)?;
@@ -410,9 +410,7 @@ mod tests {
         for (b, t, c, h) in [(10, 13, 24, 3), (1, 5, 8, 2), (2, 64, 32, 4)] {
             let map = VarMap::new();
             let attn = layer(c, h, false, &map)?;
-            let mut rng = Rng::new(22, 0);
-            let x = Var::from_vec(rng.normal_vec(b * t * c, 1.0), (b * t, c), &Device::Cpu)?;
-            let probe = Tensor::from_vec(rng.normal_vec(b * t * c, 1.0), (b * t, c), x.device())?;
+            let (x, probe) = inputs(b * t, c, 22)?;
             let params = [
                 attn.c_attn.weight.clone(),
                 attn.c_proj.weight.clone(),
@@ -435,9 +433,7 @@ mod tests {
         let (b, t, c, h) = (2, 7, 16, 2);
         let map = VarMap::new();
         let attn = layer(c, h, true, &map)?;
-        let mut rng = Rng::new(23, 0);
-        let x = Var::from_vec(rng.normal_vec(b * t * c, 1.0), (b * t, c), &Device::Cpu)?;
-        let probe = Tensor::from_vec(rng.normal_vec(b * t * c, 1.0), (b * t, c), x.device())?;
+        let (x, probe) = inputs(b * t, c, 23)?;
         let params: Vec<Tensor> = map
             .all_vars()
             .iter()
@@ -461,9 +457,7 @@ mod tests {
         let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
         let attn = Attention::new(c, h, false, 0.3, vb)?;
         set_random(&map, &mut Rng::new(24, 0), 0.4)?;
-        let mut rng = Rng::new(25, 0);
-        let x = Var::from_vec(rng.normal_vec(b * t * c, 1.0), (b * t, c), &Device::Cpu)?;
-        let probe = Tensor::from_vec(rng.normal_vec(b * t * c, 1.0), (b * t, c), x.device())?;
+        let (x, probe) = inputs(b * t, c, 25)?;
         let params: Vec<Tensor> = map
             .all_vars()
             .iter()

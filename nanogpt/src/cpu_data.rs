@@ -1,6 +1,7 @@
-//! The f32 data of CPU storage, as the fused CPU ops (Linear, MLP, GELU, LayerNorm, AdamW) read
-//! and write it.
+//! The f32 data of CPU storage, as the fused CPU ops (Linear, MLP, attention, GELU, LayerNorm,
+//! AdamW) read and write it, and the element-wise dropout steps those ops share.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::mem::MaybeUninit;
 
@@ -128,4 +129,20 @@ pub(crate) unsafe fn assume_written(slots: &mut [MaybeUninit<f32>]) -> &mut [f32
     // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and the caller promises that every
     // element is initialised.
     unsafe { &mut *(slots as *mut [MaybeUninit<f32>] as *mut [f32]) }
+}
+
+/// The gradient `g` through dropout multipliers `keep` (`g ⊙ keep`), or `g` itself without them.
+pub(crate) fn through_dropout<'a>(g: &'a [f32], keep: Option<&[f32]>) -> Cow<'a, [f32]> {
+    match keep {
+        Some(keep) => g.iter().zip(keep).map(|(g, k)| g * k).collect(),
+        None => Cow::Borrowed(g),
+    }
+}
+
+/// `h = x + h ⊙ keep`, element by element: a residual around dropout, rounded as the composed
+/// Candle ops `x + h * keep` round it.
+pub(crate) fn add_dropped(h: &mut [f32], x: &[f32], keep: &[f32]) {
+    for ((h, &x), &k) in h.iter_mut().zip(x).zip(keep) {
+        *h = x + *h * k;
+    }
 }

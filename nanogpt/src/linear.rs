@@ -22,7 +22,9 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use crate::cpu_data::{assume_written, f32_slice, with_data, Unwritten};
+use crate::cpu_data::{
+    add_dropped, assume_written, f32_slice, through_dropout, with_data, Unwritten,
+};
 use crate::layer_norm::LayerNorm;
 use crate::matmul::{
     for_row_blocks, matmul_add, matmul_to, product_jobs, row_blocks, run_jobs, View,
@@ -630,10 +632,7 @@ impl CustomOp3 for MlpOp {
                         (true, Some(keep)) => {
                             // y = x + keep ⊙ (h W_projᵀ), rounded as the composed ops round it.
                             let y = matmul_to(y, h, w_proj_t)?;
-                            let keep = &keep[first * c..(first + rows) * c];
-                            for ((y, &x), &k) in y.iter_mut().zip(x_rows).zip(keep) {
-                                *y = x + *y * k;
-                            }
+                            add_dropped(y, x_rows, &keep[first * c..(first + rows) * c]);
                             Ok(())
                         }
                         (false, _) => matmul_to(y, h, w_proj_t).map(drop),
@@ -681,15 +680,8 @@ impl CustomOp3 for MlpOp {
             let w_fc = View::row_major(d[1], hidden, c)?;
             let w_proj = View::row_major(d[2], out, hidden)?;
             // The gradient of the MLP's output: g, times the dropout multipliers if any.
-            let dropped: Vec<f32>;
-            let g_mlp = match &self.keep {
-                Some(keep) => {
-                    dropped = d[3].iter().zip(keep).map(|(g, k)| g * k).collect();
-                    &dropped[..]
-                }
-                None => d[3],
-            };
-            let gv = View::row_major(g_mlp, n, out)?;
+            let g_mlp = through_dropout(d[3], self.keep.as_deref());
+            let gv = View::row_major(&g_mlp, n, out)?;
             let mut h = Unwritten::new(n * hidden);
             let mut du = Unwritten::new(n * hidden);
             let mut dx = Unwritten::new(n * c);
