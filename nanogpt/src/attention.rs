@@ -28,6 +28,20 @@ use crate::linear::{dims2, fused, Linear, NormedLinear, ScaleColumns, NORM_BLOCK
 use crate::matmul::{matmul_add, matmul_to, product_jobs, row_blocks, run_jobs, View};
 
 /// nanoGPT's causal self-attention with its `ln_1` in front and the residual around it.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use nanogpt::attention::Attention;
+/// let map = VarMap::new();
+/// let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+/// let attn = Attention::new(32, 4, false, 0.0, vb.pp("h.0"))?;
+/// // Two sequences of 10 tokens as rows (B·T, C).
+/// let x = Tensor::randn(0f32, 1., (2 * 10, 32), &Device::Cpu)?;
+/// let y = attn.forward_residual(&x, 10, true)?;
+/// assert_eq!(y.dims(), &[20, 32]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
 pub struct Attention {
     ln_1: LayerNorm,
     c_attn: Linear,
