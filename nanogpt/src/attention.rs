@@ -18,14 +18,11 @@ use attn_op::nn::{dropout_multipliers, AttentionConfig, CausalSelfAttention, Cau
 use attn_op::rows::{QkvForward, QkvRows};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
-use rayon::prelude::*;
 
-use crate::cpu_data::{
-    add_dropped, assume_written, f32_slice, through_dropout, with_data, Unwritten,
-};
-use crate::layer_norm::{normalize_backward_rows, normalize_rows, LayerNorm};
-use crate::linear::{dims2, fused, Linear, NormedLinear, ScaleColumns, NORM_BLOCK_ROWS};
-use crate::matmul::{matmul_add, matmul_to, product_jobs, row_blocks, run_jobs, View};
+use crate::cpu_data::{assume_written, f32_slice, through_dropout, with_data, Unwritten};
+use crate::layer_norm::{normalize_backward, normalize_rows, LayerNorm};
+use crate::linear::{dims2, fused, Linear, NormedLinear, ScaleColumns};
+use crate::matmul::{matmul_to, product_jobs, residual_matmul, row_blocks, run_jobs, View};
 
 /// nanoGPT's causal self-attention with its `ln_1` in front and the residual around it.
 ///
@@ -256,27 +253,11 @@ impl CustomOp3 for AttentionOp {
             .enumerate()
             .map(|(i, out)| {
                 Box::new(move || {
-                    let (first, rows) = (i * block, out.len() / c);
-                    let x_rows = &x[first * c..(first + rows) * c];
-                    match keep {
-                        None => {
-                            for (slot, &v) in out.iter_mut().zip(x_rows) {
-                                slot.write(v);
-                            }
-                            // SAFETY: the loop wrote all `rows · c` elements.
-                            matmul_add(
-                                unsafe { assume_written(out) },
-                                yv.rows(first, rows)?,
-                                w_proj_t,
-                            )
-                        }
-                        Some(keep) => {
-                            // Rounded as the composed ops round it: x + (h ⊙ keep).
-                            let h = matmul_to(out, yv.rows(first, rows)?, w_proj_t)?;
-                            add_dropped(h, x_rows, &keep[first * c..(first + rows) * c]);
-                            Ok(())
-                        }
-                    }
+                    // This block's elements of x (and keep).
+                    let span = i * block * c..i * block * c + out.len();
+                    let y_rows = yv.rows(i * block, out.len() / c)?;
+                    let keep = keep.map(|k| &k[span.clone()]);
+                    residual_matmul(out, &x[span], y_rows, w_proj_t, keep)
                 }) as Box<dyn FnOnce() -> Result<()> + Send + '_>
             })
             .collect();
@@ -349,16 +330,8 @@ impl CustomOp3 for AttentionOp {
             run_jobs(jobs)?;
             // SAFETY: the product jobs wrote all of both (they all returned `Ok`).
             let (mut dx, dw_attn) = unsafe { (dx.assume_written(), dw_attn.assume_written()) };
-            if c > 0 {
-                // dx holds dL/dx̂; the normalisation's backward and the residual make it dL/dx.
-                dx.par_chunks_mut(NORM_BLOCK_ROWS * c)
-                    .zip(xhat.par_chunks(NORM_BLOCK_ROWS * c))
-                    .zip(rstd.par_chunks(NORM_BLOCK_ROWS))
-                    .zip(d[2].par_chunks(NORM_BLOCK_ROWS * c))
-                    .for_each(|(((d, xhat), rstd), g)| {
-                        normalize_backward_rows(xhat, rstd, Some(g), c, d)
-                    });
-            }
+            // dx holds dL/dx̂; the normalisation's backward and the residual make it dL/dx.
+            normalize_backward(xhat, rstd, Some(d[2]), c, &mut dx);
             Ok((dx, dw_attn, dw_proj))
         })?;
         let dev = x.device();

@@ -138,11 +138,3 @@ pub(crate) fn through_dropout<'a>(g: &'a [f32], keep: Option<&[f32]>) -> Cow<'a,
         None => Cow::Borrowed(g),
     }
 }
-
-/// `h = x + h ⊙ keep`, element by element: a residual around dropout, rounded as the composed
-/// Candle ops `x + h * keep` round it.
-pub(crate) fn add_dropped(h: &mut [f32], x: &[f32], keep: &[f32]) {
-    for ((h, &x), &k) in h.iter_mut().zip(x).zip(keep) {
-        *h = x + *h * k;
-    }
-}

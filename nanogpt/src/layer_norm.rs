@@ -183,6 +183,53 @@ pub(crate) fn normalize_backward_rows(
     }
 }
 
+/// Rows per parallel block of [`normalize`] and [`normalize_backward`].
+const NORM_BLOCK_ROWS: usize = 32;
+
+/// [`normalize_rows`] over all rows of `x` (`c` wide), blocks of rows in parallel. Writes every
+/// element of `xhat` and `rstd` when `x` is `rstd.len()` rows of `c` and `xhat` as long (rows
+/// of width 0 get `rstd = 0`).
+pub(crate) fn normalize(
+    x: &[f32],
+    c: usize,
+    xhat: &mut [MaybeUninit<f32>],
+    rstd: &mut [MaybeUninit<f32>],
+) {
+    if c == 0 {
+        for r in rstd {
+            r.write(0.0);
+        }
+        return;
+    }
+    xhat.par_chunks_mut(NORM_BLOCK_ROWS * c)
+        .zip(rstd.par_chunks_mut(NORM_BLOCK_ROWS))
+        .zip(x.par_chunks(NORM_BLOCK_ROWS * c))
+        .for_each(|((xhat, rstd), x)| normalize_rows(x, c, xhat, rstd));
+}
+
+/// [`normalize_backward_rows`] over all rows of `d` (`c` wide), blocks of rows in parallel: `d`
+/// holds `dL/dx̂` on entry and `dL/dx` (`+ residual`) on return.
+pub(crate) fn normalize_backward(
+    xhat: &[f32],
+    rstd: &[f32],
+    residual: Option<&[f32]>,
+    c: usize,
+    d: &mut [f32],
+) {
+    if c == 0 {
+        return;
+    }
+    let block = NORM_BLOCK_ROWS * c;
+    d.par_chunks_mut(block)
+        .zip(xhat.par_chunks(block))
+        .zip(rstd.par_chunks(NORM_BLOCK_ROWS))
+        .enumerate()
+        .for_each(|(i, ((d, xhat), rstd))| {
+            let residual = residual.map(|g| &g[i * block..i * block + d.len()]);
+            normalize_backward_rows(xhat, rstd, residual, c, d)
+        });
+}
+
 /// `y` = LayerNorm of the rows of `x` (`w.len()` wide, `w` non-empty), blocks of rows in parallel;
 /// writes every element of `y` when `x` is as long as `y` and a whole number of rows.
 fn fused_forward(x: &[f32], w: &[f32], y: &mut [MaybeUninit<f32>]) {

@@ -20,14 +20,12 @@ use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
-use rayon::prelude::*;
 
-use crate::cpu_data::{
-    add_dropped, assume_written, f32_slice, through_dropout, with_data, Unwritten,
-};
+use crate::cpu_data::{assume_written, f32_slice, through_dropout, with_data, Unwritten};
 use crate::layer_norm::LayerNorm;
 use crate::matmul::{
-    for_row_blocks, matmul_add, matmul_to, product_jobs, row_blocks, run_jobs, View,
+    for_row_blocks, matmul_add, matmul_to, product_jobs, residual_matmul, row_blocks, run_jobs,
+    View,
 };
 
 /// A Linear layer `y = x Wᵀ + b` over the last dimension, `W` stored `(out, in)` as PyTorch does.
@@ -362,9 +360,6 @@ struct NormedLinearOp {
     saved: OnceLock<(Vec<f32>, Vec<f32>)>,
 }
 
-/// Rows per parallel block of the normalisation.
-pub(crate) const NORM_BLOCK_ROWS: usize = 32;
-
 impl CustomOp2 for NormedLinearOp {
     fn name(&self) -> &'static str {
         "nanogpt-normed-linear"
@@ -381,20 +376,8 @@ impl CustomOp2 for NormedLinearOp {
         let (n, c) = dims2(l1, "linear input")?;
         let mut xhat = Unwritten::new(n * c);
         let mut rstd = Unwritten::new(n);
-        if c == 0 {
-            // Empty rows: nothing to normalise.
-            for r in rstd.slots() {
-                r.write(0.0);
-            }
-        } else {
-            xhat.slots()
-                .par_chunks_mut(NORM_BLOCK_ROWS * c)
-                .zip(rstd.slots().par_chunks_mut(NORM_BLOCK_ROWS))
-                .zip(x.par_chunks(NORM_BLOCK_ROWS * c))
-                .for_each(|((xhat, rstd), x)| crate::layer_norm::normalize_rows(x, c, xhat, rstd));
-        }
-        // SAFETY: the blocks cover both (`x` is `n` rows of `c`), and `normalize_rows` wrote
-        // every row of each (with `c = 0`, `xhat` is empty and the loop wrote `rstd`).
+        crate::layer_norm::normalize(x, c, xhat.slots(), rstd.slots());
+        // SAFETY: `x` is `n` rows of `c`, so `normalize` wrote every element of both.
         let (xhat, rstd) = unsafe { (xhat.assume_written(), rstd.assume_written()) };
         let y = LinearOp::forward(&xhat, l1, w, l2, None)?;
         let _ = self.saved.set((xhat, rstd));
@@ -418,15 +401,8 @@ impl CustomOp2 for NormedLinearOp {
         let (mut dx, dw, _) = with_data(&[w, &g], "linear backward", |d| {
             LinearOp::backward_rows(xhat, d[0], d[1], (n, c, d_out), false)
         })?;
-        if c > 0 {
-            // dx holds dL/dx̂; the normalisation's backward makes it dL/dx.
-            dx.par_chunks_mut(NORM_BLOCK_ROWS * c)
-                .zip(xhat.par_chunks(NORM_BLOCK_ROWS * c))
-                .zip(rstd.par_chunks(NORM_BLOCK_ROWS))
-                .for_each(|((d, xhat), rstd)| {
-                    crate::layer_norm::normalize_backward_rows(xhat, rstd, None, c, d)
-                });
-        }
+        // dx holds dL/dx̂; the normalisation's backward makes it dL/dx.
+        crate::layer_norm::normalize_backward(xhat, rstd, None, c, &mut dx);
         let dev = x.device();
         Ok((
             Some(Tensor::from_vec(dx, (n, c), dev)?),
@@ -619,23 +595,13 @@ impl CustomOp3 for MlpOp {
                     // SAFETY: `gelu::forward` writes every element of `h`, as long as `u`.
                     let h = unsafe { h.assume_written() };
                     let h = View::row_major(&h, rows, hidden)?;
-                    let x_rows = &x[first * c..(first + rows) * c];
-                    match (normed, keep) {
-                        (true, None) => {
-                            // The residual: y = x, then y += h W_projᵀ.
-                            for (slot, &v) in y.iter_mut().zip(x_rows) {
-                                slot.write(v);
-                            }
-                            // SAFETY: the loop wrote `rows · c = y.len()` elements.
-                            matmul_add(unsafe { assume_written(y) }, h, w_proj_t)
-                        }
-                        (true, Some(keep)) => {
-                            // y = x + keep ⊙ (h W_projᵀ), rounded as the composed ops round it.
-                            let y = matmul_to(y, h, w_proj_t)?;
-                            add_dropped(y, x_rows, &keep[first * c..(first + rows) * c]);
-                            Ok(())
-                        }
-                        (false, _) => matmul_to(y, h, w_proj_t).map(drop),
+                    if normed {
+                        // The residual: y = x + (keep ⊙) h W_projᵀ.
+                        let span = first * c..(first + rows) * c;
+                        let keep = keep.map(|k| &k[span.clone()]);
+                        residual_matmul(y, &x[span], h, w_proj_t, keep)
+                    } else {
+                        matmul_to(y, h, w_proj_t).map(drop)
                     }
                 }) as Box<dyn FnOnce() -> Result<()> + Send>
             })

@@ -163,6 +163,43 @@ pub(crate) fn matmul_add(dst: &mut [f32], a: View, b: View) -> Result<()> {
     Ok(())
 }
 
+/// `dst = x + a · b`, or `x + keep ⊙ (a · b)` with dropout multipliers `keep`, into the
+/// unwritten row-major `a.rows × b.cols` matrix `dst` (`x` and `keep` as long), on the calling
+/// thread: a residual connection around a product. With `keep` it is rounded as the composed
+/// Candle ops `x + h * keep` round it.
+pub(crate) fn residual_matmul(
+    dst: &mut [MaybeUninit<f32>],
+    x: &[f32],
+    a: View,
+    b: View,
+    keep: Option<&[f32]>,
+) -> Result<()> {
+    if x.len() != dst.len() || keep.is_some_and(|k| k.len() != dst.len()) {
+        candle_core::bail!(
+            "linear: a residual of {} elements and {:?} dropout multipliers for {} outputs",
+            x.len(),
+            keep.map(<[f32]>::len),
+            dst.len()
+        );
+    }
+    match keep {
+        None => {
+            for (slot, &v) in dst.iter_mut().zip(x) {
+                slot.write(v);
+            }
+            // SAFETY: the loop wrote every element of `dst` (`x` is as long).
+            matmul_add(unsafe { assume_written(dst) }, a, b)
+        }
+        Some(keep) => {
+            let h = matmul_to(dst, a, b)?;
+            for ((h, &x), &k) in h.iter_mut().zip(x).zip(keep) {
+                *h = x + *h * k;
+            }
+            Ok(())
+        }
+    }
+}
+
 /// Rows per block when a product of `rows` output rows is cut into one block per thread of the
 /// pool (fewer when a block would have under [`MIN_BLOCK_ROWS`] rows), sizes a multiple of 16
 /// except the last. One block per thread rather than more: each block is a separate `gemm`
