@@ -51,22 +51,6 @@ pub struct QkvForward {
     pub lse: Vec<f32>,
 }
 
-/// `(B, T, H, D)` of `len` elements of packed `(B·T, 3·H·D)` rows in sequences of `t` tokens.
-fn dims(len: usize, width: usize, h: usize, t: usize) -> Result<(usize, usize, usize, usize)> {
-    if h == 0 || t == 0 || width == 0 || !width.is_multiple_of(3 * h) || !len.is_multiple_of(width)
-    {
-        bail!(
-            "qkv rows: expected whole rows of 3·C = {width} elements (q, k, v of {h} heads), got \
-             {len} elements"
-        );
-    }
-    let n = len / width;
-    if !n.is_multiple_of(t) {
-        bail!("qkv rows: {n} rows are not whole sequences of {t} tokens");
-    }
-    Ok((n / t, t, h, width / (3 * h)))
-}
-
 /// A `len`-element buffer of rows of `row_len`, each row filled piece by piece (`d` elements at
 /// a time) from `piece(row, j)`, rows in parallel: the reorderings between head-major and
 /// token-major layouts below. The buffer is not zero-filled first: every element is written
@@ -149,34 +133,46 @@ impl QkvRows {
         Ok(self)
     }
 
-    /// The geometry of the heads inside packed rows of `len` elements, `width` wide, and the
-    /// call's parameters.
-    fn setup(&self, len: usize, width: usize) -> Result<(Geometry, Params, [usize; 4])> {
-        let (b, t, h, d) = dims(len, width, self.n_head, self.seq_len)?;
+    /// The geometry of the heads inside the packed rows `qkv`, the call's parameters, its sources
+    /// (q, k and v read in place), and the number of token rows.
+    fn setup<'a>(&self, qkv: &'a [f32]) -> Result<(Geometry, Params, Sources<'a>, usize)> {
+        let (h, d, t) = (self.n_head, self.head_dim, self.seq_len);
         let c = h * d;
+        if !qkv.len().is_multiple_of(3 * c) {
+            bail!(
+                "qkv rows: expected whole rows of 3·C = {} elements (q, k, v of {h} heads of \
+                 {d}), got {} elements",
+                3 * c,
+                qkv.len()
+            );
+        }
+        let n = qkv.len() / (3 * c);
+        if !n.is_multiple_of(t) {
+            bail!("qkv rows: {n} rows are not whole sequences of {t} tokens");
+        }
         let stride = vec![t * 3 * c, d, 3 * c, 1];
         let [lq, lk, lv] =
-            [0, 1, 2].map(|i| Layout::new(Shape::from((b, h, t, d)), stride.clone(), i * c));
+            [0, 1, 2].map(|i| Layout::new(Shape::from((n / t, h, t, d)), stride.clone(), i * c));
         let causal = self.causal.then_some(CausalAlign::TopLeft);
         let g = Geometry::dense(&lq, &lk, &lv, None, causal)?;
         let params = Params {
             scale: 1.0 / (d as f32).sqrt(),
             dropout: self.dropout,
         };
-        Ok((g, params, [b, t, h, d]))
-    }
-
-    /// The attention of the packed rows `qkv` (`(B·T, 3·C)`, row-major).
-    pub fn forward(&self, qkv: &[f32]) -> Result<QkvForward> {
-        let width = 3 * self.n_head * self.head_dim;
-        let (g, params, [_, t, h, d]) = self.setup(qkv.len(), width)?;
         let src = Sources {
             q: Src::borrowed(qkv),
             k: Src::borrowed(qkv),
             v: Src::borrowed(qkv),
             mask: None,
         };
+        Ok((g, params, src, n))
+    }
+
+    /// The attention of the packed rows `qkv` (`(B·T, 3·C)`, row-major).
+    pub fn forward(&self, qkv: &[f32]) -> Result<QkvForward> {
+        let (g, params, src, _) = self.setup(qkv)?;
         let (rows, lse) = forward(&g, &src, &params);
+        let (h, t, d) = (self.n_head, self.seq_len, self.head_dim);
         Ok(QkvForward {
             y: heads_to_tokens(&rows, h, t, d),
             lse,
@@ -186,9 +182,8 @@ impl QkvRows {
     /// The gradient of the packed rows `qkv` given the forward's output `y` and logsumexp `lse`
     /// ([`QkvForward`]'s) and the gradient `dy` of the output (token rows `(B·T, C)`).
     pub fn backward(&self, qkv: &[f32], y: &[f32], lse: &[f32], dy: &[f32]) -> Result<Vec<f32>> {
-        let width = 3 * self.n_head * self.head_dim;
-        let (g, params, [_, t, h, d]) = self.setup(qkv.len(), width)?;
-        let n = qkv.len() / width;
+        let (g, params, src, n) = self.setup(qkv)?;
+        let (h, t, d) = (self.n_head, self.seq_len, self.head_dim);
         if y.len() != n * h * d || dy.len() != y.len() || lse.len() != g.q_rows {
             bail!(
                 "qkv rows backward: {n} rows of q|k|v need {} output and gradient elements and {} \
@@ -200,12 +195,6 @@ impl QkvRows {
                 lse.len()
             );
         }
-        let src = Sources {
-            q: Src::borrowed(qkv),
-            k: Src::borrowed(qkv),
-            v: Src::borrowed(qkv),
-            mask: None,
-        };
         let (o, dout) = (tokens_to_heads(y, h, t, d), tokens_to_heads(dy, h, t, d));
         let grads = backward(&g, &src, &params, &o, &dout, lse);
         Ok(pack_heads([&grads.dq, &grads.dk, &grads.dv], h, t, d))

@@ -197,10 +197,7 @@ fn key_range(
                 let (pd, z) = (&mut pd[..n_dropout], &mut z[..n_dropout]);
                 // P = exp(scale·QKᵀ + mask - lse); Pd = P with dropout applied.
                 gemm(s, cols, q, k_packed, false, 1.0);
-                let mut mul = p.scale;
-                for (i, row) in s.chunks_exact_mut(cols).enumerate() {
-                    mul = prepare_scores(g, seg, src, p, r0 + i, c0, kv.len, row);
-                }
+                let mul = prepare_scores(g, seg, src, p, r0, c0, kv.len, s, cols);
                 simd::exp_rows(s, cols, mul, &lse[row0..row0 + rows]);
                 if let Some(d) = &p.dropout {
                     for (i, row) in s.chunks_exact(cols).enumerate() {

@@ -64,9 +64,11 @@ pub(crate) fn visible_keys(causal: Option<isize>, row: usize, lk: usize) -> usiz
     }
 }
 
-/// Prepares one row of `q·kᵀ` (keys from `c0` on) for the softmax: applies the mask (scaling
-/// first, then returning 1) or leaves the scaling to the caller (returning the scale), and sets
-/// keys past the causal limit to `-inf`. The scores are `returned multiplier × row`.
+/// Prepares a tile of rows of `q·kᵀ` for the softmax: `s` holds rows `row0, row0 + 1, ...` of
+/// query segment `seg`, `cols` wide, keys from `c0` on. Sets keys past each row's causal limit
+/// to `-inf` and applies the mask (scaling first, then returning 1), or leaves the scaling to
+/// the caller (returning the scale): the scores are `returned multiplier × s`, the same
+/// multiplier for every row.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 pub(crate) fn prepare_scores(
@@ -74,22 +76,27 @@ pub(crate) fn prepare_scores(
     seg: &QSeg,
     src: &Sources,
     p: &Params,
-    row: usize,
+    row0: usize,
     c0: usize,
     lk: usize,
     s: &mut [f32],
+    cols: usize,
 ) -> f32 {
-    let visible = visible_keys(seg.causal, row, lk)
-        .saturating_sub(c0)
-        .min(s.len());
-    s[visible..].fill(f32::NEG_INFINITY);
-    match &src.mask {
-        Some(mask) => {
+    for (i, s) in s.chunks_exact_mut(cols.max(1)).enumerate() {
+        let row = row0 + i;
+        let visible = visible_keys(seg.causal, row, lk)
+            .saturating_sub(c0)
+            .min(s.len());
+        s[visible..].fill(f32::NEG_INFINITY);
+        if let Some(mask) = &src.mask {
             simd::scale(s, p.scale);
             mask.apply(seg.mask + row * g.mask_rs + c0 * g.mask_cs, g.mask_cs, s);
-            1.0
         }
-        None => p.scale,
+    }
+    if src.mask.is_some() {
+        1.0
+    } else {
+        p.scale
     }
 }
 
@@ -171,11 +178,7 @@ fn forward_block(
             let q = MatRef::rows(src.q.at(seg.q + (r0 + s0) * g.q_rs), srows, e, g.q_rs);
             let s = &mut scratch.scores[..srows * scols];
             gemm(s, scols, q, MatRef { cols: scols, ..kt }, false, 1.0);
-            // The same multiplier for every row: the scale, or 1 once a mask has been added.
-            let mut mul = p.scale;
-            for (i, row) in s.chunks_exact_mut(scols).enumerate() {
-                mul = prepare_scores(g, seg, src, p, r0 + s0 + i, c0, kv.len, row);
-            }
+            let mul = prepare_scores(g, seg, src, p, r0 + s0, c0, kv.len, s, scols);
             let sub = s0..s0 + srows;
             let alpha = &mut scratch.alpha[..srows];
             simd::online_softmax_rows(s, scols, mul, &mut m[sub.clone()], &mut l[sub], alpha);

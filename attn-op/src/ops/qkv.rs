@@ -9,9 +9,9 @@ use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
-use half::slice::HalfFloatSliceExt;
 
 use super::fused::to_storage;
+use crate::cpu::Src;
 use crate::rows::{QkvForward, QkvRows};
 
 /// Attention over the heads of packed `(B·T, 3·C)` q|k|v token rows (sequences of `seq_len`
@@ -20,23 +20,6 @@ pub(crate) struct QkvAttention {
     rows: QkvRows,
     /// The logsumexp of the forward pass, when this op ran exactly one.
     saved: Mutex<(usize, Option<Vec<f32>>)>,
-}
-
-/// The packed rows as f32 (borrowed when they already are).
-fn f32_rows<'a>(s: &'a CpuStorage, l: &Layout) -> Result<std::borrow::Cow<'a, [f32]>> {
-    if !l.is_contiguous() {
-        bail!("qkv attention: the packed q|k|v tensor must be contiguous");
-    }
-    let range = l.start_offset()..l.start_offset() + l.shape().elem_count();
-    Ok(match s {
-        CpuStorage::F32(v) => v[range].into(),
-        CpuStorage::F16(v) => v[range].to_f32_vec().into(),
-        CpuStorage::BF16(v) => v[range].to_f32_vec().into(),
-        other => bail!(
-            "qkv attention: dtype {:?} is not supported (f32, f16, bf16)",
-            other.dtype()
-        ),
-    })
 }
 
 /// Runs `f` on the elements of `x` as contiguous f32 CPU data (converted and copied only when
@@ -70,7 +53,13 @@ impl CustomOp1 for QkvAttention {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let _span = tracing::debug_span!("flash_attention.forward").entered();
         let (n, width) = l.shape().dims2()?;
-        let QkvForward { y, lse } = self.rows.forward(&f32_rows(s, l)?)?;
+        if !l.is_contiguous() {
+            bail!("qkv attention: the packed q|k|v tensor must be contiguous");
+        }
+        // The packed rows as f32, borrowed when they already are.
+        let src = Src::new(s, l)?;
+        let qkv = &src.at(l.start_offset())[..l.shape().elem_count()];
+        let QkvForward { y, lse } = self.rows.forward(qkv)?;
         let mut saved = self.saved.lock().unwrap_or_else(|e| e.into_inner());
         *saved = (saved.0 + 1, Some(lse));
         Ok((to_storage(y, s.dtype())?, Shape::from((n, width / 3))))
