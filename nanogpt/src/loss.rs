@@ -66,7 +66,7 @@ impl CrossEntropy {
     }
 }
 
-/// `logsumexp(row)`, and `row` replaced by `exp(row - max)` on the way.
+/// `logsumexp(row)`, writing `exp(row - max)` into `exps` on the way.
 #[multiversion(targets("x86_64+avx512f+avx512vl+fma", "x86_64+avx2+fma"))]
 fn logsumexp(row: &[f32], exps: &mut [f32]) -> f32 {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
