@@ -1,10 +1,33 @@
-//! Compiles `src/*.cu` to PTX with bindgen_cuda when the `cuda` feature is on; without it the
-//! crate has no kernels and needs no CUDA toolkit.
+//! Compiles `src/*.cu` to PTX with bindgen_cuda when the `cuda` feature is on, and as C++ for
+//! the CPU emulator when the `emu` feature is on; without either the crate has no kernels and
+//! needs no toolkit.
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
     #[cfg(feature = "cuda")]
     cuda::build();
+    #[cfg(feature = "emu")]
+    emu::build();
+}
+
+#[cfg(feature = "emu")]
+mod emu {
+    /// The kernels compiled as C++ together with the emulator's runtime, as a static library.
+    pub fn build() {
+        println!("cargo::rerun-if-changed=src");
+        println!("cargo::rerun-if-changed=emu");
+        cc::Build::new()
+            .cpp(true)
+            .std("c++17")
+            .file("emu/runtime.cpp")
+            .include("emu/include")
+            .include("emu")
+            .include("src")
+            .opt_level(2)
+            .flag("-fno-strict-aliasing")
+            .flag_if_supported("-Wno-unknown-pragmas")
+            .compile("attn_kernels_emu");
+    }
 }
 
 #[cfg(feature = "cuda")]

@@ -7,6 +7,11 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+// The block's dynamic shared memory (the CPU emulator in kernels/emu defines its own).
+#ifndef ATTN_DYNAMIC_SMEM
+#define ATTN_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
 // Scalar launch parameters. Mirrors `KernelParams` in attn-op/src/cuda/params.rs field by field
 // (#[repr(C)]; 8-byte fields first so both sides agree without padding).
 struct AttnParams {

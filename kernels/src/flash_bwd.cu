@@ -30,7 +30,7 @@ __device__ void flash_bwd(const T* __restrict__ q, const T* __restrict__ k, cons
     constexpr int NDG = FB_WARPS / QB;  // head-dim groups of the dQ product
     constexpr int DG = D / NDG;
     static_assert(DG % 16 == 0, "dQ head-dim groups must be multiples of 16");
-    extern __shared__ __align__(16) unsigned char smem_raw[];
+    ATTN_DYNAMIC_SMEM(smem_raw);
     T* Ks = reinterpret_cast<T*>(smem_raw);  // [FB_BK][LDS]
     T* Vs = Ks + FB_BK * LDS;                // [FB_BK][LDS]
     T* Qs = Vs + FB_BK * LDS;                // [BQ][LDS]

@@ -19,7 +19,7 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k, cons
     constexpr int LDS = D + 8;  // padded rows: ldmatrix row addresses fall in distinct banks
     constexpr int NB = BK / 8;  // score n-blocks per warp
     constexpr int ND = D / 8;   // output n-blocks per warp
-    extern __shared__ __align__(16) unsigned char smem_raw[];
+    ATTN_DYNAMIC_SMEM(smem_raw);
     T* Qs = reinterpret_cast<T*>(smem_raw);
     T* Ks = Qs + FF_BQ * LDS;      // [2][BK][LDS]
     T* Vs = Ks + 2 * BK * LDS;     // [2][BK][LDS]

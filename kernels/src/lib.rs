@@ -7,7 +7,11 @@
 //!   instructions (f32, f16, bf16, masks, any head dim up to 256), and the small helpers.
 //!
 //! The kernels target [`COMPUTE_CAP`] (`CUDA_COMPUTE_CAP` at build time). Without the `cuda`
-//! feature this crate is empty, so a CPU-only build needs no CUDA toolkit.
+//! feature this crate has no PTX, so a CPU-only build needs no CUDA toolkit. With the `emu`
+//! feature the same sources run on the CPU in an emulator (module `emu`), for tests.
+
+#[cfg(feature = "emu")]
+pub mod emu;
 
 #[cfg(feature = "cuda")]
 mod ptx {

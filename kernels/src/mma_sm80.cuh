@@ -34,6 +34,9 @@ struct MmaType<__nv_bfloat16> {
     }
 };
 
+#ifdef ATTN_EMU
+#include "emu_sm80.h"  // the CPU emulator's versions of the primitives below (kernels/emu)
+#else
 // d += a * b for one m16n8k16 tile.
 template <typename T>
 __device__ __forceinline__ void mma16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1);
@@ -99,6 +102,7 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 #endif
 }
+#endif  // ATTN_EMU
 
 // Loads rows [r0, r0 + ROWS) x columns [0, D) of a strided row-major matrix into shared memory
 // (row stride LDS elements). Rows >= nrows and columns >= ncols become zero. With `vec` (every row

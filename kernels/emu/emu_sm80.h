@@ -1,0 +1,106 @@
+// The sm80 building blocks of mma_sm80.cuh for the CPU emulator, following the PTX ISA's
+// definitions (not mma_sm80.cuh's comments) of mma.sync.m16n8k16, ldmatrix.x4 and cp.async.
+// Included by mma_sm80.cuh in place of its inline PTX when ATTN_EMU is defined.
+#pragma once
+
+#include "cuda_emu.h"
+
+namespace emu {
+template <typename T>
+float half_to_f32(unsigned short h);
+template <>
+inline float half_to_f32<__half>(unsigned short h) {
+    return f16_to_f32(h);
+}
+template <>
+inline float half_to_f32<__nv_bfloat16>(unsigned short h) {
+    return bf16_to_f32(h);
+}
+// The 16-bit element `i` (0 = low half) of a packed register, as f32.
+template <typename T>
+inline float half_of(unsigned r, int i) {
+    return half_to_f32<T>((unsigned short)(i ? r >> 16 : r & 0xffffu));
+}
+void check_smem(const char* op, const void* p, unsigned bytes);
+struct AsyncCopy {
+    void* dst;
+    const void* src;
+    int src_bytes;
+};
+void cp_async_issue(const AsyncCopy& c);
+void cp_async_commit();
+void cp_async_wait(int pending);
+}  // namespace emu
+
+// d += a * b, m16n8k16, row-major A (16 x 16), column-major B (16 x 8), f32 accumulators.
+// PTX ISA fragments (g = lane / 4, t = lane % 4): A register i holds rows g (i even) or g + 8
+// (i odd) and columns 2t, 2t + 1 (+ 8 for i >= 2); B register j holds k = 2t, 2t + 1 (+ 8 for
+// j = 1) of column g; accumulator e is row g (e < 2) or g + 8, column 2t + (e & 1).
+template <typename T>
+inline void mma16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    struct Frag {
+        unsigned a[4], b[2];
+    } in = {{a[0], a[1], a[2], a[3]}, {b0, b1}};
+    const Frag* all = reinterpret_cast<const Frag*>(emu::warp_arrive("mma.sync.m16n8k16", &in, sizeof(Frag)));
+    float A[16][16], B[16][8];
+    for (int l = 0; l < 32; ++l) {
+        const int g = l >> 2, t = l & 3;
+        for (int i = 0; i < 4; ++i) {
+            const int row = g + ((i & 1) ? 8 : 0), col = 2 * t + ((i & 2) ? 8 : 0);
+            A[row][col] = emu::half_of<T>(all[l].a[i], 0);
+            A[row][col + 1] = emu::half_of<T>(all[l].a[i], 1);
+        }
+        for (int j = 0; j < 2; ++j) {
+            const int kk = 2 * t + 8 * j;
+            B[kk][g] = emu::half_of<T>(all[l].b[j], 0);
+            B[kk + 1][g] = emu::half_of<T>(all[l].b[j], 1);
+        }
+    }
+    emu::warp_depart();
+    const int l = emu::lane(), g = l >> 2, t = l & 3;
+    for (int e = 0; e < 4; ++e) {
+        const int row = g + (e < 2 ? 0 : 8), col = 2 * t + (e & 1);
+        float acc = d[e];
+        for (int kk = 0; kk < 16; ++kk) acc = fmaf(A[row][kk], B[kk][col], acc);
+        d[e] = acc;
+    }
+}
+
+// ldmatrix.sync.aligned.m8n8.x4.b16: lanes 8i..8i+7 give the addresses of rows 0..7 of matrix
+// i (16 bytes each); lane l receives in register i the elements (row l / 4, columns 2 (l % 4)
+// and 2 (l % 4) + 1) of matrix i, or with .trans (rows 2 (l % 4), 2 (l % 4) + 1 of column l / 4).
+inline void emu_ldmatrix(unsigned (&r)[4], const void* p, bool trans) {
+    emu::check_smem(trans ? "ldmatrix.trans" : "ldmatrix", p, 16);
+    const void* const* rows =
+        reinterpret_cast<const void* const*>(emu::warp_arrive(trans ? "ldmatrix.x4.trans" : "ldmatrix.x4", &p, sizeof p));
+    const int l = emu::lane();
+    for (int i = 0; i < 4; ++i) {
+        unsigned short lo, hi;
+        if (!trans) {
+            const unsigned short* row = static_cast<const unsigned short*>(rows[8 * i + l / 4]);
+            lo = row[2 * (l % 4)];
+            hi = row[2 * (l % 4) + 1];
+        } else {
+            lo = static_cast<const unsigned short*>(rows[8 * i + 2 * (l % 4)])[l / 4];
+            hi = static_cast<const unsigned short*>(rows[8 * i + 2 * (l % 4) + 1])[l / 4];
+        }
+        r[i] = (unsigned)lo | ((unsigned)hi << 16);
+    }
+    emu::warp_depart();
+}
+inline void ldmatrix_x4(unsigned (&r)[4], const void* p) { emu_ldmatrix(r, p, false); }
+inline void ldmatrix_x4_trans(unsigned (&r)[4], const void* p) { emu_ldmatrix(r, p, true); }
+
+// cp.async.cg.shared.global [dst], [src], 16, src_bytes: copies src_bytes bytes and zero-fills
+// the rest of the 16; the copy lands at the cp.async.wait_group that covers its group.
+inline void cp_async16(void* dst, const void* src, int src_bytes) {
+    emu::check_smem("cp.async destination", dst, 16);
+    if (src_bytes != 0 && src_bytes != 16) emu::trap("cp.async: src_bytes must be 0 or 16 here");
+    if (src_bytes && (reinterpret_cast<uintptr_t>(src) & 15)) emu::trap("cp.async: source not 16-byte aligned");
+    emu::cp_async_issue({dst, src, src_bytes});
+}
+inline void cp_async_commit() { emu::cp_async_commit(); }
+template <int N>
+inline void cp_async_wait() {
+    emu::cp_async_wait(N);
+}

@@ -1,0 +1,394 @@
+// The CPU emulator's runtime (see cuda_emu.h): fibers for the threads of a block, the
+// rendezvous points, guarded memory, and `attn_emu_launch`, which runs one kernel of
+// src/*.cu (compiled into this file) over a grid, the way cuLaunchKernel would.
+#include "cuda_emu.h"
+
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "emu_sm80.h"
+
+// The kernels themselves, compiled for the CPU.
+#include "../src/efficient.cu"
+#include "../src/flash_bwd.cu"
+#include "../src/flash_fwd.cu"
+
+namespace emu {
+
+constexpr size_t kStack = 256 * 1024;
+constexpr unsigned kMaxThreads = 1024;
+size_t page_size() { return (size_t)sysconf(_SC_PAGESIZE); }
+
+struct Fiber {
+    ucontext_t ctx;
+    dim3 tid;
+    int lane = 0, warp = 0;
+    bool done = false;
+    const char* waiting = "running";
+    std::vector<AsyncCopy> open;                  // issued, not yet committed
+    std::vector<std::vector<AsyncCopy>> groups;  // committed, oldest first
+};
+
+struct WarpState {
+    int arrived = 0, departed = 0;
+    bool reading = false;
+    const char* op = nullptr;
+    alignas(16) unsigned char slot[32][64];
+};
+
+struct Launch {
+    const char* kernel = "";
+    dim3 grid, block, bidx;
+    void (*body)(void* const*) = nullptr;
+    void* const* args = nullptr;
+    std::vector<Fiber> fibers;
+    std::vector<WarpState> warps;
+    int live = 0, bar_arrived = 0;
+    unsigned long long bar_gen = 0, events = 0;
+    unsigned char* smem = nullptr;
+    size_t smem_bytes = 0;
+    std::string error;
+};
+
+namespace {
+
+Launch* L = nullptr;
+ucontext_t sched;
+unsigned char* stacks = nullptr;  // kMaxThreads stacks, each above a guard page
+
+[[noreturn]] void fail(std::string msg) {
+    char where[160];
+    snprintf(where, sizeof where, "%s, block (%u, %u), thread %u: ", L->kernel, L->bidx.x, L->bidx.y,
+             current ? current->tid.x : 0u);
+    L->error = where + msg;
+    swapcontext(&current->ctx, &sched);  // never resumed
+    abort();
+}
+
+void yield() { swapcontext(&current->ctx, &sched); }
+
+void release_barrier() {
+    L->bar_arrived = 0;
+    ++L->bar_gen;
+    ++L->events;
+}
+
+void entry() {
+    L->body(L->args);
+    Fiber& f = *current;
+    WarpState& w = L->warps[f.warp];
+    if (w.arrived > w.departed && !w.reading)
+        fail(std::string("exited while its warp waits at ") + w.op);
+    f.done = true;
+    f.waiting = "exited";
+    --L->live;
+    ++L->events;
+    if (L->bar_arrived > 0 && L->bar_arrived == L->live) release_barrier();
+    // returning resumes the scheduler (uc_link)
+}
+
+std::string describe_waits() {
+    std::string s;
+    for (size_t i = 0; i < L->fibers.size(); i += 32) {
+        s += "\n  warp " + std::to_string(i / 32) + ":";
+        for (size_t j = i; j < i + 32 && j < L->fibers.size(); ++j) {
+            s += " ";
+            s += L->fibers[j].waiting;
+        }
+    }
+    return s;
+}
+
+void on_segv(int sig, siginfo_t* info, void*) {
+    char msg[320];
+    int n = snprintf(msg, sizeof msg,
+                     "\nattn-kernels emulator: %s in kernel %s, block (%u, %u), thread %u, address %p "
+                     "(outside every buffer the kernel was given)\n",
+                     sig == SIGSEGV ? "SIGSEGV" : "SIGBUS", L ? L->kernel : "?", L ? L->bidx.x : 0, L ? L->bidx.y : 0,
+                     current ? current->tid.x : 0, info->si_addr);
+    if (n > 0) (void)!write(2, msg, (size_t)n);
+    _exit(134);
+}
+
+void install_handlers() {
+    static bool done = false;
+    if (done) return;
+    done = true;
+    static unsigned char alt[64 * 1024];
+    stack_t ss = {};
+    ss.ss_sp = alt;
+    ss.ss_size = sizeof alt;
+    sigaltstack(&ss, nullptr);
+    struct sigaction sa = {};
+    sa.sa_sigaction = on_segv;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigaction(SIGSEGV, &sa, nullptr);
+    sigaction(SIGBUS, &sa, nullptr);
+}
+
+// `bytes` of memory ending right below an inaccessible page, so a read or write past the end
+// faults. Returns the start; `base`/`len` receive the whole mapping.
+unsigned char* guarded(size_t bytes, void** base, size_t* len) {
+    size_t ps = page_size();
+    size_t body = (bytes + ps - 1) / ps * ps;
+    *len = body + 2 * ps;
+    unsigned char* m = (unsigned char*)mmap(nullptr, *len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) return nullptr;
+    mprotect(m, ps, PROT_NONE);
+    mprotect(m + ps + body, ps, PROT_NONE);
+    *base = m;
+    return m + ps + body - bytes;
+}
+
+}  // namespace
+
+Fiber* current = nullptr;
+
+const dim3& thread_idx() { return current->tid; }
+const dim3& block_idx() { return L->bidx; }
+const dim3& block_dim() { return L->block; }
+int lane() { return current->lane; }
+unsigned char* dynamic_smem() { return L->smem; }
+[[noreturn]] void trap(const char* what) { fail(what); }
+
+void syncthreads() {
+    Fiber& f = *current;
+    WarpState& w = L->warps[f.warp];
+    if (w.arrived > w.departed && !w.reading) fail(std::string("__syncthreads while its warp waits at ") + w.op);
+    unsigned long long gen = L->bar_gen;
+    ++L->events;
+    if (++L->bar_arrived == L->live) {
+        release_barrier();
+        return;
+    }
+    f.waiting = "__syncthreads";
+    while (L->bar_gen == gen) yield();
+    f.waiting = "running";
+}
+
+const unsigned char* warp_arrive(const char* op, const void* in, unsigned size) {
+    Fiber& f = *current;
+    WarpState& w = L->warps[f.warp];
+    f.waiting = op;
+    while (w.reading) yield();  // the previous operation is still being read
+    if (w.arrived == 0)
+        w.op = op;
+    else if (w.op != op)
+        fail(std::string("warp divergence: ") + op + " while other lanes are at " + w.op);
+    for (int l = f.warp * 32; l < f.warp * 32 + 32; ++l)
+        if (L->fibers[l].done) fail(std::string(op) + " with exited lanes in the warp (mask 0xffffffff)");
+    memcpy(w.slot[f.lane], in, size);
+    ++L->events;
+    if (++w.arrived == 32) {
+        w.reading = true;
+    } else {
+        while (!w.reading) yield();
+    }
+    f.waiting = "running";
+    return &w.slot[0][0];
+}
+
+void warp_depart() {
+    WarpState& w = L->warps[current->warp];
+    if (++w.departed == 32) {
+        w.arrived = w.departed = 0;
+        w.reading = false;
+        ++L->events;
+    }
+}
+
+float shfl_xor(unsigned mask, float v, int lane_mask) {
+    if (mask != 0xffffffffu) fail("__shfl_xor_sync with a partial mask");
+    const float* slots = reinterpret_cast<const float*>(warp_arrive("__shfl_xor_sync", &v, sizeof v));
+    float r = slots[(current->lane ^ lane_mask) * (64 / sizeof(float))];
+    warp_depart();
+    return r;
+}
+
+void check_smem(const char* op, const void* p, unsigned bytes) {
+    const unsigned char* c = static_cast<const unsigned char*>(p);
+    if (reinterpret_cast<uintptr_t>(p) & 15) fail(std::string(op) + ": address not 16-byte aligned");
+    if (c < L->smem || c + bytes > L->smem + L->smem_bytes) {
+        char m[200];
+        snprintf(m, sizeof m, "%s: shared address %td bytes past the start of %zu bytes of dynamic shared memory", op,
+                 c - L->smem, L->smem_bytes);
+        fail(m);
+    }
+}
+
+void cp_async_issue(const AsyncCopy& c) { current->open.push_back(c); }
+void cp_async_commit() {
+    current->groups.push_back(std::move(current->open));
+    current->open.clear();
+}
+void cp_async_wait(int pending) {
+    auto& gs = current->groups;
+    while ((int)gs.size() > pending) {
+        for (const AsyncCopy& c : gs.front()) {
+            memset(c.dst, 0, 16);
+            if (c.src_bytes) memcpy(c.dst, c.src, (size_t)c.src_bytes);
+        }
+        gs.erase(gs.begin());
+    }
+}
+
+}  // namespace emu
+
+// ---- the kernel table ------------------------------------------------------------------------
+
+namespace {
+
+template <typename... A, size_t... I>
+void call_with(void (*f)(A...), void* const* args, std::index_sequence<I...>) {
+    f(*static_cast<std::remove_const_t<A>*>(args[I])...);
+}
+
+struct Entry {
+    const char* name;
+    unsigned nargs;
+    void* fn;
+    void (*call)(void* fn, void* const* args);
+};
+
+template <typename... A>
+Entry entry_of(const char* name, void (*f)(A...)) {
+    return {name, (unsigned)sizeof...(A), reinterpret_cast<void*>(f), [](void* fn, void* const* args) {
+                call_with(reinterpret_cast<void (*)(A...)>(fn), args, std::index_sequence_for<A...>{});
+            }};
+}
+
+#define E(fn) entry_of(#fn, &fn)
+#define EFF(T, D) E(eff_fwd_##T##_##D), E(eff_bwd_##T##_##D), E(eff_dq_##T##_##D)
+#define FF(T) E(flash_fwd_##T##_32), E(flash_fwd_##T##_64), E(flash_fwd_##T##_96), E(flash_fwd_##T##_128), E(flash_fwd_##T##_256)
+#define FB(T) E(flash_bwd_##T##_32), E(flash_bwd_##T##_64), E(flash_bwd_##T##_96), E(flash_bwd_##T##_128)
+
+const Entry kKernels[] = {
+    EFF(f32, 64), EFF(f32, 128), EFF(f32, 256), EFF(f16, 64), EFF(f16, 128), EFF(f16, 256),
+    EFF(bf16, 64), EFF(bf16, 128), EFF(bf16, 256), E(attn_delta_f32), E(attn_delta_f16), E(attn_delta_bf16),
+    FF(f16), FF(bf16), FB(f16), FB(bf16),
+};
+
+const Entry* chosen = nullptr;
+void run_chosen(void* const* args) { chosen->call(chosen->fn, args); }
+
+int error_out(char* err, size_t len, const std::string& msg) {
+    if (len) snprintf(err, len, "%s", msg.c_str());
+    return 1;
+}
+
+}  // namespace
+
+extern "C" {
+
+/// `bytes` of host memory that ends right before an inaccessible page (a kernel reading or
+/// writing past its end faults); free with attn_emu_free(ptr, bytes).
+void* attn_emu_alloc(size_t bytes) {
+    void* base;
+    size_t len;
+    return emu::guarded(bytes ? bytes : 1, &base, &len);
+}
+
+void attn_emu_free(void* p, size_t bytes) {
+    size_t ps = emu::page_size();
+    size_t body = ((bytes ? bytes : 1) + ps - 1) / ps * ps;
+    unsigned char* end = static_cast<unsigned char*>(p) + (bytes ? bytes : 1);
+    munmap(end - body - ps, body + 2 * ps);
+}
+
+/// Runs kernel `name` on a grid of (gx, gy) blocks of `threads` threads with `smem` bytes of
+/// dynamic shared memory. `args[i]` points to argument i, as for cuLaunchKernel. Returns 0, or
+/// 1 with a message in `err` (unknown kernel, wrong argument count, a check of cuda_emu.h).
+int attn_emu_launch(const char* name, unsigned gx, unsigned gy, unsigned threads, size_t smem, void* const* args,
+                    unsigned nargs, char* err, size_t errlen) {
+    using namespace emu;
+    chosen = nullptr;
+    for (const Entry& e : kKernels)
+        if (strcmp(e.name, name) == 0) chosen = &e;
+    if (!chosen) return error_out(err, errlen, std::string("no kernel named ") + name);
+    if (chosen->nargs != nargs)
+        return error_out(err, errlen, std::string(name) + ": takes " + std::to_string(chosen->nargs) + " arguments, got " +
+                                          std::to_string(nargs));
+    if (threads == 0 || threads > kMaxThreads || threads % 32 != 0)
+        return error_out(err, errlen, "threads per block must be a multiple of 32 up to 1024");
+    install_handlers();
+    size_t ps = page_size();
+    if (!stacks) {
+        stacks = (unsigned char*)mmap(nullptr, kMaxThreads * (kStack + ps), PROT_READ | PROT_WRITE,
+                                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (stacks == MAP_FAILED) return error_out(err, errlen, "cannot map fiber stacks");
+        for (unsigned t = 0; t < kMaxThreads; ++t) mprotect(stacks + t * (kStack + ps), ps, PROT_NONE);
+    }
+    void* smem_base = nullptr;
+    size_t smem_len = 0;
+    unsigned char* smem_ptr = guarded(smem ? smem : 1, &smem_base, &smem_len);
+    if (!smem_ptr) return error_out(err, errlen, "cannot map shared memory");
+
+    Launch launch;
+    launch.kernel = chosen->name;
+    launch.grid.x = gx;
+    launch.grid.y = gy;
+    launch.grid.z = 1;
+    launch.block.x = threads;
+    launch.block.y = launch.block.z = 1;
+    launch.body = run_chosen;
+    launch.args = args;
+    launch.smem = smem_ptr;
+    launch.smem_bytes = smem;
+    L = &launch;
+    for (unsigned by = 0; by < gy && launch.error.empty(); ++by) {
+        for (unsigned bx = 0; bx < gx && launch.error.empty(); ++bx) {
+            launch.bidx.x = bx;
+            launch.bidx.y = by;
+            launch.bidx.z = 0;
+            launch.fibers.assign(threads, Fiber());
+            launch.warps.assign(threads / 32, WarpState());
+            launch.live = (int)threads;
+            launch.bar_arrived = 0;
+            memset(smem_ptr, 0xff, smem);  // NaN in every float format: unwritten tile data shows
+            for (unsigned t = 0; t < threads; ++t) {
+                Fiber& f = launch.fibers[t];
+                f.tid.x = t;
+                f.lane = (int)(t % 32);
+                f.warp = (int)(t / 32);
+                getcontext(&f.ctx);
+                f.ctx.uc_stack.ss_sp = stacks + t * (kStack + ps) + ps;
+                f.ctx.uc_stack.ss_size = kStack;
+                f.ctx.uc_link = &sched;
+                makecontext(&f.ctx, entry, 0);
+            }
+            for (;;) {
+                unsigned long long before = launch.events;
+                bool all_done = true;
+                for (unsigned t = 0; t < threads && launch.error.empty(); ++t) {
+                    Fiber& f = launch.fibers[t];
+                    if (f.done) continue;
+                    current = &f;
+                    swapcontext(&sched, &f.ctx);
+                    current = nullptr;
+                    if (!f.done) all_done = false;
+                }
+                if (!launch.error.empty() || all_done) break;
+                if (launch.events == before) {
+                    char m[120];
+                    snprintf(m, sizeof m, "%s, block (%u, %u): deadlock; what each thread waits at:", launch.kernel, bx, by);
+                    launch.error = m + describe_waits();
+                    break;
+                }
+            }
+        }
+    }
+    L = nullptr;
+    munmap(smem_base, smem_len);
+    if (!launch.error.empty()) return error_out(err, errlen, launch.error);
+    return 0;
+}
+
+}  // extern "C"
