@@ -24,7 +24,11 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod dispatch;
+#[cfg(feature = "cuda-emu")]
+pub mod emu;
 mod flash_api;
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+mod kernel_plan;
 mod math;
 pub mod nn;
 mod ops;

@@ -68,13 +68,13 @@ impl DropoutMask {
     }
 
     /// The Philox key `[seed_lo, seed_hi]` (for the CUDA kernels, which draw the same words).
-    #[cfg(feature = "cuda")]
+    #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
     pub(crate) fn key(&self) -> [u32; 2] {
         self.key
     }
 
     /// Elements whose Philox word is at least this are kept.
-    #[cfg(feature = "cuda")]
+    #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
     pub(crate) fn threshold(&self) -> u32 {
         self.threshold
     }

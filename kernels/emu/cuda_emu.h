@@ -59,9 +59,11 @@ float shfl_xor(unsigned mask, float v, int lane_mask);
 [[noreturn]] void trap(const char* what);
 int lane();
 
-// A rendezvous of the 32 lanes of the current warp: every lane deposits `in` (at most 64
-// bytes); `read(slots)` then sees all 32 deposits (slot i = lane i's) and computes this lane's
-// result. Fails on divergence (lanes at different operations) or exited lanes.
+// Bytes of a lane's slot in a warp rendezvous.
+constexpr unsigned kSlot = 64;
+// A rendezvous of the 32 lanes of the current warp: every lane deposits `in` (at most kSlot
+// bytes) and gets back the 32 deposits (lane i's at byte i * kSlot), valid until it calls
+// warp_depart. Fails on divergence (lanes at different operations) or exited lanes.
 const unsigned char* warp_arrive(const char* op, const void* in, unsigned size);
 void warp_depart();
 }  // namespace emu

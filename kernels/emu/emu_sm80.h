@@ -41,19 +41,21 @@ inline void mma16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigne
     struct Frag {
         unsigned a[4], b[2];
     } in = {{a[0], a[1], a[2], a[3]}, {b0, b1}};
-    const Frag* all = reinterpret_cast<const Frag*>(emu::warp_arrive("mma.sync.m16n8k16", &in, sizeof(Frag)));
+    const unsigned char* slots = emu::warp_arrive("mma.sync.m16n8k16", &in, sizeof(Frag));
     float A[16][16], B[16][8];
     for (int l = 0; l < 32; ++l) {
+        Frag f;
+        memcpy(&f, slots + l * emu::kSlot, sizeof f);
         const int g = l >> 2, t = l & 3;
         for (int i = 0; i < 4; ++i) {
             const int row = g + ((i & 1) ? 8 : 0), col = 2 * t + ((i & 2) ? 8 : 0);
-            A[row][col] = emu::half_of<T>(all[l].a[i], 0);
-            A[row][col + 1] = emu::half_of<T>(all[l].a[i], 1);
+            A[row][col] = emu::half_of<T>(f.a[i], 0);
+            A[row][col + 1] = emu::half_of<T>(f.a[i], 1);
         }
         for (int j = 0; j < 2; ++j) {
             const int kk = 2 * t + 8 * j;
-            B[kk][g] = emu::half_of<T>(all[l].b[j], 0);
-            B[kk + 1][g] = emu::half_of<T>(all[l].b[j], 1);
+            B[kk][g] = emu::half_of<T>(f.b[j], 0);
+            B[kk + 1][g] = emu::half_of<T>(f.b[j], 1);
         }
     }
     emu::warp_depart();
@@ -71,18 +73,22 @@ inline void mma16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigne
 // and 2 (l % 4) + 1) of matrix i, or with .trans (rows 2 (l % 4), 2 (l % 4) + 1 of column l / 4).
 inline void emu_ldmatrix(unsigned (&r)[4], const void* p, bool trans) {
     emu::check_smem(trans ? "ldmatrix.trans" : "ldmatrix", p, 16);
-    const void* const* rows =
-        reinterpret_cast<const void* const*>(emu::warp_arrive(trans ? "ldmatrix.x4.trans" : "ldmatrix.x4", &p, sizeof p));
+    const unsigned char* slots = emu::warp_arrive(trans ? "ldmatrix.x4.trans" : "ldmatrix.x4", &p, sizeof p);
+    auto row_of = [slots](int l) {
+        const unsigned short* r;
+        memcpy(&r, slots + l * emu::kSlot, sizeof r);
+        return r;
+    };
     const int l = emu::lane();
     for (int i = 0; i < 4; ++i) {
         unsigned short lo, hi;
         if (!trans) {
-            const unsigned short* row = static_cast<const unsigned short*>(rows[8 * i + l / 4]);
+            const unsigned short* row = row_of(8 * i + l / 4);
             lo = row[2 * (l % 4)];
             hi = row[2 * (l % 4) + 1];
         } else {
-            lo = static_cast<const unsigned short*>(rows[8 * i + 2 * (l % 4)])[l / 4];
-            hi = static_cast<const unsigned short*>(rows[8 * i + 2 * (l % 4) + 1])[l / 4];
+            lo = row_of(8 * i + 2 * (l % 4))[l / 4];
+            hi = row_of(8 * i + 2 * (l % 4) + 1)[l / 4];
         }
         r[i] = (unsigned)lo | ((unsigned)hi << 16);
     }

@@ -41,7 +41,7 @@ struct WarpState {
     int arrived = 0, departed = 0;
     bool reading = false;
     const char* op = nullptr;
-    alignas(16) unsigned char slot[32][64];
+    alignas(16) unsigned char slot[32][kSlot];
 };
 
 struct Launch {
@@ -185,6 +185,7 @@ const unsigned char* warp_arrive(const char* op, const void* in, unsigned size) 
         fail(std::string("warp divergence: ") + op + " while other lanes are at " + w.op);
     for (int l = f.warp * 32; l < f.warp * 32 + 32; ++l)
         if (L->fibers[l].done) fail(std::string(op) + " with exited lanes in the warp (mask 0xffffffff)");
+    if (size > kSlot) fail(std::string(op) + ": deposit larger than a slot");
     memcpy(w.slot[f.lane], in, size);
     ++L->events;
     if (++w.arrived == 32) {
@@ -207,8 +208,9 @@ void warp_depart() {
 
 float shfl_xor(unsigned mask, float v, int lane_mask) {
     if (mask != 0xffffffffu) fail("__shfl_xor_sync with a partial mask");
-    const float* slots = reinterpret_cast<const float*>(warp_arrive("__shfl_xor_sync", &v, sizeof v));
-    float r = slots[(current->lane ^ lane_mask) * (64 / sizeof(float))];
+    const unsigned char* slots = warp_arrive("__shfl_xor_sync", &v, sizeof v);
+    float r;
+    memcpy(&r, slots + (current->lane ^ lane_mask) * kSlot, sizeof r);
     warp_depart();
     return r;
 }

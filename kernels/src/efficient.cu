@@ -99,20 +99,23 @@ __device__ void eff_fwd(const T* __restrict__ q, const T* __restrict__ k, const 
         tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
         tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
         const float m_new = fmaxf(m, tmax);
-        float alpha = 1.0f;
+        float alpha = 1.0f, sum = 0.0f;
         if (m_new == -INFINITY) {
 #pragma unroll
             for (int i = 0; i < 8; ++i) sc[i] = 0.0f;
         } else {
             alpha = expf(m - m_new);
-            float sum = 0.0f;
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
                 sc[i] = expf(sc[i] - m_new);
                 sum += sc[i];
             }
-            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        }
+        // Every lane shuffles (rows without a visible key add zeros): a full-mask shuffle
+        // inside the branch above would leave out the lanes of such rows.
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        if (m_new != -INFINITY) {
             l = l * alpha + sum;
             m = m_new;
             if (p.dropout && grow < s.len) {

@@ -15,8 +15,6 @@
 //! backward's five products once more, on CUDA cores (the efficient kernels' code), so for flash
 //! inputs it costs more than the tensor-core backward it completes.
 
-mod params;
-
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use candle_core::cuda_backend::cudarc::driver::{
@@ -29,79 +27,21 @@ use candle_core::{
 };
 use half::{bf16, f16};
 
-use self::params::{kernel_params, segment_tables, tiles, KernelParams, MaskKind};
 use crate::config::AttnConfig;
 use crate::cpu::geometry::Geometry;
+use crate::kernel_plan::{
+    backward_launches, broadcast_mask, dense, deterministic, forward_launch, geometry,
+    kernel_params, refusal_for, segment_tables, KernelKind, KernelParams, Launch, MaskKind,
+    THREADS,
+};
 use crate::Backend;
 
-/// Threads of every attention kernel's block.
-const THREADS: u32 = 128;
-/// Rows of a flash forward query tile, keys of a flash backward key tile, rows of the efficient tiles.
-const FLASH_FWD_ROWS: usize = 64;
-const FLASH_BWD_KEYS: usize = 64;
-const EFF_ROWS: usize = 32;
-/// Largest head dim of the kernels.
-const MAX_HEAD_DIM: usize = 256;
-/// Largest head dim of the tensor-core backward (larger ones use the efficient backward).
-const MAX_FLASH_BWD_HEAD_DIM: usize = 128;
+// SAFETY: plain `#[repr(C)]` data of integers and floats, passed to kernels by value.
+unsafe impl DeviceRepr for KernelParams {}
 
 const FLASH_FWD_MODULE: &str = "attn_op_flash_fwd";
 const FLASH_BWD_MODULE: &str = "attn_op_flash_bwd";
 const EFFICIENT_MODULE: &str = "attn_op_efficient";
-
-/// The head dim a flash kernel is instantiated for: `e` rounded up.
-fn flash_bucket(e: usize) -> usize {
-    [32, 64, 96, 128, 256]
-        .into_iter()
-        .find(|&d| d >= e)
-        .unwrap_or(usize::MAX)
-}
-
-/// Keys per flash forward tile for a head-dim bucket (as instantiated in flash_fwd.cu).
-fn flash_fwd_keys(d: usize) -> usize {
-    if d == 256 {
-        32
-    } else {
-        64
-    }
-}
-
-/// Dynamic shared memory of the flash forward: Q tile plus double-buffered K and V tiles.
-fn flash_fwd_smem(d: usize) -> usize {
-    (FLASH_FWD_ROWS + 4 * flash_fwd_keys(d)) * (d + 8) * 2
-}
-
-/// Query rows per flash backward tile for a head-dim bucket (as instantiated in flash_bwd.cu).
-fn flash_bwd_rows(d: usize) -> usize {
-    if d <= 64 {
-        64
-    } else {
-        32
-    }
-}
-
-/// Dynamic shared memory of the flash backward: K, V, Q, dO, dS tiles and two row terms.
-fn flash_bwd_smem(d: usize) -> usize {
-    let bq = flash_bwd_rows(d);
-    (2 * FLASH_BWD_KEYS + 2 * bq) * (d + 8) * 2 + bq * (FLASH_BWD_KEYS + 8) * 2 + 2 * bq * 4
-}
-
-/// The efficient kernels' head-dim bucket: `max(e, ev)` rounded up to 64, 128 or 256.
-fn eff_bucket(e: usize, ev: usize) -> usize {
-    [64, 128, 256]
-        .into_iter()
-        .find(|&d| d >= e.max(ev))
-        .unwrap_or(usize::MAX)
-}
-
-fn dtype_name(dtype: DType) -> Result<&'static str> {
-    Ok(match dtype {
-        DType::F32 => "f32",
-        DType::F16 => "f16",
-        DType::BF16 => "bf16",
-        d => bail!("attention (CUDA): dtype {d:?} is not supported (f32, f16, bf16)"),
-    })
-}
 
 /// Compute capability as `major * 10 + minor`, and the opt-in shared memory per block.
 fn device_caps(device: &CudaDevice) -> Result<(u32, usize)> {
@@ -123,16 +63,14 @@ pub(crate) fn refusal(
     has_mask: bool,
     device: &CudaDevice,
 ) -> Option<String> {
-    let (cc, smem) = match device_caps(device) {
-        Ok(c) => c,
-        Err(err) => return Some(format!("cannot query the CUDA device: {err}")),
-    };
-    refusal_for(backend, dtype, e, ev, has_mask, cc, smem)
+    match device_caps(device) {
+        Ok((cc, smem)) => refusal_on(backend, dtype, e, ev, has_mask, cc, smem),
+        Err(err) => Some(format!("cannot query the CUDA device: {err}")),
+    }
 }
 
-/// [`refusal`] for a device of compute capability `cc` (`major * 10 + minor`) with `smem` bytes
-/// of opt-in shared memory per block.
-fn refusal_for(
+/// [`refusal_for`], after checking that the kernels were built for a device of capability `cc`.
+fn refusal_on(
     backend: Backend,
     dtype: DType,
     e: usize,
@@ -148,58 +86,7 @@ fn refusal_for(
              rebuild with CUDA_COMPUTE_CAP={cc}"
         ));
     }
-    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
-        return Some(format!(
-            "dtype {dtype:?} is not supported on CUDA (f32, f16, bf16)"
-        ));
-    }
-    match backend {
-        Backend::Flash => {
-            if has_mask {
-                return Some("attn_mask is not supported".into());
-            }
-            if dtype == DType::F32 {
-                return Some("f32 is not supported by the CUDA flash kernels (f16, bf16; efficient takes f32)".into());
-            }
-            if cc < 80 {
-                return Some(format!(
-                    "the CUDA flash kernels need sm80 or newer, this device is sm_{cc}"
-                ));
-            }
-            if e != ev {
-                return Some(format!(
-                    "the CUDA flash kernels need equal q/k and v head dims, got {e} and {ev}"
-                ));
-            }
-            if e == 0 || !e.is_multiple_of(8) || e > MAX_HEAD_DIM {
-                return Some(format!(
-                    "head dim {e} is not supported by the CUDA flash kernels (multiples of 8 up to {MAX_HEAD_DIM})"
-                ));
-            }
-            let d = flash_bucket(e);
-            let need = flash_fwd_smem(d).max(if d <= MAX_FLASH_BWD_HEAD_DIM {
-                flash_bwd_smem(d)
-            } else {
-                0
-            });
-            if need > smem {
-                return Some(format!(
-                    "head dim {e} needs {need} bytes of shared memory per block, this device allows {smem}"
-                ));
-            }
-            None
-        }
-        Backend::Efficient => {
-            if e.max(ev) > MAX_HEAD_DIM {
-                return Some(format!(
-                    "head dim {} is above {MAX_HEAD_DIM} (CUDA efficient kernels)",
-                    e.max(ev)
-                ));
-            }
-            None
-        }
-        Backend::Math => None,
-    }
+    refusal_for(backend, dtype, e, ev, has_mask, cc, smem)
 }
 
 /// A CUDA tensor's storage, or an error naming it.
@@ -207,45 +94,6 @@ fn cuda_of<'a>(s: &'a Storage, name: &str) -> Result<&'a CudaStorage> {
     match s {
         Storage::Cuda(c) => Ok(c),
         _ => bail!("attention (CUDA): {name} is not on the CUDA device like the query"),
-    }
-}
-
-/// The mask broadcast to the scores shape `(..., Hq, Lq, Lk)`, on `device`, as f32 bias or u8.
-fn broadcast_mask(
-    cfg: &AttnConfig,
-    ql: &Layout,
-    kl: &Layout,
-    device: &CudaDevice,
-) -> Result<Option<Tensor>> {
-    let Some(mask) = &cfg.mask else {
-        return Ok(None);
-    };
-    if cfg.varlen.is_some() {
-        bail!("attention (CUDA): attn_mask is not supported with packed sequences");
-    }
-    let mut dims = ql.dims().to_vec();
-    let r = dims.len();
-    dims[r - 1] = kl.dims()[r - 2];
-    let mask = match mask.dtype() {
-        DType::U8 | DType::F32 => mask.clone(),
-        _ => mask.to_dtype(DType::F32)?,
-    };
-    Ok(Some(
-        mask.to_device(&Device::Cuda(device.clone()))?
-            .broadcast_as(dims)?,
-    ))
-}
-
-fn geometry(
-    cfg: &AttnConfig,
-    ql: &Layout,
-    kl: &Layout,
-    vl: &Layout,
-    mask: Option<&Layout>,
-) -> Result<Geometry> {
-    match &cfg.varlen {
-        Some(varlen) => Geometry::packed(ql, kl, vl, varlen, cfg.causal),
-        None => Geometry::dense(ql, kl, vl, mask, cfg.causal),
     }
 }
 
@@ -296,35 +144,32 @@ impl Placeholders {
     }
 }
 
-fn grid(x: usize, y: usize) -> Result<LaunchConfig> {
-    let x = u32::try_from(x.max(1))
-        .or_else(|_| bail!("attention (CUDA): {x} segments exceed the grid"))?;
-    Ok(LaunchConfig {
-        grid_dim: (x, y.max(1) as u32, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    })
-}
-
-/// Loads `name` from the PTX module `module` and allows it `smem` bytes of dynamic shared memory.
-fn function(
-    dev: &CudaDevice,
-    name: &str,
-    module: &str,
-    ptx: &'static str,
-    smem: usize,
-) -> Result<CudaFunction> {
+/// Loads the kernel of `launch` and allows it the launch's dynamic shared memory.
+fn function(dev: &CudaDevice, launch: &Launch) -> Result<CudaFunction> {
+    let (module, ptx) = match launch.kind {
+        KernelKind::FlashFwd => (FLASH_FWD_MODULE, attn_kernels::FLASH_FWD),
+        KernelKind::FlashBwd => (FLASH_BWD_MODULE, attn_kernels::FLASH_BWD),
+        _ => (EFFICIENT_MODULE, attn_kernels::EFFICIENT),
+    };
     let f = dev
-        .get_or_load_custom_func(name, module, ptx)?
+        .get_or_load_custom_func(&launch.name, module, ptx)?
         .into_cuda_function();
-    if smem > 48 * 1024 {
+    if launch.smem > 48 * 1024 {
         f.set_attribute(
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem as i32,
+            launch.smem as i32,
         )
         .w()?;
     }
     Ok(f)
+}
+
+fn config(launch: &Launch) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (launch.grid.0, launch.grid.1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: launch.smem as u32,
+    }
 }
 
 /// Forward of a fused op on CUDA. Returns the output storage (contiguous, q's shape with the last
@@ -350,11 +195,11 @@ pub(crate) fn forward(
         );
     }
     let dev = q.device().clone();
-    let mask = broadcast_mask(cfg, ql, kl, &dev)?;
+    let mask = broadcast_mask(cfg, ql, kl, &Device::Cuda(dev.clone()))?;
     let mask_guard = mask.as_ref().map(|m| m.storage_and_layout());
     let g = geometry(cfg, ql, kl, vl, mask_guard.as_ref().map(|(_, l)| *l))?;
     let (cc, smem) = device_caps(&dev)?;
-    if let Some(why) = refusal_for(kind, dtype, g.e, g.ev, mask.is_some(), cc, smem) {
+    if let Some(why) = refusal_on(kind, dtype, g.e, g.ev, mask.is_some(), cc, smem) {
         bail!("attention (CUDA, {kind:?}): {why}");
     }
     let mut out_dims = ql.dims().to_vec();
@@ -364,6 +209,7 @@ pub(crate) fn forward(
     let placeholders = Placeholders::new(&dev)?;
     let margs = placeholders.args(mask_guard.as_ref().map(|(s, _)| &**s))?;
     let p = kernel_params(cfg, &g, margs.kind)?;
+    let launch = forward_launch(kind, dtype, &g, p)?;
     let (qs, ks) = segment_tables(&g)?;
     let (qs, ks) = (dev.clone_htod(&qs)?, dev.clone_htod(&ks)?);
     // Dense inputs cover every row; packed ones may leave rows past the last sequence, whose
@@ -376,11 +222,10 @@ pub(crate) fn forward(
     let run = Fwd {
         dev: &dev,
         g: &g,
-        p,
+        launch: launch.as_ref(),
         qs: &qs,
         ks: &ks,
         mask: &margs,
-        kind,
     };
     let out = match dtype {
         DType::F32 => {
@@ -409,11 +254,10 @@ pub(crate) fn forward(
 struct Fwd<'a> {
     dev: &'a CudaDevice,
     g: &'a Geometry,
-    p: KernelParams,
+    launch: Option<&'a Launch>,
     qs: &'a CudaSlice<i64>,
     ks: &'a CudaSlice<i64>,
     mask: &'a MaskArgs<'a>,
-    kind: Backend,
 }
 
 impl Fwd<'_> {
@@ -424,76 +268,33 @@ impl Fwd<'_> {
         v: &CudaStorage,
         lse: &mut CudaSlice<f32>,
     ) -> Result<CudaSlice<T>> {
-        let g = self.g;
-        let mut o = self.dev.alloc_zeros::<T>(g.q_rows * g.ev)?;
-        let longest = g.q_segs.iter().map(|s| s.len).max().unwrap_or(0);
-        if longest == 0 {
+        let mut o = self.dev.alloc_zeros::<T>(self.g.q_rows * self.g.ev)?;
+        let Some(launch) = self.launch else {
             return Ok(o);
-        }
+        };
         let (q, k, v) = (
             q.as_cuda_slice::<T>()?,
             k.as_cuda_slice::<T>()?,
             v.as_cuda_slice::<T>()?,
         );
-        let dt = dtype_name(T::DTYPE)?;
-        let mut p = self.p;
-        match self.kind {
-            Backend::Flash => {
-                let d = flash_bucket(g.e);
-                let smem = flash_fwd_smem(d);
-                p.tiles = tiles(longest, FLASH_FWD_ROWS)? as i32;
-                let f = function(
-                    self.dev,
-                    &format!("flash_fwd_{dt}_{d}"),
-                    FLASH_FWD_MODULE,
-                    attn_kernels::FLASH_FWD,
-                    smem,
-                )?;
-                let mut cfg = grid(g.q_segs.len(), p.tiles as usize)?;
-                cfg.shared_mem_bytes = smem as u32;
-                let stream = self.dev.cuda_stream();
-                let mut b = stream.launch_builder(&f);
-                b.arg(q)
-                    .arg(k)
-                    .arg(v)
-                    .arg(&mut o)
-                    .arg(lse)
-                    .arg(self.qs)
-                    .arg(self.ks)
-                    .arg(&p);
-                // SAFETY: the argument list matches flash_fwd_*'s signature; every access is
-                // bounded by the segment table built from the layouts of these very storages.
-                unsafe { b.launch(cfg) }.w()?;
-            }
-            _ => {
-                let d = eff_bucket(g.e, g.ev);
-                p.tiles = tiles(longest, EFF_ROWS)? as i32;
-                let f = function(
-                    self.dev,
-                    &format!("eff_fwd_{dt}_{d}"),
-                    EFFICIENT_MODULE,
-                    attn_kernels::EFFICIENT,
-                    0,
-                )?;
-                let stream = self.dev.cuda_stream();
-                let mut b = stream.launch_builder(&f);
-                b.arg(q)
-                    .arg(k)
-                    .arg(v)
-                    .arg(self.mask.bias)
-                    .arg(self.mask.boolean);
-                b.arg(&mut o).arg(lse).arg(self.qs).arg(self.ks).arg(&p);
-                // SAFETY: as above, for eff_fwd_*; the mask offsets come from its broadcast layout.
-                unsafe { b.launch(grid(g.q_segs.len(), p.tiles as usize)?) }.w()?;
-            }
+        let f = function(self.dev, launch)?;
+        let stream = self.dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(q).arg(k).arg(v);
+        if launch.kind == KernelKind::EffFwd {
+            b.arg(self.mask.bias).arg(self.mask.boolean);
         }
+        b.arg(&mut o)
+            .arg(lse)
+            .arg(self.qs)
+            .arg(self.ks)
+            .arg(&launch.params);
+        // SAFETY: the argument list matches flash_fwd_*'s or eff_fwd_*'s signature (see
+        // KernelKind); every access is bounded by the segment tables built from the layouts of
+        // these very storages, and the mask offsets come from its broadcast layout.
+        unsafe { b.launch(config(launch)) }.w()?;
         Ok(o)
     }
-}
-
-/// Whether `ATTN_OP_CUDA_DETERMINISTIC` asks for the atomic-free dQ pass.
-fn deterministic() -> bool {
-    std::env::var("ATTN_OP_CUDA_DETERMINISTIC").is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
 /// A contiguous f32 row space as a tensor of `shape` in `dtype`.
@@ -530,9 +331,11 @@ pub(crate) fn backward(
         Device::Cuda(d) => d.clone(),
         d => bail!("attention backward (CUDA): q is on {:?}", d.location()),
     };
-    let o = o.to_dtype(dtype)?.contiguous()?;
-    let dout = dout.to_dtype(dtype)?.contiguous()?;
-    let lse = lse.to_dtype(DType::F32)?.contiguous()?;
+    let (o, dout, lse) = (
+        dense(o, dtype)?,
+        dense(dout, dtype)?,
+        dense(lse, DType::F32)?,
+    );
     let (qs_, ql) = q.storage_and_layout();
     let (ks_, kl) = k.storage_and_layout();
     let (vs_, vl) = v.storage_and_layout();
@@ -544,11 +347,11 @@ pub(crate) fn backward(
     if ck.dtype() != dtype || cv.dtype() != dtype {
         bail!("attention backward (CUDA): q, k, v must share a dtype");
     }
-    let mask = broadcast_mask(cfg, ql, kl, &dev)?;
+    let mask = broadcast_mask(cfg, ql, kl, q.device())?;
     let mask_guard = mask.as_ref().map(|m| m.storage_and_layout());
     let g = geometry(cfg, ql, kl, vl, mask_guard.as_ref().map(|(_, l)| *l))?;
     let (cc, smem) = device_caps(&dev)?;
-    if let Some(why) = refusal_for(kind, dtype, g.e, g.ev, mask.is_some(), cc, smem) {
+    if let Some(why) = refusal_on(kind, dtype, g.e, g.ev, mask.is_some(), cc, smem) {
         bail!("attention backward (CUDA, {kind:?}): {why}");
     }
     if o.elem_count() != g.q_rows * g.ev
@@ -565,6 +368,7 @@ pub(crate) fn backward(
     let placeholders = Placeholders::new(&dev)?;
     let margs = placeholders.args(mask_guard.as_ref().map(|(s, _)| &**s))?;
     let p = kernel_params(cfg, &g, margs.kind)?;
+    let launches = backward_launches(kind, dtype, &g, p, deterministic())?;
     let (qs, ks) = segment_tables(&g)?;
     let (qs, ks) = (dev.clone_htod(&qs)?, dev.clone_htod(&ks)?);
     let mut dq = dev.alloc_zeros::<f32>(g.q_rows * g.e)?;
@@ -577,11 +381,10 @@ pub(crate) fn backward(
         let run = Bwd {
             dev: &dev,
             g: &g,
-            p,
+            launches: &launches,
             qs: &qs,
             ks: &ks,
             mask: &margs,
-            kind,
             lse: cuda_of(&ls, "logsumexp")?.as_cuda_slice::<f32>()?,
         };
         let (co, cd) = (cuda_of(&os, "output")?, cuda_of(&ds, "output gradient")?);
@@ -617,11 +420,10 @@ struct Grads<'a> {
 struct Bwd<'a> {
     dev: &'a CudaDevice,
     g: &'a Geometry,
-    p: KernelParams,
+    launches: &'a [Launch],
     qs: &'a CudaSlice<i64>,
     ks: &'a CudaSlice<i64>,
     mask: &'a MaskArgs<'a>,
-    kind: Backend,
     lse: &'a CudaSlice<f32>,
 }
 
@@ -637,112 +439,63 @@ impl Bwd<'_> {
         grads: &mut Grads,
     ) -> Result<()> {
         let g = self.g;
-        if g.q_rows == 0 || g.kv_rows == 0 {
+        if self.launches.is_empty() {
             return Ok(());
         }
-        let dt = dtype_name(T::DTYPE)?;
         let (q, k, v) = (
             q.as_cuda_slice::<T>()?,
             k.as_cuda_slice::<T>()?,
             v.as_cuda_slice::<T>()?,
         );
         let (o, dout) = (o.as_cuda_slice::<T>()?, dout.as_cuda_slice::<T>()?);
-        let eff =
-            |name: &str| function(self.dev, name, EFFICIENT_MODULE, attn_kernels::EFFICIENT, 0);
-
-        // D_i = dO_i . O_i, one warp a row.
         let mut delta = self.dev.alloc_zeros::<f32>(g.q_rows)?;
-        {
-            let f = eff(&format!("attn_delta_{dt}"))?;
-            let rows = g.q_rows as i64;
-            let ev = g.ev as i32;
-            let warps = (THREADS / 32) as usize;
-            let cfg = LaunchConfig {
-                grid_dim: (
-                    u32::try_from(g.q_rows.div_ceil(warps))
-                        .or_else(|_| bail!("attention (CUDA): too many rows"))?,
-                    1,
-                    1,
-                ),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
+        let (rows, ev) = (g.q_rows as i64, g.ev as i32);
+        for launch in self.launches {
+            let f = function(self.dev, launch)?;
             let stream = self.dev.cuda_stream();
             let mut b = stream.launch_builder(&f);
-            b.arg(o).arg(dout).arg(&mut delta).arg(&rows).arg(&ev);
-            // SAFETY: attn_delta_* reads `rows` rows of `ev` from o and dout, both that long.
-            unsafe { b.launch(cfg) }.w()?;
-        }
-
-        let det = deterministic();
-        let with_dq = i32::from(!det);
-        let longest_k = g.kv_segs.iter().map(|s| s.len).max().unwrap_or(0);
-        let mut p = self.p;
-        let flash_bwd = self.kind == Backend::Flash && g.e <= MAX_FLASH_BWD_HEAD_DIM;
-        if flash_bwd {
-            let d = flash_bucket(g.e);
-            let smem = flash_bwd_smem(d);
-            p.tiles = tiles(longest_k, FLASH_BWD_KEYS)? as i32;
-            let f = function(
-                self.dev,
-                &format!("flash_bwd_{dt}_{d}"),
-                FLASH_BWD_MODULE,
-                attn_kernels::FLASH_BWD,
-                smem,
-            )?;
-            let mut cfg = grid(g.kv_segs.len(), p.tiles as usize)?;
-            cfg.shared_mem_bytes = smem as u32;
-            let stream = self.dev.cuda_stream();
-            let mut b = stream.launch_builder(&f);
-            b.arg(q).arg(k).arg(v).arg(dout).arg(self.lse).arg(&delta);
-            b.arg(&mut *grads.dq)
-                .arg(&mut *grads.dk)
-                .arg(&mut *grads.dv);
-            b.arg(self.qs).arg(self.ks).arg(&p).arg(&with_dq);
-            // SAFETY: matches flash_bwd_*'s signature; accesses bounded by the segment tables.
-            unsafe { b.launch(cfg) }.w()?;
-        } else {
-            let d = eff_bucket(g.e, g.ev);
-            p.tiles = tiles(longest_k, EFF_ROWS)? as i32;
-            let f = eff(&format!("eff_bwd_{dt}_{d}"))?;
-            let stream = self.dev.cuda_stream();
-            let mut b = stream.launch_builder(&f);
-            b.arg(q)
-                .arg(k)
-                .arg(v)
-                .arg(self.mask.bias)
-                .arg(self.mask.boolean)
-                .arg(dout);
-            b.arg(self.lse)
-                .arg(&delta)
-                .arg(&mut *grads.dq)
-                .arg(&mut *grads.dk)
-                .arg(&mut *grads.dv);
-            b.arg(self.qs).arg(self.ks).arg(&p).arg(&with_dq);
-            // SAFETY: matches eff_bwd_*'s signature; accesses bounded by the segment tables.
-            unsafe { b.launch(grid(g.kv_segs.len(), p.tiles as usize)?) }.w()?;
-        }
-        if det {
-            let d = eff_bucket(g.e, g.ev);
-            let longest_q = g.q_segs.iter().map(|s| s.len).max().unwrap_or(0);
-            p.tiles = tiles(longest_q, EFF_ROWS)? as i32;
-            let f = eff(&format!("eff_dq_{dt}_{d}"))?;
-            let stream = self.dev.cuda_stream();
-            let mut b = stream.launch_builder(&f);
-            b.arg(q)
-                .arg(k)
-                .arg(v)
-                .arg(self.mask.bias)
-                .arg(self.mask.boolean)
-                .arg(dout);
-            b.arg(self.lse)
-                .arg(&delta)
-                .arg(&mut *grads.dq)
-                .arg(self.qs)
-                .arg(self.ks)
-                .arg(&p);
-            // SAFETY: matches eff_dq_*'s signature; accesses bounded by the segment tables.
-            unsafe { b.launch(grid(g.q_segs.len(), p.tiles as usize)?) }.w()?;
+            let with_dq = i32::from(launch.with_dq);
+            match launch.kind {
+                KernelKind::Delta => {
+                    b.arg(o).arg(dout).arg(&mut delta).arg(&rows).arg(&ev);
+                }
+                KernelKind::FlashBwd => {
+                    b.arg(q).arg(k).arg(v).arg(dout).arg(self.lse).arg(&delta);
+                    b.arg(&mut *grads.dq)
+                        .arg(&mut *grads.dk)
+                        .arg(&mut *grads.dv);
+                    b.arg(self.qs)
+                        .arg(self.ks)
+                        .arg(&launch.params)
+                        .arg(&with_dq);
+                }
+                KernelKind::EffBwd | KernelKind::EffDq => {
+                    b.arg(q)
+                        .arg(k)
+                        .arg(v)
+                        .arg(self.mask.bias)
+                        .arg(self.mask.boolean)
+                        .arg(dout);
+                    b.arg(self.lse).arg(&delta).arg(&mut *grads.dq);
+                    if launch.kind == KernelKind::EffBwd {
+                        b.arg(&mut *grads.dk).arg(&mut *grads.dv);
+                    }
+                    b.arg(self.qs).arg(self.ks).arg(&launch.params);
+                    if launch.kind == KernelKind::EffBwd {
+                        b.arg(&with_dq);
+                    }
+                }
+                KernelKind::FlashFwd | KernelKind::EffFwd => {
+                    bail!(
+                        "attention backward (CUDA): {} is not a backward kernel",
+                        launch.name
+                    )
+                }
+            }
+            // SAFETY: each argument list matches its kernel's signature (see KernelKind);
+            // attn_delta_* reads q_rows rows of ev from o and dout, both that long; the other
+            // accesses are bounded by the segment tables built from these storages' layouts.
+            unsafe { b.launch(config(launch)) }.w()?;
         }
         Ok(())
     }
@@ -753,60 +506,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn buckets_and_shared_memory() {
-        assert_eq!(flash_bucket(8), 32);
-        assert_eq!(flash_bucket(80), 96);
-        assert_eq!(flash_bucket(256), 256);
-        assert_eq!(eff_bucket(8, 130), 256);
-        // The sizes flash_fwd.cu / flash_bwd.cu carve out of dynamic shared memory.
-        assert_eq!(flash_fwd_smem(128), 87_040);
-        assert_eq!(flash_fwd_smem(256), 101_376);
-        assert_eq!(flash_bwd_smem(128), 57_088);
-        assert_eq!(flash_bwd_smem(64), 46_592);
-    }
-
-    #[test]
-    fn refusals_name_the_reason() {
+    fn kernels_built_for_a_newer_device_are_refused() {
         let cap = attn_kernels::COMPUTE_CAP;
-        let big = 227 * 1024;
-        let r = |b, dt, e, ev, m, cc| refusal_for(b, dt, e, ev, m, cc, big);
-        assert!(r(Backend::Flash, DType::F16, 64, 64, false, cap.max(80)).is_none());
-        assert!(r(Backend::Flash, DType::F32, 64, 64, false, cap.max(80))
-            .unwrap()
-            .contains("f32"));
-        assert!(r(Backend::Flash, DType::F16, 64, 64, true, cap.max(80))
-            .unwrap()
-            .contains("attn_mask"));
-        assert!(r(Backend::Flash, DType::BF16, 60, 60, false, cap.max(80))
-            .unwrap()
-            .contains("multiples of 8"));
-        assert!(r(Backend::Flash, DType::BF16, 64, 32, false, cap.max(80))
-            .unwrap()
-            .contains("equal"));
-        assert!(r(Backend::Efficient, DType::F32, 300, 8, true, cap)
-            .unwrap()
-            .contains("above 256"));
-        assert!(r(Backend::Efficient, DType::F32, 13, 7, true, cap).is_none());
-        assert!(r(
+        let why = refusal_on(
             Backend::Efficient,
             DType::F32,
             64,
             64,
             false,
-            cap.saturating_sub(5)
-        )
-        .unwrap()
-        .contains("rebuild"));
-        assert!(refusal_for(
-            Backend::Flash,
-            DType::F16,
-            256,
-            256,
+            cap.saturating_sub(5),
+            227 * 1024,
+        );
+        assert!(why.unwrap().contains("rebuild"));
+        assert!(refusal_on(
+            Backend::Efficient,
+            DType::F32,
+            64,
+            64,
             false,
-            cap.max(80),
-            48 * 1024
+            cap,
+            227 * 1024
         )
-        .unwrap()
-        .contains("shared memory"));
+        .is_none());
     }
 }

@@ -156,8 +156,12 @@ impl Fused {
         stash.lse = Some(lse);
     }
 
+    /// The forward on CPU tensors: the CPU implementation, or under `emu::emulate_cuda` the
+    /// CUDA kernels of `backend` in the emulator.
+    #[allow(clippy::too_many_arguments)]
     pub fn cpu_fwd(
         &self,
+        backend: Backend,
         s1: &CpuStorage,
         l1: &Layout,
         s2: &CpuStorage,
@@ -165,6 +169,14 @@ impl Fused {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        #[cfg(feature = "cuda-emu")]
+        if crate::emu::is_emulating() {
+            let (out, shape, lse) =
+                crate::emu::forward(backend, &self.cfg, s1, l1, s2, l2, s3, l3)?;
+            self.keep_lse(lse);
+            return Ok((out, shape));
+        }
+        let _ = backend;
         let (out, shape, lse) = self.cpu_forward(s1, l1, s2, l2, s3, l3)?;
         let n = lse.len();
         self.keep_lse(Tensor::from_vec(lse, n, &Device::Cpu)?);
@@ -207,6 +219,12 @@ impl Fused {
         let (s2, l2) = k.storage_and_layout();
         let (s3, l3) = v.storage_and_layout();
         match (&*s1, &*s2, &*s3) {
+            #[cfg(feature = "cuda-emu")]
+            (Storage::Cpu(c1), Storage::Cpu(c2), Storage::Cpu(c3))
+                if crate::emu::is_emulating() =>
+            {
+                Ok(crate::emu::forward(backend, &self.cfg, c1, l1, c2, l2, c3, l3)?.2)
+            }
             (Storage::Cpu(c1), Storage::Cpu(c2), Storage::Cpu(c3)) => {
                 let (_, _, lse) = self.cpu_forward(c1, l1, c2, l2, c3, l3)?;
                 let n = lse.len();
@@ -238,6 +256,10 @@ impl Fused {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let lse = self.lse(backend, q, k, v)?;
         let grads = match q.device() {
+            #[cfg(feature = "cuda-emu")]
+            Device::Cpu if crate::emu::is_emulating() => {
+                crate::emu::backward(backend, &self.cfg, q, k, v, res, grad, &lse)?
+            }
             Device::Cpu => self.cpu_backward(q, k, v, res, grad, &lse)?,
             #[cfg(feature = "cuda")]
             Device::Cuda(_) => crate::cuda::backward(backend, &self.cfg, q, k, v, res, grad, &lse)?,

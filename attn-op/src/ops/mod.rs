@@ -20,7 +20,7 @@ macro_rules! fused_op {
                 l3: &candle_core::Layout,
             ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
                 let _span = tracing::debug_span!($forward).entered();
-                self.0.cpu_fwd(s1, l1, s2, l2, s3, l3)
+                self.0.cpu_fwd($backend, s1, l1, s2, l2, s3, l3)
             }
 
             #[cfg(feature = "cuda")]

@@ -1,0 +1,576 @@
+//! How the CUDA kernels are launched, independent of who runs them: the scalar parameter block,
+//! the segment tables, the tile and shared-memory sizes of each kernel, which problems the
+//! kernels refuse, and the list of launches of a forward or backward call ([`Launch`]). The CUDA
+//! module runs these launches through cudarc; the CPU emulator of the kernels (feature
+//! `cuda-emu`) runs the very same list, so testing one tests what the other launches.
+
+use candle_core::{bail, DType, Device, Layout, Result, Tensor};
+
+use crate::config::AttnConfig;
+use crate::cpu::geometry::Geometry;
+use crate::Backend;
+
+/// Threads of every attention kernel's block.
+pub(crate) const THREADS: u32 = 128;
+/// Rows of a flash forward query tile, keys of a flash backward key tile, rows of the efficient tiles.
+const FLASH_FWD_ROWS: usize = 64;
+const FLASH_BWD_KEYS: usize = 64;
+const EFF_ROWS: usize = 32;
+/// Largest head dim of the kernels.
+const MAX_HEAD_DIM: usize = 256;
+/// Largest head dim of the tensor-core backward (larger ones use the efficient backward).
+const MAX_FLASH_BWD_HEAD_DIM: usize = 128;
+
+/// The head dim a flash kernel is instantiated for: `e` rounded up.
+fn flash_bucket(e: usize) -> usize {
+    [32, 64, 96, 128, 256]
+        .into_iter()
+        .find(|&d| d >= e)
+        .unwrap_or(usize::MAX)
+}
+
+/// Keys per flash forward tile for a head-dim bucket (as instantiated in flash_fwd.cu).
+fn flash_fwd_keys(d: usize) -> usize {
+    if d == 256 {
+        32
+    } else {
+        64
+    }
+}
+
+/// Dynamic shared memory of the flash forward: Q tile plus double-buffered K and V tiles.
+fn flash_fwd_smem(d: usize) -> usize {
+    (FLASH_FWD_ROWS + 4 * flash_fwd_keys(d)) * (d + 8) * 2
+}
+
+/// Query rows per flash backward tile for a head-dim bucket (as instantiated in flash_bwd.cu).
+fn flash_bwd_rows(d: usize) -> usize {
+    if d <= 64 {
+        64
+    } else {
+        32
+    }
+}
+
+/// Dynamic shared memory of the flash backward: K, V, Q, dO, dS tiles and two row terms.
+fn flash_bwd_smem(d: usize) -> usize {
+    let bq = flash_bwd_rows(d);
+    (2 * FLASH_BWD_KEYS + 2 * bq) * (d + 8) * 2 + bq * (FLASH_BWD_KEYS + 8) * 2 + 2 * bq * 4
+}
+
+/// The efficient kernels' head-dim bucket: `max(e, ev)` rounded up to 64, 128 or 256.
+fn eff_bucket(e: usize, ev: usize) -> usize {
+    [64, 128, 256]
+        .into_iter()
+        .find(|&d| d >= e.max(ev))
+        .unwrap_or(usize::MAX)
+}
+
+fn dtype_name(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        d => bail!("attention (CUDA): dtype {d:?} is not supported (f32, f16, bf16)"),
+    })
+}
+
+/// The scalar launch parameters; mirrors `struct AttnParams` in `kernels/src/attn_common.cuh`
+/// field by field (8-byte fields first, so neither side has padding).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct KernelParams {
+    pub q_rs: i64,
+    pub k_rs: i64,
+    pub v_rs: i64,
+    pub mask_rs: i64,
+    pub mask_cs: i64,
+    pub e: i32,
+    pub ev: i32,
+    pub n_qseg: i32,
+    pub n_kvseg: i32,
+    pub tiles: i32,
+    pub mask_kind: i32,
+    pub scale: f32,
+    pub keep_scale: f32,
+    pub seed_lo: u32,
+    pub seed_hi: u32,
+    pub threshold: u32,
+    pub dropout: i32,
+    pub vec_ok: i32,
+    pub pad: i32,
+}
+
+const _: () = assert!(std::mem::size_of::<KernelParams>() == 96);
+
+/// How the kernels read the mask.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum MaskKind {
+    None = 0,
+    Bias = 1,
+    Bool = 2,
+}
+
+/// Int64 fields per query segment (`QSEG_FIELDS` in the kernels).
+const QSEG_FIELDS: usize = 8;
+/// Int64 fields per key/value segment (`KVSEG_FIELDS` in the kernels).
+const KVSEG_FIELDS: usize = 6;
+/// The largest grid.y the kernels are launched with.
+const MAX_GRID_Y: usize = 65_535;
+
+fn i32_of(what: &str, x: usize) -> Result<i32> {
+    i32::try_from(x).or_else(|_| {
+        bail!(
+            "attention (CUDA): {what} = {x} is above the kernels' limit {}",
+            i32::MAX
+        )
+    })
+}
+
+fn i64_of(x: usize) -> Result<i64> {
+    i64::try_from(x).or_else(|_| bail!("attention (CUDA): offset {x} does not fit in 64 bits"))
+}
+
+/// The segment tables: `QSEG_FIELDS` int64 per query segment, `KVSEG_FIELDS` per key/value one.
+pub(crate) fn segment_tables(g: &Geometry) -> Result<(Vec<i64>, Vec<i64>)> {
+    let mut qs = Vec::with_capacity(g.q_segs.len() * QSEG_FIELDS);
+    for s in &g.q_segs {
+        i32_of("query length", s.len)?;
+        i32_of("dropout stream", s.stream)?;
+        let coff = s.causal.unwrap_or(0);
+        qs.extend_from_slice(&[
+            i64_of(s.q)?,
+            i64_of(s.row0)?,
+            i64_of(s.len)?,
+            i64_of(s.kv)?,
+            i64_of(s.stream)?,
+            i64_of(s.mask)?,
+            coff as i64,
+            i64::from(s.causal.is_some()),
+        ]);
+    }
+    let mut ks = Vec::with_capacity(g.kv_segs.len() * KVSEG_FIELDS);
+    for s in &g.kv_segs {
+        i32_of("key length", s.len)?;
+        i32_of("query segment index", s.members.end)?;
+        ks.extend_from_slice(&[
+            i64_of(s.k)?,
+            i64_of(s.v)?,
+            i64_of(s.row0)?,
+            i64_of(s.len)?,
+            i64_of(s.members.start)?,
+            i64_of(s.members.end)?,
+        ]);
+    }
+    Ok((qs, ks))
+}
+
+/// Tiles of `rows` rows needed by the longest segment: the grid's y extent.
+fn tiles(longest: usize, rows: usize) -> Result<usize> {
+    let t = longest.div_ceil(rows);
+    if t > MAX_GRID_Y {
+        bail!(
+            "attention (CUDA): a sequence of {longest} rows needs {t} tiles of {rows}, above the grid limit {MAX_GRID_Y}"
+        );
+    }
+    Ok(t)
+}
+
+/// Whether every row start of q, k and v is 16-byte aligned for 2-byte elements (offsets and
+/// strides multiples of 8 elements), so tiles can move with 16-byte copies.
+fn rows_aligned(g: &Geometry) -> bool {
+    let a = |x: usize| x.is_multiple_of(8);
+    a(g.e)
+        && a(g.ev)
+        && a(g.q_rs)
+        && a(g.k_rs)
+        && a(g.v_rs)
+        && g.q_segs.iter().all(|s| a(s.q))
+        && g.kv_segs.iter().all(|s| a(s.k) && a(s.v))
+}
+
+/// The parameter block of one call; `tiles` is set per launch.
+pub(crate) fn kernel_params(
+    cfg: &AttnConfig,
+    g: &Geometry,
+    mask: MaskKind,
+) -> Result<KernelParams> {
+    let (seed, threshold, keep_scale) = match &cfg.dropout {
+        Some(d) => (d.mask.key(), d.mask.threshold(), d.keep_scale()),
+        None => ([0, 0], 0, 1.0),
+    };
+    Ok(KernelParams {
+        q_rs: i64_of(g.q_rs)?,
+        k_rs: i64_of(g.k_rs)?,
+        v_rs: i64_of(g.v_rs)?,
+        mask_rs: i64_of(g.mask_rs)?,
+        mask_cs: i64_of(g.mask_cs)?,
+        e: i32_of("head dim", g.e)?,
+        ev: i32_of("value head dim", g.ev)?,
+        n_qseg: i32_of("query segments", g.q_segs.len())?,
+        n_kvseg: i32_of("key/value segments", g.kv_segs.len())?,
+        tiles: 0,
+        mask_kind: mask as i32,
+        scale: cfg.scale,
+        keep_scale,
+        seed_lo: seed[0],
+        seed_hi: seed[1],
+        threshold,
+        dropout: i32::from(cfg.dropout.is_some()),
+        vec_ok: i32::from(rows_aligned(g)),
+        pad: 0,
+    })
+}
+
+/// Why `backend` (Flash or Efficient) cannot run this problem on a CUDA device of compute
+/// capability `cc` (`major * 10 + minor`) with `smem` bytes of opt-in shared memory per block,
+/// or `None`. (Whether the kernels were built for that device is the CUDA module's question.)
+pub(crate) fn refusal_for(
+    backend: Backend,
+    dtype: DType,
+    e: usize,
+    ev: usize,
+    has_mask: bool,
+    cc: u32,
+    smem: usize,
+) -> Option<String> {
+    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+        return Some(format!(
+            "dtype {dtype:?} is not supported on CUDA (f32, f16, bf16)"
+        ));
+    }
+    match backend {
+        Backend::Flash => {
+            if has_mask {
+                return Some("attn_mask is not supported".into());
+            }
+            if dtype == DType::F32 {
+                return Some("f32 is not supported by the CUDA flash kernels (f16, bf16; efficient takes f32)".into());
+            }
+            if cc < 80 {
+                return Some(format!(
+                    "the CUDA flash kernels need sm80 or newer, this device is sm_{cc}"
+                ));
+            }
+            if e != ev {
+                return Some(format!(
+                    "the CUDA flash kernels need equal q/k and v head dims, got {e} and {ev}"
+                ));
+            }
+            if e == 0 || !e.is_multiple_of(8) || e > MAX_HEAD_DIM {
+                return Some(format!(
+                    "head dim {e} is not supported by the CUDA flash kernels (multiples of 8 up to {MAX_HEAD_DIM})"
+                ));
+            }
+            let d = flash_bucket(e);
+            let need = flash_fwd_smem(d).max(if d <= MAX_FLASH_BWD_HEAD_DIM {
+                flash_bwd_smem(d)
+            } else {
+                0
+            });
+            if need > smem {
+                return Some(format!(
+                    "head dim {e} needs {need} bytes of shared memory per block, this device allows {smem}"
+                ));
+            }
+            None
+        }
+        Backend::Efficient => {
+            if e.max(ev) > MAX_HEAD_DIM {
+                return Some(format!(
+                    "head dim {} is above {MAX_HEAD_DIM} (CUDA efficient kernels)",
+                    e.max(ev)
+                ));
+            }
+            None
+        }
+        Backend::Math => None,
+    }
+}
+
+/// The mask broadcast to the scores shape `(..., Hq, Lq, Lk)`, on `device`, as f32 bias or u8.
+pub(crate) fn broadcast_mask(
+    cfg: &AttnConfig,
+    ql: &Layout,
+    kl: &Layout,
+    device: &Device,
+) -> Result<Option<Tensor>> {
+    let Some(mask) = &cfg.mask else {
+        return Ok(None);
+    };
+    if cfg.varlen.is_some() {
+        bail!("attention (CUDA): attn_mask is not supported with packed sequences");
+    }
+    let mut dims = ql.dims().to_vec();
+    let r = dims.len();
+    dims[r - 1] = kl.dims()[r - 2];
+    let mask = match mask.dtype() {
+        DType::U8 | DType::F32 => mask.clone(),
+        _ => mask.to_dtype(DType::F32)?,
+    };
+    Ok(Some(mask.to_device(device)?.broadcast_as(dims)?))
+}
+
+/// Where the segments of this call lie in q, k and v.
+pub(crate) fn geometry(
+    cfg: &AttnConfig,
+    ql: &Layout,
+    kl: &Layout,
+    vl: &Layout,
+    mask: Option<&Layout>,
+) -> Result<Geometry> {
+    match &cfg.varlen {
+        Some(varlen) => Geometry::packed(ql, kl, vl, varlen, cfg.causal),
+        None => Geometry::dense(ql, kl, vl, mask, cfg.causal),
+    }
+}
+
+/// Whether `ATTN_OP_CUDA_DETERMINISTIC` asks for the atomic-free dQ pass.
+pub(crate) fn deterministic() -> bool {
+    std::env::var("ATTN_OP_CUDA_DETERMINISTIC").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// `t` in `dtype`, contiguous and starting at the first element of its storage (a kernel is
+/// handed the whole allocation, so a view further in is copied out).
+pub(crate) fn dense(t: &Tensor, dtype: DType) -> Result<Tensor> {
+    let t = t.to_dtype(dtype)?.contiguous()?;
+    if t.layout().start_offset() == 0 {
+        Ok(t)
+    } else {
+        t.copy()
+    }
+}
+
+/// Which kernel a launch runs; fixes its argument list (see the kernels' signatures).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum KernelKind {
+    /// `flash_fwd_*(q, k, v, o, lse, qsegs, kvsegs, params)`
+    FlashFwd,
+    /// `eff_fwd_*(q, k, v, bias, bool_mask, o, lse, qsegs, kvsegs, params)`
+    EffFwd,
+    /// `attn_delta_*(o, dout, delta, rows: i64, ev: i32)`
+    Delta,
+    /// `flash_bwd_*(q, k, v, dout, lse, delta, dq, dk, dv, qsegs, kvsegs, params, with_dq: i32)`
+    FlashBwd,
+    /// `eff_bwd_*(q, k, v, bias, bool_mask, dout, lse, delta, dq, dk, dv, qsegs, kvsegs, params,
+    /// with_dq: i32)`
+    EffBwd,
+    /// `eff_dq_*(q, k, v, bias, bool_mask, dout, lse, delta, dq, qsegs, kvsegs, params)`
+    EffDq,
+}
+
+/// One kernel launch: which kernel, its grid of `THREADS`-thread blocks, its dynamic shared
+/// memory and parameter block (`tiles` set for this kernel).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Launch {
+    pub kind: KernelKind,
+    pub name: String,
+    pub grid: (u32, u32),
+    pub smem: usize,
+    pub params: KernelParams,
+    /// For the backward kernels: whether they accumulate dQ with atomics (else an `EffDq`
+    /// launch follows).
+    pub with_dq: bool,
+}
+
+fn grid(x: usize, y: usize) -> Result<(u32, u32)> {
+    let x = u32::try_from(x.max(1))
+        .or_else(|_| bail!("attention (CUDA): {x} segments exceed the grid"))?;
+    Ok((x, y.max(1) as u32))
+}
+
+/// The launch of a forward call of `kind` on `dtype` inputs, or `None` when there are no rows.
+pub(crate) fn forward_launch(
+    kind: Backend,
+    dtype: DType,
+    g: &Geometry,
+    p: KernelParams,
+) -> Result<Option<Launch>> {
+    let longest = g.q_segs.iter().map(|s| s.len).max().unwrap_or(0);
+    if longest == 0 {
+        return Ok(None);
+    }
+    let dt = dtype_name(dtype)?;
+    let mut params = p;
+    let launch = if kind == Backend::Flash {
+        let d = flash_bucket(g.e);
+        params.tiles = tiles(longest, FLASH_FWD_ROWS)? as i32;
+        Launch {
+            kind: KernelKind::FlashFwd,
+            name: format!("flash_fwd_{dt}_{d}"),
+            grid: grid(g.q_segs.len(), params.tiles as usize)?,
+            smem: flash_fwd_smem(d),
+            params,
+            with_dq: false,
+        }
+    } else {
+        let d = eff_bucket(g.e, g.ev);
+        params.tiles = tiles(longest, EFF_ROWS)? as i32;
+        Launch {
+            kind: KernelKind::EffFwd,
+            name: format!("eff_fwd_{dt}_{d}"),
+            grid: grid(g.q_segs.len(), params.tiles as usize)?,
+            smem: 0,
+            params,
+            with_dq: false,
+        }
+    };
+    Ok(Some(launch))
+}
+
+/// The launches of a backward call, in order: the row terms `D_i = dO_i . O_i`, the key-tile
+/// kernel (dK, dV, and dQ by atomics unless `deterministic`), and with `deterministic` the
+/// query-tile dQ pass. Empty when there are no rows.
+pub(crate) fn backward_launches(
+    kind: Backend,
+    dtype: DType,
+    g: &Geometry,
+    p: KernelParams,
+    deterministic: bool,
+) -> Result<Vec<Launch>> {
+    if g.q_rows == 0 || g.kv_rows == 0 {
+        return Ok(Vec::new());
+    }
+    let dt = dtype_name(dtype)?;
+    let warps = (THREADS / 32) as usize;
+    let mut out = vec![Launch {
+        kind: KernelKind::Delta,
+        name: format!("attn_delta_{dt}"),
+        grid: (
+            u32::try_from(g.q_rows.div_ceil(warps))
+                .or_else(|_| bail!("attention (CUDA): too many rows"))?,
+            1,
+        ),
+        smem: 0,
+        params: p,
+        with_dq: false,
+    }];
+    let longest_k = g.kv_segs.iter().map(|s| s.len).max().unwrap_or(0);
+    let mut params = p;
+    if kind == Backend::Flash && g.e <= MAX_FLASH_BWD_HEAD_DIM {
+        let d = flash_bucket(g.e);
+        params.tiles = tiles(longest_k, FLASH_BWD_KEYS)? as i32;
+        out.push(Launch {
+            kind: KernelKind::FlashBwd,
+            name: format!("flash_bwd_{dt}_{d}"),
+            grid: grid(g.kv_segs.len(), params.tiles as usize)?,
+            smem: flash_bwd_smem(d),
+            params,
+            with_dq: !deterministic,
+        });
+    } else {
+        let d = eff_bucket(g.e, g.ev);
+        params.tiles = tiles(longest_k, EFF_ROWS)? as i32;
+        out.push(Launch {
+            kind: KernelKind::EffBwd,
+            name: format!("eff_bwd_{dt}_{d}"),
+            grid: grid(g.kv_segs.len(), params.tiles as usize)?,
+            smem: 0,
+            params,
+            with_dq: !deterministic,
+        });
+    }
+    if deterministic {
+        let d = eff_bucket(g.e, g.ev);
+        let longest_q = g.q_segs.iter().map(|s| s.len).max().unwrap_or(0);
+        params.tiles = tiles(longest_q, EFF_ROWS)? as i32;
+        out.push(Launch {
+            kind: KernelKind::EffDq,
+            name: format!("eff_dq_{dt}_{d}"),
+            grid: grid(g.q_segs.len(), params.tiles as usize)?,
+            smem: 0,
+            params,
+            with_dq: false,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{CausalAlign, Dropout};
+    use candle_core::{Layout, Shape};
+
+    #[test]
+    fn tables_follow_the_geometry() {
+        let q = Layout::contiguous(Shape::from((2, 4, 5, 8)));
+        let k = Layout::contiguous(Shape::from((2, 2, 3, 8)));
+        let g = Geometry::dense(&q, &k, &k, None, Some(CausalAlign::BottomRight)).unwrap();
+        let (qs, ks) = segment_tables(&g).unwrap();
+        assert_eq!(qs.len(), 8 * QSEG_FIELDS);
+        assert_eq!(ks.len(), 4 * KVSEG_FIELDS);
+        // batch 1, head 3: reads key/value segment 3, causal offset 3 - 5.
+        assert_eq!(
+            &qs[7 * QSEG_FIELDS..8 * QSEG_FIELDS],
+            &[7 * 40, 35, 5, 3, 7, 0, -2, 1]
+        );
+        assert_eq!(&ks[3 * KVSEG_FIELDS..], &[72, 72, 9, 3, 6, 8]);
+        assert!(rows_aligned(&g));
+        let mut cfg = AttnConfig::new(0.5, None);
+        cfg.dropout = Dropout::new(0.25, 0x1234_5678_9abc_def0);
+        let p = kernel_params(&cfg, &g, MaskKind::None).unwrap();
+        assert_eq!(
+            (p.seed_lo, p.seed_hi, p.threshold, p.dropout),
+            (0x9abc_def0, 0x1234_5678, 1 << 30, 1)
+        );
+        assert_eq!((p.e, p.ev, p.n_qseg, p.n_kvseg, p.vec_ok), (8, 8, 8, 4, 1));
+    }
+
+    #[test]
+    fn unaligned_rows_and_huge_grids_are_seen() {
+        let q = Layout::contiguous(Shape::from((1, 1, 5, 6)));
+        let g = Geometry::dense(&q, &q, &q, None, None).unwrap();
+        assert!(!rows_aligned(&g));
+        assert_eq!(tiles(65, 64).unwrap(), 2);
+        assert!(tiles(64 * 70_000, 64).is_err());
+    }
+
+    #[test]
+    fn buckets_and_shared_memory() {
+        assert_eq!(flash_bucket(8), 32);
+        assert_eq!(flash_bucket(80), 96);
+        assert_eq!(flash_bucket(256), 256);
+        assert_eq!(eff_bucket(8, 130), 256);
+        // The sizes flash_fwd.cu / flash_bwd.cu carve out of dynamic shared memory.
+        assert_eq!(flash_fwd_smem(128), 87_040);
+        assert_eq!(flash_fwd_smem(256), 101_376);
+        assert_eq!(flash_bwd_smem(128), 57_088);
+        assert_eq!(flash_bwd_smem(64), 46_592);
+    }
+
+    #[test]
+    fn refusals_name_the_reason() {
+        let cap = 90;
+        let big = 227 * 1024;
+        let r = |b, dt, e, ev, m, cc| refusal_for(b, dt, e, ev, m, cc, big);
+        assert!(r(Backend::Flash, DType::F16, 64, 64, false, cap.max(80)).is_none());
+        assert!(r(Backend::Flash, DType::F32, 64, 64, false, cap.max(80))
+            .unwrap()
+            .contains("f32"));
+        assert!(r(Backend::Flash, DType::F16, 64, 64, true, cap.max(80))
+            .unwrap()
+            .contains("attn_mask"));
+        assert!(r(Backend::Flash, DType::BF16, 60, 60, false, cap.max(80))
+            .unwrap()
+            .contains("multiples of 8"));
+        assert!(r(Backend::Flash, DType::BF16, 64, 32, false, cap.max(80))
+            .unwrap()
+            .contains("equal"));
+        assert!(r(Backend::Efficient, DType::F32, 300, 8, true, cap)
+            .unwrap()
+            .contains("above 256"));
+        assert!(r(Backend::Efficient, DType::F32, 13, 7, true, cap).is_none());
+        assert!(refusal_for(
+            Backend::Flash,
+            DType::F16,
+            256,
+            256,
+            false,
+            cap.max(80),
+            48 * 1024
+        )
+        .unwrap()
+        .contains("shared memory"));
+    }
+}
