@@ -13,3 +13,8 @@ cargo test --release --workspace "$@"
 # The numeric tests once more on the portable (non-AVX-512) matrix kernel (same package set as
 # above, so nothing is rebuilt).
 ATTN_OP_PORTABLE=1 cargo test --release --workspace --test forward --test backward --test api "$@"
+# The CUDA kernels' own code run on the CPU by attn-kernels' emulator (a C++17 compiler is all it
+# needs) and checked against the CPU implementation: the tests a GPU session runs, on fewer lengths.
+cargo test --release -p attn-op --features cuda-emu --lib --test cuda_kernels --test cuda_deterministic "$@"
+cargo test --release -p attn-op --features cuda-emu --doc emu "$@"
+cargo test --release -p attn-kernels --features emu "$@"
