@@ -279,20 +279,22 @@ impl Fwd<'_> {
         );
         let f = function(self.dev, launch)?;
         let stream = self.dev.cuda_stream();
-        let mut b = stream.launch_builder(&f);
-        b.arg(q).arg(k).arg(v);
-        if launch.kind == KernelKind::EffFwd {
-            b.arg(self.mask.bias).arg(self.mask.boolean);
+        {
+            let mut b = stream.launch_builder(&f);
+            b.arg(q).arg(k).arg(v);
+            if launch.kind == KernelKind::EffFwd {
+                b.arg(self.mask.bias).arg(self.mask.boolean);
+            }
+            b.arg(&mut o)
+                .arg(lse)
+                .arg(self.qs)
+                .arg(self.ks)
+                .arg(&launch.params);
+            // SAFETY: the argument list matches flash_fwd_*'s or eff_fwd_*'s signature (see
+            // KernelKind); every access is bounded by the segment tables built from the layouts
+            // of these very storages, and the mask offsets come from its broadcast layout.
+            unsafe { b.launch(config(launch)) }.w()?;
         }
-        b.arg(&mut o)
-            .arg(lse)
-            .arg(self.qs)
-            .arg(self.ks)
-            .arg(&launch.params);
-        // SAFETY: the argument list matches flash_fwd_*'s or eff_fwd_*'s signature (see
-        // KernelKind); every access is bounded by the segment tables built from the layouts of
-        // these very storages, and the mask offsets come from its broadcast layout.
-        unsafe { b.launch(config(launch)) }.w()?;
         Ok(o)
     }
 }
