@@ -35,14 +35,15 @@ use half::{bf16, f16};
 
 use crate::config::AttnConfig;
 use crate::kernel_plan::{
-    backward_launches, broadcast_mask, dense, deterministic, forward_launch, geometry,
-    kernel_params, refusal_for, segment_tables, KernelKind, Launch, MaskKind, THREADS,
+    backward_launches, dense, deterministic, forward_launch, segment_tables, Call, KernelKind,
+    Launch, MaskKind, THREADS,
 };
 use crate::Backend;
 
 /// The device the emulator stands for: compute capability 9.0, 227 KiB of shared memory.
 const CC: u32 = 90;
 const SMEM: usize = 227 * 1024;
+const WHAT: &str = "attention (CUDA emulator)";
 
 thread_local! {
     static EMULATING: Cell<usize> = const { Cell::new(0) };
@@ -139,20 +140,20 @@ struct MaskBufs {
 }
 
 impl MaskBufs {
-    fn new(mask: Option<&CpuStorage>) -> Result<Self> {
+    fn new(mask: Option<&Tensor>) -> Result<Self> {
         let mut m = MaskBufs {
             bias: Buf::F32(Buffer::filled(1, 0.0)),
             boolean: Buf::U8(Buffer::filled(1, 0)),
             kind: MaskKind::None,
         };
-        match mask {
-            None => {}
-            Some(s @ CpuStorage::U8(_)) => {
-                m.boolean = Buf::of(s)?;
+        if let Some(mask) = mask {
+            let (s, _) = mask.storage_and_layout();
+            let b = Buf::of(cpu(&s, "attn_mask")?)?;
+            if mask.dtype() == DType::U8 {
+                m.boolean = b;
                 m.kind = MaskKind::Bool;
-            }
-            Some(s) => {
-                m.bias = Buf::of(s)?;
+            } else {
+                m.bias = b;
                 m.kind = MaskKind::Bias;
             }
         }
@@ -184,22 +185,14 @@ pub(crate) fn forward(
     if k.dtype() != dtype || v.dtype() != dtype {
         bail!("attention (CUDA emulator): q, k, v must share a dtype");
     }
-    let mask = broadcast_mask(cfg, ql, kl, &Device::Cpu)?;
-    let mask_guard = mask.as_ref().map(|m| m.storage_and_layout());
-    let g = geometry(cfg, ql, kl, vl, mask_guard.as_ref().map(|(_, l)| *l))?;
-    if let Some(why) = refusal_for(kind, dtype, g.e, g.ev, mask.is_some(), CC, SMEM) {
-        bail!("attention (CUDA emulator, {kind:?}): {why}");
-    }
+    let call = Call::new(WHAT, kind, cfg, dtype, (ql, kl, vl), &Device::Cpu, CC, SMEM)?;
+    let g = &call.g;
     let mut out_dims = ql.dims().to_vec();
     let r = out_dims.len();
     out_dims[r - 1] = g.ev;
-    let masks = match &mask_guard {
-        Some((s, _)) => MaskBufs::new(Some(cpu(s, "attn_mask")?))?,
-        None => MaskBufs::new(None)?,
-    };
-    let p = kernel_params(cfg, &g, masks.kind)?;
-    let launch = forward_launch(kind, dtype, &g, p)?;
-    let (qs, ks) = segment_tables(&g)?;
+    let masks = MaskBufs::new(call.mask.as_ref())?;
+    let launch = forward_launch(kind, dtype, g, call.params)?;
+    let (qs, ks) = segment_tables(g)?;
     let (qs, ks) = (Buffer::from_slice(&qs), Buffer::from_slice(&ks));
     let lse = Buffer::filled(
         g.q_rows,
@@ -257,25 +250,13 @@ pub(crate) fn backward(
     if ck.dtype() != dtype || cv.dtype() != dtype {
         bail!("attention backward (CUDA emulator): q, k, v must share a dtype");
     }
-    let mask = broadcast_mask(cfg, ql, kl, &Device::Cpu)?;
-    let mask_guard = mask.as_ref().map(|m| m.storage_and_layout());
-    let g = geometry(cfg, ql, kl, vl, mask_guard.as_ref().map(|(_, l)| *l))?;
-    if let Some(why) = refusal_for(kind, dtype, g.e, g.ev, mask.is_some(), CC, SMEM) {
-        bail!("attention backward (CUDA emulator, {kind:?}): {why}");
-    }
-    if o.elem_count() != g.q_rows * g.ev
-        || dout.elem_count() != o.elem_count()
-        || lse.elem_count() != g.q_rows
-    {
-        bail!("attention backward (CUDA emulator): output, its gradient or logsumexp do not match the inputs");
-    }
-    let masks = match &mask_guard {
-        Some((s, _)) => MaskBufs::new(Some(cpu(s, "attn_mask")?))?,
-        None => MaskBufs::new(None)?,
-    };
-    let p = kernel_params(cfg, &g, masks.kind)?;
-    let launches = backward_launches(kind, dtype, &g, p, deterministic())?;
-    let (qs, ks) = segment_tables(&g)?;
+    let what = "attention backward (CUDA emulator)";
+    let call = Call::new(what, kind, cfg, dtype, (ql, kl, vl), &Device::Cpu, CC, SMEM)?;
+    call.check_backward(what, &o, &dout, &lse)?;
+    let g = &call.g;
+    let masks = MaskBufs::new(call.mask.as_ref())?;
+    let launches = backward_launches(kind, dtype, g, call.params, deterministic())?;
+    let (qs, ks) = segment_tables(g)?;
     let (qs, ks) = (Buffer::from_slice(&qs), Buffer::from_slice(&ks));
     let dq = Buffer::filled(g.q_rows * g.e, 0f32);
     let dk = Buffer::filled(g.kv_rows * g.e, 0f32);

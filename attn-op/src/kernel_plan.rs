@@ -190,11 +190,7 @@ fn rows_aligned(g: &Geometry) -> bool {
 }
 
 /// The parameter block of one call; `tiles` is set per launch.
-pub(crate) fn kernel_params(
-    cfg: &AttnConfig,
-    g: &Geometry,
-    mask: MaskKind,
-) -> Result<KernelParams> {
+fn kernel_params(cfg: &AttnConfig, g: &Geometry, mask: MaskKind) -> Result<KernelParams> {
     let (seed, threshold, keep_scale) = match &cfg.dropout {
         Some(d) => (d.mask.key(), d.mask.threshold(), d.keep_scale()),
         None => ([0, 0], 0, 1.0),
@@ -289,7 +285,7 @@ pub(crate) fn refusal_for(
 }
 
 /// The mask broadcast to the scores shape `(..., Hq, Lq, Lk)`, on `device`, as f32 bias or u8.
-pub(crate) fn broadcast_mask(
+fn broadcast_mask(
     cfg: &AttnConfig,
     ql: &Layout,
     kl: &Layout,
@@ -312,7 +308,7 @@ pub(crate) fn broadcast_mask(
 }
 
 /// Where the segments of this call lie in q, k and v.
-pub(crate) fn geometry(
+fn geometry(
     cfg: &AttnConfig,
     ql: &Layout,
     kl: &Layout,
@@ -338,6 +334,67 @@ pub(crate) fn dense(t: &Tensor, dtype: DType) -> Result<Tensor> {
         Ok(t)
     } else {
         t.copy()
+    }
+}
+
+/// What one forward or backward call on CUDA needs besides the tensors, worked out from the
+/// layouts alone: the mask broadcast to the scores shape, the geometry and the parameter block.
+/// Fails with `what` (e.g. "attention (CUDA)") when the kernels refuse the problem.
+pub(crate) struct Call {
+    /// The mask broadcast to `(..., Hq, Lq, Lk)` on the call's device, f32 bias or u8.
+    pub mask: Option<Tensor>,
+    pub g: Geometry,
+    pub params: KernelParams,
+}
+
+impl Call {
+    /// `device` receives the mask; `cc` and `smem` describe it (see [`refusal_for`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        what: &str,
+        kind: Backend,
+        cfg: &AttnConfig,
+        dtype: DType,
+        (ql, kl, vl): (&Layout, &Layout, &Layout),
+        device: &Device,
+        cc: u32,
+        smem: usize,
+    ) -> Result<Self> {
+        let mask = broadcast_mask(cfg, ql, kl, device)?;
+        let g = geometry(cfg, ql, kl, vl, mask.as_ref().map(Tensor::layout))?;
+        if let Some(why) = refusal_for(kind, dtype, g.e, g.ev, mask.is_some(), cc, smem) {
+            bail!("{what}, {kind:?}: {why}");
+        }
+        let mask_kind = match mask.as_ref().map(Tensor::dtype) {
+            None => MaskKind::None,
+            Some(DType::U8) => MaskKind::Bool,
+            Some(_) => MaskKind::Bias,
+        };
+        let params = kernel_params(cfg, &g, mask_kind)?;
+        Ok(Self { mask, g, params })
+    }
+
+    /// Checks the backward's output `o`, its gradient and the logsumexp against the geometry.
+    pub fn check_backward(
+        &self,
+        what: &str,
+        o: &Tensor,
+        dout: &Tensor,
+        lse: &Tensor,
+    ) -> Result<()> {
+        let g = &self.g;
+        if o.elem_count() != g.q_rows * g.ev
+            || dout.elem_count() != o.elem_count()
+            || lse.elem_count() != g.q_rows
+        {
+            bail!(
+                "{what}: output ({:?}), its gradient ({:?}) or logsumexp ({:?}) do not match the inputs",
+                o.dims(),
+                dout.dims(),
+                lse.dims()
+            );
+        }
+        Ok(())
     }
 }
 

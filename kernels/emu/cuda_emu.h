@@ -1,6 +1,6 @@
 // A CPU emulation of the part of CUDA the attention kernels use, so `src/*.cu` compile as plain
-// C++ and run on the CPU: every CUDA thread is a fiber of one OS thread, the threads of one
-// block run together (blocks one after another), __syncthreads and the warp-wide operations
+// C++ and run on the CPU: every CUDA thread is a fiber of the launching OS thread, the threads of
+// one block run together (blocks one after another; each OS thread has its own emulator state), __syncthreads and the warp-wide operations
 // (__shfl_xor_sync, mma.sync, ldmatrix) are rendezvous points where the fibers switch.
 //
 // What it checks besides computing: a warp operation must be reached by all 32 lanes with the
@@ -25,9 +25,10 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
-// Static shared arrays: one block runs at a time, so a function-static array is shared by the
-// block's threads exactly as __shared__ memory is.
-#define __shared__ static
+// Static shared arrays: an OS thread runs one block at a time, so a function-static,
+// thread-local array is shared by the block's threads exactly as __shared__ memory is (and
+// launches on different OS threads, e.g. parallel tests, do not meet).
+#define __shared__ static thread_local
 #define ATTN_DYNAMIC_SMEM(name) unsigned char* name = emu::dynamic_smem()
 
 struct dim3 {
@@ -49,7 +50,7 @@ inline auto min(A a, B b) -> decltype(a + b) {
 
 namespace emu {
 struct Fiber;
-extern Fiber* current;
+extern thread_local Fiber* current;
 const dim3& thread_idx();
 const dim3& block_idx();
 const dim3& block_dim();

@@ -10,6 +10,7 @@
 #include <ucontext.h>
 #include <unistd.h>
 
+#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -60,9 +61,10 @@ struct Launch {
 
 namespace {
 
-Launch* L = nullptr;
-ucontext_t sched;
-unsigned char* stacks = nullptr;  // kMaxThreads stacks, each above a guard page
+// Per OS thread: the launch being run, the scheduler's context and the fiber stacks.
+thread_local Launch* L = nullptr;
+thread_local ucontext_t sched;
+thread_local unsigned char* stacks = nullptr;  // kMaxThreads stacks, each above a guard page
 
 [[noreturn]] void fail(std::string msg) {
     char where[160];
@@ -118,20 +120,25 @@ void on_segv(int sig, siginfo_t* info, void*) {
     _exit(134);
 }
 
+// The fault handler (once per process) and an alternate signal stack (once per OS thread, so a
+// fault on an exhausted fiber stack can still be reported).
 void install_handlers() {
-    static bool done = false;
-    if (done) return;
-    done = true;
-    static unsigned char alt[64 * 1024];
+    static std::once_flag process;
+    std::call_once(process, [] {
+        struct sigaction sa = {};
+        sa.sa_sigaction = on_segv;
+        sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+        sigaction(SIGSEGV, &sa, nullptr);
+        sigaction(SIGBUS, &sa, nullptr);
+    });
+    static thread_local bool thread_done = false;
+    if (thread_done) return;
+    thread_done = true;
+    static thread_local unsigned char alt[64 * 1024];
     stack_t ss = {};
     ss.ss_sp = alt;
     ss.ss_size = sizeof alt;
     sigaltstack(&ss, nullptr);
-    struct sigaction sa = {};
-    sa.sa_sigaction = on_segv;
-    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
-    sigaction(SIGSEGV, &sa, nullptr);
-    sigaction(SIGBUS, &sa, nullptr);
 }
 
 // `bytes` of memory ending right below an inaccessible page, so a read or write past the end
@@ -150,7 +157,7 @@ unsigned char* guarded(size_t bytes, void** base, size_t* len) {
 
 }  // namespace
 
-Fiber* current = nullptr;
+thread_local Fiber* current = nullptr;
 
 const dim3& thread_idx() { return current->tid; }
 const dim3& block_idx() { return L->bidx; }
@@ -278,7 +285,7 @@ const Entry kKernels[] = {
     FF(f16), FF(bf16), FB(f16), FB(bf16),
 };
 
-const Entry* chosen = nullptr;
+thread_local const Entry* chosen = nullptr;
 void run_chosen(void* const* args) { chosen->call(chosen->fn, args); }
 
 int error_out(char* err, size_t len, const std::string& msg) {

@@ -30,9 +30,8 @@ use half::{bf16, f16};
 use crate::config::AttnConfig;
 use crate::cpu::geometry::Geometry;
 use crate::kernel_plan::{
-    backward_launches, broadcast_mask, dense, deterministic, forward_launch, geometry,
-    kernel_params, refusal_for, segment_tables, KernelKind, KernelParams, Launch, MaskKind,
-    THREADS,
+    backward_launches, dense, deterministic, forward_launch, refusal_for, segment_tables, Call,
+    KernelKind, KernelParams, Launch, THREADS,
 };
 use crate::Backend;
 
@@ -64,29 +63,31 @@ pub(crate) fn refusal(
     device: &CudaDevice,
 ) -> Option<String> {
     match device_caps(device) {
-        Ok((cc, smem)) => refusal_on(backend, dtype, e, ev, has_mask, cc, smem),
+        Ok((cc, smem)) => {
+            not_built_for(cc).or_else(|| refusal_for(backend, dtype, e, ev, has_mask, cc, smem))
+        }
         Err(err) => Some(format!("cannot query the CUDA device: {err}")),
     }
 }
 
-/// [`refusal_for`], after checking that the kernels were built for a device of capability `cc`.
-fn refusal_on(
-    backend: Backend,
-    dtype: DType,
-    e: usize,
-    ev: usize,
-    has_mask: bool,
-    cc: u32,
-    smem: usize,
-) -> Option<String> {
+/// Why the kernels cannot run on a device of capability `cc` at all (built for a newer one).
+fn not_built_for(cc: u32) -> Option<String> {
     let built = attn_kernels::COMPUTE_CAP;
-    if cc < built {
-        return Some(format!(
+    (cc < built).then(|| {
+        format!(
             "the CUDA kernels were built for sm_{built} (CUDA_COMPUTE_CAP) and this device is sm_{cc}; \
              rebuild with CUDA_COMPUTE_CAP={cc}"
-        ));
+        )
+    })
+}
+
+/// The device's capability and shared memory per block, once the kernels are known to fit it.
+fn checked_caps(dev: &CudaDevice, what: &str) -> Result<(u32, usize)> {
+    let (cc, smem) = device_caps(dev)?;
+    if let Some(why) = not_built_for(cc) {
+        bail!("{what}: {why}");
     }
-    refusal_for(backend, dtype, e, ev, has_mask, cc, smem)
+    Ok((cc, smem))
 }
 
 /// A CUDA tensor's storage, or an error naming it.
@@ -98,11 +99,10 @@ fn cuda_of<'a>(s: &'a Storage, name: &str) -> Result<&'a CudaStorage> {
 }
 
 /// The mask's storage as the kernels take it: bias and boolean slices (placeholders where
-/// absent) and which one to read.
+/// absent; the parameter block says which one to read).
 struct MaskArgs<'a> {
     bias: &'a CudaSlice<f32>,
     boolean: &'a CudaSlice<u8>,
-    kind: MaskKind,
 }
 
 /// One-element stand-ins for the mask arguments of a call without a mask of that kind.
@@ -125,7 +125,6 @@ impl Placeholders {
             return Ok(MaskArgs {
                 bias: &self.bias,
                 boolean: &self.boolean,
-                kind: MaskKind::None,
             });
         };
         let s = cuda_of(s, "attn_mask")?;
@@ -133,12 +132,10 @@ impl Placeholders {
             DType::U8 => MaskArgs {
                 bias: &self.bias,
                 boolean: s.as_cuda_slice::<u8>()?,
-                kind: MaskKind::Bool,
             },
             _ => MaskArgs {
                 bias: s.as_cuda_slice::<f32>()?,
                 boolean: &self.boolean,
-                kind: MaskKind::Bias,
             },
         })
     }
@@ -195,22 +192,20 @@ pub(crate) fn forward(
         );
     }
     let dev = q.device().clone();
-    let mask = broadcast_mask(cfg, ql, kl, &Device::Cuda(dev.clone()))?;
-    let mask_guard = mask.as_ref().map(|m| m.storage_and_layout());
-    let g = geometry(cfg, ql, kl, vl, mask_guard.as_ref().map(|(_, l)| *l))?;
-    let (cc, smem) = device_caps(&dev)?;
-    if let Some(why) = refusal_on(kind, dtype, g.e, g.ev, mask.is_some(), cc, smem) {
-        bail!("attention (CUDA, {kind:?}): {why}");
-    }
+    let what = "attention (CUDA)";
+    let (cc, smem) = checked_caps(&dev, what)?;
+    let gpu = Device::Cuda(dev.clone());
+    let call = Call::new(what, kind, cfg, dtype, (ql, kl, vl), &gpu, cc, smem)?;
+    let g = &call.g;
+    let mask_guard = call.mask.as_ref().map(|m| m.storage_and_layout());
     let mut out_dims = ql.dims().to_vec();
     let r = out_dims.len();
     out_dims[r - 1] = g.ev;
     let shape = Shape::from(out_dims);
     let placeholders = Placeholders::new(&dev)?;
     let margs = placeholders.args(mask_guard.as_ref().map(|(s, _)| &**s))?;
-    let p = kernel_params(cfg, &g, margs.kind)?;
-    let launch = forward_launch(kind, dtype, &g, p)?;
-    let (qs, ks) = segment_tables(&g)?;
+    let launch = forward_launch(kind, dtype, g, call.params)?;
+    let (qs, ks) = segment_tables(g)?;
     let (qs, ks) = (dev.clone_htod(&qs)?, dev.clone_htod(&ks)?);
     // Dense inputs cover every row; packed ones may leave rows past the last sequence, whose
     // logsumexp stays +inf as on the CPU.
@@ -221,7 +216,7 @@ pub(crate) fn forward(
     };
     let run = Fwd {
         dev: &dev,
-        g: &g,
+        g,
         launch: launch.as_ref(),
         qs: &qs,
         ks: &ks,
@@ -349,29 +344,16 @@ pub(crate) fn backward(
     if ck.dtype() != dtype || cv.dtype() != dtype {
         bail!("attention backward (CUDA): q, k, v must share a dtype");
     }
-    let mask = broadcast_mask(cfg, ql, kl, q.device())?;
-    let mask_guard = mask.as_ref().map(|m| m.storage_and_layout());
-    let g = geometry(cfg, ql, kl, vl, mask_guard.as_ref().map(|(_, l)| *l))?;
-    let (cc, smem) = device_caps(&dev)?;
-    if let Some(why) = refusal_on(kind, dtype, g.e, g.ev, mask.is_some(), cc, smem) {
-        bail!("attention backward (CUDA, {kind:?}): {why}");
-    }
-    if o.elem_count() != g.q_rows * g.ev
-        || dout.elem_count() != o.elem_count()
-        || lse.elem_count() != g.q_rows
-    {
-        bail!(
-            "attention backward (CUDA): output ({:?}), its gradient ({:?}) or logsumexp ({:?}) do not match the inputs",
-            o.dims(),
-            dout.dims(),
-            lse.dims()
-        );
-    }
+    let what = "attention backward (CUDA)";
+    let (cc, smem) = checked_caps(&dev, what)?;
+    let call = Call::new(what, kind, cfg, dtype, (ql, kl, vl), q.device(), cc, smem)?;
+    call.check_backward(what, &o, &dout, &lse)?;
+    let g = &call.g;
+    let mask_guard = call.mask.as_ref().map(|m| m.storage_and_layout());
     let placeholders = Placeholders::new(&dev)?;
     let margs = placeholders.args(mask_guard.as_ref().map(|(s, _)| &**s))?;
-    let p = kernel_params(cfg, &g, margs.kind)?;
-    let launches = backward_launches(kind, dtype, &g, p, deterministic())?;
-    let (qs, ks) = segment_tables(&g)?;
+    let launches = backward_launches(kind, dtype, g, call.params, deterministic())?;
+    let (qs, ks) = segment_tables(g)?;
     let (qs, ks) = (dev.clone_htod(&qs)?, dev.clone_htod(&ks)?);
     let mut dq = dev.alloc_zeros::<f32>(g.q_rows * g.e)?;
     let mut dk = dev.alloc_zeros::<f32>(g.kv_rows * g.e)?;
@@ -382,7 +364,7 @@ pub(crate) fn backward(
         let (ls, _) = lse.storage_and_layout();
         let run = Bwd {
             dev: &dev,
-            g: &g,
+            g,
             launches: &launches,
             qs: &qs,
             ks: &ks,
@@ -510,25 +492,9 @@ mod tests {
     #[test]
     fn kernels_built_for_a_newer_device_are_refused() {
         let cap = attn_kernels::COMPUTE_CAP;
-        let why = refusal_on(
-            Backend::Efficient,
-            DType::F32,
-            64,
-            64,
-            false,
-            cap.saturating_sub(5),
-            227 * 1024,
-        );
-        assert!(why.unwrap().contains("rebuild"));
-        assert!(refusal_on(
-            Backend::Efficient,
-            DType::F32,
-            64,
-            64,
-            false,
-            cap,
-            227 * 1024
-        )
-        .is_none());
+        assert!(not_built_for(cap.saturating_sub(5))
+            .unwrap()
+            .contains("rebuild"));
+        assert!(not_built_for(cap).is_none());
     }
 }
