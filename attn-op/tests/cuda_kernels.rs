@@ -78,11 +78,11 @@ fn input(b: usize, h: usize, l: usize, d: usize, dtype: DType, strided: bool) ->
     Var::from_tensor(&t.to_dtype(dtype)?)
 }
 
-fn view(v: &Var, strided: bool) -> Result<Tensor> {
+fn view(t: &Tensor, strided: bool) -> Result<Tensor> {
     if strided {
-        v.as_tensor().transpose(1, 2)
+        t.transpose(1, 2)
     } else {
-        Ok(v.as_tensor().clone())
+        Ok(t.clone())
     }
 }
 
@@ -96,36 +96,30 @@ fn run(
     dout: &Tensor,
     target: Option<&Target>,
 ) -> Result<[Tensor; 4]> {
-    let dev = &target.map_or(Device::Cpu, Target::device);
-    let _running = target.map(Target::run);
-    let vars: Vec<Var> = inputs
-        .iter()
-        .map(|v| Var::from_tensor(&v.as_tensor().to_device(dev)?))
-        .collect::<Result<_>>()?;
-    let (q, k, v) = (
-        view(&vars[0], c.strided)?,
-        view(&vars[1], c.strided)?,
-        view(&vars[2], c.strided)?,
-    );
-    let opts = SdpaOptions {
-        attn_mask: mask.map(|m| m.to_device(dev)).transpose()?,
-        dropout_p: c.dropout,
-        is_causal: c.causal,
-        scale: None,
-        enable_gqa: c.hq != c.hkv,
-        seed: Some(0x5eed_0000_1234_5678),
+    let sdpa = |q: &Tensor, k: &Tensor, v: &Tensor| {
+        let opts = SdpaOptions {
+            attn_mask: mask.map(|m| m.to_device(q.device())).transpose()?,
+            dropout_p: c.dropout,
+            is_causal: c.causal,
+            scale: None,
+            enable_gqa: c.hq != c.hkv,
+            seed: Some(0x5eed_0000_1234_5678),
+        };
+        let _only = sdpa_kernel(&[backend]);
+        let (q, k, v) = (
+            view(q, c.strided)?,
+            view(k, c.strided)?,
+            view(v, c.strided)?,
+        );
+        scaled_dot_product_attention(&q, &k, &v, &opts)
     };
-    let _only = sdpa_kernel(&[backend]);
-    let y = scaled_dot_product_attention(&q, &k, &v, &opts)?;
-    let loss = (y.to_dtype(DType::F32)? * dout.to_device(dev)?)?.sum_all()?;
-    let grads = loss.backward()?;
-    let g = |v: &Var| {
-        grads
-            .get(v.as_tensor())
-            .cloned()
-            .ok_or_else(|| candle_core::Error::Msg("missing gradient".into()))
-    };
-    Ok([y, g(&vars[0])?, g(&vars[1])?, g(&vars[2])?])
+    let [q, k, v] = inputs;
+    value_and_grads(
+        sdpa,
+        [q.as_tensor(), k.as_tensor(), v.as_tensor()],
+        dout,
+        target,
+    )
 }
 
 fn check(backend: Backend, dtype: DType, c: Case, target: &Target) -> Result<()> {
@@ -145,6 +139,11 @@ fn check(backend: Backend, dtype: DType, c: Case, target: &Target) -> Result<()>
     let inputs = [q, k, v];
     let cpu = run(backend, &c, &inputs, mask.as_ref(), &dout, None)?;
     let cuda = run(backend, &c, &inputs, mask.as_ref(), &dout, Some(target))?;
+    compare(&format!("{backend:?} {dtype:?} {c:?}"), dtype, &cuda, &cpu)
+}
+
+/// Checks the kernels' output and (dq, dk, dv) against the CPU's, within [`tolerance`].
+fn compare(what: &str, dtype: DType, kernels: &[Tensor; 4], cpu: &[Tensor; 4]) -> Result<()> {
     let (tf, tb) = tolerance(dtype);
     // Gradients are measured against the largest of the three: a gradient that is zero in exact
     // arithmetic (dq and dk with one visible key) is rounding noise of the size of the others'
@@ -158,14 +157,43 @@ fn check(backend: Backend, dtype: DType, c: Case, target: &Target) -> Result<()>
         } else {
             (grad_scale, tb)
         };
-        let err = rel_err(&cuda[i], &cpu[i], scale)?;
+        let err = rel_err(&kernels[i], &cpu[i], scale)?;
         if err > tol {
-            candle_core::bail!(
-                "{backend:?} {dtype:?} {c:?}: {name} relative error {err:.2e} > {tol:.0e}"
-            );
+            candle_core::bail!("{what}: {name} relative error {err:.2e} > {tol:.0e}");
         }
     }
     Ok(())
+}
+
+/// `f(q, k, v)` and the gradients of `sum(f(q, k, v) * dout)` for inputs given on the CPU: on the
+/// kernels' target, or with `None` by the CPU implementation.
+fn value_and_grads(
+    f: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+    inputs: [&Tensor; 3],
+    dout: &Tensor,
+    target: Option<&Target>,
+) -> Result<[Tensor; 4]> {
+    let dev = &target.map_or(Device::Cpu, Target::device);
+    let _running = target.map(Target::run);
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(&t.to_device(dev)?))
+        .collect::<Result<_>>()?;
+    let y = f(
+        vars[0].as_tensor(),
+        vars[1].as_tensor(),
+        vars[2].as_tensor(),
+    )?;
+    let grads = (y.to_dtype(DType::F32)? * dout.to_device(dev)?)?
+        .sum_all()?
+        .backward()?;
+    let g = |v: &Var| {
+        grads
+            .get(v.as_tensor())
+            .cloned()
+            .ok_or_else(|| candle_core::Error::Msg("missing gradient".into()))
+    };
+    Ok([y, g(&vars[0])?, g(&vars[1])?, g(&vars[2])?])
 }
 
 /// Runs every case, reporting all failures at once.
@@ -275,49 +303,56 @@ fn dropout_masks_are_the_cpus() -> Result<()> {
     Ok(())
 }
 
-/// `flash_attn` (bottom-right causal alignment, `(B, S, H, D)` views) and packed sequences.
+/// `flash_attn` (bottom-right causal alignment, `(B, S, H, D)` views, GQA) and packed sequences,
+/// forward and backward.
 #[test]
 fn flash_attn_layouts_match_cpu() -> Result<()> {
     let Some(target) = Target::get() else {
         return Ok(());
     };
-    let gpu = target.device();
+    let randn = |shape: &[usize], dtype: DType| {
+        Tensor::randn(0f32, 1., shape, &Device::Cpu)?.to_dtype(dtype)
+    };
+    let mut failures = Vec::new();
     for dtype in [DType::F16, DType::BF16] {
-        let (tf, _) = tolerance(dtype);
         for (sq, sk) in [(1, 9), (5, 77), (77, 5), (129, 129)] {
-            let q = Tensor::randn(0f32, 1., (2, sq, 4, 64), &Device::Cpu)?.to_dtype(dtype)?;
-            let k = Tensor::randn(0f32, 1., (2, sk, 2, 64), &Device::Cpu)?.to_dtype(dtype)?;
-            let v = Tensor::randn(0f32, 1., (2, sk, 2, 64), &Device::Cpu)?.to_dtype(dtype)?;
-            let cpu = flash_attn(&q, &k, &v, 0.125, true)?;
-            let _running = target.run();
-            let cuda = flash_attn(
-                &q.to_device(&gpu)?,
-                &k.to_device(&gpu)?,
-                &v.to_device(&gpu)?,
-                0.125,
-                true,
-            )?;
-            let err = rel_err(&cuda, &cpu, max_abs(&cpu)?)?;
-            assert!(err <= tf, "flash_attn {dtype:?} ({sq}, {sk}): {err:.2e}");
+            let q = randn(&[2, sq, 4, 64], dtype)?;
+            let k = randn(&[2, sk, 2, 64], dtype)?;
+            let v = randn(&[2, sk, 2, 64], dtype)?;
+            let dout = Tensor::randn(0f32, 1., (2, sq, 4, 64), &Device::Cpu)?;
+            let f = |q: &Tensor, k: &Tensor, v: &Tensor| flash_attn(q, k, v, 0.125, true);
+            let cpu = value_and_grads(f, [&q, &k, &v], &dout, None)?;
+            let kernels = value_and_grads(f, [&q, &k, &v], &dout, Some(&target))?;
+            let what = format!("flash_attn {dtype:?} ({sq}, {sk})");
+            if let Err(e) = compare(&what, dtype, &kernels, &cpu) {
+                failures.push(e.to_string());
+            }
         }
-        let (tq, tk) = (3 + 70 + 1, 5 + 64 + 33);
-        let q = Tensor::randn(0f32, 1., (tq, 4, 32), &Device::Cpu)?.to_dtype(dtype)?;
-        let k = Tensor::randn(0f32, 1., (tk, 4, 32), &Device::Cpu)?.to_dtype(dtype)?;
-        let cu_q = Tensor::new(&[0u32, 3, 73, 74], &Device::Cpu)?;
-        let cu_k = Tensor::new(&[0u32, 5, 69, 102], &Device::Cpu)?;
+        // Three sequences of 3, 70 and 1 queries against 5, 64 and 33 keys, and one padding row.
+        let (tq, tk) = (3 + 70 + 1 + 1, 5 + 64 + 33);
+        let q = randn(&[tq, 4, 32], dtype)?;
+        let k = randn(&[tk, 4, 32], dtype)?;
+        let v = randn(&[tk, 4, 32], dtype)?;
+        let dout = Tensor::randn(0f32, 1., (tq, 4, 32), &Device::Cpu)?;
+        let dev = target.device();
+        let cu_q = Tensor::new(&[0u32, 3, 73, 74], &dev)?;
+        let cu_k = Tensor::new(&[0u32, 5, 69, 102], &dev)?;
+        let (cpu_q, cpu_k) = (cu_q.to_device(&Device::Cpu)?, cu_k.to_device(&Device::Cpu)?);
         for causal in [false, true] {
-            let cpu = flash_attn_varlen(&q, &k, &k, &cu_q, &cu_k, 70, 64, 0.2, causal)?;
-            let _running = target.run();
-            let (gq, gk) = (q.to_device(&gpu)?, k.to_device(&gpu)?);
-            let (gcq, gck) = (cu_q.to_device(&gpu)?, cu_k.to_device(&gpu)?);
-            let cuda = flash_attn_varlen(&gq, &gk, &gk, &gcq, &gck, 70, 64, 0.2, causal)?;
-            let err = rel_err(&cuda, &cpu, max_abs(&cpu)?)?;
-            assert!(
-                err <= tf,
-                "flash_attn_varlen {dtype:?} causal {causal}: {err:.2e}"
-            );
+            let varlen = |cq: &Tensor, ck: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor| {
+                flash_attn_varlen(q, k, v, cq, ck, 70, 64, 0.2, causal)
+            };
+            let on_cpu = |q: &Tensor, k: &Tensor, v: &Tensor| varlen(&cpu_q, &cpu_k, q, k, v);
+            let on_target = |q: &Tensor, k: &Tensor, v: &Tensor| varlen(&cu_q, &cu_k, q, k, v);
+            let cpu = value_and_grads(on_cpu, [&q, &k, &v], &dout, None)?;
+            let kernels = value_and_grads(on_target, [&q, &k, &v], &dout, Some(&target))?;
+            let what = format!("flash_attn_varlen {dtype:?} causal {causal}");
+            if let Err(e) = compare(&what, dtype, &kernels, &cpu) {
+                failures.push(e.to_string());
+            }
         }
     }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
     Ok(())
 }
 

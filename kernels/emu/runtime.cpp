@@ -34,6 +34,7 @@ struct Fiber {
     int lane = 0, warp = 0;
     bool done = false;
     const char* waiting = "running";
+    bool at_barrier = false;  // waiting at __syncthreads
     std::vector<AsyncCopy> open;                  // issued, not yet committed
     std::vector<std::vector<AsyncCopy>> groups;  // committed, oldest first
 };
@@ -56,6 +57,9 @@ struct Launch {
     unsigned long long bar_gen = 0, events = 0;
     unsigned char* smem = nullptr;
     size_t smem_bytes = 0;
+    // cp.async copies land when issued (the earliest the hardware may complete them) instead of
+    // at the wait that covers them (the latest): chosen per block, see schedule().
+    bool eager_copies = false;
     std::string error;
 };
 
@@ -155,6 +159,50 @@ unsigned char* guarded(size_t bytes, void** base, size_t* len) {
     return m + ps + body - bytes;
 }
 
+// The order in which a scheduler pass resumes the threads of a block: `start + i * stride`
+// (mod threads), stride odd and coprime with the block size, both drawn from the block and pass
+// numbers. Between two synchronisation points any order is one a GPU may produce (warps and,
+// since Volta, the lanes of a warp run independently), so varying it from pass to pass makes a
+// missing __syncthreads or a read of another thread's unsynchronised write show up as a wrong
+// result instead of depending on one fixed order. About half the blocks (by the same hash) also
+// run warp by warp, each as far as the next __syncthreads, before every pass (warps far apart:
+// the schedule that exposes a tile overwritten while another warp still reads it). Odd-numbered
+// blocks (by the same hash) land
+// their cp.async copies when issued, the others at the covering wait, so both a missing wait
+// and a prefetch overwriting a tile still being read can show. ATTN_EMU_SCHEDULE=fixed keeps
+// thread order and lands every copy at its wait.
+struct Order {
+    unsigned start, stride, n;
+    unsigned at(unsigned i) const { return (unsigned)((start + (unsigned long long)i * stride) % n); }
+};
+
+bool fixed_schedule() {
+    static const bool fixed = [] {
+        const char* v = getenv("ATTN_EMU_SCHEDULE");
+        return v && strcmp(v, "fixed") == 0;
+    }();
+    return fixed;
+}
+
+Order schedule(unsigned block, unsigned pass, unsigned n) {
+    if (fixed_schedule()) return {0, 1, n};
+    unsigned long long x = ((unsigned long long)block << 32 | pass) * 0x9E3779B97F4A7C15ull;
+    x ^= x >> 29;
+    x *= 0xBF58476D1CE4E5B9ull;
+    x ^= x >> 32;
+    unsigned stride = (unsigned)(x % n) | 1u;
+    auto gcd = [](unsigned a, unsigned b) {
+        while (b) {
+            unsigned t = a % b;
+            a = b;
+            b = t;
+        }
+        return a;
+    };
+    while (gcd(stride, n) != 1) stride += 2;
+    return {(unsigned)((x >> 20) % n), stride % n == 0 ? 1 : stride, n};
+}
+
 }  // namespace
 
 thread_local Fiber* current = nullptr;
@@ -177,7 +225,9 @@ void syncthreads() {
         return;
     }
     f.waiting = "__syncthreads";
+    f.at_barrier = true;
     while (L->bar_gen == gen) yield();
+    f.at_barrier = false;
     f.waiting = "running";
 }
 
@@ -233,7 +283,17 @@ void check_smem(const char* op, const void* p, unsigned bytes) {
     }
 }
 
-void cp_async_issue(const AsyncCopy& c) { current->open.push_back(c); }
+void land(const AsyncCopy& c) {
+    memset(c.dst, 0, 16);
+    if (c.src_bytes) memcpy(c.dst, c.src, (size_t)c.src_bytes);
+}
+
+void cp_async_issue(const AsyncCopy& c) {
+    if (L->eager_copies)
+        land(c);
+    else
+        current->open.push_back(c);
+}
 void cp_async_commit() {
     current->groups.push_back(std::move(current->open));
     current->open.clear();
@@ -241,10 +301,7 @@ void cp_async_commit() {
 void cp_async_wait(int pending) {
     auto& gs = current->groups;
     while ((int)gs.size() > pending) {
-        for (const AsyncCopy& c : gs.front()) {
-            memset(c.dst, 0, 16);
-            if (c.src_bytes) memcpy(c.dst, c.src, (size_t)c.src_bytes);
-        }
+        for (const AsyncCopy& c : gs.front()) land(c);
         gs.erase(gs.begin());
     }
 }
@@ -361,6 +418,7 @@ int attn_emu_launch(const char* name, unsigned gx, unsigned gy, unsigned threads
             launch.warps.assign(threads / 32, WarpState());
             launch.live = (int)threads;
             launch.bar_arrived = 0;
+            launch.eager_copies = !fixed_schedule() && (schedule(by * gx + bx, 0, threads).start & 1);
             memset(smem_ptr, 0xff, smem);  // NaN in every float format: unwritten tile data shows
             for (unsigned t = 0; t < threads; ++t) {
                 Fiber& f = launch.fibers[t];
@@ -373,15 +431,41 @@ int attn_emu_launch(const char* name, unsigned gx, unsigned gy, unsigned threads
                 f.ctx.uc_link = &sched;
                 makecontext(&f.ctx, entry, 0);
             }
-            for (;;) {
+            const bool greedy = !fixed_schedule() && (schedule(by * gx + bx, 1, threads).start & 1);
+            for (unsigned pass = 0;; ++pass) {
                 unsigned long long before = launch.events;
                 bool all_done = true;
-                for (unsigned t = 0; t < threads && launch.error.empty(); ++t) {
-                    Fiber& f = launch.fibers[t];
-                    if (f.done) continue;
+                const Order order = schedule(by * gx + bx, pass, threads);
+                auto resume = [&](Fiber& f) {
                     current = &f;
                     swapcontext(&sched, &f.ctx);
                     current = nullptr;
+                };
+                if (greedy) {
+                    // Warp by warp (in a permuted order), each run until all its threads wait
+                    // at __syncthreads or are done: warps get as far ahead of each other as the
+                    // barriers allow.
+                    const Order warps = schedule(by * gx + bx, pass + 0x8000u, threads / 32);
+                    const Order lanes = schedule(by * gx + bx, pass + 0x4000u, 32);
+                    for (unsigned wi = 0; wi < threads / 32 && launch.error.empty(); ++wi) {
+                        const unsigned w = warps.at(wi);
+                        for (bool moved = true; moved && launch.error.empty();) {
+                            unsigned long long ev = launch.events;
+                            bool runnable = false;
+                            for (unsigned i = 0; i < 32 && launch.error.empty(); ++i) {
+                                Fiber& f = launch.fibers[w * 32 + lanes.at(i)];
+                                if (f.done || f.at_barrier) continue;
+                                runnable = true;
+                                resume(f);
+                            }
+                            moved = runnable && launch.events != ev;
+                        }
+                    }
+                }
+                for (unsigned i = 0; i < threads && launch.error.empty(); ++i) {
+                    Fiber& f = launch.fibers[order.at(i)];
+                    if (f.done) continue;
+                    resume(f);
                     if (!f.done) all_done = false;
                 }
                 if (!launch.error.empty() || all_done) break;
