@@ -3,7 +3,7 @@
 #   1. scripts/setup-cuda.sh (CUDA 13.0 nvcc from PyPI, stub libcuda),
 #   2. the attn-kernels crate with its `cuda` feature (every kernel compiled to PTX),
 #   3. the whole workspace with `--features cuda --all-targets` (launch code, CUDA tests, benches),
-#   4. ptxas -v for sm_80 and sm_90 on every kernel: fails if a main configuration spills
+#   4. ptxas -v for sm_75, sm_80 and sm_90 on every kernel: fails if a main configuration spills
 #      registers (flash forward/backward, efficient forward/backward; the deterministic dQ pass
 #      and helpers are reported only).
 # Prints the time of each step. CUDA builds go to $CARGO_TARGET_DIR (default target/cuda), so they
@@ -27,13 +27,15 @@ cargo build --release -p attn-kernels --features cuda
 step "workspace --features cuda --all-targets"
 cargo build --release --workspace --features cuda --all-targets
 
-step "ptxas -v sm_80 / sm_90"
+step "ptxas -v sm_75 / sm_80 / sm_90"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 # Configurations that must not spill: the kernels a user's training step runs.
 MAIN='^(flash_fwd_|flash_bwd_|eff_fwd_f32_|eff_bwd_)'
 fail=0
-for arch in 80 90; do
+# sm_75 (T4): the efficient kernels must build there too (flash compiles to a stub the dispatcher
+# never launches below sm80).
+for arch in 75 80 90; do
     for cu in kernels/src/*.cu; do
         name="$(basename "$cu" .cu)"
         ptx="$WORK/$name.sm$arch.ptx"

@@ -9,8 +9,9 @@
 // different barriers) is an error; dynamic shared memory starts filled with NaN bytes, so a
 // read of a tile element nobody wrote shows up in the results; cp.async copies land only at the
 // cp.async.wait_group that covers them (the latest moment the hardware may complete them).
-// What it cannot see: data races between threads (the fibers run in a fixed order) and the
-// speed of anything.
+// Thread order, warp spacing and when cp.async copies land vary (see schedule() in runtime.cpp),
+// so a missing barrier tends to change the results. What it cannot see: the speed of anything,
+// and races the varied orders happen not to expose.
 #pragma once
 
 #include <math.h>

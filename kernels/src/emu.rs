@@ -8,9 +8,11 @@
 //! `ldmatrix`/`cp.async` addresses aligned and inside the dynamic shared memory, no deadlock at
 //! barriers; memory from [`Buffer`] and the shared memory end right before an inaccessible page,
 //! so an access past the end stops the process with the kernel, block and thread named; dynamic
-//! shared memory starts as NaN bytes. Not checked: data races (fibers run in a fixed order),
-//! anything about speed, and the real hardware's rounding inside `mma` (f32 fused multiply-adds
-//! here).
+//! shared memory starts as NaN bytes. The order of the threads, how far warps run ahead of
+//! each other and when `cp.async` copies land vary between blocks and passes, so a missing
+//! barrier tends to give a wrong result (not a race report: compute-sanitizer's racecheck on a GPU
+//! is still the real check). Not checked: anything about speed, and the real hardware's rounding
+//! inside `mma` (f32 fused multiply-adds here).
 //!
 //! ```
 //! use attn_kernels::emu::{Args, Buffer};
