@@ -113,12 +113,20 @@ std::string describe_waits() {
     return s;
 }
 
+struct sigaction previous_segv, previous_bus;
+
 void on_segv(int sig, siginfo_t* info, void*) {
+    if (!L) {
+        // Not an emulated kernel's fault: hand it back to whoever handled it before (Rust's
+        // stack-overflow report, or the default action) by faulting again.
+        sigaction(sig, sig == SIGSEGV ? &previous_segv : &previous_bus, nullptr);
+        return;
+    }
     char msg[320];
     int n = snprintf(msg, sizeof msg,
                      "\nattn-kernels emulator: %s in kernel %s, block (%u, %u), thread %u, address %p "
                      "(outside every buffer the kernel was given)\n",
-                     sig == SIGSEGV ? "SIGSEGV" : "SIGBUS", L ? L->kernel : "?", L ? L->bidx.x : 0, L ? L->bidx.y : 0,
+                     sig == SIGSEGV ? "SIGSEGV" : "SIGBUS", L->kernel, L->bidx.x, L->bidx.y,
                      current ? current->tid.x : 0, info->si_addr);
     if (n > 0) (void)!write(2, msg, (size_t)n);
     _exit(134);
@@ -132,8 +140,8 @@ void install_handlers() {
         struct sigaction sa = {};
         sa.sa_sigaction = on_segv;
         sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
-        sigaction(SIGSEGV, &sa, nullptr);
-        sigaction(SIGBUS, &sa, nullptr);
+        sigaction(SIGSEGV, &sa, &previous_segv);
+        sigaction(SIGBUS, &sa, &previous_bus);
     });
     static thread_local bool thread_done = false;
     if (thread_done) return;

@@ -1,0 +1,70 @@
+//! The emulator's own checks: an access past a buffer stops the process naming the kernel, and
+//! launches it cannot run are errors, not undefined behaviour.
+#![cfg(feature = "emu")]
+
+use attn_kernels::emu::{Args, Buffer};
+
+/// `attn_delta_f32` over `rows` rows of width 5, with buffers holding three rows.
+fn delta_over(rows: i64) -> Result<Vec<f32>, String> {
+    let o = Buffer::from_slice(&[1f32; 15]);
+    let dout = Buffer::from_slice(&(0..15).map(|x| x as f32).collect::<Vec<_>>());
+    let delta = Buffer::from_slice(&[0f32; 3]);
+    let mut args = Args::default();
+    args.buf(&o).buf(&dout).buf(&delta).val(rows).val(5i32);
+    // SAFETY: the argument types match attn_delta_f32; with rows > 3 the kernel reads past the
+    // buffers, which is what the emulator must catch (in a child process, see below).
+    unsafe { args.launch("attn_delta_f32", (1, 1), 128, 0) }?;
+    Ok(delta.to_vec())
+}
+
+#[test]
+fn reads_past_a_buffer_stop_the_process() {
+    if std::env::var_os("ATTN_EMU_GUARD_CHILD").is_some() {
+        let _ = delta_over(4);
+        return; // not reached when the guard works: the parent sees a clean exit and fails
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "reads_past_a_buffer_stop_the_process",
+            "--nocapture",
+        ])
+        .env("ATTN_EMU_GUARD_CHILD", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the out-of-bounds read went unnoticed"
+    );
+    // Row 3 belongs to warp 3 (threads 96..127); which of its lanes faults first depends on the
+    // emulator's schedule.
+    let thread = stderr
+        .split("SIGSEGV in kernel attn_delta_f32, block (0, 0), thread ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|t| t.parse::<u32>().ok());
+    assert!(
+        thread.is_some_and(|t| (96..128).contains(&t)),
+        "unexpected report: {stderr}"
+    );
+}
+
+#[test]
+fn in_bounds_launches_compute() {
+    assert_eq!(delta_over(3).unwrap(), vec![10.0, 35.0, 60.0]);
+}
+
+#[test]
+fn bad_launches_are_errors() {
+    let args = Args::default();
+    // SAFETY: neither launch reaches a kernel.
+    let unknown = unsafe { args.launch("no_such_kernel", (1, 1), 128, 0) };
+    assert!(unknown
+        .unwrap_err()
+        .contains("no kernel named no_such_kernel"));
+    let wrong = unsafe { args.launch("attn_delta_f32", (1, 1), 128, 0) };
+    assert!(wrong.unwrap_err().contains("takes 5 arguments, got 0"));
+    let threads = unsafe { args.launch("attn_delta_f32", (1, 1), 100, 0) };
+    assert!(threads.is_err());
+}
