@@ -11,8 +11,9 @@
 //! shared memory starts as NaN bytes. The order of the threads, how far warps run ahead of
 //! each other and when `cp.async` copies land vary between blocks and passes, so a missing
 //! barrier tends to give a wrong result (not a race report: compute-sanitizer's racecheck on a GPU
-//! is still the real check). Not checked: anything about speed, and the real hardware's rounding
-//! inside `mma` (f32 fused multiply-adds here).
+//! is still the real check); `ATTN_EMU_SCHEDULE=fixed` runs threads in order instead, for
+//! debugging. Not checked: anything about speed, and the real hardware's rounding inside `mma`
+//! (f32 fused multiply-adds here).
 //!
 //! ```
 //! use attn_kernels::emu::{Args, Buffer};
