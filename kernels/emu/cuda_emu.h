@@ -67,6 +67,11 @@ constexpr unsigned kSlot = 64;
 // bytes) and gets back the 32 deposits (lane i's at byte i * kSlot), valid until it calls
 // warp_depart. Fails on divergence (lanes at different operations) or exited lanes.
 const unsigned char* warp_arrive(const char* op, const void* in, unsigned size);
+// Bytes of scratch the lanes of one warp operation share, e.g. operands decoded once for all
+// 32 lanes. Between warp_arrive and warp_depart: `*ready` says whether an earlier lane of this
+// operation already filled it.
+constexpr unsigned kWarpShared = 2048;
+unsigned char* warp_shared(bool* ready);
 void warp_depart();
 }  // namespace emu
 

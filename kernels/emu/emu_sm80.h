@@ -42,30 +42,37 @@ inline void mma16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigne
         unsigned a[4], b[2];
     } in = {{a[0], a[1], a[2], a[3]}, {b0, b1}};
     const unsigned char* slots = emu::warp_arrive("mma.sync.m16n8k16", &in, sizeof(Frag));
-    float A[16][16], B[16][8];
-    for (int l = 0; l < 32; ++l) {
-        Frag f;
-        memcpy(&f, slots + l * emu::kSlot, sizeof f);
-        const int g = l >> 2, t = l & 3;
-        for (int i = 0; i < 4; ++i) {
-            const int row = g + ((i & 1) ? 8 : 0), col = 2 * t + ((i & 2) ? 8 : 0);
-            A[row][col] = emu::half_of<T>(f.a[i], 0);
-            A[row][col + 1] = emu::half_of<T>(f.a[i], 1);
-        }
-        for (int j = 0; j < 2; ++j) {
-            const int kk = 2 * t + 8 * j;
-            B[kk][g] = emu::half_of<T>(f.b[j], 0);
-            B[kk + 1][g] = emu::half_of<T>(f.b[j], 1);
+    struct Operands {
+        float A[16][16], B[16][8];
+    };
+    static_assert(sizeof(Operands) <= emu::kWarpShared, "warp scratch too small");
+    bool ready;
+    Operands& op = *reinterpret_cast<Operands*>(emu::warp_shared(&ready));
+    if (!ready) {  // the first lane to read decodes the whole tile for the warp
+        for (int l = 0; l < 32; ++l) {
+            Frag f;
+            memcpy(&f, slots + l * emu::kSlot, sizeof f);
+            const int g = l >> 2, t = l & 3;
+            for (int i = 0; i < 4; ++i) {
+                const int row = g + ((i & 1) ? 8 : 0), col = 2 * t + ((i & 2) ? 8 : 0);
+                op.A[row][col] = emu::half_of<T>(f.a[i], 0);
+                op.A[row][col + 1] = emu::half_of<T>(f.a[i], 1);
+            }
+            for (int j = 0; j < 2; ++j) {
+                const int kk = 2 * t + 8 * j;
+                op.B[kk][g] = emu::half_of<T>(f.b[j], 0);
+                op.B[kk + 1][g] = emu::half_of<T>(f.b[j], 1);
+            }
         }
     }
-    emu::warp_depart();
     const int l = emu::lane(), g = l >> 2, t = l & 3;
     for (int e = 0; e < 4; ++e) {
         const int row = g + (e < 2 ? 0 : 8), col = 2 * t + (e & 1);
         float acc = d[e];
-        for (int kk = 0; kk < 16; ++kk) acc = fmaf(A[row][kk], B[kk][col], acc);
+        for (int kk = 0; kk < 16; ++kk) acc = fmaf(op.A[row][kk], op.B[kk][col], acc);
         d[e] = acc;
     }
+    emu::warp_depart();
 }
 
 // ldmatrix.sync.aligned.m8n8.x4.b16: lanes 8i..8i+7 give the addresses of rows 0..7 of matrix

@@ -44,6 +44,9 @@ struct WarpState {
     bool reading = false;
     const char* op = nullptr;
     alignas(16) unsigned char slot[32][kSlot];
+    // Work shared by the lanes of one operation (see warp_shared): whether a lane filled it yet.
+    bool shared_ready = false;
+    alignas(16) unsigned char shared[kWarpShared];
 };
 
 struct Launch {
@@ -255,11 +258,19 @@ const unsigned char* warp_arrive(const char* op, const void* in, unsigned size) 
     ++L->events;
     if (++w.arrived == 32) {
         w.reading = true;
+        w.shared_ready = false;
     } else {
         while (!w.reading) yield();
     }
     f.waiting = "running";
     return &w.slot[0][0];
+}
+
+unsigned char* warp_shared(bool* ready) {
+    WarpState& w = L->warps[current->warp];
+    *ready = w.shared_ready;
+    w.shared_ready = true;
+    return w.shared;
 }
 
 void warp_depart() {
