@@ -388,3 +388,33 @@ fn fully_masked_rows_are_zero() -> Result<()> {
     assert!(dq.abs()?.sum_all()?.to_scalar::<f32>()?.is_finite());
     Ok(())
 }
+
+/// What the kernels cannot run is an error naming the reason, not a wrong result: f32 on the
+/// flash kernels, a head dim above 256 on the efficient ones.
+#[test]
+fn refused_problems_are_errors() -> Result<()> {
+    let Some(target) = Target::get() else {
+        return Ok(());
+    };
+    let dev = target.device();
+    let _running = target.run();
+    let opts = SdpaOptions::default();
+    let q = Tensor::randn(0f32, 1., (1, 2, 5, 16), &dev)?;
+    let flash = {
+        let _only = sdpa_kernel(&[Backend::Flash]);
+        scaled_dot_product_attention(&q, &q, &q, &opts)
+    };
+    let why = flash.expect_err("f32 flash ran").to_string();
+    assert!(
+        why.contains("f32 is not supported by the CUDA flash kernels"),
+        "{why}"
+    );
+    let wide = Tensor::randn(0f32, 1., (1, 2, 5, 300), &dev)?;
+    let efficient = {
+        let _only = sdpa_kernel(&[Backend::Efficient]);
+        scaled_dot_product_attention(&wide, &wide, &wide, &opts)
+    };
+    let why = efficient.expect_err("head dim 300 ran").to_string();
+    assert!(why.contains("head dim 300 is above 256"), "{why}");
+    Ok(())
+}
