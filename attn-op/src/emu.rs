@@ -36,7 +36,7 @@ use half::{bf16, f16};
 use crate::config::AttnConfig;
 use crate::kernel_plan::{
     backward_launches, dense, deterministic, forward_launch, segment_tables, Call, KernelKind,
-    Launch, MaskKind, THREADS,
+    Launch, THREADS,
 };
 use crate::Backend;
 
@@ -132,11 +132,11 @@ fn cpu<'a>(s: &'a Storage, name: &str) -> Result<&'a CpuStorage> {
     }
 }
 
-/// The mask arguments: bias and boolean buffers (one-element stand-ins where absent).
+/// The mask arguments: bias and boolean buffers (one-element stand-ins where absent; the
+/// parameter block says which one to read).
 struct MaskBufs {
     bias: Buf,
     boolean: Buf,
-    kind: MaskKind,
 }
 
 impl MaskBufs {
@@ -144,17 +144,14 @@ impl MaskBufs {
         let mut m = MaskBufs {
             bias: Buf::F32(Buffer::filled(1, 0.0)),
             boolean: Buf::U8(Buffer::filled(1, 0)),
-            kind: MaskKind::None,
         };
         if let Some(mask) = mask {
             let (s, _) = mask.storage_and_layout();
             let b = Buf::of(cpu(&s, "attn_mask")?)?;
             if mask.dtype() == DType::U8 {
                 m.boolean = b;
-                m.kind = MaskKind::Bool;
             } else {
                 m.bias = b;
-                m.kind = MaskKind::Bias;
             }
         }
         Ok(m)
@@ -187,9 +184,6 @@ pub(crate) fn forward(
     }
     let call = Call::new(WHAT, kind, cfg, dtype, (ql, kl, vl), &Device::Cpu, CC, SMEM)?;
     let g = &call.g;
-    let mut out_dims = ql.dims().to_vec();
-    let r = out_dims.len();
-    out_dims[r - 1] = g.ev;
     let masks = MaskBufs::new(call.mask.as_ref())?;
     let launch = forward_launch(kind, dtype, g, call.params)?;
     let (qs, ks) = segment_tables(g)?;
@@ -220,7 +214,7 @@ pub(crate) fn forward(
     let n = g.q_rows;
     Ok((
         o.storage(),
-        Shape::from(out_dims),
+        call.out_shape(ql),
         Tensor::from_vec(lse.to_vec(), n, &Device::Cpu)?,
     ))
 }

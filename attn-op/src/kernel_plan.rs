@@ -4,7 +4,7 @@
 //! module runs these launches through cudarc; the CPU emulator of the kernels (feature
 //! `cuda-emu`) runs the very same list, so testing one tests what the other launches.
 
-use candle_core::{bail, DType, Device, Layout, Result, Tensor};
+use candle_core::{bail, DType, Device, Layout, Result, Shape, Tensor};
 
 use crate::config::AttnConfig;
 use crate::cpu::geometry::Geometry;
@@ -372,6 +372,14 @@ impl Call {
         };
         let params = kernel_params(cfg, &g, mask_kind)?;
         Ok(Self { mask, g, params })
+    }
+
+    /// The forward's output shape: q's, with v's head dim last.
+    pub fn out_shape(&self, ql: &Layout) -> Shape {
+        let mut dims = ql.dims().to_vec();
+        let r = dims.len();
+        dims[r - 1] = self.g.ev;
+        Shape::from(dims)
     }
 
     /// Checks the backward's output `o`, its gradient and the logsumexp against the geometry.

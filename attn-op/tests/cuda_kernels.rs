@@ -68,14 +68,15 @@ fn rel_err(a: &Tensor, b: &Tensor, scale: f32) -> Result<f32> {
     Ok(diff / scale.max(1e-3))
 }
 
-/// A random input of `(B, H, L, D)` on the CPU in `dtype`, as a view of `(B, L, H, D)` when strided.
-fn input(b: usize, h: usize, l: usize, d: usize, dtype: DType, strided: bool) -> Result<Var> {
+/// A random input of `(B, H, L, D)` on the CPU in `dtype`, stored as `(B, L, H, D)` when strided
+/// (see [`view`]).
+fn input(b: usize, h: usize, l: usize, d: usize, dtype: DType, strided: bool) -> Result<Tensor> {
     let t = if strided {
         Tensor::randn(0f32, 1., (b, l, h, d), &Device::Cpu)?
     } else {
         Tensor::randn(0f32, 1., (b, h, l, d), &Device::Cpu)?
     };
-    Var::from_tensor(&t.to_dtype(dtype)?)
+    t.to_dtype(dtype)
 }
 
 fn view(t: &Tensor, strided: bool) -> Result<Tensor> {
@@ -91,7 +92,7 @@ fn view(t: &Tensor, strided: bool) -> Result<Tensor> {
 fn run(
     backend: Backend,
     c: &Case,
-    inputs: &[Var; 3],
+    inputs: [&Tensor; 3],
     mask: Option<&Tensor>,
     dout: &Tensor,
     target: Option<&Target>,
@@ -113,13 +114,7 @@ fn run(
         );
         scaled_dot_product_attention(&q, &k, &v, &opts)
     };
-    let [q, k, v] = inputs;
-    value_and_grads(
-        sdpa,
-        [q.as_tensor(), k.as_tensor(), v.as_tensor()],
-        dout,
-        target,
-    )
+    value_and_grads(sdpa, inputs, dout, target)
 }
 
 fn check(backend: Backend, dtype: DType, c: Case, target: &Target) -> Result<()> {
@@ -136,9 +131,9 @@ fn check(backend: Backend, dtype: DType, c: Case, target: &Target) -> Result<()>
         Mask::Bias => Some(Tensor::randn(0f32, 1., (1, c.lq, c.lk), &Device::Cpu)?),
     };
     let dout = Tensor::randn(0f32, 1., (c.b, c.hq, c.lq, c.ev), &Device::Cpu)?;
-    let inputs = [q, k, v];
-    let cpu = run(backend, &c, &inputs, mask.as_ref(), &dout, None)?;
-    let cuda = run(backend, &c, &inputs, mask.as_ref(), &dout, Some(target))?;
+    let inputs = [&q, &k, &v];
+    let cpu = run(backend, &c, inputs, mask.as_ref(), &dout, None)?;
+    let cuda = run(backend, &c, inputs, mask.as_ref(), &dout, Some(target))?;
     compare(&format!("{backend:?} {dtype:?} {c:?}"), dtype, &cuda, &cpu)
 }
 

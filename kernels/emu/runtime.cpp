@@ -51,7 +51,7 @@ struct WarpState {
 
 struct Launch {
     const char* kernel = "";
-    dim3 grid, block, bidx;
+    dim3 block, bidx;
     void (*body)(void* const*) = nullptr;
     void* const* args = nullptr;
     std::vector<Fiber> fibers;
@@ -418,9 +418,6 @@ int attn_emu_launch(const char* name, unsigned gx, unsigned gy, unsigned threads
 
     Launch launch;
     launch.kernel = chosen->name;
-    launch.grid.x = gx;
-    launch.grid.y = gy;
-    launch.grid.z = 1;
     launch.block.x = threads;
     launch.block.y = launch.block.z = 1;
     launch.body = run_chosen;

@@ -198,10 +198,7 @@ pub(crate) fn forward(
     let call = Call::new(what, kind, cfg, dtype, (ql, kl, vl), &gpu, cc, smem)?;
     let g = &call.g;
     let mask_guard = call.mask.as_ref().map(|m| m.storage_and_layout());
-    let mut out_dims = ql.dims().to_vec();
-    let r = out_dims.len();
-    out_dims[r - 1] = g.ev;
-    let shape = Shape::from(out_dims);
+    let shape = call.out_shape(ql);
     let placeholders = Placeholders::new(&dev)?;
     let margs = placeholders.args(mask_guard.as_ref().map(|(s, _)| &**s))?;
     let launch = forward_launch(kind, dtype, g, call.params)?;
