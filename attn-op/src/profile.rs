@@ -13,6 +13,8 @@
 //! attn_op::scaled_dot_product_attention(&q, &q, &q, &Default::default())?;
 //! let report = profiler.finish();
 //! assert!(report.to_string().contains("sdpa.flash"));
+//! assert!(std::fs::metadata(dir.join("trace.json"))?.len() > 0);
+//! # std::fs::remove_dir_all(&dir)?;
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
