@@ -17,4 +17,6 @@ ATTN_OP_PORTABLE=1 cargo test --release --workspace --test forward --test backwa
 # needs) and checked against the CPU implementation: the tests a GPU session runs, on fewer lengths.
 cargo test --release -p attn-op --features cuda-emu --lib --test cuda_kernels --test cuda_deterministic "$@"
 cargo test --release -p attn-op --features cuda-emu --doc emu "$@"
+# nanogpt's model on those kernels: the layouts and dtypes a GPU run hands them.
+cargo test --release -p nanogpt --features cuda-emu --test cuda_emu "$@"
 cargo test --release -p attn-kernels --features emu "$@"

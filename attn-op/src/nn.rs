@@ -14,9 +14,7 @@ use crate::ops::qkv::QkvAttention;
 use crate::philox::DropoutMask;
 use crate::rows::QkvRows;
 use crate::sdpa::span;
-use crate::{
-    flash_attn, scaled_dot_product_attention, select_backend, Backend, FlashAttention, SdpaOptions,
-};
+use crate::{scaled_dot_product_attention, select_backend, Backend, FlashAttention, SdpaOptions};
 
 /// Dropout with a mask drawn from `seed` (Philox), so that runs are reproducible: keeps each
 /// element with probability `1 - p` and scales kept ones by `1 / (1 - p)`. Differentiable in `x`.
@@ -347,9 +345,10 @@ impl CausalSelfAttention {
             ..Default::default()
         };
         let backend = select_backend(&q, &k, &v, &opts)?.backend;
-        let y = if x.device().is_cpu() && backend != Backend::Math && t > 0 {
+        let y = if x.device().is_cpu() && !emulating_cuda() && backend != Backend::Math && t > 0 {
             // Straight from the packed projection rows: backward returns one gradient for them
-            // instead of three zero-padded pieces (the views above are not used).
+            // instead of three zero-padded pieces (the views above are not used). The CUDA
+            // emulator takes the views, as a GPU does.
             let _span = span(backend).entered();
             let rows = QkvRows::new(self.cfg.n_head, self.head_dim(), t, opts.is_causal)?
                 .with_dropout(opts.dropout_p, opts.seed.unwrap_or(0))?;
@@ -381,8 +380,29 @@ impl CausalSelfAttention {
             Some((k0, v0)) => (Tensor::cat(&[&k0, &k], 1)?, Tensor::cat(&[&v0, &v], 1)?),
             None => (k.contiguous()?, v.contiguous()?),
         };
-        let scale = 1.0 / (self.head_dim() as f32).sqrt();
-        let y = flash_attn(&q, &k, &v, scale, self.causal(false))?;
+        let (lq, lk) = (q.dim(1)?, k.dim(1)?);
+        // The new queries end where the keys end. With one query (a decoding step) the causal
+        // mask hides nothing, and with as many queries as keys (the first call) it is SDPA's
+        // top-left one; only several new queries after a cache need it spelt out.
+        let causal = self.causal(false) && lq > 1;
+        let opts = SdpaOptions {
+            is_causal: causal && lq == lk,
+            attn_mask: if causal && lq != lk {
+                Some(bottom_right_mask(lq, lk, x.device())?)
+            } else {
+                None
+            },
+            ..Default::default()
+        };
+        // Through the dispatcher, so that each device gets a kernel that takes the dtype (on
+        // CUDA, f32 goes to the efficient kernels, f16/bf16 to flash).
+        let y = scaled_dot_product_attention(
+            &q.transpose(1, 2)?,
+            &k.transpose(1, 2)?,
+            &v.transpose(1, 2)?,
+            &opts,
+        )?
+        .transpose(1, 2)?;
         cache.kv = Some((k, v));
         self.project(&y, false)
     }
@@ -423,6 +443,23 @@ impl CausalSelfAttention {
         let y = qt.apply_op3(&kt, &vt, op)?.transpose(0, 1)?;
         self.project(&y.unsqueeze(0)?, train)?.squeeze(0)
     }
+}
+
+/// Whether the CUDA emulator stands in for a GPU on this thread (feature `cuda-emu`).
+fn emulating_cuda() -> bool {
+    #[cfg(feature = "cuda-emu")]
+    return crate::emu::is_emulating();
+    #[cfg(not(feature = "cuda-emu"))]
+    false
+}
+
+/// The boolean mask `(lq, lk)` (u8, 1 = may attend) of causal attention aligned bottom-right:
+/// query `i` sees keys `j <= i + lk - lq`.
+fn bottom_right_mask(lq: usize, lk: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let mask: Vec<u8> = (0..lq)
+        .flat_map(|i| (0..lk).map(move |j| u8::from(j + lq <= i + lk)))
+        .collect();
+    Tensor::from_vec(mask, (lq, lk), device)
 }
 
 impl ModuleT for CausalSelfAttention {

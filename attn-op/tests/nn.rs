@@ -2,7 +2,7 @@
 //! KV-cache forwards equal to the plain one.
 
 use attn_op::nn::{dropout, AttentionConfig, CausalSelfAttention, Causality, KvCache};
-use candle_core::{DType, Device, ModuleT, Result, Tensor, Var};
+use candle_core::{DType, Device, Module, ModuleT, Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -149,12 +149,62 @@ fn kv_cache_decoding_equals_full_forward() -> Result<()> {
     let mut cache = KvCache::default();
     let first = attn.forward_cached(&x.narrow(1, 0, 6)?, &mut cache)?;
     assert_eq!(cache.len(), 6);
-    let mut outs = vec![first];
-    for t in 6..10 {
+    // Then two new tokens at once (the causal mask aligned to the end of the cache), then one
+    // at a time.
+    let mut outs = vec![first, attn.forward_cached(&x.narrow(1, 6, 2)?, &mut cache)?];
+    for t in 8..10 {
         outs.push(attn.forward_cached(&x.narrow(1, t, 1)?, &mut cache)?);
     }
     assert_eq!(cache.len(), 10);
     assert!(max_diff(&Tensor::cat(&outs, 1)?, &full) < 1e-5);
+    Ok(())
+}
+
+/// A bias-free projection that keeps f32 weights and computes in its input's dtype, as
+/// mixed-precision training does.
+struct Autocast(Tensor);
+
+impl Module for Autocast {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.broadcast_matmul(&self.0.to_dtype(x.dtype())?.t()?)
+    }
+}
+
+/// The layer in bf16 agrees with f32 to bf16's precision, in training (gradients reach the f32
+/// weights) and in KV-cache decoding.
+#[test]
+fn runs_in_bf16() -> Result<()> {
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    let w_attn = vb.get_with_hints((96, 32), "c_attn", candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
+    let w_proj = vb.get_with_hints((32, 32), "c_proj", candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
+    let cfg = AttentionConfig {
+        n_embd: 32,
+        n_head: 4,
+        bias: false,
+        dropout: 0.0,
+        causality: Causality::Always,
+    };
+    let attn = CausalSelfAttention::with_projections(cfg, Autocast(w_attn), Autocast(w_proj))?;
+    let x = Tensor::randn(0f32, 1., (2, 10, 32), &Device::Cpu)?;
+    let want = attn.forward_t(&x, true)?;
+    let xb = x.to_dtype(DType::BF16)?;
+    let y = attn.forward_t(&xb, true)?;
+    assert_eq!(y.dtype(), DType::BF16);
+    let err = max_diff(&y.to_dtype(DType::F32)?, &want);
+    assert!(err < 0.05, "bf16 differs from f32 by {err}");
+    let grads = y.to_dtype(DType::F32)?.sqr()?.sum_all()?.backward()?;
+    for var in vm.all_vars() {
+        let g = grads.get(&var).expect("a gradient for every weight");
+        assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
+    }
+    let mut cache = KvCache::default();
+    let mut outs = vec![attn.forward_cached(&xb.narrow(1, 0, 7)?, &mut cache)?];
+    for t in 7..10 {
+        outs.push(attn.forward_cached(&xb.narrow(1, t, 1)?, &mut cache)?);
+    }
+    let err = max_diff(&Tensor::cat(&outs, 1)?.to_dtype(DType::F32)?, &want);
+    assert!(err < 0.05, "bf16 decoding differs from f32 by {err}");
     Ok(())
 }
 

@@ -10,13 +10,13 @@
 //! is folded into `c_attn`'s (`LN(x)·Wᵀ = x̂·(W·diag γ)ᵀ`) as in the MLP. Dropout draws its
 //! seeds from attn-op's layer and its masks as the layer does, so a run is the same whichever
 //! path it takes. Elsewhere (biases, other devices and dtypes, the KV cache of sampling)
-//! attn-op's layer runs over the same weights.
+//! attn-op's layer runs over the same weights, in the model's dtype.
 
 use std::sync::OnceLock;
 
 use attn_op::nn::{dropout_multipliers, AttentionConfig, CausalSelfAttention, Causality, KvCache};
 use attn_op::rows::{QkvForward, QkvRows};
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::cpu_data::{assume_written, f32_slice, through_dropout, with_data, Unwritten};
@@ -117,11 +117,9 @@ impl Attention {
             };
             return x.contiguous()?.apply_op3(&w_attn, &self.c_proj.weight, op);
         }
-        // attn-op's layer keeps its weights in f32: it runs in f32 whatever the model's dtype.
-        let h = self
-            .layer
-            .forward_rows(&x.to_dtype(DType::F32)?, seq_len, train)?;
-        x + h.to_dtype(x.dtype())?
+        // attn-op's layer in the model's dtype: its projections (this crate's Linear) cast the
+        // f32 weights to it, as autocast does, so bf16/f16 on CUDA run the flash kernels.
+        x + self.layer.forward_rows(x, seq_len, train)?
     }
 
     /// Whether [`Self::forward_residual`] runs the fused op: on the CPU in f32, without biases.
@@ -138,8 +136,7 @@ impl Attention {
 
     /// `x + attn(ln_1(x))` for `x` `(B, T, C)` that continues the sequences in `cache`.
     pub fn forward_cached(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let h = self.layer.forward_cached(&x.to_dtype(DType::F32)?, cache)?;
-        x + h.to_dtype(x.dtype())?
+        x + self.layer.forward_cached(x, cache)?
     }
 
     /// Where the layer is in its sequence of dropout seeds.
@@ -347,7 +344,7 @@ impl CustomOp3 for AttentionOp {
 mod tests {
     use super::*;
     use attn_op::{scaled_dot_product_attention, sdpa_kernel, Backend, SdpaOptions};
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
     use candle_nn::VarMap;
 
     use crate::rng::Rng;

@@ -95,10 +95,15 @@ pub fn tiny_config(data_dir: &Path, out_dir: &Path) -> TrainConfig {
 
 /// Trains `config` on the CPU in f32 without a progress bar.
 pub fn run(config: &TrainConfig) -> TrainSummary {
+    run_in(config, DType::F32)
+}
+
+/// Trains `config` on the CPU with activations and products in `dtype`.
+pub fn run_in(config: &TrainConfig, dtype: DType) -> TrainSummary {
     train(&TrainOptions {
         config: config.clone(),
         device: Device::Cpu,
-        dtype: DType::F32,
+        dtype,
         progress: false,
     })
     .unwrap()
