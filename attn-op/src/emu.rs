@@ -30,13 +30,14 @@ use std::marker::PhantomData;
 
 use attn_kernels::emu::{Args, Buffer};
 use candle_core::backend::BackendStorage;
+use candle_core::op::BackpropOp;
 use candle_core::{bail, CpuStorage, DType, Device, Layout, Result, Shape, Storage, Tensor};
 use half::{bf16, f16};
 
 use crate::config::AttnConfig;
 use crate::kernel_plan::{
-    backward_launches, dense, deterministic, forward_launch, segment_tables, Call, KernelKind,
-    Launch, THREADS,
+    backward_launches, dense, deterministic, dropout_launch, forward_launch, segment_tables, Call,
+    KernelKind, Launch, DROPOUT_THREADS, THREADS,
 };
 use crate::Backend;
 
@@ -301,4 +302,36 @@ pub(crate) fn backward(
         Tensor::from_vec(b.to_vec(), like.shape(), &Device::Cpu)?.to_dtype(dtype)
     };
     Ok((t(&dq, q)?, t(&dk, k)?, t(&dv, v)?))
+}
+
+/// The multipliers of `nn::dropout` made by `dropout_keep_*` in the emulator, as `cuda::dropout_keep`.
+pub(crate) fn dropout_keep(
+    rows: usize,
+    cols: usize,
+    p: f64,
+    seed: u64,
+    dtype: DType,
+) -> Result<Tensor> {
+    let Some(l) = dropout_launch(rows, cols, p, seed, dtype)? else {
+        return Tensor::zeros((rows, cols), dtype, &Device::Cpu);
+    };
+    let keep = Buf::zeros(dtype, rows * cols)?;
+    let mut args = Args::default();
+    keep.push(&mut args);
+    args.val(l.rows)
+        .val(l.cols)
+        .val(l.seed[0])
+        .val(l.seed[1])
+        .val(l.threshold)
+        .val(l.scale);
+    // SAFETY: the arguments follow dropout_keep_*'s signature; the kernel writes rows * cols
+    // elements, the buffer's length.
+    unsafe { args.launch(&l.name, (l.blocks, 1), DROPOUT_THREADS, 0) }
+        .map_err(|e| candle_core::Error::Msg(format!("dropout (CUDA emulator): {e}")))?;
+    Ok(Tensor::from_storage(
+        Storage::Cpu(keep.storage()),
+        (rows, cols),
+        BackpropOp::none(),
+        false,
+    ))
 }

@@ -8,6 +8,7 @@ use candle_core::{bail, DType, Device, Layout, Result, Shape, Tensor};
 
 use crate::config::AttnConfig;
 use crate::cpu::geometry::Geometry;
+use crate::philox::DropoutMask;
 use crate::Backend;
 
 /// Threads of every attention kernel's block.
@@ -549,6 +550,58 @@ pub(crate) fn backward_launches(
         });
     }
     Ok(out)
+}
+
+/// Threads of a `dropout_keep_*` block (`DROPOUT_THREADS` in `kernels/src/dropout.cu`).
+pub(crate) const DROPOUT_THREADS: u32 = 256;
+
+/// The launch of `dropout_keep_*(keep, rows, cols, seed_lo, seed_hi, threshold, scale)`: the
+/// multipliers of [`crate::nn::dropout`] for `rows` rows of `cols` elements, one thread per
+/// four columns of a row, in blocks of [`DROPOUT_THREADS`].
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct DropoutLaunch {
+    pub name: String,
+    pub blocks: u32,
+    pub rows: u64,
+    pub cols: u64,
+    pub seed: [u32; 2],
+    pub threshold: u32,
+    pub scale: f32,
+}
+
+/// The launch that makes `dropout_multipliers(rows, cols, p, seed)` in `dtype` (f32, f16 or
+/// bf16), or `None` when there are no elements.
+pub(crate) fn dropout_launch(
+    rows: usize,
+    cols: usize,
+    p: f64,
+    seed: u64,
+    dtype: DType,
+) -> Result<Option<DropoutLaunch>> {
+    let dt = match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        d => bail!("dropout (CUDA): dtype {d:?} is not supported (f32, f16, bf16)"),
+    };
+    if rows == 0 || cols == 0 {
+        return Ok(None);
+    }
+    let threads = (rows as u64).saturating_mul(cols.div_ceil(4) as u64);
+    let blocks = u32::try_from(threads.div_ceil(u64::from(DROPOUT_THREADS))).or_else(|_| {
+        bail!("dropout (CUDA): {rows} rows of {cols} elements exceed the kernel's grid")
+    })?;
+    let mask = DropoutMask::new(p, seed);
+    Ok(Some(DropoutLaunch {
+        name: format!("dropout_keep_{dt}"),
+        blocks,
+        rows: rows as u64,
+        cols: cols as u64,
+        seed: mask.key(),
+        threshold: mask.threshold(),
+        // As `dropout_multipliers` computes the kept value.
+        scale: (1.0 / (1.0 - p)) as f32,
+    }))
 }
 
 #[cfg(test)]

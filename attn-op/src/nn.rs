@@ -35,8 +35,37 @@ pub fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
         return Ok(x.clone());
     }
     let cols = x.dims().last().copied().unwrap_or(1).max(1);
-    let keep = dropout_multipliers(x.elem_count() / cols, cols, p, seed)?;
-    x * Tensor::from_vec(keep, x.shape(), x.device())?.to_dtype(x.dtype())?
+    let keep = dropout_keep(x.elem_count() / cols, cols, p, seed, x.dtype(), x.device())?;
+    x * keep.reshape(x.shape())?
+}
+
+/// [`dropout_multipliers`] as a `(rows, cols)` tensor of `dtype` on `device`: made on the GPU by
+/// a kernel on CUDA (f32, f16, bf16), on the host elsewhere.
+fn dropout_keep(
+    rows: usize,
+    cols: usize,
+    p: f64,
+    seed: u64,
+    dtype: DType,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+    if matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+        #[cfg(feature = "cuda")]
+        if let candle_core::Device::Cuda(dev) = device {
+            return crate::cuda::dropout_keep(dev, rows, cols, p, seed, dtype);
+        }
+        #[cfg(feature = "cuda-emu")]
+        if device.is_cpu() && crate::emu::is_emulating() {
+            return crate::emu::dropout_keep(rows, cols, p, seed, dtype);
+        }
+    }
+    Tensor::from_vec(
+        dropout_multipliers(rows, cols, p, seed)?,
+        (rows, cols),
+        device,
+    )?
+    .to_dtype(dtype)
 }
 
 /// The multipliers [`dropout`] applies to a `(rows, cols)` tensor: 0 for a dropped element,

@@ -300,6 +300,48 @@ fn dropout_masks_are_the_cpus() -> Result<()> {
     Ok(())
 }
 
+/// `nn::dropout` on the target makes its mask with the `dropout_keep_*` kernel: the CPU's mask
+/// and result bit for bit, for every dtype, row widths that are not multiples of 4, and p that
+/// drops none, some or nearly all.
+#[test]
+fn dropout_layer_is_the_cpus_bit_for_bit() -> Result<()> {
+    let Some(target) = Target::get() else {
+        return Ok(());
+    };
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for (shape, p) in [
+            (&[3usize, 7][..], 0.3),
+            (&[5, 130][..], 0.1),
+            (&[2, 3, 33][..], 0.9),
+            (&[1, 1][..], 0.5),
+        ] {
+            let x = Tensor::randn(0f32, 1., shape, &Device::Cpu)?.to_dtype(dtype)?;
+            let want = attn_op::nn::dropout(&x, p, 1234)?;
+            let got = {
+                let _running = target.run();
+                attn_op::nn::dropout(&x.to_device(&target.device())?, p, 1234)?
+            };
+            assert_eq!(got.dims(), shape);
+            let bits = |t: &Tensor| -> Result<Vec<u32>> {
+                let t = t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+                Ok(t.flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect())
+            };
+            let (want, got) = (bits(&want)?, bits(&got)?);
+            let dropped = want.iter().filter(|&&b| b & 0x7fff_ffff == 0).count();
+            assert_eq!(got, want, "{dtype:?} {shape:?} p = {p}");
+            eprintln!(
+                "dropout {dtype:?} {shape:?} p = {p}: {dropped} of {} dropped, the CPU's",
+                want.len()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// `flash_attn` (bottom-right causal alignment, `(B, S, H, D)` views, GQA) and packed sequences,
 /// forward and backward.
 #[test]

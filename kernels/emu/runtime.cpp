@@ -18,6 +18,7 @@
 #include "emu_sm80.h"
 
 // The kernels themselves, compiled for the CPU.
+#include "../src/dropout.cu"
 #include "../src/efficient.cu"
 #include "../src/flash_bwd.cu"
 #include "../src/flash_fwd.cu"
@@ -358,7 +359,7 @@ Entry entry_of(const char* name, void (*f)(A...)) {
 const Entry kKernels[] = {
     EFF(f32, 64), EFF(f32, 128), EFF(f32, 256), EFF(f16, 64), EFF(f16, 128), EFF(f16, 256),
     EFF(bf16, 64), EFF(bf16, 128), EFF(bf16, 256), E(attn_delta_f32), E(attn_delta_f16), E(attn_delta_bf16),
-    FF(f16), FF(bf16), FB(f16), FB(bf16),
+    FF(f16), FF(bf16), FB(f16), FB(bf16), E(dropout_keep_f32), E(dropout_keep_f16), E(dropout_keep_bf16),
 };
 
 thread_local const Entry* chosen = nullptr;

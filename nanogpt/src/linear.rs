@@ -188,21 +188,15 @@ impl Mlp {
     /// so the LayerNorm output, the MLP output and the addition are not nodes of the graph
     /// (each would cost Candle's backward a zero-filled buffer and an addition).
     ///
-    /// `keep`, when given, is dropout on the MLP's output: one multiplier per output element (0
-    /// or `1/(1-p)`), so `x + keep ⊙ mlp(ln(x))`.
+    /// `dropout`, when given as `(p, seed)`, is dropout on the MLP's output with the mask of
+    /// [`attn_op::nn::dropout`]: `x + dropout(mlp(ln(x)), p, seed)` (the mask made on the GPU
+    /// on CUDA).
     pub fn forward_residual(
         &self,
         x: &Tensor,
         ln: &LayerNorm,
-        keep: Option<Vec<f32>>,
+        dropout: Option<(f64, u64)>,
     ) -> Result<Tensor> {
-        if keep.as_ref().is_some_and(|k| k.len() != x.elem_count()) {
-            candle_core::bail!(
-                "mlp: {} dropout multipliers for an input of shape {:?}",
-                keep.map_or(0, |k| k.len()),
-                x.dims()
-            );
-        }
         let no_bias = self.c_fc.bias.is_none() && self.c_proj.bias.is_none() && ln.bias().is_none();
         let params = [
             Some(&self.c_fc.weight),
@@ -210,6 +204,10 @@ impl Mlp {
             Some(ln.weight()),
         ];
         if no_bias && fused(x, &params) {
+            let (n, c) = x.dims2()?;
+            let keep = dropout
+                .map(|(p, seed)| attn_op::nn::dropout_multipliers(n, c, p, seed))
+                .transpose()?;
             let w_fc = self.c_fc.weight.apply_op2(ln.weight(), ScaleColumns)?;
             return x.contiguous()?.apply_op3(
                 &w_fc,
@@ -222,10 +220,8 @@ impl Mlp {
             );
         }
         let h = self.forward(&ln.forward(x)?)?;
-        match keep {
-            Some(keep) => {
-                x + (h * Tensor::from_vec(keep, x.shape(), x.device())?.to_dtype(x.dtype())?)?
-            }
+        match dropout {
+            Some((p, seed)) => x + attn_op::nn::dropout(&h, p, seed)?,
             None => x + h,
         }
     }
@@ -887,11 +883,12 @@ mod tests {
                 mlp.c_proj.weight.clone(),
                 ln.weight().clone(),
             ];
-            let keep = (p > 0.0).then(|| rng.dropout_mask(n * c, p));
-            let y = mlp.forward_residual(&x, &ln, keep.clone())?;
+            let dropout = (p > 0.0).then_some((p, 99));
+            let y = mlp.forward_residual(&x, &ln, dropout)?;
             let fused = output_and_grads(&y, &probe, &x, &params)?;
             let mut h = mlp.forward_composed(&ln.forward_composed(&x)?)?;
-            if let Some(keep) = keep {
+            if p > 0.0 {
+                let keep = attn_op::nn::dropout_multipliers(n, c, p, 99)?;
                 assert!(keep.contains(&0.0), "some outputs dropped");
                 h = (h * Tensor::from_vec(keep, (n, c), &dev)?)?;
             }

@@ -65,15 +65,12 @@ pub fn synced(t: Tensor) -> Result<Tensor> {
     Ok(t)
 }
 
-/// Zeroes each element of `x` with probability `p` and scales the rest by `1/(1-p)`, drawing
-/// the mask from `rng`; the identity when `rng` is `None` (evaluation) or `p` is 0.
+/// Zeroes each element of `x` with probability `p` and scales the rest by `1/(1-p)`: attn-op's
+/// Philox dropout (the mask made on the GPU on CUDA), seeded from `rng`; the identity when `rng`
+/// is `None` (evaluation) or `p` is 0.
 pub fn dropout(x: &Tensor, p: f64, rng: Option<&mut Rng>) -> Result<Tensor> {
     match rng {
-        Some(rng) if p > 0.0 => {
-            let mask = rng.dropout_mask(x.elem_count(), p);
-            let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-            x * mask
-        }
+        Some(rng) if p > 0.0 => attn_op::nn::dropout(x, p, rng.next_u64()),
         _ => Ok(x.clone()),
     }
 }
@@ -101,11 +98,11 @@ impl Mlp {
         rng: Option<&mut Rng>,
     ) -> Result<Tensor> {
         let _span = tracing::debug_span!("mlp").entered();
-        let keep = match rng {
-            Some(rng) if self.dropout > 0.0 => Some(rng.dropout_mask(x.elem_count(), self.dropout)),
+        let dropout = match rng {
+            Some(rng) if self.dropout > 0.0 => Some((self.dropout, rng.next_u64())),
             _ => None,
         };
-        synced(self.mlp.forward_residual(x, ln, keep)?)
+        synced(self.mlp.forward_residual(x, ln, dropout)?)
     }
 }
 

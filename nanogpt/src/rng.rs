@@ -1,8 +1,9 @@
 //! A small seeded random generator (xoshiro256++ seeded through SplitMix64).
 //!
 //! Candle's CPU random ops cannot be seeded, so everything random in nanogpt (weight init, batch
-//! sampling, dropout masks, token sampling) draws from this generator instead. Its whole state
-//! is four `u64`s, which the checkpoint stores so that a resumed run continues the same stream.
+//! sampling, the seeds of the dropout masks, token sampling) draws from this generator instead.
+//! Its whole state is four `u64`s, which the checkpoint stores so that a resumed run continues
+//! the same stream.
 
 use anyhow::{bail, Context, Result};
 
@@ -76,14 +77,6 @@ impl Rng {
         out
     }
 
-    /// A dropout mask of `n` values: `0` with probability `p`, else `1 / (1 - p)`.
-    pub fn dropout_mask(&mut self, n: usize, p: f64) -> Vec<f32> {
-        let keep = (1.0 / (1.0 - p)) as f32;
-        (0..n)
-            .map(|_| if self.uniform() < p { 0.0 } else { keep })
-            .collect()
-    }
-
     /// The state as text, for checkpoints.
     pub fn to_state_string(&self) -> String {
         self.s.map(|w| format!("{w:016x}")).join(":")
@@ -149,11 +142,5 @@ mod tests {
             counts.iter().all(|&c| (19_000..21_000).contains(&c)),
             "{counts:?}"
         );
-        let mask = r.dropout_mask(10_000, 0.25);
-        let dropped = mask.iter().filter(|&&m| m == 0.0).count();
-        assert!((2_200..2_800).contains(&dropped));
-        assert!(mask
-            .iter()
-            .all(|&m| m == 0.0 || (m - 4.0 / 3.0).abs() < 1e-6));
     }
 }

@@ -14,6 +14,9 @@
 //! run identical results). That pass recomputes the scores and dP and forms dS·K: three of the
 //! backward's five products once more, on CUDA cores (the efficient kernels' code), so for flash
 //! inputs it costs more than the tensor-core backward it completes.
+//!
+//! Besides attention: [`dropout_keep`], the mask of `nn::dropout` made on the GPU (Philox, the
+//! CPU's mask bit for bit), so a training step does not draw and copy masks from the host.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
@@ -30,8 +33,9 @@ use half::{bf16, f16};
 use crate::config::AttnConfig;
 use crate::cpu::geometry::Geometry;
 use crate::kernel_plan::{
-    backward_launches, dense, deterministic, forward_launch, refusal_for, segment_tables, Call,
-    KernelKind, KernelParams, Launch, THREADS,
+    backward_launches, dense, deterministic, dropout_launch, forward_launch, refusal_for,
+    segment_tables, Call, DropoutLaunch, KernelKind, KernelParams, Launch, DROPOUT_THREADS,
+    THREADS,
 };
 use crate::Backend;
 
@@ -41,6 +45,7 @@ unsafe impl DeviceRepr for KernelParams {}
 const FLASH_FWD_MODULE: &str = "attn_op_flash_fwd";
 const FLASH_BWD_MODULE: &str = "attn_op_flash_bwd";
 const EFFICIENT_MODULE: &str = "attn_op_efficient";
+const DROPOUT_MODULE: &str = "attn_op_dropout";
 
 /// Compute capability as `major * 10 + minor`, and the opt-in shared memory per block.
 fn device_caps(device: &CudaDevice) -> Result<(u32, usize)> {
@@ -480,6 +485,62 @@ impl Bwd<'_> {
         }
         Ok(())
     }
+}
+
+/// The multipliers of `nn::dropout` for `rows` rows of `cols` elements, made on the GPU by
+/// `dropout_keep_*` (the CPU's mask bit for bit), as a `(rows, cols)` tensor of `dtype`.
+pub(crate) fn dropout_keep(
+    dev: &CudaDevice,
+    rows: usize,
+    cols: usize,
+    p: f64,
+    seed: u64,
+    dtype: DType,
+) -> Result<Tensor> {
+    let Some(l) = dropout_launch(rows, cols, p, seed, dtype)? else {
+        return Tensor::zeros((rows, cols), dtype, &Device::Cuda(dev.clone()));
+    };
+    checked_caps(dev, "dropout (CUDA)")?;
+    let f = dev
+        .get_or_load_custom_func(&l.name, DROPOUT_MODULE, attn_kernels::DROPOUT)?
+        .into_cuda_function();
+    let storage = match dtype {
+        DType::F32 => CudaStorage::wrap_cuda_slice(launch_keep::<f32>(dev, &f, &l)?, dev.clone()),
+        DType::F16 => CudaStorage::wrap_cuda_slice(launch_keep::<f16>(dev, &f, &l)?, dev.clone()),
+        _ => CudaStorage::wrap_cuda_slice(launch_keep::<bf16>(dev, &f, &l)?, dev.clone()),
+    };
+    Ok(Tensor::from_storage(
+        Storage::Cuda(storage),
+        (rows, cols),
+        BackpropOp::none(),
+        false,
+    ))
+}
+
+fn launch_keep<T: DeviceRepr + ValidAsZeroBits>(
+    dev: &CudaDevice,
+    f: &CudaFunction,
+    l: &DropoutLaunch,
+) -> Result<CudaSlice<T>> {
+    let mut keep = dev.alloc_zeros::<T>((l.rows * l.cols) as usize)?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(f);
+    b.arg(&mut keep)
+        .arg(&l.rows)
+        .arg(&l.cols)
+        .arg(&l.seed[0])
+        .arg(&l.seed[1])
+        .arg(&l.threshold)
+        .arg(&l.scale);
+    let cfg = LaunchConfig {
+        grid_dim: (l.blocks, 1, 1),
+        block_dim: (DROPOUT_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the arguments follow dropout_keep_*'s signature, T is its element type, and the
+    // kernel writes rows * cols elements, the buffer's length.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(keep)
 }
 
 #[cfg(test)]
