@@ -2,10 +2,14 @@
 # One-call verification of attn-op's CUDA kernels on a GPU machine (which has no Rust).
 #
 # Here (a machine with Rust, no GPU):
-#   scripts/gpu-check.sh bundle      # builds the CUDA test and bench executables with
-#                                    # --features cuda, strips them into .cuda/bundle (ignored by git)
+#   scripts/gpu-check.sh bundle      # builds the CUDA test and bench executables and nanogpt with
+#                                    # --features cuda, strips them into .cuda/bundle (ignored by
+#                                    # git) with tiny Shakespeare prepared (NANOGPT_INPUT or ../shared)
 # On the GPU machine (the device tool: carry [".cuda/bundle"], timeout_s 540):
-#   scripts/gpu-check.sh [--quick]   # tests vs the CPU, compute-sanitizer, timings vs PyTorch SDPA
+#   scripts/gpu-check.sh [--quick]   # tests vs the CPU, compute-sanitizer, timings vs PyTorch SDPA,
+#                                    # nanogpt's GPU recipe beside PyTorch's (100 iterations quick,
+#                                    # 500 otherwise) and a sample
+#   scripts/gpu-check.sh recipe      # the whole GPU recipe (5000 iterations): the val loss target
 #
 # The run writes its logs and the final table under $OUT (or ./gpu-check-out) and prints the
 # table last. It needs the GPU driver's libcuda.so.1 and CUDA 13 runtime libraries (libcublas,
@@ -22,14 +26,24 @@ bundle() {
     "$ROOT/scripts/setup-cuda.sh" >/dev/null
     # shellcheck disable=SC1091
     source "$ROOT/.cuda/env.sh"
-    export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target-cuda}"
+    # The same target folder as scripts/ci-cuda.sh, so one cold build (Candle's kernels) serves both.
+    export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target/cuda}"
     local json
     json="$(mktemp)"
     cargo test --release -p attn-op --features cuda --no-run \
         --test cuda_kernels --test cuda_deterministic --bench cuda_attention \
         --message-format=json-render-diagnostics >"$json"
+    cargo build --release -p nanogpt --features cuda
     rm -rf "$BUNDLE"
     mkdir -p "$BUNDLE/ptx"
+    cp "$CARGO_TARGET_DIR/release/nanogpt" "$BUNDLE/nanogpt"
+    # Tiny Shakespeare prepared here (the GPU machine has no network).
+    local input="${NANOGPT_INPUT:-$(cd "$ROOT/.." && pwd)/shared/data/tinyshakespeare/input.txt}"
+    if [[ -f "$input" ]]; then
+        "$BUNDLE/nanogpt" prepare --input "$input" --data-dir "$BUNDLE/data"
+    else
+        echo "warning: no tiny Shakespeare at $input (set NANOGPT_INPUT): the bundle has no data"
+    fi
     python3 - "$json" "$BUNDLE" <<'EOF'
 import json, shutil, sys
 out = sys.argv[2]
@@ -40,14 +54,14 @@ for line in open(sys.argv[1]):
         shutil.copy(m["executable"], f"{out}/{m['target']['name']}")
 EOF
     rm -f "$json"
-    strip "$BUNDLE"/cuda_*
+    strip "$BUNDLE"/cuda_* "$BUNDLE/nanogpt"
     # The PTX of the kernels this build embeds (for ptxas / cuobjdump on the GPU machine).
     local out
     out="$(ls -td "$CARGO_TARGET_DIR"/release/build/attn-kernels-*/out | head -n 1)"
     cp "$out"/*.ptx "$BUNDLE/ptx/"
     # Each binary carries Candle's and our PTX as text (about 78 MB stripped): xz brings the three
     # to about 21 MB, under the 64 MiB that travels to the GPU machine.
-    (cd "$BUNDLE" && tar -cf ptx.tar ptx && rm -rf ptx && xz -T0 -5 cuda_kernels cuda_deterministic cuda_attention ptx.tar)
+    (cd "$BUNDLE" && tar -cf ptx.tar ptx && rm -rf ptx && xz -T0 -5 cuda_kernels cuda_deterministic cuda_attention nanogpt ptx.tar)
     git rev-parse HEAD >"$BUNDLE/COMMIT"
     du -sh "$BUNDLE"
     ls -l "$BUNDLE"
@@ -116,7 +130,7 @@ check() {
     python3 - "$BUNDLE" "$bin" <<'EOF'
 import lzma, os, shutil, sys, tarfile
 src, dst = sys.argv[1], sys.argv[2]
-for name in ("cuda_kernels", "cuda_deterministic", "cuda_attention"):
+for name in ("cuda_kernels", "cuda_deterministic", "cuda_attention", "nanogpt"):
     with lzma.open(f"{src}/{name}.xz") as f, open(f"{dst}/{name}", "wb") as g:
         shutil.copyfileobj(f, g)
     os.chmod(f"{dst}/{name}", 0o755)
@@ -158,13 +172,61 @@ EOF
     python3 "$ROOT/scripts/bench_sdpa.py" $quick | tee "$out/torch.jsonl"
     echo "   ($((SECONDS - start)) s)"
     python3 "$ROOT/scripts/bench_sdpa.py" --table "$out/ours.jsonl" "$out/torch.jsonl" | tee "$out/table.md"
+    echo "   ($((SECONDS - start)) s)"
+
+    echo "== 4. nanogpt's GPU recipe beside PyTorch's (bf16; eval-iters 20)"
+    local iters=500
+    [[ -n "$quick" ]] && iters=100
+    if [[ -f "$BUNDLE/data/train.bin" ]]; then
+        gpt "$bin" "$out" train --config "$ROOT/configs/shakespeare_char.toml" --data-dir "$BUNDLE/data" \
+            --out-dir "$out/gpt" --max-iters "$iters" --eval-interval "$iters" --eval-iters 20 \
+            --log-interval 50 >"$out/nanogpt.log" 2>&1 || status=1
+        tail -n 4 "$out/nanogpt.log"
+        gpt "$bin" "$out" sample --out-dir "$out/gpt" --num-samples 1 --max-new-tokens 300 --seed 1 \
+            >"$out/sample.txt" 2>&1 || status=1
+        tail -n 8 "$out/sample.txt"
+        python3 "$ROOT/scripts/pytorch_reference.py" --recipe gpu --device cuda --data-dir "$BUNDLE/data" \
+            --max-iters "$iters" --eval-iters 20 >"$out/pytorch-nanogpt.log" 2>&1 || status=1
+        tail -n 3 "$out/pytorch-nanogpt.log"
+        local ours theirs
+        ours="$(sed -n 's/.*median \([0-9.]*\) ms\/iter.*/\1/p' "$out/nanogpt.log")"
+        theirs="$(sed -n 's/^median \([0-9.]*\) ms\/iter.*/\1/p' "$out/pytorch-nanogpt.log")"
+        echo "nanogpt GPU recipe, $iters iterations: ours ${ours:-?} ms/iter, PyTorch (eager, bf16 autocast) ${theirs:-?} ms/iter" \
+            | tee -a "$out/table.md"
+    else
+        echo "   no prepared data in the bundle: skipped"
+    fi
+    echo "   ($((SECONDS - start)) s)"
+    echo "== summary"
     grep -E "test result|cases agree|FAILED|panicked" "$out/tests.log" | tail -n 12
+    cat "$out/table.md"
     exit $status
+}
+
+# nanogpt from the bundle on the GPU: `gpt BIN OUT SUBCOMMAND ARGS...`.
+gpt() {
+    local bin="$1" out="$2" cmd="$3"
+    shift 3
+    mkdir -p "$out"
+    "$bin/nanogpt" "$cmd" --device cuda "$@"
+}
+
+# The whole GPU recipe (nanoGPT: val loss 1.4697 after 5000 iterations, about 3 minutes on an
+# A100). Run after a check, which unpacked the binaries.
+recipe() {
+    local out="${OUT:-$ROOT/gpu-check-out}" bin=/tmp/attn-op-gpu-check
+    [[ -x "$bin/nanogpt" ]] || { echo "run scripts/gpu-check.sh [--quick] first (it unpacks the bundle)"; exit 2; }
+    find_libs
+    gpt "$bin" "$out" train --config "$ROOT/configs/shakespeare_char.toml" --data-dir "$BUNDLE/data" \
+        --out-dir "$out/gpt-recipe" 2>&1 | tee "$out/recipe.log"
+    gpt "$bin" "$out" sample --out-dir "$out/gpt-recipe" --num-samples 2 --max-new-tokens 500 --seed 1 \
+        | tee "$out/recipe-sample.txt"
 }
 
 case "${1:-}" in
 bundle) bundle ;;
+recipe) recipe ;;
 --quick) check --quick ;;
 "") check ;;
-*) echo "usage: $0 [bundle | --quick]"; exit 2 ;;
+*) echo "usage: $0 [bundle | --quick | recipe]"; exit 2 ;;
 esac
