@@ -10,6 +10,7 @@
 #include <ucontext.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <mutex>
 #include <string>
 #include <utility>
@@ -157,9 +158,11 @@ void install_handlers() {
     sigaltstack(&ss, nullptr);
 }
 
-// `bytes` of memory ending right below an inaccessible page, so a read or write past the end
-// faults. Returns the start; `base`/`len` receive the whole mapping.
-unsigned char* guarded(size_t bytes, void** base, size_t* len) {
+// `bytes` of memory between inaccessible pages: ending right below one, so a read or write past
+// the end faults, or with `front` starting right above one, so an access before the start
+// faults (the end then has up to a page of slack). Returns the start; `base`/`len` receive the
+// whole mapping.
+unsigned char* guarded(size_t bytes, bool front, void** base, size_t* len) {
     size_t ps = page_size();
     size_t body = (bytes + ps - 1) / ps * ps;
     *len = body + 2 * ps;
@@ -168,7 +171,7 @@ unsigned char* guarded(size_t bytes, void** base, size_t* len) {
     mprotect(m, ps, PROT_NONE);
     mprotect(m + ps + body, ps, PROT_NONE);
     *base = m;
-    return m + ps + body - bytes;
+    return front ? m + ps : m + ps + body - bytes;
 }
 
 // The order in which a scheduler pass resumes the threads of a block: `start + i * stride`
@@ -375,18 +378,20 @@ int error_out(char* err, size_t len, const std::string& msg) {
 extern "C" {
 
 /// `bytes` of host memory that ends right before an inaccessible page (a kernel reading or
-/// writing past its end faults); free with attn_emu_free(ptr, bytes).
-void* attn_emu_alloc(size_t bytes) {
+/// writing past its end faults), or with `front` nonzero starts right after one (an access
+/// before its start faults); free with attn_emu_free(ptr, bytes, front).
+void* attn_emu_alloc(size_t bytes, int front) {
     void* base;
     size_t len;
-    return emu::guarded(bytes ? bytes : 1, &base, &len);
+    return emu::guarded(bytes ? bytes : 1, front != 0, &base, &len);
 }
 
-void attn_emu_free(void* p, size_t bytes) {
+void attn_emu_free(void* p, size_t bytes, int front) {
     size_t ps = emu::page_size();
     size_t body = ((bytes ? bytes : 1) + ps - 1) / ps * ps;
-    unsigned char* end = static_cast<unsigned char*>(p) + (bytes ? bytes : 1);
-    munmap(end - body - ps, body + 2 * ps);
+    unsigned char* start = static_cast<unsigned char*>(p);
+    unsigned char* base = front ? start - ps : start + (bytes ? bytes : 1) - body - ps;
+    munmap(base, body + 2 * ps);
 }
 
 /// Runs kernel `name` on a grid of (gx, gy) blocks of `threads` threads with `smem` bytes of
@@ -414,7 +419,11 @@ int attn_emu_launch(const char* name, unsigned gx, unsigned gy, unsigned threads
     }
     void* smem_base = nullptr;
     size_t smem_len = 0;
-    unsigned char* smem_ptr = guarded(smem ? smem : 1, &smem_base, &smem_len);
+    // The shared memory borders an inaccessible page at its end in even launches, at its start
+    // in odd ones.
+    static std::atomic<unsigned long> launches{0};
+    bool front = launches.fetch_add(1, std::memory_order_relaxed) % 2 == 1;
+    unsigned char* smem_ptr = guarded(smem ? smem : 1, front, &smem_base, &smem_len);
     if (!smem_ptr) return error_out(err, errlen, "cannot map shared memory");
 
     Launch launch;

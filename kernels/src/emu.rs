@@ -6,9 +6,10 @@
 //!
 //! Checked while running: warp-wide operations reached by all 32 lanes with the same operation,
 //! `ldmatrix`/`cp.async` addresses aligned and inside the dynamic shared memory, no deadlock at
-//! barriers; memory from [`Buffer`] and the shared memory end right before an inaccessible page,
-//! so an access past the end stops the process with the kernel, block and thread named; dynamic
-//! shared memory starts as NaN bytes. The order of the threads, how far warps run ahead of
+//! barriers; memory from [`Buffer`] and the shared memory border an inaccessible page, at the end
+//! or (every other buffer and launch) at the start, so an access past the end or before the start
+//! stops the process with the kernel, block and thread named; dynamic shared memory starts as NaN
+//! bytes. The order of the threads, how far warps run ahead of
 //! each other and when `cp.async` copies land vary between blocks and passes, so a missing
 //! barrier tends to give a wrong result (not a race report: compute-sanitizer's racecheck on a GPU
 //! is still the real check); `ATTN_EMU_SCHEDULE=fixed` runs threads in order instead, for
@@ -32,8 +33,8 @@ use std::any::Any;
 use std::ffi::{c_char, c_void, CString};
 
 extern "C" {
-    fn attn_emu_alloc(bytes: usize) -> *mut c_void;
-    fn attn_emu_free(p: *mut c_void, bytes: usize);
+    fn attn_emu_alloc(bytes: usize, front: i32) -> *mut c_void;
+    fn attn_emu_free(p: *mut c_void, bytes: usize, front: i32);
     fn attn_emu_launch(
         name: *const c_char,
         gx: u32,
@@ -47,20 +48,45 @@ extern "C" {
     ) -> i32;
 }
 
-/// Host memory holding one kernel buffer argument, placed so that it ends right before an
-/// inaccessible page: a kernel reading or writing past its end stops the process.
+/// Which end of a [`Buffer`] borders an inaccessible page, so that a kernel's access beyond it
+/// stops the process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Guard {
+    /// The buffer ends right before the page: reading or writing past the end faults.
+    End,
+    /// The buffer starts right after the page: an access before the start faults (the end has
+    /// up to a page of slack).
+    Start,
+}
+
+/// Host memory holding one kernel buffer argument, placed right next to an inaccessible page.
 pub struct Buffer<T: Copy> {
     ptr: *mut T,
     len: usize,
+    guard: Guard,
 }
 
 impl<T: Copy> Buffer<T> {
-    /// A buffer holding a copy of `data`.
+    /// A buffer holding a copy of `data`, guarded at its end and at its start in turn (every
+    /// other buffer made this way has [`Guard::Start`]), so that a test suite checks both.
     pub fn from_slice(data: &[T]) -> Self {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static MADE: AtomicUsize = AtomicUsize::new(0);
+        let guard = if MADE.fetch_add(1, Ordering::Relaxed).is_multiple_of(2) {
+            Guard::End
+        } else {
+            Guard::Start
+        };
+        Self::guarded(data, guard)
+    }
+
+    /// A buffer holding a copy of `data`, guarded at the given end.
+    pub fn guarded(data: &[T], guard: Guard) -> Self {
         let bytes = std::mem::size_of_val(data);
-        // SAFETY: attn_emu_alloc returns `bytes` (at least 1) writable bytes, page-aligned at
-        // the end minus `bytes`, so aligned for any T whose size divides the page size.
-        let ptr = unsafe { attn_emu_alloc(bytes) }.cast::<T>();
+        // SAFETY: attn_emu_alloc returns `bytes` (at least 1) writable bytes starting at a page
+        // boundary (Start) or at a page boundary minus `bytes` (End), so aligned for any T
+        // whose size divides the page size.
+        let ptr = unsafe { attn_emu_alloc(bytes, i32::from(guard == Guard::Start)) }.cast::<T>();
         assert!(!ptr.is_null(), "attn-kernels emulator: out of memory");
         assert!(ptr.is_aligned(), "attn-kernels emulator: misaligned buffer");
         // SAFETY: `ptr` has room for data.len() elements and does not overlap `data`.
@@ -68,6 +94,7 @@ impl<T: Copy> Buffer<T> {
         Self {
             ptr,
             len: data.len(),
+            guard,
         }
     }
 
@@ -91,12 +118,23 @@ impl<T: Copy> Buffer<T> {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// Where the memory starts (for tests that hand a kernel a pointer of their own).
+    pub fn as_ptr(&self) -> *const T {
+        self.ptr
+    }
 }
 
 impl<T: Copy> Drop for Buffer<T> {
     fn drop(&mut self) {
-        // SAFETY: allocated by attn_emu_alloc with this byte count.
-        unsafe { attn_emu_free(self.ptr.cast(), self.len * std::mem::size_of::<T>()) };
+        // SAFETY: allocated by attn_emu_alloc with this byte count and guard.
+        unsafe {
+            attn_emu_free(
+                self.ptr.cast(),
+                self.len * std::mem::size_of::<T>(),
+                i32::from(self.guard == Guard::Start),
+            )
+        };
     }
 }
 

@@ -1,14 +1,16 @@
-//! The emulator's own checks: an access past a buffer stops the process naming the kernel, and
-//! launches it cannot run are errors, not undefined behaviour.
+//! The emulator's own checks: an access past a buffer's end or before its start stops the
+//! process naming the kernel, and launches it cannot run are errors, not undefined behaviour.
 #![cfg(feature = "emu")]
 
-use attn_kernels::emu::{Args, Buffer};
+use std::ffi::c_void;
+
+use attn_kernels::emu::{Args, Buffer, Guard};
 
 /// `attn_delta_f32` over `rows` rows of width 5, with buffers holding three rows.
 fn delta_over(rows: i64) -> Result<Vec<f32>, String> {
-    let o = Buffer::from_slice(&[1f32; 15]);
-    let dout = Buffer::from_slice(&(0..15).map(|x| x as f32).collect::<Vec<_>>());
-    let delta = Buffer::from_slice(&[0f32; 3]);
+    let o = Buffer::guarded(&[1f32; 15], Guard::End);
+    let dout = Buffer::guarded(&(0..15).map(|x| x as f32).collect::<Vec<_>>(), Guard::End);
+    let delta = Buffer::guarded(&[0f32; 3], Guard::End);
     let mut args = Args::default();
     args.buf(&o).buf(&dout).buf(&delta).val(rows).val(5i32);
     // SAFETY: the argument types match attn_delta_f32; with rows > 3 the kernel reads past the
@@ -46,6 +48,57 @@ fn reads_past_a_buffer_stop_the_process() {
         .and_then(|t| t.parse::<u32>().ok());
     assert!(
         thread.is_some_and(|t| (96..128).contains(&t)),
+        "unexpected report: {stderr}"
+    );
+}
+
+/// `attn_delta_f32` over two rows of width 5 whose `o` starts `before` elements ahead of a
+/// buffer guarded at its start.
+fn delta_from_before(before: usize) -> Result<Vec<f32>, String> {
+    let o = Buffer::guarded(&[1f32; 10], Guard::Start);
+    let dout = Buffer::guarded(&[2f32; 10], Guard::End);
+    let delta = Buffer::from_slice(&[0f32; 2]);
+    let mut args = Args::default();
+    args.val(o.as_ptr().wrapping_sub(before).cast::<c_void>())
+        .buf(&dout)
+        .buf(&delta)
+        .val(2i64)
+        .val(5i32);
+    // SAFETY: the argument types match attn_delta_f32; with `before` > 0 the kernel reads in
+    // front of `o`, which is what the emulator must catch (in a child process, see below).
+    unsafe { args.launch("attn_delta_f32", (1, 1), 128, 0) }?;
+    Ok(delta.to_vec())
+}
+
+#[test]
+fn reads_before_a_buffer_stop_the_process() {
+    if std::env::var_os("ATTN_EMU_GUARD_CHILD").is_some() {
+        let _ = delta_from_before(5);
+        return;
+    }
+    assert_eq!(delta_from_before(0).unwrap(), vec![10.0, 10.0]);
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "reads_before_a_buffer_stop_the_process",
+            "--nocapture",
+        ])
+        .env("ATTN_EMU_GUARD_CHILD", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the read before the buffer went unnoticed"
+    );
+    // Row 0 (warp 0, threads 0..31) starts 5 elements before the buffer.
+    let thread = stderr
+        .split("SIGSEGV in kernel attn_delta_f32, block (0, 0), thread ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|t| t.parse::<u32>().ok());
+    assert!(
+        thread.is_some_and(|t| t < 32),
         "unexpected report: {stderr}"
     );
 }
