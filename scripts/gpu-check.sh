@@ -119,13 +119,10 @@ for r in site.getsitepackages():
 EOF
 }
 
-check() {
-    local quick="${1:-}"
-    local out="${OUT:-$ROOT/gpu-check-out}"
-    mkdir -p "$out"
+# Unpacks the bundle's binaries into $1 (python's lzma: no xz needed on the GPU machine).
+unpack() {
+    local bin="$1"
     [[ -f "$BUNDLE/cuda_kernels.xz" ]] || { echo "no $BUNDLE: run 'scripts/gpu-check.sh bundle' where Rust is, and carry .cuda/bundle"; exit 2; }
-    # Unpack the binaries (python's lzma: no xz needed there).
-    local bin=/tmp/attn-op-gpu-check
     mkdir -p "$bin"
     python3 - "$BUNDLE" "$bin" <<'EOF'
 import lzma, os, shutil, sys, tarfile
@@ -138,6 +135,13 @@ with tarfile.open(f"{src}/ptx.tar.xz") as t:
     t.extractall(dst)
 EOF
     echo "== unpacked into $bin ($(du -sh "$bin" | cut -f1))"
+}
+
+check() {
+    local quick="${1:-}"
+    local out="${OUT:-$ROOT/gpu-check-out}" bin=/tmp/attn-op-gpu-check
+    mkdir -p "$out"
+    unpack "$bin"
     echo "== bundle built from $(cat "$BUNDLE/COMMIT" 2>/dev/null), working tree at $(git rev-parse HEAD 2>/dev/null)"
     nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv,noheader
     find_libs
@@ -212,10 +216,10 @@ gpt() {
 }
 
 # The whole GPU recipe (nanoGPT: val loss 1.4697 after 5000 iterations, about 3 minutes on an
-# A100). Run after a check, which unpacked the binaries.
+# A100).
 recipe() {
     local out="${OUT:-$ROOT/gpu-check-out}" bin=/tmp/attn-op-gpu-check
-    [[ -x "$bin/nanogpt" ]] || { echo "run scripts/gpu-check.sh [--quick] first (it unpacks the bundle)"; exit 2; }
+    [[ -x "$bin/nanogpt" ]] || unpack "$bin"
     find_libs
     gpt "$bin" "$out" train --config "$ROOT/configs/shakespeare_char.toml" --data-dir "$BUNDLE/data" \
         --out-dir "$out/gpt-recipe" 2>&1 | tee "$out/recipe.log"
