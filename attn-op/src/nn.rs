@@ -10,11 +10,16 @@ use rayon::prelude::*;
 
 use crate::config::{AttnConfig, CausalAlign, Dropout};
 use crate::cpu::geometry::Varlen;
+use crate::dispatch::select;
 use crate::ops::qkv::QkvAttention;
 use crate::philox::DropoutMask;
 use crate::rows::QkvRows;
 use crate::sdpa::span;
-use crate::{scaled_dot_product_attention, select_backend, Backend, FlashAttention, SdpaOptions};
+use crate::validate::check_sdpa;
+use crate::{
+    scaled_dot_product_attention, select_backend, Backend, EfficientAttention, FlashAttention,
+    SdpaOptions,
+};
 
 /// Dropout with a mask drawn from `seed` (Philox), so that runs are reproducible: keeps each
 /// element with probability `1 - p` and scales kept ones by `1 / (1 - p)`. Differentiable in `x`.
@@ -464,13 +469,39 @@ impl CausalSelfAttention {
         if train {
             cfg.dropout = Dropout::new(self.cfg.dropout, splitmix64(&self.seeds));
         }
-        let op = FlashAttention::from_config(cfg).packed(Varlen {
+        let varlen = Varlen {
             cu_q: cu.clone(),
             cu_k: cu,
-        });
+        };
         let (qt, kt, vt) = (q.transpose(0, 1)?, k.transpose(0, 1)?, v.transpose(0, 1)?);
-        let y = qt.apply_op3(&kt, &vt, op)?.transpose(0, 1)?;
-        self.project(&y.unsqueeze(0)?, train)?.squeeze(0)
+        // Flash, or the efficient op where the flash kernels refuse the problem (on CUDA: f32,
+        // below sm80) or `sdpa_kernel` disables flash; both read the packed sequences alike.
+        let what = "CausalSelfAttention::forward_packed";
+        let opts = SdpaOptions {
+            scale: Some(f64::from(scale)),
+            ..Default::default()
+        };
+        let p = check_sdpa(what, &qt, &kt, &vt, &opts)?;
+        let y = match select(&p, &opts, x.device()) {
+            Ok(s) if s.backend == Backend::Flash => {
+                qt.apply_op3(&kt, &vt, FlashAttention::from_config(cfg).packed(varlen))?
+            }
+            Ok(s) if s.backend == Backend::Efficient => qt.apply_op3(
+                &kt,
+                &vt,
+                EfficientAttention::from_config(cfg).packed(varlen),
+            )?,
+            Ok(s) => {
+                let why: Vec<String> = s.refused.iter().map(|(b, r)| format!("{b}: {r}")).collect();
+                bail!(
+                    "{what}: packed sequences need the flash or efficient backend ({})",
+                    why.join("; ")
+                )
+            }
+            Err(e) => bail!("{what}: {e}"),
+        };
+        self.project(&y.transpose(0, 1)?.unsqueeze(0)?, train)?
+            .squeeze(0)
     }
 }
 

@@ -300,6 +300,62 @@ fn dropout_masks_are_the_cpus() -> Result<()> {
     Ok(())
 }
 
+/// `CausalSelfAttention::forward_packed` on the efficient kernels (what CUDA runs in f32, where
+/// flash refuses it): packed sequences of 3, 70 and 1 tokens, output and input gradient, against
+/// the CPU. Flash alone refuses f32 there, naming the reason.
+#[test]
+fn packed_layer_on_efficient_kernels_matches_cpu() -> Result<()> {
+    use attn_op::nn::{AttentionConfig, CausalSelfAttention, Causality};
+    let Some(target) = Target::get() else {
+        return Ok(());
+    };
+    let (c, cu) = (64, [0u32, 3, 73, 74]);
+    let w_attn = Tensor::randn(0f32, 0.2, (3 * c, c), &Device::Cpu)?;
+    let w_proj = Tensor::randn(0f32, 0.2, (c, c), &Device::Cpu)?;
+    let x = Tensor::randn(0f32, 1., (74, c), &Device::Cpu)?;
+    let probe = Tensor::randn(0f32, 1., (74, c), &Device::Cpu)?;
+    let run = |dev: &Device| -> Result<(Tensor, Tensor)> {
+        let cfg = AttentionConfig {
+            n_embd: c,
+            n_head: 4,
+            bias: false,
+            dropout: 0.0,
+            causality: Causality::Always,
+        };
+        let layer = CausalSelfAttention::with_projections(
+            cfg,
+            candle_nn::Linear::new(w_attn.to_device(dev)?, None),
+            candle_nn::Linear::new(w_proj.to_device(dev)?, None),
+        )?;
+        let x = Var::from_tensor(&x.to_device(dev)?)?;
+        let y = layer.forward_packed(x.as_tensor(), &Tensor::new(&cu, dev)?, false)?;
+        let grads = (&y * probe.to_device(dev)?)?.sum_all()?.backward()?;
+        let dx = grads.get(x.as_tensor()).expect("a gradient for x").clone();
+        Ok((y.to_device(&Device::Cpu)?, dx.to_device(&Device::Cpu)?))
+    };
+    let (want_y, want_dx) = run(&Device::Cpu)?;
+    let _running = target.run();
+    {
+        let _flash = sdpa_kernel(&[Backend::Flash]);
+        let e = run(&target.device()).unwrap_err().to_string();
+        assert!(
+            e.contains("f32 is not supported by the CUDA flash kernels"),
+            "{e}"
+        );
+    }
+    let _efficient = sdpa_kernel(&[Backend::Efficient]);
+    let (y, dx) = run(&target.device())?;
+    for (name, got, want) in [("output", &y, &want_y), ("dx", &dx, &want_dx)] {
+        let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
+        let err = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(
+            err <= 1e-4 * scale,
+            "packed {name}: off by {err} (largest {scale})"
+        );
+    }
+    Ok(())
+}
+
 /// `nn::dropout` on the target makes its mask with the `dropout_keep_*` kernel: the CPU's mask
 /// and result bit for bit, for every dtype, row widths that are not multiples of 4, and p that
 /// drops none, some or nearly all.

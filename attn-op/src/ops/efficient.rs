@@ -4,6 +4,7 @@ use candle_core::{bail, DType, Result, Tensor};
 
 use super::fused::Fused;
 use crate::config::{AttnConfig, CausalAlign};
+use crate::cpu::geometry::Varlen;
 use crate::validate::is_float;
 use crate::Backend;
 
@@ -31,6 +32,11 @@ impl EfficientAttention {
 
     pub(crate) fn from_config(cfg: AttnConfig) -> Self {
         Self(Fused::new(cfg))
+    }
+
+    pub(crate) fn packed(mut self, varlen: Varlen) -> Self {
+        self.0.cfg.varlen = Some(varlen);
+        self
     }
 
     /// Adds a mask broadcastable to the scores `(..., Hq, Lq, Lk)`: `u8` (nonzero = may attend)
