@@ -129,11 +129,16 @@ pub(crate) fn select(p: &Problem, opts: &SdpaOptions, device: &Device) -> Result
             Some(r) => refused.push((backend, r)),
         }
     }
-    let why: Vec<String> = refused.iter().map(|(b, r)| format!("{b}: {r}")).collect();
     bail!(
         "scaled_dot_product_attention: no backend can run these inputs ({})",
-        why.join("; ")
+        reasons(&refused)
     )
+}
+
+/// Refusals as one line: `flash: why; efficient: why`.
+pub(crate) fn reasons(refused: &[(Backend, String)]) -> String {
+    let why: Vec<String> = refused.iter().map(|(b, r)| format!("{b}: {r}")).collect();
+    why.join("; ")
 }
 
 /// Which backend [`crate::scaled_dot_product_attention`] would run for these inputs on this

@@ -67,12 +67,13 @@ fn eff_bucket(e: usize, ev: usize) -> usize {
         .unwrap_or(usize::MAX)
 }
 
-fn dtype_name(dtype: DType) -> Result<&'static str> {
+/// The kernels' name suffix for `dtype`; `what` names the caller in the error.
+fn dtype_name(what: &str, dtype: DType) -> Result<&'static str> {
     Ok(match dtype {
         DType::F32 => "f32",
         DType::F16 => "f16",
         DType::BF16 => "bf16",
-        d => bail!("attention (CUDA): dtype {d:?} is not supported (f32, f16, bf16)"),
+        d => bail!("{what}: dtype {d:?} is not supported (f32, f16, bf16)"),
     })
 }
 
@@ -456,7 +457,7 @@ pub(crate) fn forward_launch(
     if longest == 0 {
         return Ok(None);
     }
-    let dt = dtype_name(dtype)?;
+    let dt = dtype_name("attention (CUDA)", dtype)?;
     let mut params = p;
     let launch = if kind == Backend::Flash {
         let d = flash_bucket(g.e);
@@ -497,7 +498,7 @@ pub(crate) fn backward_launches(
     if g.q_rows == 0 || g.kv_rows == 0 {
         return Ok(Vec::new());
     }
-    let dt = dtype_name(dtype)?;
+    let dt = dtype_name("attention (CUDA)", dtype)?;
     let warps = (THREADS / 32) as usize;
     let mut out = vec![Launch {
         kind: KernelKind::Delta,
@@ -578,12 +579,7 @@ pub(crate) fn dropout_launch(
     seed: u64,
     dtype: DType,
 ) -> Result<Option<DropoutLaunch>> {
-    let dt = match dtype {
-        DType::F32 => "f32",
-        DType::F16 => "f16",
-        DType::BF16 => "bf16",
-        d => bail!("dropout (CUDA): dtype {d:?} is not supported (f32, f16, bf16)"),
-    };
+    let dt = dtype_name("dropout (CUDA)", dtype)?;
     if rows == 0 || cols == 0 {
         return Ok(None);
     }

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 use crate::config::{AttnConfig, CausalAlign, Dropout};
 use crate::cpu::geometry::Varlen;
-use crate::dispatch::select;
+use crate::dispatch::{reasons, select};
 use crate::ops::qkv::QkvAttention;
 use crate::philox::DropoutMask;
 use crate::rows::QkvRows;
@@ -491,13 +491,10 @@ impl CausalSelfAttention {
                 &vt,
                 EfficientAttention::from_config(cfg).packed(varlen),
             )?,
-            Ok(s) => {
-                let why: Vec<String> = s.refused.iter().map(|(b, r)| format!("{b}: {r}")).collect();
-                bail!(
-                    "{what}: packed sequences need the flash or efficient backend ({})",
-                    why.join("; ")
-                )
-            }
+            Ok(s) => bail!(
+                "{what}: packed sequences need the flash or efficient backend ({})",
+                reasons(&s.refused)
+            ),
             Err(e) => bail!("{what}: {e}"),
         };
         self.project(&y.transpose(0, 1)?.unsqueeze(0)?, train)?

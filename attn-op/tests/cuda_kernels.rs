@@ -346,12 +346,8 @@ fn packed_layer_on_efficient_kernels_matches_cpu() -> Result<()> {
     let _efficient = sdpa_kernel(&[Backend::Efficient]);
     let (y, dx) = run(&target.device())?;
     for (name, got, want) in [("output", &y, &want_y), ("dx", &dx, &want_dx)] {
-        let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
-        let err = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(
-            err <= 1e-4 * scale,
-            "packed {name}: off by {err} (largest {scale})"
-        );
+        let err = rel_err(got, want, max_abs(want)?)?;
+        assert!(err <= 1e-4, "packed {name}: relative error {err:.2e}");
     }
     Ok(())
 }

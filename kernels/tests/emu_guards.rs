@@ -19,33 +19,33 @@ fn delta_over(rows: i64) -> Result<Vec<f32>, String> {
     Ok(delta.to_vec())
 }
 
+/// Runs `test` alone in a child process with `ATTN_EMU_GUARD_CHILD` set: whether it failed, the
+/// thread the emulator's fault report names for `attn_delta_f32`'s block (0, 0), and its stderr.
+fn faulting_thread(test: &str) -> (bool, Option<u32>, String) {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--nocapture"])
+        .env("ATTN_EMU_GUARD_CHILD", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let thread = stderr
+        .split("SIGSEGV in kernel attn_delta_f32, block (0, 0), thread ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|t| t.parse::<u32>().ok());
+    (!out.status.success(), thread, stderr)
+}
+
 #[test]
 fn reads_past_a_buffer_stop_the_process() {
     if std::env::var_os("ATTN_EMU_GUARD_CHILD").is_some() {
         let _ = delta_over(4);
         return; // not reached when the guard works: the parent sees a clean exit and fails
     }
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "reads_past_a_buffer_stop_the_process",
-            "--nocapture",
-        ])
-        .env("ATTN_EMU_GUARD_CHILD", "1")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "the out-of-bounds read went unnoticed"
-    );
+    let (failed, thread, stderr) = faulting_thread("reads_past_a_buffer_stop_the_process");
+    assert!(failed, "the out-of-bounds read went unnoticed");
     // Row 3 belongs to warp 3 (threads 96..127); which of its lanes faults first depends on the
     // emulator's schedule.
-    let thread = stderr
-        .split("SIGSEGV in kernel attn_delta_f32, block (0, 0), thread ")
-        .nth(1)
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|t| t.parse::<u32>().ok());
     assert!(
         thread.is_some_and(|t| (96..128).contains(&t)),
         "unexpected report: {stderr}"
@@ -77,26 +77,9 @@ fn reads_before_a_buffer_stop_the_process() {
         return;
     }
     assert_eq!(delta_from_before(0).unwrap(), vec![10.0, 10.0]);
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "reads_before_a_buffer_stop_the_process",
-            "--nocapture",
-        ])
-        .env("ATTN_EMU_GUARD_CHILD", "1")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "the read before the buffer went unnoticed"
-    );
+    let (failed, thread, stderr) = faulting_thread("reads_before_a_buffer_stop_the_process");
+    assert!(failed, "the read before the buffer went unnoticed");
     // Row 0 (warp 0, threads 0..31) starts 5 elements before the buffer.
-    let thread = stderr
-        .split("SIGSEGV in kernel attn_delta_f32, block (0, 0), thread ")
-        .nth(1)
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|t| t.parse::<u32>().ok());
     assert!(
         thread.is_some_and(|t| t < 32),
         "unexpected report: {stderr}"
