@@ -97,16 +97,17 @@ def table(paths):
     print("| shape (B,H,L,D) | dtype | causal | pass | ours | TFLOP/s | torch flash | torch efficient | torch math | ours / torch same kind |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for k, impls in by.items():
-        for ours in ("attn-op-flash", "attn-op-efficient"):
+        # attn-op-efficient-simt: the f32 efficient forward on CUDA cores (ATTN_OP_CUDA_EFFICIENT_SIMT)
+        for ours in ("attn-op-flash", "attn-op-efficient", "attn-op-efficient-simt"):
             if ours not in impls:
                 continue
             o = impls[ours]
-            kind = ours.split("-")[-1]
+            kind = ours.split("-")[2]
             t = lambda n: f"{impls[n]['tflops']:.1f}" if n in impls else "-"
             same = impls.get(f"torch-{kind}")
             ratio = f"{o['tflops'] / same['tflops']:.2f}x" if same and same["tflops"] > 0 else "-"
             shape = ",".join(map(str, k[0]))
-            print(f"| {shape} | {k[1]} | {k[2]} | {k[3]} | {kind} {o['ms']:.3f} ms | {o['tflops']:.1f} | {t('torch-flash')} | {t('torch-efficient')} | {t('torch-math')} | {ratio} |")
+            print(f"| {shape} | {k[1]} | {k[2]} | {k[3]} | {ours[8:]} {o['ms']:.3f} ms | {o['tflops']:.1f} | {t('torch-flash')} | {t('torch-efficient')} | {t('torch-math')} | {ratio} |")
 
 
 def main():

@@ -31,7 +31,7 @@ step "ptxas -v sm_75 / sm_80 / sm_90"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 # Configurations that must not spill: the kernels a user's training step runs.
-MAIN='^(flash_fwd_|flash_bwd_|eff_fwd_f32_|eff_bwd_)'
+MAIN='^(flash_fwd_|flash_bwd_|eff_fwd_f32_|eff_tc_fwd_|eff_bwd_)'
 fail=0
 # sm_75 (T4): the efficient kernels must build there too (flash compiles to a stub the dispatcher
 # never launches below sm80).

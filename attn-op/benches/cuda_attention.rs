@@ -1,6 +1,8 @@
 //! Times attn-op's CUDA flash and efficient kernels (forward, forward + backward) on the shapes of
 //! the CUDA issue and prints one JSON line per measurement (median of timed runs, each ended by a
-//! device synchronization), for `scripts/bench_sdpa.py` to put beside PyTorch's SDPA.
+//! device synchronization), for `scripts/bench_sdpa.py` to put beside PyTorch's SDPA. The f32
+//! efficient runs come twice: `attn-op-efficient` (the tensor-core forward, 3xTF32, sm80+) and
+//! `attn-op-efficient-simt` (the CUDA-core forward, `ATTN_OP_CUDA_EFFICIENT_SIMT=1`).
 //!
 //! `cargo bench -p attn-op --features cuda --bench cuda_attention [-- --quick]`; without a CUDA
 //! device it prints `SKIP` and exits 0.
@@ -47,6 +49,7 @@ fn time(
 fn bench(
     dev: &Device,
     backend: Backend,
+    label: &str,
     s: &Shape,
     dtype: DType,
     causal: bool,
@@ -66,8 +69,7 @@ fn bench(
     let flops = 4.0 * (s.b * s.h * s.l * s.l * s.d) as f64 * if causal { 0.5 } else { 1.0 };
     let report = |pass: &str, ms: f64, flops: f64| {
         println!(
-            "{{\"impl\":\"attn-op-{}\",\"shape\":[{},{},{},{}],\"dtype\":\"{}\",\"causal\":{},\"pass\":\"{}\",\"ms\":{:.4},\"tflops\":{:.2}}}",
-            backend.name(),
+            "{{\"impl\":\"attn-op-{label}\",\"shape\":[{},{},{},{}],\"dtype\":\"{}\",\"causal\":{},\"pass\":\"{}\",\"ms\":{:.4},\"tflops\":{:.2}}}",
             s.b,
             s.h,
             s.l,
@@ -120,7 +122,15 @@ fn main() -> Result<()> {
     };
     for backend in [Backend::Flash, Backend::Efficient] {
         for causal in [false, true] {
-            bench(&dev, backend, &tutorial, DType::F16, causal, iters)?;
+            bench(
+                &dev,
+                backend,
+                backend.name(),
+                &tutorial,
+                DType::F16,
+                causal,
+                iters,
+            )?;
         }
     }
     // B·H = 128 in bf16, L in 1k/4k/8k, head dims 64 and 128; efficient also in f32.
@@ -133,9 +143,21 @@ fn main() -> Result<()> {
         for &l in lens {
             let s = Shape { b: 16, h: 8, l, d };
             for causal in [false, true] {
-                bench(&dev, Backend::Flash, &s, DType::BF16, causal, iters)?;
+                bench(
+                    &dev,
+                    Backend::Flash,
+                    "flash",
+                    &s,
+                    DType::BF16,
+                    causal,
+                    iters,
+                )?;
                 if l <= 4096 {
-                    bench(&dev, Backend::Efficient, &s, DType::F32, causal, iters)?;
+                    let e = Backend::Efficient;
+                    bench(&dev, e, "efficient", &s, DType::F32, causal, iters)?;
+                    std::env::set_var("ATTN_OP_CUDA_EFFICIENT_SIMT", "1");
+                    bench(&dev, e, "efficient-simt", &s, DType::F32, causal, iters)?;
+                    std::env::remove_var("ATTN_OP_CUDA_EFFICIENT_SIMT");
                 }
             }
         }

@@ -186,7 +186,7 @@ pub(crate) fn forward(
     let call = Call::new(WHAT, kind, cfg, dtype, (ql, kl, vl), &Device::Cpu, CC, SMEM)?;
     let g = &call.g;
     let masks = MaskBufs::new(call.mask.as_ref())?;
-    let launch = forward_launch(kind, dtype, g, call.params)?;
+    let launch = forward_launch(kind, dtype, g, call.params, (CC, SMEM))?;
     let (qs, ks) = segment_tables(g)?;
     let (qs, ks) = (Buffer::from_slice(&qs), Buffer::from_slice(&ks));
     let lse = Buffer::filled(
@@ -204,7 +204,7 @@ pub(crate) fn forward(
         for b in &inputs {
             b.push(&mut args);
         }
-        if launch.kind == KernelKind::EffFwd {
+        if matches!(launch.kind, KernelKind::EffFwd | KernelKind::EffTcFwd) {
             masks.bias.push(&mut args);
             masks.boolean.push(&mut args);
         }
@@ -250,7 +250,7 @@ pub(crate) fn backward(
     call.check_backward(what, &o, &dout, &lse)?;
     let g = &call.g;
     let masks = MaskBufs::new(call.mask.as_ref())?;
-    let launches = backward_launches(kind, dtype, g, call.params, deterministic())?;
+    let launches = backward_launches(kind, dtype, g, call.params, deterministic(), (CC, SMEM))?;
     let (qs, ks) = segment_tables(g)?;
     let (qs, ks) = (Buffer::from_slice(&qs), Buffer::from_slice(&ks));
     let dq = Buffer::filled(g.q_rows * g.e, 0f32);
@@ -276,20 +276,20 @@ pub(crate) fn backward(
                 a.buf(&delta).buf(&dq).buf(&dk).buf(&dv).buf(&qs).buf(&ks);
                 a.val(launch.params).val(i32::from(launch.with_dq));
             }
-            KernelKind::EffBwd | KernelKind::EffDq => {
+            KernelKind::EffBwd | KernelKind::EffTcBwd | KernelKind::EffDq => {
                 for b in [&qb, &kb, &vb, &masks.bias, &masks.boolean, &db, &lb] {
                     b.push(&mut a);
                 }
                 a.buf(&delta).buf(&dq);
-                if launch.kind == KernelKind::EffBwd {
+                if launch.kind != KernelKind::EffDq {
                     a.buf(&dk).buf(&dv);
                 }
                 a.buf(&qs).buf(&ks).val(launch.params);
-                if launch.kind == KernelKind::EffBwd {
+                if launch.kind != KernelKind::EffDq {
                     a.val(i32::from(launch.with_dq));
                 }
             }
-            KernelKind::FlashFwd | KernelKind::EffFwd => {
+            KernelKind::FlashFwd | KernelKind::EffFwd | KernelKind::EffTcFwd => {
                 bail!(
                     "attention backward (CUDA emulator): {} is not a backward kernel",
                     launch.name

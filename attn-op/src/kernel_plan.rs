@@ -17,6 +17,10 @@ pub(crate) const THREADS: u32 = 128;
 const FLASH_FWD_ROWS: usize = 64;
 const FLASH_BWD_KEYS: usize = 64;
 const EFF_ROWS: usize = 32;
+/// Rows of the tensor-core efficient forward's query tile (f32, 3xTF32, sm80+).
+const EFF_TC_ROWS: usize = 64;
+/// Keys per block of the tensor-core efficient backward.
+const EFF_TC_BWD_KEYS: usize = 64;
 /// Largest head dim of the kernels.
 const MAX_HEAD_DIM: usize = 256;
 /// Largest head dim of the tensor-core backward (larger ones use the efficient backward).
@@ -65,6 +69,45 @@ fn eff_bucket(e: usize, ev: usize) -> usize {
         .into_iter()
         .find(|&d| d >= e.max(ev))
         .unwrap_or(usize::MAX)
+}
+
+/// Keys per tile of the tensor-core efficient forward (as instantiated in efficient_tc.cu).
+fn eff_tc_keys(d: usize) -> usize {
+    if d == 256 {
+        16
+    } else {
+        32
+    }
+}
+
+/// Dynamic shared memory of the tensor-core efficient forward: f32 Q tile plus double-buffered
+/// K and V tiles, rows of `d + 4` floats.
+fn eff_tc_smem(d: usize) -> usize {
+    (EFF_TC_ROWS + 4 * eff_tc_keys(d)) * (d + 4) * 4
+}
+
+/// Query rows per tile of the tensor-core efficient backward, for the head-dim buckets it has
+/// (64 and 128, as instantiated in efficient_tc.cu; 256 runs the CUDA-core backward).
+fn eff_tc_bwd_rows(d: usize) -> Option<usize> {
+    match d {
+        64 => Some(32),
+        128 => Some(16),
+        _ => None,
+    }
+}
+
+/// Dynamic shared memory of the tensor-core efficient backward: K and V tiles of
+/// [`EFF_TC_BWD_KEYS`] rows, Q and dO tiles, the dS tile and two row terms, all f32.
+fn eff_tc_bwd_smem(d: usize) -> Option<usize> {
+    let bq = eff_tc_bwd_rows(d)?;
+    Some((2 * EFF_TC_BWD_KEYS + 2 * bq) * (d + 4) * 4 + bq * (EFF_TC_BWD_KEYS + 4) * 4 + 2 * bq * 4)
+}
+
+/// Whether the efficient backend runs on the tensor-core kernels of efficient_tc.cu: f32 from
+/// sm80 on, when the kernel exists for the head-dim bucket and its shared memory (`need`) fits
+/// the device's `smem`, and [`efficient_simt`] does not ask for the CUDA-core kernels.
+fn efficient_tc(dtype: DType, cc: u32, need: Option<usize>, smem: usize) -> bool {
+    dtype == DType::F32 && cc >= 80 && need.is_some_and(|n| n <= smem) && !efficient_simt()
 }
 
 /// The kernels' name suffix for `dtype`; `what` names the caller in the error.
@@ -328,6 +371,14 @@ pub(crate) fn deterministic() -> bool {
     std::env::var("ATTN_OP_CUDA_DETERMINISTIC").is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
+/// Whether `ATTN_OP_CUDA_EFFICIENT_SIMT` asks for the CUDA-core efficient f32 kernels
+/// (`eff_fwd_f32_*`, `eff_bwd_f32_*`) where the tensor-core ones (`eff_tc_*_f32_*`, 3xTF32) would
+/// run: to compare the two. Devices below sm80, or without the shared memory the tensor-core
+/// kernels need, always run the former.
+pub(crate) fn efficient_simt() -> bool {
+    std::env::var("ATTN_OP_CUDA_EFFICIENT_SIMT").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
 /// `t` in `dtype`, contiguous and starting at the first element of its storage (a kernel is
 /// handed the whole allocation, so a view further in is copied out).
 pub(crate) fn dense(t: &Tensor, dtype: DType) -> Result<Tensor> {
@@ -415,6 +466,8 @@ pub(crate) enum KernelKind {
     FlashFwd,
     /// `eff_fwd_*(q, k, v, bias, bool_mask, o, lse, qsegs, kvsegs, params)`
     EffFwd,
+    /// `eff_tc_fwd_f32_*`: the tensor-core f32 forward, with `EffFwd`'s arguments
+    EffTcFwd,
     /// `attn_delta_*(o, dout, delta, rows: i64, ev: i32)`
     Delta,
     /// `flash_bwd_*(q, k, v, dout, lse, delta, dq, dk, dv, qsegs, kvsegs, params, with_dq: i32)`
@@ -422,6 +475,8 @@ pub(crate) enum KernelKind {
     /// `eff_bwd_*(q, k, v, bias, bool_mask, dout, lse, delta, dq, dk, dv, qsegs, kvsegs, params,
     /// with_dq: i32)`
     EffBwd,
+    /// `eff_tc_bwd_f32_*`: the tensor-core f32 backward, with `EffBwd`'s arguments
+    EffTcBwd,
     /// `eff_dq_*(q, k, v, bias, bool_mask, dout, lse, delta, dq, qsegs, kvsegs, params)`
     EffDq,
 }
@@ -446,12 +501,15 @@ fn grid(x: usize, y: usize) -> Result<(u32, u32)> {
     Ok((x, y.max(1) as u32))
 }
 
-/// The launch of a forward call of `kind` on `dtype` inputs, or `None` when there are no rows.
+/// The launch of a forward call of `kind` on `dtype` inputs, or `None` when there are no rows,
+/// on a device of compute capability `cc` with `smem` bytes of opt-in shared memory per block.
+/// The efficient backend runs f32 on the tensor cores (3xTF32) where [`efficient_tc`] says so.
 pub(crate) fn forward_launch(
     kind: Backend,
     dtype: DType,
     g: &Geometry,
     p: KernelParams,
+    (cc, smem): (u32, usize),
 ) -> Result<Option<Launch>> {
     let longest = g.q_segs.iter().map(|s| s.len).max().unwrap_or(0);
     if longest == 0 {
@@ -467,6 +525,17 @@ pub(crate) fn forward_launch(
             name: format!("flash_fwd_{dt}_{d}"),
             grid: grid(g.q_segs.len(), params.tiles as usize)?,
             smem: flash_fwd_smem(d),
+            params,
+            with_dq: false,
+        }
+    } else if efficient_tc(dtype, cc, Some(eff_tc_smem(eff_bucket(g.e, g.ev))), smem) {
+        let d = eff_bucket(g.e, g.ev);
+        params.tiles = tiles(longest, EFF_TC_ROWS)? as i32;
+        Launch {
+            kind: KernelKind::EffTcFwd,
+            name: format!("eff_tc_fwd_f32_{d}"),
+            grid: grid(g.q_segs.len(), params.tiles as usize)?,
+            smem: eff_tc_smem(d),
             params,
             with_dq: false,
         }
@@ -487,13 +556,14 @@ pub(crate) fn forward_launch(
 
 /// The launches of a backward call, in order: the row terms `D_i = dO_i . O_i`, the key-tile
 /// kernel (dK, dV, and dQ by atomics unless `deterministic`), and with `deterministic` the
-/// query-tile dQ pass. Empty when there are no rows.
+/// query-tile dQ pass. Empty when there are no rows. `device` as for [`forward_launch`].
 pub(crate) fn backward_launches(
     kind: Backend,
     dtype: DType,
     g: &Geometry,
     p: KernelParams,
     deterministic: bool,
+    (cc, smem): (u32, usize),
 ) -> Result<Vec<Launch>> {
     if g.q_rows == 0 || g.kv_rows == 0 {
         return Ok(Vec::new());
@@ -522,6 +592,17 @@ pub(crate) fn backward_launches(
             name: format!("flash_bwd_{dt}_{d}"),
             grid: grid(g.kv_segs.len(), params.tiles as usize)?,
             smem: flash_bwd_smem(d),
+            params,
+            with_dq: !deterministic,
+        });
+    } else if efficient_tc(dtype, cc, eff_tc_bwd_smem(eff_bucket(g.e, g.ev)), smem) {
+        let d = eff_bucket(g.e, g.ev);
+        params.tiles = tiles(longest_k, EFF_TC_BWD_KEYS)? as i32;
+        out.push(Launch {
+            kind: KernelKind::EffTcBwd,
+            name: format!("eff_tc_bwd_f32_{d}"),
+            grid: grid(g.kv_segs.len(), params.tiles as usize)?,
+            smem: eff_tc_bwd_smem(d).unwrap_or(0),
             params,
             with_dq: !deterministic,
         });
@@ -651,6 +732,14 @@ mod tests {
         assert_eq!(flash_fwd_smem(256), 101_376);
         assert_eq!(flash_bwd_smem(128), 57_088);
         assert_eq!(flash_bwd_smem(64), 46_592);
+        // efficient_tc.cu's: A100 (163 KiB per block) and H100 take every bucket, sm86/sm89
+        // (99 KiB = 101,376 bytes) 64 and 128.
+        assert_eq!(eff_tc_smem(64), 52_224);
+        assert_eq!(eff_tc_smem(128), 101_376);
+        assert_eq!(eff_tc_smem(256), 133_120);
+        assert_eq!(eff_tc_bwd_smem(64), Some(61_184));
+        assert_eq!(eff_tc_bwd_smem(128), Some(88_960));
+        assert_eq!(eff_tc_bwd_smem(256), None);
     }
 
     #[test]

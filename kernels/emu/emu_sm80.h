@@ -75,6 +75,48 @@ inline void mma16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigne
     emu::warp_depart();
 }
 
+// mma.sync.m16n8k8 with .tf32 operands, f32 accumulators. PTX ISA fragments (g = lane / 4,
+// t = lane % 4): A register i holds row g (i even) or g + 8 (i odd), column t (+ 4 for i >= 2);
+// B register j holds k = t + 4 j of column g; accumulators as for m16n8k16. The tensor cores
+// read only the 19 tf32 bits of an operand, so the low 13 bits are dropped here too.
+inline void mma1688_tf32(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    struct Frag {
+        unsigned a[4], b[2];
+    } in = {{a[0], a[1], a[2], a[3]}, {b0, b1}};
+    const unsigned char* slots = emu::warp_arrive("mma.sync.m16n8k8.tf32", &in, sizeof(Frag));
+    struct Operands {
+        float A[16][8], B[8][8];
+    };
+    static_assert(sizeof(Operands) <= emu::kWarpShared, "warp scratch too small");
+    bool ready;
+    Operands& op = *reinterpret_cast<Operands*>(emu::warp_shared(&ready));
+    if (!ready) {
+        for (int l = 0; l < 32; ++l) {
+            Frag f;
+            memcpy(&f, slots + l * emu::kSlot, sizeof f);
+            const int g = l >> 2, t = l & 3;
+            for (int i = 0; i < 4; ++i) op.A[g + ((i & 1) ? 8 : 0)][t + ((i & 2) ? 4 : 0)] = emu::bits_f32(f.a[i] & 0xffffe000u);
+            for (int j = 0; j < 2; ++j) op.B[t + 4 * j][g] = emu::bits_f32(f.b[j] & 0xffffe000u);
+        }
+    }
+    const int l = emu::lane(), g = l >> 2, t = l & 3;
+    for (int e = 0; e < 4; ++e) {
+        const int row = g + (e < 2 ? 0 : 8), col = 2 * t + (e & 1);
+        float acc = d[e];
+        for (int kk = 0; kk < 8; ++kk) acc = fmaf(op.A[row][kk], op.B[kk][col], acc);
+        d[e] = acc;
+    }
+    emu::warp_depart();
+}
+
+// cvt.rna.tf32.f32: round to 10 mantissa bits, to nearest with ties away from zero (adding half
+// a unit of the last kept bit to the magnitude, then truncating); NaN and infinity pass.
+inline unsigned cvt_rna_tf32(float x) {
+    const unsigned u = emu::f32_bits(x);
+    if ((u & 0x7f800000u) == 0x7f800000u) return u;
+    return (u + 0x1000u) & 0xffffe000u;
+}
+
 // ldmatrix.sync.aligned.m8n8.x4.b16: lanes 8i..8i+7 give the addresses of rows 0..7 of matrix
 // i (16 bytes each); lane l receives in register i the elements (row l / 4, columns 2 (l % 4)
 // and 2 (l % 4) + 1) of matrix i, or with .trans (rows 2 (l % 4), 2 (l % 4) + 1 of column l / 4).

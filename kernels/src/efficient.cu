@@ -54,15 +54,6 @@ __device__ __forceinline__ void tile_dots(float (&acc)[8], float* As, float* Bs,
     }
 }
 
-// Scaled, masked score of (row, col) of segment `s` (-inf where masked, causal or out of range).
-__device__ __forceinline__ float masked_score(const AttnParams& p, const QSeg& s, const float* bias,
-                                              const unsigned char* boolm, float raw, int row, int col, int lk) {
-    if (row >= s.len || col >= lk || col >= visible_keys(s, row, lk)) return -INFINITY;
-    float x = raw * p.scale;
-    if (p.mask_kind != 0) x += mask_term(p, bias, boolm, s.mask + (long long)row * p.mask_rs + (long long)col * p.mask_cs);
-    return x;
-}
-
 // ---- forward --------------------------------------------------------------------------------
 
 template <typename T, int DMAX>

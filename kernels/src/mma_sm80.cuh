@@ -64,6 +64,29 @@ __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uns
 #endif
 }
 
+// d += a * b for one m16n8k8 tile of tf32 operands (registers holding f32 bit patterns whose
+// low 13 bits are zero, see cvt_rna_tf32). Fragments (g = lane / 4, t = lane % 4): A 16x8
+// a0 (g, t), a1 (g+8, t), a2 (g, t+4), a3 (g+8, t+4); B 8x8 b0 (k t, n g), b1 (k t+4, n g);
+// C as for m16n8k16.
+__device__ __forceinline__ void mma1688_tf32(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+#if ATTN_HAS_MMA
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+// `x` rounded to tf32 (10 mantissa bits, to nearest, ties away from zero), as a .b32 register.
+__device__ __forceinline__ unsigned cvt_rna_tf32(float x) {
+    unsigned r = 0;
+#if ATTN_HAS_MMA
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+#endif
+    return r;
+}
+
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
     return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
@@ -106,16 +129,18 @@ __device__ __forceinline__ void cp_async_wait() {
 
 // Loads rows [r0, r0 + ROWS) x columns [0, D) of a strided row-major matrix into shared memory
 // (row stride LDS elements). Rows >= nrows and columns >= ncols become zero. With `vec` (every row
-// start 16-byte aligned and ncols % 8 == 0) it issues cp.async copies; otherwise it stores
-// element by element synchronously. Either way the caller commits, waits and synchronizes.
+// start 16-byte aligned and ncols a multiple of 16 bytes' elements: p.vec_ok) it issues cp.async
+// copies; otherwise it stores element by element synchronously. Either way the caller commits,
+// waits and synchronizes.
 template <typename T, int ROWS, int D, int LDS, int THREADS>
 __device__ __forceinline__ void load_tile(T* dst, const T* __restrict__ src, long long base, long long rs, int r0,
                                           int nrows, int ncols, bool vec) {
-    constexpr int CPR = D / 8;  // 16-byte chunks per row
+    constexpr int EPC = 16 / (int)sizeof(T);  // elements per 16-byte chunk
+    constexpr int CPR = D / EPC;              // chunks per row
     if (vec) {
 #pragma unroll
         for (int i = threadIdx.x; i < ROWS * CPR; i += THREADS) {
-            int r = i / CPR, c = (i % CPR) * 8;
+            int r = i / CPR, c = (i % CPR) * EPC;
             bool ok = (r0 + r < nrows) && (c < ncols);
             const T* g = ok ? src + base + (long long)(r0 + r) * rs + c : src;
             cp_async16(dst + r * LDS + c, g, ok ? 16 : 0);

@@ -45,6 +45,7 @@ unsafe impl DeviceRepr for KernelParams {}
 const FLASH_FWD_MODULE: &str = "attn_op_flash_fwd";
 const FLASH_BWD_MODULE: &str = "attn_op_flash_bwd";
 const EFFICIENT_MODULE: &str = "attn_op_efficient";
+const EFFICIENT_TC_MODULE: &str = "attn_op_efficient_tc";
 const DROPOUT_MODULE: &str = "attn_op_dropout";
 
 /// Compute capability as `major * 10 + minor`, and the opt-in shared memory per block.
@@ -151,6 +152,9 @@ fn function(dev: &CudaDevice, launch: &Launch) -> Result<CudaFunction> {
     let (module, ptx) = match launch.kind {
         KernelKind::FlashFwd => (FLASH_FWD_MODULE, attn_kernels::FLASH_FWD),
         KernelKind::FlashBwd => (FLASH_BWD_MODULE, attn_kernels::FLASH_BWD),
+        KernelKind::EffTcFwd | KernelKind::EffTcBwd => {
+            (EFFICIENT_TC_MODULE, attn_kernels::EFFICIENT_TC)
+        }
         _ => (EFFICIENT_MODULE, attn_kernels::EFFICIENT),
     };
     let f = dev
@@ -206,7 +210,7 @@ pub(crate) fn forward(
     let shape = call.out_shape(ql);
     let placeholders = Placeholders::new(&dev)?;
     let margs = placeholders.args(mask_guard.as_ref().map(|(s, _)| &**s))?;
-    let launch = forward_launch(kind, dtype, g, call.params)?;
+    let launch = forward_launch(kind, dtype, g, call.params, (cc, smem))?;
     let (qs, ks) = segment_tables(g)?;
     let (qs, ks) = (dev.clone_htod(&qs)?, dev.clone_htod(&ks)?);
     // Dense inputs cover every row; packed ones may leave rows past the last sequence, whose
@@ -279,7 +283,7 @@ impl Fwd<'_> {
         {
             let mut b = stream.launch_builder(&f);
             b.arg(q).arg(k).arg(v);
-            if launch.kind == KernelKind::EffFwd {
+            if matches!(launch.kind, KernelKind::EffFwd | KernelKind::EffTcFwd) {
                 b.arg(self.mask.bias).arg(self.mask.boolean);
             }
             b.arg(&mut o)
@@ -287,7 +291,7 @@ impl Fwd<'_> {
                 .arg(self.qs)
                 .arg(self.ks)
                 .arg(&launch.params);
-            // SAFETY: the argument list matches flash_fwd_*'s or eff_fwd_*'s signature (see
+            // SAFETY: the argument list matches flash_fwd_*'s, eff_fwd_*'s or eff_tc_fwd_*'s signature (see
             // KernelKind); every access is bounded by the segment tables built from the layouts
             // of these very storages, and the mask offsets come from its broadcast layout.
             unsafe { b.launch(config(launch)) }.w()?;
@@ -354,7 +358,7 @@ pub(crate) fn backward(
     let mask_guard = call.mask.as_ref().map(|m| m.storage_and_layout());
     let placeholders = Placeholders::new(&dev)?;
     let margs = placeholders.args(mask_guard.as_ref().map(|(s, _)| &**s))?;
-    let launches = backward_launches(kind, dtype, g, call.params, deterministic())?;
+    let launches = backward_launches(kind, dtype, g, call.params, deterministic(), (cc, smem))?;
     let (qs, ks) = segment_tables(g)?;
     let (qs, ks) = (dev.clone_htod(&qs)?, dev.clone_htod(&ks)?);
     let mut dq = dev.alloc_zeros::<f32>(g.q_rows * g.e)?;
@@ -455,7 +459,7 @@ impl Bwd<'_> {
                         .arg(&launch.params)
                         .arg(&with_dq);
                 }
-                KernelKind::EffBwd | KernelKind::EffDq => {
+                KernelKind::EffBwd | KernelKind::EffTcBwd | KernelKind::EffDq => {
                     b.arg(q)
                         .arg(k)
                         .arg(v)
@@ -463,15 +467,15 @@ impl Bwd<'_> {
                         .arg(self.mask.boolean)
                         .arg(dout);
                     b.arg(self.lse).arg(&delta).arg(&mut *grads.dq);
-                    if launch.kind == KernelKind::EffBwd {
+                    if launch.kind != KernelKind::EffDq {
                         b.arg(&mut *grads.dk).arg(&mut *grads.dv);
                     }
                     b.arg(self.qs).arg(self.ks).arg(&launch.params);
-                    if launch.kind == KernelKind::EffBwd {
+                    if launch.kind != KernelKind::EffDq {
                         b.arg(&with_dq);
                     }
                 }
-                KernelKind::FlashFwd | KernelKind::EffFwd => {
+                KernelKind::FlashFwd | KernelKind::EffFwd | KernelKind::EffTcFwd => {
                     bail!(
                         "attention backward (CUDA): {} is not a backward kernel",
                         launch.name

@@ -1,0 +1,459 @@
+// Memory-efficient attention forward for f32 on tensor cores (sm80+), 3xTF32: every product
+// a * b runs as a_big * b_big + a_big * b_small + a_small * b_big on mma.sync m16n8k8 tf32, with
+// big = tf32(x) and small = tf32(x - big), which keeps f32's accuracy (the dropped
+// a_small * b_small term is about 2^-22 of the product) at tensor-core speed. Same problems as
+// eff_fwd_f32 in efficient.cu (additive or boolean masks, causal with tile skipping, dropout,
+// GQA, strided and packed inputs, q/k and v head dims up to the bucket), same outputs (output
+// rows and natural-log row logsumexp), so the efficient backward reads either forward's result.
+//
+// Kernels (D = max(e, ev) rounded up; columns past the real head dims are zero-filled):
+//   eff_tc_fwd_f32_{64,128,256}  as flash_fwd: one block of 4 warps per (64 query rows, query
+//       segment), each warp owns 16 rows and keeps its output tile and softmax statistics in
+//       registers; Q stays in shared memory, K and V tiles are double-buffered with cp.async.
+//       Dynamic shared memory (64 + 4 BK) (D + 4) 4 bytes (eff_tc_smem on the Rust side).
+//   eff_tc_bwd_f32_{64,128}  as flash_bwd: one block of 4 warps per (64 keys, key/value
+//       segment), each warp owns 16 keys and keeps their dK and dV in registers while the block
+//       walks the query tiles (BQ rows) of every query segment reading it; dQ by f32 atomics
+//       (with_dq = 1) or by the deterministic eff_dq_f32 pass of efficient.cu (with_dq = 0).
+//       Dynamic shared memory (128 + 2 BQ) (D + 4) 4 + BQ 68 4 + 2 BQ 4 bytes (eff_tc_bwd_smem).
+//       Head dim 256 uses eff_bwd_f32_256.
+//
+// Shared-memory rows are D + 4 floats (4 mod 32 banks), so the fragment reads fall in 32
+// distinct banks: A-operand and K/Q reads (row g, column t) hit bank 4 g + t, and reads of a
+// B operand whose k index is a row (row 2 t or 2 t + 1, column g; see the key order below) bank
+// 8 t + g (+ 4).
+#include "mma_sm80.cuh"
+
+#define ET_WARPS 4
+#define ET_THREADS (ET_WARPS * 32)
+#define ET_BQ 64
+
+// x as a tf32 pair: big = tf32(x), small = tf32(x - big).
+__device__ __forceinline__ void split_tf32(float x, unsigned& big, unsigned& small) {
+    big = cvt_rna_tf32(x);
+    float b;
+    memcpy(&b, &big, 4);
+    small = cvt_rna_tf32(x - b);
+}
+
+// d += a * b in 3xTF32 (small terms first, then the big product).
+__device__ __forceinline__ void mma_3xtf32(float (&d)[4], const unsigned (&ab)[4], const unsigned (&as)[4],
+                                           unsigned b0b, unsigned b1b, unsigned b0s, unsigned b1s) {
+    mma1688_tf32(d, as, b0b, b1b);
+    mma1688_tf32(d, ab, b0s, b1s);
+    mma1688_tf32(d, ab, b0b, b1b);
+}
+
+template <int D, int BK>
+__device__ void eff_tc_fwd(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+                           const float* __restrict__ bias, const unsigned char* __restrict__ boolm,
+                           float* __restrict__ o, float* __restrict__ lse, const long long* __restrict__ qsegs,
+                           const long long* __restrict__ kvsegs, const AttnParams p) {
+#if ATTN_HAS_MMA
+    constexpr int LDS = D + 4;
+    constexpr int NB = BK / 8;  // score n-blocks (and P.V k-steps) per warp
+    constexpr int ND = D / 8;   // output n-blocks per warp
+    ATTN_DYNAMIC_SMEM(smem_raw);
+    float* Qs = reinterpret_cast<float*>(smem_raw);
+    float* Ks = Qs + ET_BQ * LDS;   // [2][BK][LDS]
+    float* Vs = Ks + 2 * BK * LDS;  // [2][BK][LDS]
+
+    const QSeg s = load_qseg(qsegs, blockIdx.x);
+    const int r0 = (p.tiles - 1 - (int)blockIdx.y) * ET_BQ;  // heavy causal tiles first
+    if (r0 < 0 || r0 >= s.len) return;
+    const KvSeg kv = load_kvseg(kvsegs, s.kv);
+    const int lk = kv.len;
+    const int rows = min(ET_BQ, s.len - r0);
+    const int kend = visible_keys(s, r0 + rows - 1, lk);
+    const int ntiles = (kend + BK - 1) / BK;
+    const bool vec = p.vec_ok != 0;
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int g = lane >> 2, tq = lane & 3;
+    const int row_a = r0 + warp * 16 + g, row_b = row_a + 8;  // this thread's two rows
+    const float log2e = 1.4426950408889634f;
+
+    load_tile<float, ET_BQ, D, LDS, ET_THREADS>(Qs, q, s.q, p.q_rs, r0, s.len, p.e, vec);
+    if (ntiles > 0) {
+        load_tile<float, BK, D, LDS, ET_THREADS>(Ks, k, kv.k, p.k_rs, 0, lk, p.e, vec);
+        load_tile<float, BK, D, LDS, ET_THREADS>(Vs, v, kv.v, p.v_rs, 0, lk, p.ev, vec);
+    }
+    cp_async_commit();
+
+    float oacc[ND][4];
+#pragma unroll
+    for (int i = 0; i < ND; ++i) oacc[i][0] = oacc[i][1] = oacc[i][2] = oacc[i][3] = 0.0f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+    const float* qa = Qs + (warp * 16 + g) * LDS + tq;  // A fragment of k-step kk: qa[kk * 8 + ...]
+
+    for (int j = 0; j < ntiles; ++j) {
+        const int k0 = j * BK;
+        const int st = j & 1;
+        if (j + 1 < ntiles) {
+            load_tile<float, BK, D, LDS, ET_THREADS>(Ks + (st ^ 1) * BK * LDS, k, kv.k, p.k_rs, k0 + BK, lk, p.e, vec);
+            load_tile<float, BK, D, LDS, ET_THREADS>(Vs + (st ^ 1) * BK * LDS, v, kv.v, p.v_rs, k0 + BK, lk, p.ev, vec);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const float* Kt = Ks + st * BK * LDS;
+        const float* Vt = Vs + st * BK * LDS;
+
+        // S = Q K^T for the warp's 16 rows.
+        float sacc[NB][4];
+#pragma unroll
+        for (int i = 0; i < NB; ++i) sacc[i][0] = sacc[i][1] = sacc[i][2] = sacc[i][3] = 0.0f;
+#pragma unroll 4
+        for (int kk = 0; kk < D / 8; ++kk) {
+            unsigned ab[4], as[4];
+            split_tf32(qa[kk * 8], ab[0], as[0]);
+            split_tf32(qa[8 * LDS + kk * 8], ab[1], as[1]);
+            split_tf32(qa[kk * 8 + 4], ab[2], as[2]);
+            split_tf32(qa[8 * LDS + kk * 8 + 4], ab[3], as[3]);
+#pragma unroll
+            for (int nb = 0; nb < NB; ++nb) {
+                const float* kb = Kt + (nb * 8 + g) * LDS + kk * 8 + tq;
+                unsigned b0b, b0s, b1b, b1s;
+                split_tf32(kb[0], b0b, b0s);
+                split_tf32(kb[4], b1b, b1s);
+                mma_3xtf32(sacc[nb], ab, as, b0b, b1b, b0s, b1s);
+            }
+        }
+
+        // Scale and mask (natural-log units as efficient.cu), then to base 2 for exp2f.
+        const bool need_mask = p.mask_kind != 0 || (k0 + BK > lk) ||
+                               (s.causal && (long long)k0 + BK - 1 > (long long)r0 + s.coff);
+#pragma unroll
+        for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                float x = sacc[nb][e];
+                if (need_mask) {
+                    const int col = k0 + nb * 8 + 2 * tq + (e & 1);
+                    x = masked_score(p, s, bias, boolm, x, e < 2 ? row_a : row_b, col, lk);
+                } else {
+                    x *= p.scale;
+                }
+                sacc[nb][e] = x * log2e;
+            }
+        }
+        // Online softmax, two rows per thread; the 4 lanes of a quad share a row.
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float mx = -INFINITY;
+#pragma unroll
+            for (int nb = 0; nb < NB; ++nb) mx = fmaxf(mx, fmaxf(sacc[nb][2 * h], sacc[nb][2 * h + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float m_new = fmaxf(m[h], mx);
+            if (m_new == -INFINITY) {
+#pragma unroll
+                for (int nb = 0; nb < NB; ++nb) sacc[nb][2 * h] = sacc[nb][2 * h + 1] = 0.0f;
+                continue;
+            }
+            const float alpha = exp2f(m[h] - m_new);
+            float sum = 0.0f;
+#pragma unroll
+            for (int nb = 0; nb < NB; ++nb) {
+                float a0 = exp2f(sacc[nb][2 * h] - m_new), a1 = exp2f(sacc[nb][2 * h + 1] - m_new);
+                sacc[nb][2 * h] = a0;
+                sacc[nb][2 * h + 1] = a1;
+                sum += a0 + a1;
+            }
+            l[h] = l[h] * alpha + sum;  // per-thread partial sum; the quad adds them up at the end
+            m[h] = m_new;
+#pragma unroll
+            for (int nb = 0; nb < ND; ++nb) {
+                oacc[nb][2 * h] *= alpha;
+                oacc[nb][2 * h + 1] *= alpha;
+            }
+        }
+        // Dropout on the probabilities that multiply V (the normalizer keeps the undropped ones).
+        if (p.dropout) {
+#pragma unroll
+            for (int nb = 0; nb < NB; ++nb) {
+                const int col = k0 + nb * 8 + 2 * tq;  // even: col and col + 1 share a Philox block
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int row = h == 0 ? row_a : row_b;
+                    if (row < s.len && col < lk) {
+                        uint4 w = dropout_block(p, s.stream, row, col);
+                        sacc[nb][2 * h] *= word_of(w, col & 3) >= p.threshold ? p.keep_scale : 0.0f;
+                        sacc[nb][2 * h + 1] *= word_of(w, (col & 3) + 1) >= p.threshold ? p.keep_scale : 0.0f;
+                    }
+                }
+            }
+        }
+        // O += P V. The scores of key block kb sit in the C layout (row g / g + 8, keys 2t and
+        // 2t + 1), not in the A layout of m16n8k8 (keys t and t + 4). The sum over keys does not
+        // care about their order, so k-index t stands for key 2t and t + 4 for key 2t + 1, and
+        // the B fragment reads V's rows in the same order: no shuffles.
+#pragma unroll
+        for (int kb = 0; kb < NB; ++kb) {
+            unsigned ab[4], as[4];
+            split_tf32(sacc[kb][0], ab[0], as[0]);
+            split_tf32(sacc[kb][2], ab[1], as[1]);
+            split_tf32(sacc[kb][1], ab[2], as[2]);
+            split_tf32(sacc[kb][3], ab[3], as[3]);
+            const float* vb = Vt + (kb * 8 + 2 * tq) * LDS + g;
+#pragma unroll
+            for (int db = 0; db < ND; ++db) {
+                unsigned b0b, b0s, b1b, b1s;
+                split_tf32(vb[db * 8], b0b, b0s);
+                split_tf32(vb[LDS + db * 8], b1b, b1s);
+                mma_3xtf32(oacc[db], ab, as, b0b, b1b, b0s, b1s);
+            }
+        }
+        __syncthreads();  // this stage is refilled by the next iteration's prefetch
+    }
+    cp_async_wait<0>();
+
+    // Normalize and write the output rows and their logsumexp (natural log).
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float lt = l[h];
+        lt += __shfl_xor_sync(0xffffffffu, lt, 1);
+        lt += __shfl_xor_sync(0xffffffffu, lt, 2);
+        const int row = h == 0 ? row_a : row_b;
+        if (row >= s.len) continue;
+        const long long orow = s.row0 + row;
+        const float inv = lt > 0.0f ? 1.0f / lt : 0.0f;
+#pragma unroll
+        for (int nb = 0; nb < ND; ++nb) {
+            const int col = nb * 8 + 2 * tq;
+            if (col < p.ev) o[orow * p.ev + col] = oacc[nb][2 * h] * inv;
+            if (col + 1 < p.ev) o[orow * p.ev + col + 1] = oacc[nb][2 * h + 1] * inv;
+        }
+        if (tq == 0) lse[orow] = lt > 0.0f ? (m[h] + log2f(lt)) * 0.6931471805599453f : INFINITY;
+    }
+#else
+    __trap();  // tensor-core kernels need sm80+; the launcher picks eff_fwd_f32 on older devices
+#endif
+}
+
+#define EFF_TC_FWD(D, BK)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(ET_THREADS)                                                  \
+        eff_tc_fwd_f32_##D(const float* q, const float* k, const float* v, const float* bias,                 \
+                           const unsigned char* bm, float* o, float* lse, const long long* qs,                \
+                           const long long* ks, const AttnParams p) {                                         \
+        eff_tc_fwd<D, BK>(q, k, v, bias, bm, o, lse, qs, ks, p);                                              \
+    }
+
+EFF_TC_FWD(64, 32)
+EFF_TC_FWD(128, 32)
+EFF_TC_FWD(256, 16)
+
+// ---- backward ---------------------------------------------------------------------------------
+
+#define EB_BK 64  // keys per block
+
+template <int D, int BQ>
+__device__ void eff_tc_bwd(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+                           const float* __restrict__ bias, const unsigned char* __restrict__ boolm,
+                           const float* __restrict__ dout, const float* __restrict__ lse,
+                           const float* __restrict__ delta, float* __restrict__ dq, float* __restrict__ dk,
+                           float* __restrict__ dv, const long long* __restrict__ qsegs,
+                           const long long* __restrict__ kvsegs, const AttnParams p, int with_dq) {
+#if ATTN_HAS_MMA
+    constexpr int LDS = D + 4;
+    constexpr int LDSS = EB_BK + 4;
+    constexpr int NQ = BQ / 8;          // query n-blocks of the transposed score tile
+    constexpr int ND = D / 8;           // head-dim n-blocks of dK / dV
+    constexpr int QB = BQ / 16;         // 16-row query blocks of the dQ product
+    constexpr int NDG = ET_WARPS / QB;  // head-dim groups of the dQ product
+    constexpr int DG = D / NDG;
+    static_assert(QB * NDG == ET_WARPS && DG % 8 == 0, "dQ work split");
+    ATTN_DYNAMIC_SMEM(smem_raw);
+    float* Ks = reinterpret_cast<float*>(smem_raw);  // [EB_BK][LDS]
+    float* Vs = Ks + EB_BK * LDS;                    // [EB_BK][LDS]
+    float* Qs = Vs + EB_BK * LDS;                    // [BQ][LDS]
+    float* Os = Qs + BQ * LDS;                       // dO tile [BQ][LDS]
+    float* Ss = Os + BQ * LDS;                       // dS tile [BQ][LDSS]
+    float* lse_s = Ss + BQ * LDSS;                   // [BQ], base 2
+    float* dl_s = lse_s + BQ;                        // [BQ]
+
+    const KvSeg kv = load_kvseg(kvsegs, blockIdx.x);
+    const int k0 = (int)blockIdx.y * EB_BK;
+    if (k0 >= kv.len) return;
+    const int lk = kv.len;
+    const bool vec = p.vec_ok != 0;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int g = lane >> 2, tq = lane & 3;
+    const int key_a = k0 + warp * 16 + g, key_b = key_a + 8;  // keys of this thread's C rows
+    const float log2e = 1.4426950408889634f;
+
+    load_tile<float, EB_BK, D, LDS, ET_THREADS>(Ks, k, kv.k, p.k_rs, k0, lk, p.e, vec);
+    load_tile<float, EB_BK, D, LDS, ET_THREADS>(Vs, v, kv.v, p.v_rs, k0, lk, p.ev, vec);
+    cp_async_commit();
+
+    float dka[ND][4], dva[ND][4];
+#pragma unroll
+    for (int i = 0; i < ND; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dka[i][e] = dva[i][e] = 0.0f;
+    const float* ka = Ks + (warp * 16 + g) * LDS + tq;  // A fragments of the warp's keys
+    const float* va = Vs + (warp * 16 + g) * LDS + tq;
+
+    for (int mi = kv.mem0; mi < kv.mem1; ++mi) {
+        const QSeg s = load_qseg(qsegs, mi);
+        for (int r0 = first_row_seeing(s, k0); r0 < s.len; r0 += BQ) {
+            load_tile<float, BQ, D, LDS, ET_THREADS>(Qs, q, s.q, p.q_rs, r0, s.len, p.e, vec);
+            load_tile<float, BQ, D, LDS, ET_THREADS>(Os, dout, s.row0 * p.ev, p.ev, r0, s.len, p.ev,
+                                                     vec && (p.ev % 4 == 0));
+            cp_async_commit();
+            for (int i = threadIdx.x; i < BQ; i += ET_THREADS) {
+                const int row = r0 + i;
+                lse_s[i] = row < s.len ? lse[s.row0 + row] * log2e : INFINITY;
+                dl_s[i] = row < s.len ? delta[s.row0 + row] : 0.0f;
+            }
+            cp_async_wait<0>();
+            __syncthreads();
+
+            // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys x BQ queries.
+            float st[NQ][4], dp[NQ][4];
+#pragma unroll
+            for (int i = 0; i < NQ; ++i)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) st[i][e] = dp[i][e] = 0.0f;
+#pragma unroll 2
+            for (int kk = 0; kk < D / 8; ++kk) {
+                // K's fragment against the Q tile, then V's against the dO tile (fewer live registers).
+#pragma unroll
+                for (int w = 0; w < 2; ++w) {
+                    const float* a = w == 0 ? ka : va;
+                    const float* bt = w == 0 ? Qs : Os;
+                    unsigned ab[4], as[4];
+                    split_tf32(a[kk * 8], ab[0], as[0]);
+                    split_tf32(a[8 * LDS + kk * 8], ab[1], as[1]);
+                    split_tf32(a[kk * 8 + 4], ab[2], as[2]);
+                    split_tf32(a[8 * LDS + kk * 8 + 4], ab[3], as[3]);
+#pragma unroll
+                    for (int nb = 0; nb < NQ; ++nb) {
+                        const int off = (nb * 8 + g) * LDS + kk * 8 + tq;
+                        unsigned b0b, b0s, b1b, b1s;
+                        split_tf32(bt[off], b0b, b0s);
+                        split_tf32(bt[off + 4], b1b, b1s);
+                        mma_3xtf32(w == 0 ? st[nb] : dp[nb], ab, as, b0b, b1b, b0s, b1s);
+                    }
+                }
+            }
+            // P, dropout, dS (in place: st <- P o Z, dp <- dS), masks as in the forward.
+#pragma unroll
+            for (int nb = 0; nb < NQ; ++nb) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int qi = nb * 8 + 2 * tq + (e & 1);
+                    const int row = r0 + qi;
+                    const int key = e < 2 ? key_a : key_b;
+                    const float x = masked_score(p, s, bias, boolm, st[nb][e], row, key, lk);
+                    const float pr = x == -INFINITY ? 0.0f : exp2f(x * log2e - lse_s[qi]);
+                    float z = 1.0f;
+                    if (p.dropout && pr != 0.0f) z = dropout_factor(p, s.stream, row, key);
+                    st[nb][e] = pr * z;
+                    dp[nb][e] = pr * (dp[nb][e] * z - dl_s[qi]);
+                }
+            }
+            // dV += (P o Z)^T dO and dK += dS^T Q; queries are the k dimension, in the order of
+            // the forward's P V (k index t is query 2t of the block, t + 4 is query 2t + 1).
+#pragma unroll
+            for (int kb = 0; kb < NQ; ++kb) {
+#pragma unroll
+                for (int w = 0; w < 2; ++w) {
+                    float(&c)[4] = w == 0 ? st[kb] : dp[kb];
+                    unsigned ab[4], as[4];
+                    split_tf32(c[0], ab[0], as[0]);
+                    split_tf32(c[2], ab[1], as[1]);
+                    split_tf32(c[1], ab[2], as[2]);
+                    split_tf32(c[3], ab[3], as[3]);
+                    const float* bt = (w == 0 ? Os : Qs) + (kb * 8 + 2 * tq) * LDS + g;
+#pragma unroll
+                    for (int db = 0; db < ND; ++db) {
+                        unsigned b0b, b0s, b1b, b1s;
+                        split_tf32(bt[db * 8], b0b, b0s);
+                        split_tf32(bt[LDS + db * 8], b1b, b1s);
+                        mma_3xtf32(w == 0 ? dva[db] : dka[db], ab, as, b0b, b1b, b0s, b1s);
+                    }
+                }
+            }
+            if (with_dq) {
+                // dS to shared memory as [query][key], then dQ += scale dS K: warp (qb, d-group)
+                // takes 16 query rows and DG head-dim columns; keys in the same paired order.
+#pragma unroll
+                for (int nb = 0; nb < NQ; ++nb) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int qi = nb * 8 + 2 * tq + (e & 1);
+                        Ss[qi * LDSS + warp * 16 + g + (e < 2 ? 0 : 8)] = dp[nb][e];
+                    }
+                }
+                __syncthreads();
+                const int qb = warp % QB, d0 = (warp / QB) * DG;
+                float acc[DG / 8][4];
+#pragma unroll
+                for (int i = 0; i < DG / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+                const float* sa = Ss + (qb * 16 + g) * LDSS + 2 * tq;
+#pragma unroll 2
+                for (int kb = 0; kb < EB_BK / 8; ++kb) {
+                    unsigned ab[4], as[4];
+                    split_tf32(sa[kb * 8], ab[0], as[0]);
+                    split_tf32(sa[8 * LDSS + kb * 8], ab[1], as[1]);
+                    split_tf32(sa[kb * 8 + 1], ab[2], as[2]);
+                    split_tf32(sa[8 * LDSS + kb * 8 + 1], ab[3], as[3]);
+                    const float* kbp = Ks + (kb * 8 + 2 * tq) * LDS + d0 + g;
+#pragma unroll
+                    for (int db = 0; db < DG / 8; ++db) {
+                        unsigned b0b, b0s, b1b, b1s;
+                        split_tf32(kbp[db * 8], b0b, b0s);
+                        split_tf32(kbp[LDS + db * 8], b1b, b1s);
+                        mma_3xtf32(acc[db], ab, as, b0b, b1b, b0s, b1s);
+                    }
+                }
+                const int qrow_a = r0 + qb * 16 + g;
+#pragma unroll
+                for (int db = 0; db < DG / 8; ++db) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int row = qrow_a + (e < 2 ? 0 : 8);
+                        const int col = d0 + db * 8 + 2 * tq + (e & 1);
+                        if (row < s.len && col < p.e && acc[db][e] != 0.0f)
+                            atomicAdd(&dq[(s.row0 + row) * p.e + col], acc[db][e] * p.scale);
+                    }
+                }
+            }
+            __syncthreads();  // Qs, Os, Ss and the row terms are refilled by the next tile
+        }
+    }
+    cp_async_wait<0>();
+
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int key = h == 0 ? key_a : key_b;
+        if (key >= lk) continue;
+        const long long krow = kv.row0 + key;
+#pragma unroll
+        for (int nb = 0; nb < ND; ++nb) {
+#pragma unroll
+            for (int x = 0; x < 2; ++x) {
+                const int col = nb * 8 + 2 * tq + x;
+                if (col < p.e) dk[krow * p.e + col] = dka[nb][2 * h + x] * p.scale;
+                if (col < p.ev) dv[krow * p.ev + col] = dva[nb][2 * h + x];
+            }
+        }
+    }
+#else
+    __trap();  // tensor-core kernels need sm80+; the launcher picks eff_bwd_f32 on older devices
+#endif
+}
+
+#define EFF_TC_BWD(D, BQ)                                                                                       \
+    extern "C" __global__ void __launch_bounds__(ET_THREADS) eff_tc_bwd_f32_##D(                                \
+        const float* q, const float* k, const float* v, const float* bias, const unsigned char* bm,             \
+        const float* dout, const float* lse, const float* delta, float* dq, float* dk, float* dv,               \
+        const long long* qs, const long long* ks, const AttnParams p, int with_dq) {                            \
+        eff_tc_bwd<D, BQ>(q, k, v, bias, bm, dout, lse, delta, dq, dk, dv, qs, ks, p, with_dq);                 \
+    }
+
+EFF_TC_BWD(64, 32)
+EFF_TC_BWD(128, 16)
