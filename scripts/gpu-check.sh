@@ -31,7 +31,7 @@ bundle() {
     local json
     json="$(mktemp)"
     cargo test --release -p attn-op --features cuda --no-run \
-        --test cuda_kernels --test cuda_deterministic --test cuda_efficient_f32 --bench cuda_attention \
+        --test cuda_kernels --test cuda_deterministic --test cuda_efficient_tc --bench cuda_attention \
         --message-format=json-render-diagnostics >"$json"
     cargo build --release -p nanogpt --features cuda
     rm -rf "$BUNDLE"
@@ -50,7 +50,7 @@ out = sys.argv[2]
 for line in open(sys.argv[1]):
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in (
-        "cuda_kernels", "cuda_deterministic", "cuda_efficient_f32", "cuda_attention"):
+        "cuda_kernels", "cuda_deterministic", "cuda_efficient_tc", "cuda_attention"):
         shutil.copy(m["executable"], f"{out}/{m['target']['name']}")
 EOF
     rm -f "$json"
@@ -61,7 +61,7 @@ EOF
     cp "$out"/*.ptx "$BUNDLE/ptx/"
     # Each binary carries Candle's and our PTX as text (about 78 MB stripped): xz brings the three
     # to about 21 MB, under the 64 MiB that travels to the GPU machine.
-    (cd "$BUNDLE" && tar -cf ptx.tar ptx && rm -rf ptx && xz -T0 -5 cuda_kernels cuda_deterministic cuda_efficient_f32 cuda_attention nanogpt ptx.tar)
+    (cd "$BUNDLE" && tar -cf ptx.tar ptx && rm -rf ptx && xz -T0 -5 cuda_kernels cuda_deterministic cuda_efficient_tc cuda_attention nanogpt ptx.tar)
     git rev-parse HEAD >"$BUNDLE/COMMIT"
     du -sh "$BUNDLE"
     ls -l "$BUNDLE"
@@ -127,7 +127,7 @@ unpack() {
     python3 - "$BUNDLE" "$bin" <<'EOF'
 import lzma, os, shutil, sys, tarfile
 src, dst = sys.argv[1], sys.argv[2]
-for name in ("cuda_kernels", "cuda_deterministic", "cuda_efficient_f32", "cuda_attention", "nanogpt"):
+for name in ("cuda_kernels", "cuda_deterministic", "cuda_efficient_tc", "cuda_attention", "nanogpt"):
     with lzma.open(f"{src}/{name}.xz") as f, open(f"{dst}/{name}", "wb") as g:
         shutil.copyfileobj(f, g)
     os.chmod(f"{dst}/{name}", 0o755)
@@ -151,7 +151,7 @@ check() {
     echo "== 1. kernels against the CPU implementation"
     "$bin/cuda_kernels" 2>&1 | tee "$out/tests.log" || status=1
     "$bin/cuda_deterministic" 2>&1 | tee -a "$out/tests.log" || status=1
-    "$bin/cuda_efficient_f32" --nocapture 2>&1 | tee -a "$out/tests.log" || status=1
+    "$bin/cuda_efficient_tc" --nocapture 2>&1 | tee -a "$out/tests.log" || status=1
     echo "   ($((SECONDS - start)) s)"
 
     echo "== 2. compute-sanitizer on small cases"
@@ -164,7 +164,7 @@ check() {
                 >"$out/sanitizer-$tool.log" 2>&1
             local rc=$?
             # The tensor-core and CUDA-core f32 efficient forwards on their small cases.
-            "$san" --tool "$tool" --error-exitcode 99 "$bin/cuda_efficient_f32" \
+            "$san" --tool "$tool" --error-exitcode 99 "$bin/cuda_efficient_tc" \
                 >>"$out/sanitizer-$tool.log" 2>&1 || rc=$?
             tail -n 3 "$out/sanitizer-$tool.log"
             echo "   $tool exit $rc"

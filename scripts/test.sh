@@ -15,7 +15,7 @@ cargo test --release --workspace "$@"
 ATTN_OP_PORTABLE=1 cargo test --release --workspace --test forward --test backward --test api "$@"
 # The CUDA kernels' own code run on the CPU by attn-kernels' emulator (a C++17 compiler is all it
 # needs) and checked against the CPU implementation: the tests a GPU session runs, on fewer lengths.
-cargo test --release -p attn-op --features cuda-emu --lib --test cuda_kernels --test cuda_deterministic --test cuda_efficient_f32 "$@"
+cargo test --release -p attn-op --features cuda-emu --lib --test cuda_kernels --test cuda_deterministic --test cuda_efficient_tc "$@"
 cargo test --release -p attn-op --features cuda-emu --doc emu "$@"
 # nanogpt's model on those kernels: the layouts and dtypes a GPU run hands them.
 cargo test --release -p nanogpt --features cuda-emu --test cuda_emu "$@"

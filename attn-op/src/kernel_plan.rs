@@ -17,9 +17,9 @@ pub(crate) const THREADS: u32 = 128;
 const FLASH_FWD_ROWS: usize = 64;
 const FLASH_BWD_KEYS: usize = 64;
 const EFF_ROWS: usize = 32;
-/// Rows of the tensor-core efficient forward's query tile (f32, 3xTF32, sm80+).
+/// Rows of the tensor-core efficient forward's query tile (every dtype, sm80+).
 const EFF_TC_ROWS: usize = 64;
-/// Keys per block of the tensor-core efficient backward.
+/// Keys per block of the tensor-core efficient backward (every dtype).
 const EFF_TC_BWD_KEYS: usize = 64;
 /// Largest head dim of the kernels.
 const MAX_HEAD_DIM: usize = 256;
@@ -71,7 +71,7 @@ fn eff_bucket(e: usize, ev: usize) -> usize {
         .unwrap_or(usize::MAX)
 }
 
-/// Keys per tile of the tensor-core efficient forward (as instantiated in efficient_tc.cu).
+/// Keys per tile of the tensor-core efficient f32 forward (as instantiated in efficient_tc.cu).
 fn eff_tc_keys(d: usize) -> usize {
     if d == 256 {
         16
@@ -80,13 +80,23 @@ fn eff_tc_keys(d: usize) -> usize {
     }
 }
 
-/// Dynamic shared memory of the tensor-core efficient forward: f32 Q tile plus double-buffered
+/// Dynamic shared memory of the tensor-core efficient f32 forward: Q tile plus double-buffered
 /// K and V tiles, rows of `d + 4` floats.
 fn eff_tc_smem(d: usize) -> usize {
     (EFF_TC_ROWS + 4 * eff_tc_keys(d)) * (d + 4) * 4
 }
 
-/// Query rows per tile of the tensor-core efficient backward, for the head-dim buckets it has
+/// Dynamic shared memory of the tensor-core efficient forward for `dtype` (f16/bf16 run the
+/// flash forward's code with masks, so its tiles).
+fn eff_tc_fwd_smem(dtype: DType, d: usize) -> usize {
+    if dtype == DType::F32 {
+        eff_tc_smem(d)
+    } else {
+        flash_fwd_smem(d)
+    }
+}
+
+/// Query rows per tile of the tensor-core efficient f32 backward, for the head-dim buckets it has
 /// (64 and 128, as instantiated in efficient_tc.cu; 256 runs the CUDA-core backward).
 fn eff_tc_bwd_rows(d: usize) -> Option<usize> {
     match d {
@@ -96,18 +106,23 @@ fn eff_tc_bwd_rows(d: usize) -> Option<usize> {
     }
 }
 
-/// Dynamic shared memory of the tensor-core efficient backward: K and V tiles of
-/// [`EFF_TC_BWD_KEYS`] rows, Q and dO tiles, the dS tile and two row terms, all f32.
-fn eff_tc_bwd_smem(d: usize) -> Option<usize> {
+/// Dynamic shared memory of the tensor-core efficient backward for `dtype`, `None` for a
+/// head-dim bucket it does not have (256). f32: K and V tiles of [`EFF_TC_BWD_KEYS`] rows, Q and
+/// dO tiles, the dS tile and two row terms; f16/bf16 run the flash backward's code with masks.
+fn eff_tc_bwd_smem(dtype: DType, d: usize) -> Option<usize> {
     let bq = eff_tc_bwd_rows(d)?;
-    Some((2 * EFF_TC_BWD_KEYS + 2 * bq) * (d + 4) * 4 + bq * (EFF_TC_BWD_KEYS + 4) * 4 + 2 * bq * 4)
+    Some(if dtype == DType::F32 {
+        (2 * EFF_TC_BWD_KEYS + 2 * bq) * (d + 4) * 4 + bq * (EFF_TC_BWD_KEYS + 4) * 4 + 2 * bq * 4
+    } else {
+        flash_bwd_smem(d)
+    })
 }
 
-/// Whether the efficient backend runs on the tensor-core kernels of efficient_tc.cu: f32 from
-/// sm80 on, when the kernel exists for the head-dim bucket and its shared memory (`need`) fits
-/// the device's `smem`, and [`efficient_simt`] does not ask for the CUDA-core kernels.
-fn efficient_tc(dtype: DType, cc: u32, need: Option<usize>, smem: usize) -> bool {
-    dtype == DType::F32 && cc >= 80 && need.is_some_and(|n| n <= smem) && !efficient_simt()
+/// Whether the efficient backend runs on the tensor-core kernels of efficient_tc.cu: from sm80
+/// on, when the kernel exists for the head-dim bucket and its shared memory (`need`) fits the
+/// device's `smem`, and [`efficient_simt`] does not ask for the CUDA-core kernels.
+fn efficient_tc(cc: u32, need: Option<usize>, smem: usize) -> bool {
+    cc >= 80 && need.is_some_and(|n| n <= smem) && !efficient_simt()
 }
 
 /// The kernels' name suffix for `dtype`; `what` names the caller in the error.
@@ -371,10 +386,9 @@ pub(crate) fn deterministic() -> bool {
     std::env::var("ATTN_OP_CUDA_DETERMINISTIC").is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
-/// Whether `ATTN_OP_CUDA_EFFICIENT_SIMT` asks for the CUDA-core efficient f32 kernels
-/// (`eff_fwd_f32_*`, `eff_bwd_f32_*`) where the tensor-core ones (`eff_tc_*_f32_*`, 3xTF32) would
-/// run: to compare the two. Devices below sm80, or without the shared memory the tensor-core
-/// kernels need, always run the former.
+/// Whether `ATTN_OP_CUDA_EFFICIENT_SIMT` asks for the CUDA-core efficient kernels (`eff_fwd_*`,
+/// `eff_bwd_*`) where the tensor-core ones (`eff_tc_*`) would run: to compare the two. Devices
+/// below sm80, or without the shared memory the tensor-core kernels need, always run the former.
 pub(crate) fn efficient_simt() -> bool {
     std::env::var("ATTN_OP_CUDA_EFFICIENT_SIMT").is_ok_and(|v| !v.is_empty() && v != "0")
 }
@@ -466,7 +480,7 @@ pub(crate) enum KernelKind {
     FlashFwd,
     /// `eff_fwd_*(q, k, v, bias, bool_mask, o, lse, qsegs, kvsegs, params)`
     EffFwd,
-    /// `eff_tc_fwd_f32_*`: the tensor-core f32 forward, with `EffFwd`'s arguments
+    /// `eff_tc_fwd_*`: the tensor-core forward, with `EffFwd`'s arguments
     EffTcFwd,
     /// `attn_delta_*(o, dout, delta, rows: i64, ev: i32)`
     Delta,
@@ -475,7 +489,7 @@ pub(crate) enum KernelKind {
     /// `eff_bwd_*(q, k, v, bias, bool_mask, dout, lse, delta, dq, dk, dv, qsegs, kvsegs, params,
     /// with_dq: i32)`
     EffBwd,
-    /// `eff_tc_bwd_f32_*`: the tensor-core f32 backward, with `EffBwd`'s arguments
+    /// `eff_tc_bwd_*`: the tensor-core backward, with `EffBwd`'s arguments
     EffTcBwd,
     /// `eff_dq_*(q, k, v, bias, bool_mask, dout, lse, delta, dq, qsegs, kvsegs, params)`
     EffDq,
@@ -503,7 +517,7 @@ fn grid(x: usize, y: usize) -> Result<(u32, u32)> {
 
 /// The launch of a forward call of `kind` on `dtype` inputs, or `None` when there are no rows,
 /// on a device of compute capability `cc` with `smem` bytes of opt-in shared memory per block.
-/// The efficient backend runs f32 on the tensor cores (3xTF32) where [`efficient_tc`] says so.
+/// The efficient backend runs on the tensor cores where [`efficient_tc`] says so.
 pub(crate) fn forward_launch(
     kind: Backend,
     dtype: DType,
@@ -528,14 +542,18 @@ pub(crate) fn forward_launch(
             params,
             with_dq: false,
         }
-    } else if efficient_tc(dtype, cc, Some(eff_tc_smem(eff_bucket(g.e, g.ev))), smem) {
+    } else if efficient_tc(
+        cc,
+        Some(eff_tc_fwd_smem(dtype, eff_bucket(g.e, g.ev))),
+        smem,
+    ) {
         let d = eff_bucket(g.e, g.ev);
         params.tiles = tiles(longest, EFF_TC_ROWS)? as i32;
         Launch {
             kind: KernelKind::EffTcFwd,
-            name: format!("eff_tc_fwd_f32_{d}"),
+            name: format!("eff_tc_fwd_{dt}_{d}"),
             grid: grid(g.q_segs.len(), params.tiles as usize)?,
-            smem: eff_tc_smem(d),
+            smem: eff_tc_fwd_smem(dtype, d),
             params,
             with_dq: false,
         }
@@ -595,14 +613,14 @@ pub(crate) fn backward_launches(
             params,
             with_dq: !deterministic,
         });
-    } else if efficient_tc(dtype, cc, eff_tc_bwd_smem(eff_bucket(g.e, g.ev)), smem) {
+    } else if efficient_tc(cc, eff_tc_bwd_smem(dtype, eff_bucket(g.e, g.ev)), smem) {
         let d = eff_bucket(g.e, g.ev);
         params.tiles = tiles(longest_k, EFF_TC_BWD_KEYS)? as i32;
         out.push(Launch {
             kind: KernelKind::EffTcBwd,
-            name: format!("eff_tc_bwd_f32_{d}"),
+            name: format!("eff_tc_bwd_{dt}_{d}"),
             grid: grid(g.kv_segs.len(), params.tiles as usize)?,
-            smem: eff_tc_bwd_smem(d).unwrap_or(0),
+            smem: eff_tc_bwd_smem(dtype, d).unwrap_or(0),
             params,
             with_dq: !deterministic,
         });
@@ -737,9 +755,11 @@ mod tests {
         assert_eq!(eff_tc_smem(64), 52_224);
         assert_eq!(eff_tc_smem(128), 101_376);
         assert_eq!(eff_tc_smem(256), 133_120);
-        assert_eq!(eff_tc_bwd_smem(64), Some(61_184));
-        assert_eq!(eff_tc_bwd_smem(128), Some(88_960));
-        assert_eq!(eff_tc_bwd_smem(256), None);
+        assert_eq!(eff_tc_bwd_smem(DType::F32, 64), Some(61_184));
+        assert_eq!(eff_tc_bwd_smem(DType::F32, 128), Some(88_960));
+        assert_eq!(eff_tc_bwd_smem(DType::BF16, 128), Some(flash_bwd_smem(128)));
+        assert_eq!(eff_tc_bwd_smem(DType::F16, 256), None);
+        assert_eq!(eff_tc_fwd_smem(DType::F16, 256), flash_fwd_smem(256));
     }
 
     #[test]

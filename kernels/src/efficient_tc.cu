@@ -1,4 +1,9 @@
-// Memory-efficient attention forward for f32 on tensor cores (sm80+), 3xTF32: every product
+// Memory-efficient attention on tensor cores (sm80+). f16 and bf16 (end of this file) run the
+// flash kernels' templates (flash_fwd.cuh, flash_bwd.cuh) with the efficient backend's masks:
+// eff_tc_fwd_{f16,bf16}_{64,128,256}, eff_tc_bwd_{f16,bf16}_{64,128} (head dim 256 keeps the
+// CUDA-core backward). f32 has kernels of its own, below.
+//
+// f32 forward and backward, 3xTF32: every product
 // a * b runs as a_big * b_big + a_big * b_small + a_small * b_big on mma.sync m16n8k8 tf32, with
 // big = tf32(x) and small = tf32(x - big), which keeps f32's accuracy (the dropped
 // a_small * b_small term is about 2^-22 of the product) at tensor-core speed. Same problems as
@@ -22,6 +27,8 @@
 // distinct banks: A-operand and K/Q reads (row g, column t) hit bank 4 g + t, and reads of a
 // B operand whose k index is a row (row 2 t or 2 t + 1, column g; see the key order below) bank
 // 8 t + g (+ 4).
+#include "flash_bwd.cuh"
+#include "flash_fwd.cuh"
 #include "mma_sm80.cuh"
 
 #define ET_WARPS 4
@@ -457,3 +464,29 @@ __device__ void eff_tc_bwd(const float* __restrict__ q, const float* __restrict_
 
 EFF_TC_BWD(64, 32)
 EFF_TC_BWD(128, 16)
+
+// ---- f16 / bf16: the flash kernels with masks ------------------------------------------------
+
+#define EFF_TC_HALF_FWD(NAME, T, D, BK)                                                                         \
+    extern "C" __global__ void __launch_bounds__(FF_THREADS)                                                    \
+        eff_tc_fwd_##NAME##_##D(const T* q, const T* k, const T* v, const float* bias, const unsigned char* bm, \
+                                T* o, float* lse, const long long* qs, const long long* ks, const AttnParams p) { \
+        flash_fwd<T, D, BK, true>(q, k, v, bias, bm, o, lse, qs, ks, p);                                        \
+    }
+#define EFF_TC_HALF_BWD(NAME, T, D, BQ)                                                                         \
+    extern "C" __global__ void __launch_bounds__(FB_THREADS) eff_tc_bwd_##NAME##_##D(                           \
+        const T* q, const T* k, const T* v, const float* bias, const unsigned char* bm, const T* dout,          \
+        const float* lse, const float* delta, float* dq, float* dk, float* dv, const long long* qs,             \
+        const long long* ks, const AttnParams p, int with_dq) {                                                 \
+        flash_bwd<T, D, BQ, true>(q, k, v, bias, bm, dout, lse, delta, dq, dk, dv, qs, ks, p, with_dq);         \
+    }
+// Tile sizes as the flash kernels' buckets of the same head dim (flash_fwd.cu, flash_bwd.cu).
+#define EFF_TC_HALF(NAME, T)          \
+    EFF_TC_HALF_FWD(NAME, T, 64, 64)  \
+    EFF_TC_HALF_FWD(NAME, T, 128, 64) \
+    EFF_TC_HALF_FWD(NAME, T, 256, 32) \
+    EFF_TC_HALF_BWD(NAME, T, 64, 64)  \
+    EFF_TC_HALF_BWD(NAME, T, 128, 32)
+
+EFF_TC_HALF(f16, __half)
+EFF_TC_HALF(bf16, __nv_bfloat16)

@@ -5,8 +5,8 @@
 //!   (`mma.sync` m16n8k16, `ldmatrix`, `cp.async`; sm80+), f16 and bf16.
 //! - [`EFFICIENT`]: memory-efficient attention forward and backward without tensor-core
 //!   instructions (f32, f16, bf16, masks, any head dim up to 256), and the small helpers.
-//! - [`EFFICIENT_TC`]: the efficient f32 forward on tensor cores (3xTF32 `mma.sync` m16n8k8,
-//!   f32 accuracy; sm80+), for the same problems.
+//! - [`EFFICIENT_TC`]: the efficient backend on tensor cores (sm80+) for the same problems: f32
+//!   as 3xTF32 `mma.sync` m16n8k8 (f32 accuracy), f16/bf16 as the flash kernels with masks.
 //! - [`DROPOUT`]: seeded dropout multipliers (Philox 4x32-10, the CPU's mask bit for bit).
 //!
 //! The kernels target [`COMPUTE_CAP`] (`CUDA_COMPUTE_CAP` at build time). Without the `cuda`

@@ -1,9 +1,10 @@
-//! The efficient backend's f32 forward and backward each have two CUDA kernels: `eff_tc_*_f32_*`
-//! on the tensor cores (3xTF32, the default from sm80 on) and `eff_fwd_f32_*` / `eff_bwd_f32_*` on
-//! the CUDA cores (`ATTN_OP_CUDA_EFFICIENT_SIMT=1`, and every device below sm80). Both are
-//! checked here against a float64 reference (the math backend on the CPU and Candle's autograd)
-//! on fresh random inputs, to f32's accuracy: one TF32 product per term instead of three is off
-//! by about 3e-4 and fails. A test binary of its own, since it sets the process environment.
+//! The efficient backend has two sets of CUDA kernels: `eff_tc_*` on the tensor cores (the
+//! default from sm80 on; f32 as 3xTF32, f16/bf16 as the flash kernels with masks) and `eff_fwd_*`
+//! / `eff_bwd_*` on the CUDA cores (`ATTN_OP_CUDA_EFFICIENT_SIMT=1`, and every device below sm80).
+//! Both are checked here, forward and gradients, against a float64 reference (the math backend on
+//! the CPU and Candle's autograd, on the same inputs rounded to the dtype) on fresh random inputs:
+//! f32 to f32's accuracy (one TF32 product per term instead of three is off by about 3e-4 and
+//! fails), bf16 to its rounding. A test binary of its own, since it sets the process environment.
 //!
 //! Built with `--features cuda` (without a CUDA device it prints `SKIP` and passes) or
 //! `--features cuda-emu` (the kernels in the CPU emulator).
@@ -15,9 +16,15 @@ use attn_op::{scaled_dot_product_attention, sdpa_kernel, Backend, SdpaOptions};
 use candle_core::{DType, Device, Result, Tensor, Var};
 use kernel_target::Target;
 
-/// Largest error allowed: of the output relative to the reference's largest output, of dq, dk
-/// and dv relative to the reference's largest gradient.
-const TOLERANCE: f64 = 5e-6;
+/// Largest error allowed in `dtype`: of the output relative to the reference's largest output,
+/// of dq, dk and dv relative to the reference's largest gradient.
+fn tolerance(dtype: DType) -> f64 {
+    if dtype == DType::F32 {
+        5e-6
+    } else {
+        1e-2
+    }
+}
 
 struct Case {
     lq: usize,
@@ -93,18 +100,24 @@ fn value_and_grads(
     Ok([y, g(&vars[0])?, g(&vars[1])?, g(&vars[2])?])
 }
 
-/// The errors of the efficient kernels on `target` (as the environment selects them) for the
-/// case against its float64 reference: output, dq, dk, dv (see [`TOLERANCE`]).
-fn errors(c: &Case, target: &Target) -> Result<[f64; 4]> {
+/// The errors of the efficient kernels on `target` (as the environment selects them) in `dtype`
+/// for the case against its float64 reference: output, dq, dk, dv (see [`tolerance`]).
+fn errors(c: &Case, dtype: DType, target: &Target) -> Result<[f64; 4]> {
     let cpu = Device::Cpu;
-    let q = Tensor::randn(0f32, 1., (2, 4, c.lq, c.e), &cpu)?;
-    let k = Tensor::randn(0f32, 1., (2, 2, c.lk, c.e), &cpu)?;
-    let v = Tensor::randn(0f32, 1., (2, 2, c.lk, c.ev), &cpu)?;
-    let dout = Tensor::randn(0f32, 1., (2, 4, c.lq, c.ev), &cpu)?;
+    // Random f32 values rounded to `dtype`, so that the reference sees the kernels' very inputs.
+    let rand = |shape: (usize, usize, usize, usize)| -> Result<Tensor> {
+        Tensor::randn(0f32, 1., shape, &cpu)?
+            .to_dtype(dtype)?
+            .to_dtype(DType::F32)
+    };
+    let q = rand((2, 4, c.lq, c.e))?;
+    let k = rand((2, 2, c.lk, c.e))?;
+    let v = rand((2, 2, c.lk, c.ev))?;
+    let dout = rand((2, 4, c.lq, c.ev))?;
     let mask = match c.mask {
         0 => None,
         1 => Some(Tensor::rand(0f32, 1., (4, c.lq, c.lk), &cpu)?.ge(0.2)?),
-        _ => Some(Tensor::randn(0f32, 1., (1, c.lq, c.lk), &cpu)?),
+        _ => Some(rand((1, 1, c.lq, c.lk))?.squeeze(0)?),
     };
     let inputs = [&q, &k, &v, &dout];
     let reference = value_and_grads(Backend::Math, c, inputs, mask.as_ref(), &cpu, DType::F64)?;
@@ -116,7 +129,7 @@ fn errors(c: &Case, target: &Target) -> Result<[f64; 4]> {
             inputs,
             mask.as_ref(),
             &target.device(),
-            DType::F32,
+            dtype,
         )?
     };
     let grad_scale = max_abs(&reference[1])?
@@ -140,7 +153,7 @@ fn errors(c: &Case, target: &Target) -> Result<[f64; 4]> {
 }
 
 #[test]
-fn tensor_core_and_cuda_core_kernels_reach_f32_accuracy() -> Result<()> {
+fn tensor_core_and_cuda_core_kernels_match_float64() -> Result<()> {
     let Some(target) = Target::get() else {
         return Ok(());
     };
@@ -197,20 +210,23 @@ fn tensor_core_and_cuda_core_kernels_reach_f32_accuracy() -> Result<()> {
         if simt {
             std::env::set_var("ATTN_OP_CUDA_EFFICIENT_SIMT", "1");
         }
-        for c in &cases {
-            let errs = errors(c, &target)?;
-            let shown = errs.map(|e| format!("{e:.2e}")).join(", ");
-            let what = if simt { "CUDA cores" } else { "tensor cores" };
-            eprintln!(
-                "{what}: lq {} lk {} e {} ev {} causal {} mask {}: out, dq, dk, dv {shown}",
-                c.lq, c.lk, c.e, c.ev, c.causal, c.mask
-            );
-            if errs.iter().any(|&e| e > TOLERANCE) {
-                failures.push(format!("{what}, e {} ev {}: {shown}", c.e, c.ev));
+        for dtype in [DType::F32, DType::BF16] {
+            for c in &cases {
+                let errs = errors(c, dtype, &target)?;
+                let shown = errs.map(|e| format!("{e:.2e}")).join(", ");
+                let what = if simt { "CUDA cores" } else { "tensor cores" };
+                let what = format!("{what} {dtype:?}");
+                eprintln!(
+                    "{what}: lq {} lk {} e {} ev {} causal {} mask {}: out, dq, dk, dv {shown}",
+                    c.lq, c.lk, c.e, c.ev, c.causal, c.mask
+                );
+                if errs.iter().any(|&e| e > tolerance(dtype)) {
+                    failures.push(format!("{what}, e {} ev {}: {shown}", c.e, c.ev));
+                }
             }
         }
         std::env::remove_var("ATTN_OP_CUDA_EFFICIENT_SIMT");
     }
-    assert!(failures.is_empty(), "above {TOLERANCE:e}: {failures:?}");
+    assert!(failures.is_empty(), "above the tolerance: {failures:?}");
     Ok(())
 }
