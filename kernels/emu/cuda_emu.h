@@ -138,6 +138,9 @@ inline unsigned short f32_to_f16(float f) {
 }
 }  // namespace emu
 
+inline unsigned __float_as_uint(float x) { return emu::f32_bits(x); }
+inline float __uint_as_float(unsigned u) { return emu::bits_f32(u); }
+
 struct __half {
     unsigned short bits;
 };

@@ -109,14 +109,6 @@ inline void mma1688_tf32(float (&d)[4], const unsigned (&a)[4], unsigned b0, uns
     emu::warp_depart();
 }
 
-// cvt.rna.tf32.f32: round to 10 mantissa bits, to nearest with ties away from zero (adding half
-// a unit of the last kept bit to the magnitude, then truncating); NaN and infinity pass.
-inline unsigned cvt_rna_tf32(float x) {
-    const unsigned u = emu::f32_bits(x);
-    if ((u & 0x7f800000u) == 0x7f800000u) return u;
-    return (u + 0x1000u) & 0xffffe000u;
-}
-
 // ldmatrix.sync.aligned.m8n8.x4.b16: lanes 8i..8i+7 give the addresses of rows 0..7 of matrix
 // i (16 bytes each); lane l receives in register i the elements (row l / 4, columns 2 (l % 4)
 // and 2 (l % 4) + 1) of matrix i, or with .trans (rows 2 (l % 4), 2 (l % 4) + 1 of column l / 4).

@@ -5,7 +5,7 @@
 //
 // f32 forward and backward, 3xTF32: every product
 // a * b runs as a_big * b_big + a_big * b_small + a_small * b_big on mma.sync m16n8k8 tf32, with
-// big = tf32(x) and small = tf32(x - big), which keeps f32's accuracy (the dropped
+// big and small the two tf32 halves of x (split_tf32), which keeps f32's accuracy (the dropped
 // a_small * b_small term is about 2^-22 of the product) at tensor-core speed. Same problems as
 // eff_fwd_f32 in efficient.cu (additive or boolean masks, causal with tile skipping, dropout,
 // GQA, strided and packed inputs, q/k and v head dims up to the bucket), same outputs (output
@@ -35,12 +35,15 @@
 #define ET_THREADS (ET_WARPS * 32)
 #define ET_BQ 64
 
-// x as a tf32 pair: big = tf32(x), small = tf32(x - big).
+// x as a tf32 pair (f32 bit patterns with the low 13 bits zero, the tf32 layout cvt.rna.tf32.f32
+// produces): big = x rounded to nearest (ties away: what that cvt compiles to, an add and a mask,
+// without its test for infinity and NaN, which this rounding leaves infinite or NaN except NaNs
+// whose payload is only in the low bits, made infinite: NaN either way once multiplied),
+// small = x - big (exact) truncated. Four integer and float operations instead of the seven of
+// two cvt.rna; the truncation costs at most 2^-11 of small, about 2^-21 of x.
 __device__ __forceinline__ void split_tf32(float x, unsigned& big, unsigned& small) {
-    big = cvt_rna_tf32(x);
-    float b;
-    memcpy(&b, &big, 4);
-    small = cvt_rna_tf32(x - b);
+    big = (__float_as_uint(x) + 0x1000u) & 0xffffe000u;
+    small = __float_as_uint(x - __uint_as_float(big)) & 0xffffe000u;
 }
 
 // d += a * b in 3xTF32 (small terms first, then the big product).
@@ -241,7 +244,7 @@ __device__ void eff_tc_fwd(const float* __restrict__ q, const float* __restrict_
 }
 
 #define EFF_TC_FWD(D, BK)                                                                                     \
-    extern "C" __global__ void __launch_bounds__(ET_THREADS)                                                  \
+    extern "C" __global__ void __launch_bounds__(ET_THREADS, 1)                                                \
         eff_tc_fwd_f32_##D(const float* q, const float* k, const float* v, const float* bias,                 \
                            const unsigned char* bm, float* o, float* lse, const long long* qs,                \
                            const long long* ks, const AttnParams p) {                                         \
@@ -455,7 +458,7 @@ __device__ void eff_tc_bwd(const float* __restrict__ q, const float* __restrict_
 }
 
 #define EFF_TC_BWD(D, BQ)                                                                                       \
-    extern "C" __global__ void __launch_bounds__(ET_THREADS) eff_tc_bwd_f32_##D(                                \
+    extern "C" __global__ void __launch_bounds__(ET_THREADS, 1) eff_tc_bwd_f32_##D(                                \
         const float* q, const float* k, const float* v, const float* bias, const unsigned char* bm,             \
         const float* dout, const float* lse, const float* delta, float* dq, float* dk, float* dv,               \
         const long long* qs, const long long* ks, const AttnParams p, int with_dq) {                            \

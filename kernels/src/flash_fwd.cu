@@ -11,7 +11,7 @@
     extern "C" __global__ void __launch_bounds__(FF_THREADS)                                                  \
         flash_fwd_##NAME##_##D(const T* q, const T* k, const T* v, T* o, float* lse, const long long* qs,     \
                                const long long* ks, const AttnParams p) {                                     \
-        flash_fwd<T, D, BK, false>(q, k, v, nullptr, nullptr, o, lse, qs, ks, p);                                                      \
+        flash_fwd<T, D, BK, false>(q, k, v, nullptr, nullptr, o, lse, qs, ks, p);                             \
     }
 
 #define FLASH_FWD_DTYPE(NAME, T) \

@@ -65,7 +65,7 @@ __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uns
 }
 
 // d += a * b for one m16n8k8 tile of tf32 operands (registers holding f32 bit patterns whose
-// low 13 bits are zero, see cvt_rna_tf32). Fragments (g = lane / 4, t = lane % 4): A 16x8
+// low 13 bits are zero, as cvt.rna.tf32.f32 makes them; see split_tf32 in efficient_tc.cu). Fragments (g = lane / 4, t = lane % 4): A 16x8
 // a0 (g, t), a1 (g+8, t), a2 (g, t+4), a3 (g+8, t+4); B 8x8 b0 (k t, n g), b1 (k t+4, n g);
 // C as for m16n8k16.
 __device__ __forceinline__ void mma1688_tf32(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
@@ -76,15 +76,6 @@ __device__ __forceinline__ void mma1688_tf32(float (&d)[4], const unsigned (&a)[
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 #endif
-}
-
-// `x` rounded to tf32 (10 mantissa bits, to nearest, ties away from zero), as a .b32 register.
-__device__ __forceinline__ unsigned cvt_rna_tf32(float x) {
-    unsigned r = 0;
-#if ATTN_HAS_MMA
-    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
-#endif
-    return r;
 }
 
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
