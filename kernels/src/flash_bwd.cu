@@ -15,8 +15,8 @@
     extern "C" __global__ void __launch_bounds__(FB_THREADS) flash_bwd_##NAME##_##D(                           \
         const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta, float* dq,    \
         float* dk, float* dv, const long long* qs, const long long* ks, const AttnParams p, int with_dq) {     \
-        flash_bwd<T, D, BQ, false>(q, k, v, nullptr, nullptr, dout, lse, delta, dq, dk, dv, qs, ks, p, \
-                                      with_dq);                        \
+        flash_bwd<T, D, BQ, false>(q, k, v, nullptr, nullptr, dout, lse, delta, dq, dk, dv, qs, ks, p,        \
+                                   with_dq);                                                                  \
     }
 
 #define FLASH_BWD_DTYPE(NAME, T) \
