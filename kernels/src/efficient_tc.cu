@@ -29,7 +29,6 @@
 // 8 t + g (+ 4).
 #include "flash_bwd.cuh"
 #include "flash_fwd.cuh"
-#include "mma_sm80.cuh"
 
 #define ET_WARPS 4
 #define ET_THREADS (ET_WARPS * 32)
@@ -149,53 +148,8 @@ __device__ void eff_tc_fwd(const float* __restrict__ q, const float* __restrict_
                 sacc[nb][e] = x * log2e;
             }
         }
-        // Online softmax, two rows per thread; the 4 lanes of a quad share a row.
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            float mx = -INFINITY;
-#pragma unroll
-            for (int nb = 0; nb < NB; ++nb) mx = fmaxf(mx, fmaxf(sacc[nb][2 * h], sacc[nb][2 * h + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float m_new = fmaxf(m[h], mx);
-            if (m_new == -INFINITY) {
-#pragma unroll
-                for (int nb = 0; nb < NB; ++nb) sacc[nb][2 * h] = sacc[nb][2 * h + 1] = 0.0f;
-                continue;
-            }
-            const float alpha = exp2f(m[h] - m_new);
-            float sum = 0.0f;
-#pragma unroll
-            for (int nb = 0; nb < NB; ++nb) {
-                float a0 = exp2f(sacc[nb][2 * h] - m_new), a1 = exp2f(sacc[nb][2 * h + 1] - m_new);
-                sacc[nb][2 * h] = a0;
-                sacc[nb][2 * h + 1] = a1;
-                sum += a0 + a1;
-            }
-            l[h] = l[h] * alpha + sum;  // per-thread partial sum; the quad adds them up at the end
-            m[h] = m_new;
-#pragma unroll
-            for (int nb = 0; nb < ND; ++nb) {
-                oacc[nb][2 * h] *= alpha;
-                oacc[nb][2 * h + 1] *= alpha;
-            }
-        }
-        // Dropout on the probabilities that multiply V (the normalizer keeps the undropped ones).
-        if (p.dropout) {
-#pragma unroll
-            for (int nb = 0; nb < NB; ++nb) {
-                const int col = k0 + nb * 8 + 2 * tq;  // even: col and col + 1 share a Philox block
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const int row = h == 0 ? row_a : row_b;
-                    if (row < s.len && col < lk) {
-                        uint4 w = dropout_block(p, s.stream, row, col);
-                        sacc[nb][2 * h] *= word_of(w, col & 3) >= p.threshold ? p.keep_scale : 0.0f;
-                        sacc[nb][2 * h + 1] *= word_of(w, (col & 3) + 1) >= p.threshold ? p.keep_scale : 0.0f;
-                    }
-                }
-            }
-        }
+        online_softmax(sacc, oacc, m, l);
+        if (p.dropout) drop_probs(sacc, p, s, row_a, row_b, k0, tq, lk);
         // O += P V. The scores of key block kb sit in the C layout (row g / g + 8, keys 2t and
         // 2t + 1), not in the A layout of m16n8k8 (keys t and t + 4). The sum over keys does not
         // care about their order, so k-index t stands for key 2t and t + 4 for key 2t + 1, and
@@ -220,24 +174,7 @@ __device__ void eff_tc_fwd(const float* __restrict__ q, const float* __restrict_
     }
     cp_async_wait<0>();
 
-    // Normalize and write the output rows and their logsumexp (natural log).
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        float lt = l[h];
-        lt += __shfl_xor_sync(0xffffffffu, lt, 1);
-        lt += __shfl_xor_sync(0xffffffffu, lt, 2);
-        const int row = h == 0 ? row_a : row_b;
-        if (row >= s.len) continue;
-        const long long orow = s.row0 + row;
-        const float inv = lt > 0.0f ? 1.0f / lt : 0.0f;
-#pragma unroll
-        for (int nb = 0; nb < ND; ++nb) {
-            const int col = nb * 8 + 2 * tq;
-            if (col < p.ev) o[orow * p.ev + col] = oacc[nb][2 * h] * inv;
-            if (col + 1 < p.ev) o[orow * p.ev + col + 1] = oacc[nb][2 * h + 1] * inv;
-        }
-        if (tq == 0) lse[orow] = lt > 0.0f ? (m[h] + log2f(lt)) * 0.6931471805599453f : INFINITY;
-    }
+    write_rows<float>(o, lse, oacc, m, l, p, s, row_a, row_b, tq);
 #else
     __trap();  // tensor-core kernels need sm80+; the launcher picks eff_fwd_f32 on older devices
 #endif
@@ -349,22 +286,8 @@ __device__ void eff_tc_bwd(const float* __restrict__ q, const float* __restrict_
                     }
                 }
             }
-            // P, dropout, dS (in place: st <- P o Z, dp <- dS), masks as in the forward.
-#pragma unroll
-            for (int nb = 0; nb < NQ; ++nb) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int qi = nb * 8 + 2 * tq + (e & 1);
-                    const int row = r0 + qi;
-                    const int key = e < 2 ? key_a : key_b;
-                    const float x = masked_score(p, s, bias, boolm, st[nb][e], row, key, lk);
-                    const float pr = x == -INFINITY ? 0.0f : exp2f(x * log2e - lse_s[qi]);
-                    float z = 1.0f;
-                    if (p.dropout && pr != 0.0f) z = dropout_factor(p, s.stream, row, key);
-                    st[nb][e] = pr * z;
-                    dp[nb][e] = pr * (dp[nb][e] * z - dl_s[qi]);
-                }
-            }
+            // P o Z and dS in place, masks as in the forward.
+            probs_and_grads<NQ, true>(st, dp, lse_s, dl_s, p, s, bias, boolm, r0, key_a, key_b, tq, lk);
             // dV += (P o Z)^T dO and dK += dS^T Q; queries are the k dimension, in the order of
             // the forward's P V (k index t is query 2t of the block, t + 4 is query 2t + 1).
 #pragma unroll
@@ -420,38 +343,13 @@ __device__ void eff_tc_bwd(const float* __restrict__ q, const float* __restrict_
                         mma_3xtf32(acc[db], ab, as, b0b, b1b, b0s, b1s);
                     }
                 }
-                const int qrow_a = r0 + qb * 16 + g;
-#pragma unroll
-                for (int db = 0; db < DG / 8; ++db) {
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int row = qrow_a + (e < 2 ? 0 : 8);
-                        const int col = d0 + db * 8 + 2 * tq + (e & 1);
-                        if (row < s.len && col < p.e && acc[db][e] != 0.0f)
-                            atomicAdd(&dq[(s.row0 + row) * p.e + col], acc[db][e] * p.scale);
-                    }
-                }
+                add_dq(dq, acc, p, s, r0 + qb * 16 + g, d0, tq);
             }
             __syncthreads();  // Qs, Os, Ss and the row terms are refilled by the next tile
         }
     }
     cp_async_wait<0>();
-
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int key = h == 0 ? key_a : key_b;
-        if (key >= lk) continue;
-        const long long krow = kv.row0 + key;
-#pragma unroll
-        for (int nb = 0; nb < ND; ++nb) {
-#pragma unroll
-            for (int x = 0; x < 2; ++x) {
-                const int col = nb * 8 + 2 * tq + x;
-                if (col < p.e) dk[krow * p.e + col] = dka[nb][2 * h + x] * p.scale;
-                if (col < p.ev) dv[krow * p.ev + col] = dva[nb][2 * h + x];
-            }
-        }
-    }
+    write_kv_grads(dk, dv, dka, dva, p, kv, key_a, key_b, tq);
 #else
     __trap();  // tensor-core kernels need sm80+; the launcher picks eff_bwd_f32 on older devices
 #endif

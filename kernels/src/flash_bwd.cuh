@@ -2,7 +2,7 @@
 // efficient backend's f16/bf16 tensor-core kernels of efficient_tc.cu, which add masks.
 #pragma once
 
-#include "mma_sm80.cuh"
+#include "fragments.cuh"
 
 #define FB_WARPS 4
 #define FB_THREADS (FB_WARPS * 32)
@@ -42,7 +42,6 @@ __device__ void flash_bwd(const T* __restrict__ q, const T* __restrict__ k, cons
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane >> 2, tq = lane & 3;
     const int key_a = k0 + warp * 16 + g, key_b = key_a + 8;  // keys of this thread's C rows
-    const float sl2 = p.scale * 1.4426950408889634f;
 
     load_tile<T, FB_BK, D, LDS, FB_THREADS>(Ks, k, kv.k, p.k_rs, k0, lk, p.e, vec);
     load_tile<T, FB_BK, D, LDS, FB_THREADS>(Vs, v, kv.v, p.v_rs, k0, lk, p.ev, vec);
@@ -93,27 +92,7 @@ __device__ void flash_bwd(const T* __restrict__ q, const T* __restrict__ k, cons
                 }
             }
             // P, dropout, dS (in place: st <- P o Z, dp <- dS).
-#pragma unroll
-            for (int nb = 0; nb < NQ; ++nb) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int qi = nb * 8 + 2 * tq + (e & 1);
-                    const int row = r0 + qi;
-                    const int key = e < 2 ? key_a : key_b;
-                    float pr;
-                    if (MASK) {
-                        const float x = masked_score(p, s, bias, boolm, st[nb][e], row, key, lk);
-                        pr = x == -INFINITY ? 0.0f : exp2f(x * 1.4426950408889634f - lse_s[qi]);
-                    } else {
-                        const bool ok = row < s.len && key < lk && (!s.causal || (long long)key <= (long long)row + s.coff);
-                        pr = ok ? exp2f(st[nb][e] * sl2 - lse_s[qi]) : 0.0f;
-                    }
-                    float z = 1.0f;
-                    if (p.dropout && pr != 0.0f) z = dropout_factor(p, s.stream, row, key);
-                    st[nb][e] = pr * z;
-                    dp[nb][e] = pr * (dp[nb][e] * z - dl_s[qi]);
-                }
-            }
+            probs_and_grads<NQ, MASK>(st, dp, lse_s, dl_s, p, s, bias, boolm, r0, key_a, key_b, tq, lk);
             // dV += (P o Z)^T dO and dK += dS^T Q (queries are the k dimension).
 #pragma unroll
             for (int kb = 0; kb < BQ / 16; ++kb) {
@@ -167,38 +146,14 @@ __device__ void flash_bwd(const T* __restrict__ q, const T* __restrict__ k, cons
                         mma16816<T>(acc[0], a[kb], b[0], b[1]);
                         mma16816<T>(acc[1], a[kb], b[2], b[3]);
                     }
-#pragma unroll
-                    for (int x = 0; x < 2; ++x) {
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            const int row = qrow_a + (e < 2 ? 0 : 8);
-                            const int col = d0 + dbp * 16 + x * 8 + 2 * tq + (e & 1);
-                            if (row < s.len && col < p.e && acc[x][e] != 0.0f)
-                                atomicAdd(&dq[(s.row0 + row) * p.e + col], acc[x][e] * p.scale);
-                        }
-                    }
+                    add_dq(dq, acc, p, s, qrow_a, d0 + dbp * 16, tq);
                 }
             }
             __syncthreads();  // Qs, Os, Ss and the row terms are refilled by the next tile
         }
     }
     cp_async_wait<0>();
-
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int key = h == 0 ? key_a : key_b;
-        if (key >= lk) continue;
-        const long long krow = kv.row0 + key;
-#pragma unroll
-        for (int nb = 0; nb < ND; ++nb) {
-#pragma unroll
-            for (int x = 0; x < 2; ++x) {
-                const int col = nb * 8 + 2 * tq + x;
-                if (col < p.e) dk[krow * p.e + col] = dka[nb][2 * h + x] * p.scale;
-                if (col < p.ev) dv[krow * p.ev + col] = dva[nb][2 * h + x];
-            }
-        }
-    }
+    write_kv_grads(dk, dv, dka, dva, p, kv, key_a, key_b, tq);
 #else
     __trap();  // flash kernels need sm80+; the launcher refuses older devices
 #endif

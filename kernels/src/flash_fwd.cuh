@@ -2,7 +2,7 @@
 // efficient backend's f16/bf16 tensor-core kernels of efficient_tc.cu, which add masks.
 #pragma once
 
-#include "mma_sm80.cuh"
+#include "fragments.cuh"
 
 #define FF_WARPS 4
 #define FF_THREADS (FF_WARPS * 32)
@@ -106,53 +106,8 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k, cons
                 sacc[nb][e] = x;
             }
         }
-        // Online softmax, two rows per thread; the 4 lanes of a quad share a row.
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            float mx = -INFINITY;
-#pragma unroll
-            for (int nb = 0; nb < NB; ++nb) mx = fmaxf(mx, fmaxf(sacc[nb][2 * h], sacc[nb][2 * h + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float m_new = fmaxf(m[h], mx);
-            if (m_new == -INFINITY) {
-#pragma unroll
-                for (int nb = 0; nb < NB; ++nb) sacc[nb][2 * h] = sacc[nb][2 * h + 1] = 0.0f;
-                continue;
-            }
-            const float alpha = exp2f(m[h] - m_new);
-            float sum = 0.0f;
-#pragma unroll
-            for (int nb = 0; nb < NB; ++nb) {
-                float a0 = exp2f(sacc[nb][2 * h] - m_new), a1 = exp2f(sacc[nb][2 * h + 1] - m_new);
-                sacc[nb][2 * h] = a0;
-                sacc[nb][2 * h + 1] = a1;
-                sum += a0 + a1;
-            }
-            l[h] = l[h] * alpha + sum;  // per-thread partial sum; the quad adds them up at the end
-            m[h] = m_new;
-#pragma unroll
-            for (int nb = 0; nb < ND; ++nb) {
-                oacc[nb][2 * h] *= alpha;
-                oacc[nb][2 * h + 1] *= alpha;
-            }
-        }
-        // Dropout on the probabilities that multiply V (the normalizer keeps the undropped ones).
-        if (p.dropout) {
-#pragma unroll
-            for (int nb = 0; nb < NB; ++nb) {
-                const int col = k0 + nb * 8 + 2 * tq;  // even: col and col + 1 share a Philox block
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const int row = h == 0 ? row_a : row_b;
-                    if (row < s.len && col < lk) {
-                        uint4 w = dropout_block(p, s.stream, row, col);
-                        sacc[nb][2 * h] *= word_of(w, col & 3) >= p.threshold ? p.keep_scale : 0.0f;
-                        sacc[nb][2 * h + 1] *= word_of(w, (col & 3) + 1) >= p.threshold ? p.keep_scale : 0.0f;
-                    }
-                }
-            }
-        }
+        online_softmax(sacc, oacc, m, l);
+        if (p.dropout) drop_probs(sacc, p, s, row_a, row_b, k0, tq, lk);
         // O += P V: the score accumulators are the A fragments of the next product.
 #pragma unroll
         for (int kb = 0; kb < BK / 16; ++kb) {
@@ -173,24 +128,7 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k, cons
     }
     cp_async_wait<0>();
 
-    // Normalize and write the output rows and their logsumexp.
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        float lt = l[h];
-        lt += __shfl_xor_sync(0xffffffffu, lt, 1);
-        lt += __shfl_xor_sync(0xffffffffu, lt, 2);
-        const int row = h == 0 ? row_a : row_b;
-        if (row >= s.len) continue;
-        const long long orow = s.row0 + row;
-        const float inv = lt > 0.0f ? 1.0f / lt : 0.0f;
-#pragma unroll
-        for (int nb = 0; nb < ND; ++nb) {
-            const int col = nb * 8 + 2 * tq;
-            if (col < p.ev) o[orow * p.ev + col] = from_f32<T>(oacc[nb][2 * h] * inv);
-            if (col + 1 < p.ev) o[orow * p.ev + col + 1] = from_f32<T>(oacc[nb][2 * h + 1] * inv);
-        }
-        if (tq == 0) lse[orow] = lt > 0.0f ? (m[h] + log2f(lt)) * 0.6931471805599453f : INFINITY;
-    }
+    write_rows<T>(o, lse, oacc, m, l, p, s, row_a, row_b, tq);
 #else
     __trap();  // flash kernels need sm80+; the launcher refuses older devices
 #endif

@@ -1,0 +1,164 @@
+// What the tensor-core kernels (flash_fwd.cuh, flash_bwd.cuh, efficient_tc.cu) do to a warp's
+// mma C fragments besides the products: online softmax, dropout, the output rows, the
+// backward's probabilities and their gradients, and the gradient writes. A C fragment
+// acc[n][e] of n-block n holds row g (e < 2) or g + 8 and column 8 n + 2 t + (e & 1)
+// (g = lane / 4, t = lane % 4, see mma_sm80.cuh).
+#pragma once
+
+#include "mma_sm80.cuh"
+
+// Online softmax of one key tile: the scores of the warp's rows in `sacc` (base 2, -inf where
+// masked) become probabilities; the running maximum `m`, the per-thread partial sums `l` and
+// the output accumulators `oacc` of rows h = 0 (g) and h = 1 (g + 8) are rescaled. The 4 lanes
+// of a quad share a row.
+template <int NB, int ND>
+__device__ __forceinline__ void online_softmax(float (&sacc)[NB][4], float (&oacc)[ND][4], float (&m)[2],
+                                               float (&l)[2]) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int nb = 0; nb < NB; ++nb) mx = fmaxf(mx, fmaxf(sacc[nb][2 * h], sacc[nb][2 * h + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m[h], mx);
+        if (m_new == -INFINITY) {
+#pragma unroll
+            for (int nb = 0; nb < NB; ++nb) sacc[nb][2 * h] = sacc[nb][2 * h + 1] = 0.0f;
+            continue;
+        }
+        const float alpha = exp2f(m[h] - m_new);
+        float sum = 0.0f;
+#pragma unroll
+        for (int nb = 0; nb < NB; ++nb) {
+            float a0 = exp2f(sacc[nb][2 * h] - m_new), a1 = exp2f(sacc[nb][2 * h + 1] - m_new);
+            sacc[nb][2 * h] = a0;
+            sacc[nb][2 * h + 1] = a1;
+            sum += a0 + a1;
+        }
+        l[h] = l[h] * alpha + sum;  // per-thread partial sum; the quad adds them up at the end
+        m[h] = m_new;
+#pragma unroll
+        for (int nb = 0; nb < ND; ++nb) {
+            oacc[nb][2 * h] *= alpha;
+            oacc[nb][2 * h + 1] *= alpha;
+        }
+    }
+}
+
+// Dropout on the probabilities of key tile k0 that multiply V (the normalizer keeps the
+// undropped ones); rows row_a (h = 0) and row_b of segment s.
+template <int NB>
+__device__ __forceinline__ void drop_probs(float (&sacc)[NB][4], const AttnParams& p, const QSeg& s, int row_a,
+                                           int row_b, int k0, int tq, int lk) {
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) {
+        const int col = k0 + nb * 8 + 2 * tq;  // even: col and col + 1 share a Philox block
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int row = h == 0 ? row_a : row_b;
+            if (row < s.len && col < lk) {
+                uint4 w = dropout_block(p, s.stream, row, col);
+                sacc[nb][2 * h] *= word_of(w, col & 3) >= p.threshold ? p.keep_scale : 0.0f;
+                sacc[nb][2 * h + 1] *= word_of(w, (col & 3) + 1) >= p.threshold ? p.keep_scale : 0.0f;
+            }
+        }
+    }
+}
+
+// Normalizes the output accumulators of rows row_a and row_b and writes them with their
+// natural-log logsumexp (+inf, and a zero row, for a row that saw no key).
+template <typename T, int ND>
+__device__ __forceinline__ void write_rows(T* __restrict__ o, float* __restrict__ lse, const float (&oacc)[ND][4],
+                                           const float (&m)[2], const float (&l)[2], const AttnParams& p,
+                                           const QSeg& s, int row_a, int row_b, int tq) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float lt = l[h];
+        lt += __shfl_xor_sync(0xffffffffu, lt, 1);
+        lt += __shfl_xor_sync(0xffffffffu, lt, 2);
+        const int row = h == 0 ? row_a : row_b;
+        if (row >= s.len) continue;
+        const long long orow = s.row0 + row;
+        const float inv = lt > 0.0f ? 1.0f / lt : 0.0f;
+#pragma unroll
+        for (int nb = 0; nb < ND; ++nb) {
+            const int col = nb * 8 + 2 * tq;
+            if (col < p.ev) o[orow * p.ev + col] = from_f32<T>(oacc[nb][2 * h] * inv);
+            if (col + 1 < p.ev) o[orow * p.ev + col + 1] = from_f32<T>(oacc[nb][2 * h + 1] * inv);
+        }
+        if (tq == 0) lse[orow] = lt > 0.0f ? (m[h] + log2f(lt)) * 0.6931471805599453f : INFINITY;
+    }
+}
+
+// Backward, transposed tile (rows: the warp's keys key_a and key_b; columns: queries r0 + 8 n +
+// 2 t + (e & 1) of segment s): the raw scores `st` and dP^T = V dO^T in `dp` become P o Z and
+// dS = P o (dP o Z - D), from the row logsumexp (base 2) and D in lse_s / dl_s. With MASK the
+// efficient backend's masks apply (masked_score); without, only causality and the tails.
+template <int NQ, bool MASK>
+__device__ __forceinline__ void probs_and_grads(float (&st)[NQ][4], float (&dp)[NQ][4], const float* lse_s,
+                                                const float* dl_s, const AttnParams& p, const QSeg& s,
+                                                const float* __restrict__ bias, const unsigned char* __restrict__ boolm,
+                                                int r0, int key_a, int key_b, int tq, int lk) {
+    const float log2e = 1.4426950408889634f;
+#pragma unroll
+    for (int nb = 0; nb < NQ; ++nb) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int qi = nb * 8 + 2 * tq + (e & 1);
+            const int row = r0 + qi;
+            const int key = e < 2 ? key_a : key_b;
+            float pr;
+            if (MASK) {
+                const float x = masked_score(p, s, bias, boolm, st[nb][e], row, key, lk);
+                pr = x == -INFINITY ? 0.0f : exp2f(x * log2e - lse_s[qi]);
+            } else {
+                const bool ok = row < s.len && key < lk && (!s.causal || (long long)key <= (long long)row + s.coff);
+                pr = ok ? exp2f(st[nb][e] * (p.scale * log2e) - lse_s[qi]) : 0.0f;
+            }
+            float z = 1.0f;
+            if (p.dropout && pr != 0.0f) z = dropout_factor(p, s.stream, row, key);
+            st[nb][e] = pr * z;
+            dp[nb][e] = pr * (dp[nb][e] * z - dl_s[qi]);
+        }
+    }
+}
+
+// dQ += scale acc for a 16-row block (rows qrow_a, qrow_a + 8 of segment s) and N n-blocks whose
+// columns start at col0 + 8 n, by f32 atomics; zeros are skipped.
+template <int N>
+__device__ __forceinline__ void add_dq(float* __restrict__ dq, const float (&acc)[N][4], const AttnParams& p,
+                                       const QSeg& s, int qrow_a, int col0, int tq) {
+#pragma unroll
+    for (int n = 0; n < N; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int row = qrow_a + (e < 2 ? 0 : 8);
+            const int col = col0 + n * 8 + 2 * tq + (e & 1);
+            if (row < s.len && col < p.e && acc[n][e] != 0.0f)
+                atomicAdd(&dq[(s.row0 + row) * p.e + col], acc[n][e] * p.scale);
+        }
+    }
+}
+
+// Writes dK (scaled) and dV of the warp's keys key_a and key_b.
+template <int ND>
+__device__ __forceinline__ void write_kv_grads(float* __restrict__ dk, float* __restrict__ dv,
+                                               const float (&dka)[ND][4], const float (&dva)[ND][4],
+                                               const AttnParams& p, const KvSeg& kv, int key_a, int key_b, int tq) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int key = h == 0 ? key_a : key_b;
+        if (key >= kv.len) continue;
+        const long long krow = kv.row0 + key;
+#pragma unroll
+        for (int nb = 0; nb < ND; ++nb) {
+#pragma unroll
+            for (int x = 0; x < 2; ++x) {
+                const int col = nb * 8 + 2 * tq + x;
+                if (col < p.e) dk[krow * p.e + col] = dka[nb][2 * h + x] * p.scale;
+                if (col < p.ev) dv[krow * p.ev + col] = dva[nb][2 * h + x];
+            }
+        }
+    }
+}
