@@ -1,8 +1,8 @@
 //! Times attn-op's CUDA flash and efficient kernels (forward, forward + backward) on the shapes of
 //! the CUDA issue and prints one JSON line per measurement (median of timed runs, each ended by a
 //! device synchronization), for `scripts/bench_sdpa.py` to put beside PyTorch's SDPA. The f32
-//! efficient runs come twice: `attn-op-efficient` (the tensor-core forward, 3xTF32, sm80+) and
-//! `attn-op-efficient-simt` (the CUDA-core forward, `ATTN_OP_CUDA_EFFICIENT_SIMT=1`).
+//! efficient runs come twice: `attn-op-efficient` (the tensor-core kernels, 3xTF32, sm80+) and
+//! `attn-op-efficient-simt` (the CUDA-core kernels, `ATTN_OP_CUDA_EFFICIENT_SIMT=1`).
 //!
 //! `cargo bench -p attn-op --features cuda --bench cuda_attention [-- --quick]`; without a CUDA
 //! device it prints `SKIP` and exits 0.
