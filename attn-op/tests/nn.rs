@@ -191,8 +191,14 @@ fn runs_in_bf16() -> Result<()> {
     let xb = x.to_dtype(DType::BF16)?;
     let y = attn.forward_t(&xb, true)?;
     assert_eq!(y.dtype(), DType::BF16);
-    let err = max_diff(&y.to_dtype(DType::F32)?, &want);
-    assert!(err < 0.05, "bf16 differs from f32 by {err}");
+    // Relative to the largest output: over 60 runs of random layers the worst was 0.013 (an
+    // absolute bound of 0.05 failed 2 of them, outputs reaching 4.3).
+    let scale = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    let err = max_diff(&y.to_dtype(DType::F32)?, &want) / scale;
+    assert!(
+        err < 0.03,
+        "bf16 differs from f32 by {err} of the largest output"
+    );
     let grads = y.to_dtype(DType::F32)?.sqr()?.sum_all()?.backward()?;
     for var in vm.all_vars() {
         let g = grads.get(&var).expect("a gradient for every weight");
@@ -203,8 +209,11 @@ fn runs_in_bf16() -> Result<()> {
     for t in 7..10 {
         outs.push(attn.forward_cached(&xb.narrow(1, t, 1)?, &mut cache)?);
     }
-    let err = max_diff(&Tensor::cat(&outs, 1)?.to_dtype(DType::F32)?, &want);
-    assert!(err < 0.05, "bf16 decoding differs from f32 by {err}");
+    let err = max_diff(&Tensor::cat(&outs, 1)?.to_dtype(DType::F32)?, &want) / scale;
+    assert!(
+        err < 0.03,
+        "bf16 decoding differs from f32 by {err} of the largest output"
+    );
     Ok(())
 }
 
