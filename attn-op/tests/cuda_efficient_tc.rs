@@ -18,11 +18,13 @@ use kernel_target::Target;
 
 /// Largest error allowed in `dtype`: of the output relative to the reference's largest output,
 /// of dq, dk and dv relative to the reference's largest gradient.
+/// Worst seen in the emulator over 5 runs of the cases below: f32 1.4e-6, bf16 4.8e-3; one TF32
+/// product instead of three gives 3e-4, a mask read one column off 0.2 and more.
 fn tolerance(dtype: DType) -> f64 {
     if dtype == DType::F32 {
-        5e-6
+        1e-5
     } else {
-        1e-2
+        2e-2
     }
 }
 
