@@ -118,11 +118,11 @@ fn eff_tc_bwd_smem(dtype: DType, d: usize) -> Option<usize> {
     })
 }
 
-/// Whether the efficient backend runs on the tensor-core kernels of efficient_tc.cu: from sm80
-/// on, when the kernel exists for the head-dim bucket and its shared memory (`need`) fits the
-/// device's `smem`, and [`efficient_simt`] does not ask for the CUDA-core kernels.
-fn efficient_tc(cc: u32, need: Option<usize>, smem: usize) -> bool {
-    cc >= 80 && need.is_some_and(|n| n <= smem) && !efficient_simt()
+/// Whether the efficient backend runs a tensor-core kernel of efficient_tc.cu that needs `need`
+/// bytes of shared memory: from sm80 on, when that fits the device's `smem` and
+/// [`efficient_simt`] does not ask for the CUDA-core kernels.
+fn efficient_tc(cc: u32, need: usize, smem: usize) -> bool {
+    cc >= 80 && need <= smem && !efficient_simt()
 }
 
 /// The kernels' name suffix for `dtype`; `what` names the caller in the error.
@@ -542,11 +542,7 @@ pub(crate) fn forward_launch(
             params,
             with_dq: false,
         }
-    } else if efficient_tc(
-        cc,
-        Some(eff_tc_fwd_smem(dtype, eff_bucket(g.e, g.ev))),
-        smem,
-    ) {
+    } else if efficient_tc(cc, eff_tc_fwd_smem(dtype, eff_bucket(g.e, g.ev)), smem) {
         let d = eff_bucket(g.e, g.ev);
         params.tiles = tiles(longest, EFF_TC_ROWS)? as i32;
         Launch {
@@ -613,14 +609,16 @@ pub(crate) fn backward_launches(
             params,
             with_dq: !deterministic,
         });
-    } else if efficient_tc(cc, eff_tc_bwd_smem(dtype, eff_bucket(g.e, g.ev)), smem) {
+    } else if let Some(need) =
+        eff_tc_bwd_smem(dtype, eff_bucket(g.e, g.ev)).filter(|&need| efficient_tc(cc, need, smem))
+    {
         let d = eff_bucket(g.e, g.ev);
         params.tiles = tiles(longest_k, EFF_TC_BWD_KEYS)? as i32;
         out.push(Launch {
             kind: KernelKind::EffTcBwd,
             name: format!("eff_tc_bwd_{dt}_{d}"),
             grid: grid(g.kv_segs.len(), params.tiles as usize)?,
-            smem: eff_tc_bwd_smem(dtype, d).unwrap_or(0),
+            smem: need,
             params,
             with_dq: !deterministic,
         });

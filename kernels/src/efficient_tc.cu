@@ -45,9 +45,31 @@ __device__ __forceinline__ void split_tf32(float x, unsigned& big, unsigned& sma
     small = __float_as_uint(x - __uint_as_float(big)) & 0xffffe000u;
 }
 
-// d += a * b in 3xTF32 (small terms first, then the big product).
+// The A fragment whose a0 is at `a` (row g, k index t), split: a1 is `row8` further (8 rows),
+// a2 `k4` further (k index t + 4), a3 both.
+__device__ __forceinline__ void split_a(const float* a, int row8, int k4, unsigned (&ab)[4], unsigned (&as)[4]) {
+    split_tf32(a[0], ab[0], as[0]);
+    split_tf32(a[row8], ab[1], as[1]);
+    split_tf32(a[k4], ab[2], as[2]);
+    split_tf32(a[row8 + k4], ab[3], as[3]);
+}
+
+// The A fragment made of a product's C fragment `c` (columns 2t and 2t + 1 of rows g and g + 8),
+// split; k index t stands for column 2t and t + 4 for 2t + 1 (the paired order, see below).
+__device__ __forceinline__ void split_c(const float (&c)[4], unsigned (&ab)[4], unsigned (&as)[4]) {
+    split_tf32(c[0], ab[0], as[0]);
+    split_tf32(c[2], ab[1], as[1]);
+    split_tf32(c[1], ab[2], as[2]);
+    split_tf32(c[3], ab[3], as[3]);
+}
+
+// d += A * B in 3xTF32 (small terms first, then the big product); B's fragment is read at `b`
+// (b0, k index t of column g) and `b + k4` (b1, k index t + 4) and split here.
 __device__ __forceinline__ void mma_3xtf32(float (&d)[4], const unsigned (&ab)[4], const unsigned (&as)[4],
-                                           unsigned b0b, unsigned b1b, unsigned b0s, unsigned b1s) {
+                                           const float* b, int k4) {
+    unsigned b0b, b0s, b1b, b1s;
+    split_tf32(b[0], b0b, b0s);
+    split_tf32(b[k4], b1b, b1s);
     mma1688_tf32(d, as, b0b, b1b);
     mma1688_tf32(d, ab, b0s, b1s);
     mma1688_tf32(d, ab, b0b, b1b);
@@ -117,18 +139,9 @@ __device__ void eff_tc_fwd(const float* __restrict__ q, const float* __restrict_
 #pragma unroll 4
         for (int kk = 0; kk < D / 8; ++kk) {
             unsigned ab[4], as[4];
-            split_tf32(qa[kk * 8], ab[0], as[0]);
-            split_tf32(qa[8 * LDS + kk * 8], ab[1], as[1]);
-            split_tf32(qa[kk * 8 + 4], ab[2], as[2]);
-            split_tf32(qa[8 * LDS + kk * 8 + 4], ab[3], as[3]);
+            split_a(qa + kk * 8, 8 * LDS, 4, ab, as);
 #pragma unroll
-            for (int nb = 0; nb < NB; ++nb) {
-                const float* kb = Kt + (nb * 8 + g) * LDS + kk * 8 + tq;
-                unsigned b0b, b0s, b1b, b1s;
-                split_tf32(kb[0], b0b, b0s);
-                split_tf32(kb[4], b1b, b1s);
-                mma_3xtf32(sacc[nb], ab, as, b0b, b1b, b0s, b1s);
-            }
+            for (int nb = 0; nb < NB; ++nb) mma_3xtf32(sacc[nb], ab, as, Kt + (nb * 8 + g) * LDS + kk * 8 + tq, 4);
         }
 
         // Scale and mask (natural-log units as efficient.cu), then to base 2 for exp2f.
@@ -157,18 +170,10 @@ __device__ void eff_tc_fwd(const float* __restrict__ q, const float* __restrict_
 #pragma unroll
         for (int kb = 0; kb < NB; ++kb) {
             unsigned ab[4], as[4];
-            split_tf32(sacc[kb][0], ab[0], as[0]);
-            split_tf32(sacc[kb][2], ab[1], as[1]);
-            split_tf32(sacc[kb][1], ab[2], as[2]);
-            split_tf32(sacc[kb][3], ab[3], as[3]);
+            split_c(sacc[kb], ab, as);
             const float* vb = Vt + (kb * 8 + 2 * tq) * LDS + g;
 #pragma unroll
-            for (int db = 0; db < ND; ++db) {
-                unsigned b0b, b0s, b1b, b1s;
-                split_tf32(vb[db * 8], b0b, b0s);
-                split_tf32(vb[LDS + db * 8], b1b, b1s);
-                mma_3xtf32(oacc[db], ab, as, b0b, b1b, b0s, b1s);
-            }
+            for (int db = 0; db < ND; ++db) mma_3xtf32(oacc[db], ab, as, vb + db * 8, LDS);
         }
         __syncthreads();  // this stage is refilled by the next iteration's prefetch
     }
@@ -272,18 +277,10 @@ __device__ void eff_tc_bwd(const float* __restrict__ q, const float* __restrict_
                     const float* a = w == 0 ? ka : va;
                     const float* bt = w == 0 ? Qs : Os;
                     unsigned ab[4], as[4];
-                    split_tf32(a[kk * 8], ab[0], as[0]);
-                    split_tf32(a[8 * LDS + kk * 8], ab[1], as[1]);
-                    split_tf32(a[kk * 8 + 4], ab[2], as[2]);
-                    split_tf32(a[8 * LDS + kk * 8 + 4], ab[3], as[3]);
+                    split_a(a + kk * 8, 8 * LDS, 4, ab, as);
 #pragma unroll
-                    for (int nb = 0; nb < NQ; ++nb) {
-                        const int off = (nb * 8 + g) * LDS + kk * 8 + tq;
-                        unsigned b0b, b0s, b1b, b1s;
-                        split_tf32(bt[off], b0b, b0s);
-                        split_tf32(bt[off + 4], b1b, b1s);
-                        mma_3xtf32(w == 0 ? st[nb] : dp[nb], ab, as, b0b, b1b, b0s, b1s);
-                    }
+                    for (int nb = 0; nb < NQ; ++nb)
+                        mma_3xtf32(w == 0 ? st[nb] : dp[nb], ab, as, bt + (nb * 8 + g) * LDS + kk * 8 + tq, 4);
                 }
             }
             // P o Z and dS in place, masks as in the forward.
@@ -294,20 +291,12 @@ __device__ void eff_tc_bwd(const float* __restrict__ q, const float* __restrict_
             for (int kb = 0; kb < NQ; ++kb) {
 #pragma unroll
                 for (int w = 0; w < 2; ++w) {
-                    float(&c)[4] = w == 0 ? st[kb] : dp[kb];
                     unsigned ab[4], as[4];
-                    split_tf32(c[0], ab[0], as[0]);
-                    split_tf32(c[2], ab[1], as[1]);
-                    split_tf32(c[1], ab[2], as[2]);
-                    split_tf32(c[3], ab[3], as[3]);
+                    split_c(w == 0 ? st[kb] : dp[kb], ab, as);
                     const float* bt = (w == 0 ? Os : Qs) + (kb * 8 + 2 * tq) * LDS + g;
 #pragma unroll
-                    for (int db = 0; db < ND; ++db) {
-                        unsigned b0b, b0s, b1b, b1s;
-                        split_tf32(bt[db * 8], b0b, b0s);
-                        split_tf32(bt[LDS + db * 8], b1b, b1s);
-                        mma_3xtf32(w == 0 ? dva[db] : dka[db], ab, as, b0b, b1b, b0s, b1s);
-                    }
+                    for (int db = 0; db < ND; ++db)
+                        mma_3xtf32(w == 0 ? dva[db] : dka[db], ab, as, bt + db * 8, LDS);
                 }
             }
             if (with_dq) {
@@ -330,18 +319,10 @@ __device__ void eff_tc_bwd(const float* __restrict__ q, const float* __restrict_
 #pragma unroll 2
                 for (int kb = 0; kb < EB_BK / 8; ++kb) {
                     unsigned ab[4], as[4];
-                    split_tf32(sa[kb * 8], ab[0], as[0]);
-                    split_tf32(sa[8 * LDSS + kb * 8], ab[1], as[1]);
-                    split_tf32(sa[kb * 8 + 1], ab[2], as[2]);
-                    split_tf32(sa[8 * LDSS + kb * 8 + 1], ab[3], as[3]);
+                    split_a(sa + kb * 8, 8 * LDSS, 1, ab, as);  // keys 2t, 2t + 1: the paired order
                     const float* kbp = Ks + (kb * 8 + 2 * tq) * LDS + d0 + g;
 #pragma unroll
-                    for (int db = 0; db < DG / 8; ++db) {
-                        unsigned b0b, b0s, b1b, b1s;
-                        split_tf32(kbp[db * 8], b0b, b0s);
-                        split_tf32(kbp[LDS + db * 8], b1b, b1s);
-                        mma_3xtf32(acc[db], ab, as, b0b, b1b, b0s, b1s);
-                    }
+                    for (int db = 0; db < DG / 8; ++db) mma_3xtf32(acc[db], ab, as, kbp + db * 8, LDS);
                 }
                 add_dq(dq, acc, p, s, r0 + qb * 16 + g, d0, tq);
             }
