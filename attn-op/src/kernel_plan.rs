@@ -57,10 +57,11 @@ fn flash_bwd_rows(d: usize) -> usize {
     }
 }
 
-/// Dynamic shared memory of the flash backward: K, V, Q, dO, dS tiles and two row terms.
+/// Dynamic shared memory of the flash backward: K and V tiles, double-buffered Q and dO tiles
+/// (whose rows carry the row terms in their padding) and the dS tile.
 fn flash_bwd_smem(d: usize) -> usize {
     let bq = flash_bwd_rows(d);
-    (2 * FLASH_BWD_KEYS + 2 * bq) * (d + 8) * 2 + bq * (FLASH_BWD_KEYS + 8) * 2 + 2 * bq * 4
+    (2 * FLASH_BWD_KEYS + 4 * bq) * (d + 8) * 2 + bq * (FLASH_BWD_KEYS + 8) * 2
 }
 
 /// The efficient kernels' head-dim bucket: `max(e, ev)` rounded up to 64, 128 or 256.
@@ -107,12 +108,13 @@ fn eff_tc_bwd_rows(d: usize) -> Option<usize> {
 }
 
 /// Dynamic shared memory of the tensor-core efficient backward for `dtype`, `None` for a
-/// head-dim bucket it does not have (256). f32: K and V tiles of [`EFF_TC_BWD_KEYS`] rows, Q and
-/// dO tiles, the dS tile and two row terms; f16/bf16 run the flash backward's code with masks.
+/// head-dim bucket it does not have (256). f32: K and V tiles of [`EFF_TC_BWD_KEYS`] rows and
+/// double-buffered Q and dO tiles (the row terms in their rows' padding, the dS tile over the dO
+/// tile), rows of `d + 4` floats; f16/bf16 run the flash backward's code with masks.
 fn eff_tc_bwd_smem(dtype: DType, d: usize) -> Option<usize> {
     let bq = eff_tc_bwd_rows(d)?;
     Some(if dtype == DType::F32 {
-        (2 * EFF_TC_BWD_KEYS + 2 * bq) * (d + 4) * 4 + bq * (EFF_TC_BWD_KEYS + 4) * 4 + 2 * bq * 4
+        (2 * EFF_TC_BWD_KEYS + 4 * bq) * (d + 4) * 4
     } else {
         flash_bwd_smem(d)
     })
@@ -746,15 +748,15 @@ mod tests {
         // The sizes flash_fwd.cu / flash_bwd.cu carve out of dynamic shared memory.
         assert_eq!(flash_fwd_smem(128), 87_040);
         assert_eq!(flash_fwd_smem(256), 101_376);
-        assert_eq!(flash_bwd_smem(128), 57_088);
-        assert_eq!(flash_bwd_smem(64), 46_592);
+        assert_eq!(flash_bwd_smem(128), 74_240);
+        assert_eq!(flash_bwd_smem(64), 64_512);
         // efficient_tc.cu's: A100 (163 KiB per block) and H100 take every bucket, sm86/sm89
         // (99 KiB = 101,376 bytes) 64 and 128.
         assert_eq!(eff_tc_smem(64), 52_224);
         assert_eq!(eff_tc_smem(128), 101_376);
         assert_eq!(eff_tc_smem(256), 133_120);
-        assert_eq!(eff_tc_bwd_smem(DType::F32, 64), Some(61_184));
-        assert_eq!(eff_tc_bwd_smem(DType::F32, 128), Some(88_960));
+        assert_eq!(eff_tc_bwd_smem(DType::F32, 64), Some(69_632));
+        assert_eq!(eff_tc_bwd_smem(DType::F32, 128), Some(101_376));
         assert_eq!(eff_tc_bwd_smem(DType::BF16, 128), Some(flash_bwd_smem(128)));
         assert_eq!(eff_tc_bwd_smem(DType::F16, 256), None);
         assert_eq!(eff_tc_fwd_smem(DType::F16, 256), flash_fwd_smem(256));

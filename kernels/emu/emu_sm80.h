@@ -25,7 +25,8 @@ void check_smem(const char* op, const void* p, unsigned bytes);
 struct AsyncCopy {
     void* dst;
     const void* src;
-    int src_bytes;
+    int bytes;      // cp-size: 4 or 16
+    int src_bytes;  // bytes read from src; the rest of `bytes` is zero-filled
 };
 void cp_async_issue(const AsyncCopy& c);
 void cp_async_commit();
@@ -138,14 +139,19 @@ inline void emu_ldmatrix(unsigned (&r)[4], const void* p, bool trans) {
 inline void ldmatrix_x4(unsigned (&r)[4], const void* p) { emu_ldmatrix(r, p, false); }
 inline void ldmatrix_x4_trans(unsigned (&r)[4], const void* p) { emu_ldmatrix(r, p, true); }
 
-// cp.async.cg.shared.global [dst], [src], 16, src_bytes: copies src_bytes bytes and zero-fills
-// the rest of the 16; the copy lands at the cp.async.wait_group that covers its group.
-inline void cp_async16(void* dst, const void* src, int src_bytes) {
-    emu::check_smem("cp.async destination", dst, 16);
-    if (src_bytes != 0 && src_bytes != 16) emu::trap("cp.async: src_bytes must be 0 or 16 here");
-    if (src_bytes && (reinterpret_cast<uintptr_t>(src) & 15)) emu::trap("cp.async: source not 16-byte aligned");
-    emu::cp_async_issue({dst, src, src_bytes});
+// cp.async.{cg,ca}.shared.global [dst], [src], BYTES, src_bytes: copies src_bytes bytes and
+// zero-fills the rest of the BYTES; the copy lands at the cp.async.wait_group that covers its
+// group. Both addresses must be aligned to BYTES.
+template <int BYTES>
+inline void emu_cp_async(void* dst, const void* src, int src_bytes) {
+    emu::check_smem("cp.async destination", dst, BYTES);
+    if (reinterpret_cast<uintptr_t>(dst) % BYTES) emu::trap("cp.async: destination not aligned to its size");
+    if (src_bytes != 0 && src_bytes != BYTES) emu::trap("cp.async: src_bytes must be 0 or the copy size here");
+    if (src_bytes && (reinterpret_cast<uintptr_t>(src) % BYTES)) emu::trap("cp.async: source not aligned to its size");
+    emu::cp_async_issue({dst, src, BYTES, src_bytes});
 }
+inline void cp_async16(void* dst, const void* src, int src_bytes) { emu_cp_async<16>(dst, src, src_bytes); }
+inline void cp_async4(void* dst, const void* src, int src_bytes) { emu_cp_async<4>(dst, src, src_bytes); }
 inline void cp_async_commit() { emu::cp_async_commit(); }
 template <int N>
 inline void cp_async_wait() {

@@ -308,7 +308,7 @@ void check_smem(const char* op, const void* p, unsigned bytes) {
 }
 
 void land(const AsyncCopy& c) {
-    memset(c.dst, 0, 16);
+    memset(c.dst, 0, (size_t)c.bytes);
     if (c.src_bytes) memcpy(c.dst, c.src, (size_t)c.src_bytes);
 }
 

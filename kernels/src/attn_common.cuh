@@ -101,6 +101,18 @@ __device__ __forceinline__ int first_row_seeing(const QSeg& s, int col) {
     return (int)(r < 0 ? 0 : (r > s.len ? s.len : r));
 }
 
+// The backward blocks' walk over query tiles: every member query segment [mi, mem1) of the
+// block's key/value segment, from the first row that sees the block's first key k0, a tile at a
+// time. Moves (mi, r0) to the first tile with rows at or after it (r0 < 0: the start of segment
+// mi); mi == mem1 once no tile is left.
+__device__ __forceinline__ void settle_qtile(const long long* qsegs, int mem1, int k0, int& mi, int& r0) {
+    for (; mi < mem1; ++mi, r0 = -1) {
+        const QSeg s = load_qseg(qsegs, mi);
+        if (r0 < 0) r0 = first_row_seeing(s, k0);
+        if (r0 < s.len) return;
+    }
+}
+
 // ---- Philox 4x32-10 -------------------------------------------------------------------------
 
 __device__ __forceinline__ uint4 philox4x32_10(uint4 c, uint2 k) {

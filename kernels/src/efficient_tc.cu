@@ -20,7 +20,10 @@
 //       segment), each warp owns 16 keys and keeps their dK and dV in registers while the block
 //       walks the query tiles (BQ rows) of every query segment reading it; dQ by f32 atomics
 //       (with_dq = 1) or by the deterministic eff_dq_f32 pass of efficient.cu (with_dq = 0).
-//       Dynamic shared memory (128 + 2 BQ) (D + 4) 4 + BQ 68 4 + 2 BQ 4 bytes (eff_tc_bwd_smem).
+//       Q and dO tiles are double-buffered (the next tile's cp.async copies land while the
+//       block works on this one), each row's logsumexp and D in its padding (row_term), and dS
+//       goes over the dO tile for the dQ product. Dynamic shared memory (128 + 4 BQ) (D + 4) 4
+//       bytes (eff_tc_bwd_smem): 101,376 at head dim 128, what sm86/sm89 allow a block.
 //       Head dim 256 uses eff_bwd_f32_256.
 //
 // Shared-memory rows are D + 4 floats (4 mod 32 banks), so the fragment reads fall in 32
@@ -210,21 +213,18 @@ __device__ void eff_tc_bwd(const float* __restrict__ q, const float* __restrict_
                            const long long* __restrict__ kvsegs, const AttnParams p, int with_dq) {
 #if ATTN_HAS_MMA
     constexpr int LDS = D + 4;
-    constexpr int LDSS = EB_BK + 4;
     constexpr int NQ = BQ / 8;          // query n-blocks of the transposed score tile
     constexpr int ND = D / 8;           // head-dim n-blocks of dK / dV
     constexpr int QB = BQ / 16;         // 16-row query blocks of the dQ product
     constexpr int NDG = ET_WARPS / QB;  // head-dim groups of the dQ product
     constexpr int DG = D / NDG;
     static_assert(QB * NDG == ET_WARPS && DG % 8 == 0, "dQ work split");
+    static_assert(EB_BK <= D, "the dS tile lies over the dO tile's columns");
     ATTN_DYNAMIC_SMEM(smem_raw);
     float* Ks = reinterpret_cast<float*>(smem_raw);  // [EB_BK][LDS]
     float* Vs = Ks + EB_BK * LDS;                    // [EB_BK][LDS]
-    float* Qs = Vs + EB_BK * LDS;                    // [BQ][LDS]
-    float* Os = Qs + BQ * LDS;                       // dO tile [BQ][LDS]
-    float* Ss = Os + BQ * LDS;                       // dS tile [BQ][LDSS]
-    float* lse_s = Ss + BQ * LDSS;                   // [BQ], base 2
-    float* dl_s = lse_s + BQ;                        // [BQ]
+    float* Qb = Vs + EB_BK * LDS;                    // [2][BQ][LDS]: Q tiles, double-buffered
+    float* Ob = Qb + 2 * BQ * LDS;                   // [2][BQ][LDS]: dO tiles (and the dS tile)
 
     const KvSeg kv = load_kvseg(kvsegs, blockIdx.x);
     const int k0 = (int)blockIdx.y * EB_BK;
@@ -234,7 +234,6 @@ __device__ void eff_tc_bwd(const float* __restrict__ q, const float* __restrict_
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane >> 2, tq = lane & 3;
     const int key_a = k0 + warp * 16 + g, key_b = key_a + 8;  // keys of this thread's C rows
-    const float log2e = 1.4426950408889634f;
 
     load_tile<float, EB_BK, D, LDS, ET_THREADS>(Ks, k, kv.k, p.k_rs, k0, lk, p.e, vec);
     load_tile<float, EB_BK, D, LDS, ET_THREADS>(Vs, v, kv.v, p.v_rs, k0, lk, p.ev, vec);
@@ -248,86 +247,92 @@ __device__ void eff_tc_bwd(const float* __restrict__ q, const float* __restrict_
     const float* ka = Ks + (warp * 16 + g) * LDS + tq;  // A fragments of the warp's keys
     const float* va = Vs + (warp * 16 + g) * LDS + tq;
 
-    for (int mi = kv.mem0; mi < kv.mem1; ++mi) {
+    // Query tiles (mi, r0), each prefetched into the other stage while the block works on the one
+    // before it (as flash_bwd).
+    int mi = kv.mem0, r0 = -1;
+    settle_qtile(qsegs, kv.mem1, k0, mi, r0);
+    if (mi < kv.mem1)
+        load_qtile<float, BQ, D, LDS, ET_THREADS>(Qb, Ob, q, dout, lse, delta, load_qseg(qsegs, mi), p, r0, vec);
+    for (int stage = 0; mi < kv.mem1; stage ^= 1) {
+        cp_async_wait<0>();
+        __syncthreads();  // this tile has landed, and every warp is done with the previous one
         const QSeg s = load_qseg(qsegs, mi);
-        for (int r0 = first_row_seeing(s, k0); r0 < s.len; r0 += BQ) {
-            load_tile<float, BQ, D, LDS, ET_THREADS>(Qs, q, s.q, p.q_rs, r0, s.len, p.e, vec);
-            load_tile<float, BQ, D, LDS, ET_THREADS>(Os, dout, s.row0 * p.ev, p.ev, r0, s.len, p.ev,
-                                                     vec && (p.ev % 4 == 0));
-            cp_async_commit();
-            for (int i = threadIdx.x; i < BQ; i += ET_THREADS) {
-                const int row = r0 + i;
-                lse_s[i] = row < s.len ? lse[s.row0 + row] * log2e : INFINITY;
-                dl_s[i] = row < s.len ? delta[s.row0 + row] : 0.0f;
-            }
-            cp_async_wait<0>();
-            __syncthreads();
-
-            // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys x BQ queries.
-            float st[NQ][4], dp[NQ][4];
+        int next_mi = mi, next_r0 = r0 + BQ;
+        settle_qtile(qsegs, kv.mem1, k0, next_mi, next_r0);
+        if (next_mi < kv.mem1)
+            load_qtile<float, BQ, D, LDS, ET_THREADS>(Qb + (stage ^ 1) * BQ * LDS, Ob + (stage ^ 1) * BQ * LDS, q,
+                                                      dout, lse, delta, load_qseg(qsegs, next_mi), p, next_r0, vec);
+        float* Qs = Qb + stage * BQ * LDS;
+        float* Os = Ob + stage * BQ * LDS;
+        // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys x BQ queries.
+        float st[NQ][4], dp[NQ][4];
 #pragma unroll
-            for (int i = 0; i < NQ; ++i)
+        for (int i = 0; i < NQ; ++i)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) st[i][e] = dp[i][e] = 0.0f;
+            for (int e = 0; e < 4; ++e) st[i][e] = dp[i][e] = 0.0f;
 #pragma unroll 2
-            for (int kk = 0; kk < D / 8; ++kk) {
-                // K's fragment against the Q tile, then V's against the dO tile (fewer live registers).
+        for (int kk = 0; kk < D / 8; ++kk) {
+            // K's fragment against the Q tile, then V's against the dO tile (fewer live registers).
 #pragma unroll
-                for (int w = 0; w < 2; ++w) {
-                    const float* a = w == 0 ? ka : va;
-                    const float* bt = w == 0 ? Qs : Os;
-                    unsigned ab[4], as[4];
-                    split_a(a + kk * 8, 8 * LDS, 4, ab, as);
+            for (int w = 0; w < 2; ++w) {
+                const float* a = w == 0 ? ka : va;
+                const float* bt = w == 0 ? Qs : Os;
+                unsigned ab[4], as[4];
+                split_a(a + kk * 8, 8 * LDS, 4, ab, as);
 #pragma unroll
-                    for (int nb = 0; nb < NQ; ++nb)
-                        mma_3xtf32(w == 0 ? st[nb] : dp[nb], ab, as, bt + (nb * 8 + g) * LDS + kk * 8 + tq, 4);
-                }
+                for (int nb = 0; nb < NQ; ++nb)
+                    mma_3xtf32(w == 0 ? st[nb] : dp[nb], ab, as, bt + (nb * 8 + g) * LDS + kk * 8 + tq, 4);
             }
-            // P o Z and dS in place, masks as in the forward.
-            probs_and_grads<NQ, true>(st, dp, lse_s, dl_s, p, s, bias, boolm, r0, key_a, key_b, tq, lk);
-            // dV += (P o Z)^T dO and dK += dS^T Q; queries are the k dimension, in the order of
-            // the forward's P V (k index t is query 2t of the block, t + 4 is query 2t + 1).
-#pragma unroll
-            for (int kb = 0; kb < NQ; ++kb) {
-#pragma unroll
-                for (int w = 0; w < 2; ++w) {
-                    unsigned ab[4], as[4];
-                    split_c(w == 0 ? st[kb] : dp[kb], ab, as);
-                    const float* bt = (w == 0 ? Os : Qs) + (kb * 8 + 2 * tq) * LDS + g;
-#pragma unroll
-                    for (int db = 0; db < ND; ++db)
-                        mma_3xtf32(w == 0 ? dva[db] : dka[db], ab, as, bt + db * 8, LDS);
-                }
-            }
-            if (with_dq) {
-                // dS to shared memory as [query][key], then dQ += scale dS K: warp (qb, d-group)
-                // takes 16 query rows and DG head-dim columns; keys in the same paired order.
-#pragma unroll
-                for (int nb = 0; nb < NQ; ++nb) {
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int qi = nb * 8 + 2 * tq + (e & 1);
-                        Ss[qi * LDSS + warp * 16 + g + (e < 2 ? 0 : 8)] = dp[nb][e];
-                    }
-                }
-                __syncthreads();
-                const int qb = warp % QB, d0 = (warp / QB) * DG;
-                float acc[DG / 8][4];
-#pragma unroll
-                for (int i = 0; i < DG / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
-                const float* sa = Ss + (qb * 16 + g) * LDSS + 2 * tq;
-#pragma unroll 2
-                for (int kb = 0; kb < EB_BK / 8; ++kb) {
-                    unsigned ab[4], as[4];
-                    split_a(sa + kb * 8, 8 * LDSS, 1, ab, as);  // keys 2t, 2t + 1: the paired order
-                    const float* kbp = Ks + (kb * 8 + 2 * tq) * LDS + d0 + g;
-#pragma unroll
-                    for (int db = 0; db < DG / 8; ++db) mma_3xtf32(acc[db], ab, as, kbp + db * 8, LDS);
-                }
-                add_dq(dq, acc, p, s, r0 + qb * 16 + g, d0, tq);
-            }
-            __syncthreads();  // Qs, Os, Ss and the row terms are refilled by the next tile
         }
+        // P o Z and dS in place, masks as in the forward.
+        probs_and_grads<NQ, true, LDS>(st, dp, row_term<float, D, LDS>(Qs, 0), row_term<float, D, LDS>(Os, 0), p,
+                                       s, bias, boolm, r0, key_a, key_b, tq, lk);
+        // dV += (P o Z)^T dO and dK += dS^T Q; queries are the k dimension, in the order of
+        // the forward's P V (k index t is query 2t of the block, t + 4 is query 2t + 1).
+#pragma unroll
+        for (int kb = 0; kb < NQ; ++kb) {
+#pragma unroll
+            for (int w = 0; w < 2; ++w) {
+                unsigned ab[4], as[4];
+                split_c(w == 0 ? st[kb] : dp[kb], ab, as);
+                const float* bt = (w == 0 ? Os : Qs) + (kb * 8 + 2 * tq) * LDS + g;
+#pragma unroll
+                for (int db = 0; db < ND; ++db)
+                    mma_3xtf32(w == 0 ? dva[db] : dka[db], ab, as, bt + db * 8, LDS);
+            }
+        }
+        if (with_dq) {
+            // dS to shared memory as [query][key] over the dO tile (its first EB_BK columns,
+            // once every warp is done with dV), then dQ += scale dS K: warp (qb, d-group)
+            // takes 16 query rows and DG head-dim columns; keys in the same paired order.
+            float* Ss = Os;
+            __syncthreads();
+#pragma unroll
+            for (int nb = 0; nb < NQ; ++nb) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int qi = nb * 8 + 2 * tq + (e & 1);
+                    Ss[qi * LDS + warp * 16 + g + (e < 2 ? 0 : 8)] = dp[nb][e];
+                }
+            }
+            __syncthreads();
+            const int qb = warp % QB, d0 = (warp / QB) * DG;
+            float acc[DG / 8][4];
+#pragma unroll
+            for (int i = 0; i < DG / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+            const float* sa = Ss + (qb * 16 + g) * LDS + 2 * tq;
+#pragma unroll 2
+            for (int kb = 0; kb < EB_BK / 8; ++kb) {
+                unsigned ab[4], as[4];
+                split_a(sa + kb * 8, 8 * LDS, 1, ab, as);  // keys 2t, 2t + 1: the paired order
+                const float* kbp = Ks + (kb * 8 + 2 * tq) * LDS + d0 + g;
+#pragma unroll
+                for (int db = 0; db < DG / 8; ++db) mma_3xtf32(acc[db], ab, as, kbp + db * 8, LDS);
+            }
+            add_dq(dq, acc, p, s, r0 + qb * 16 + g, d0, tq);
+        }
+        mi = next_mi;
+        r0 = next_r0;
     }
     cp_async_wait<0>();
     write_kv_grads(dk, dv, dka, dva, p, kv, key_a, key_b, tq);

@@ -4,7 +4,9 @@
 // Per query tile it recomputes P^T = exp(scale K Q^T - lse) from the forward's logsumexp, then
 // dV += (P o Z)^T dO, dP^T = V dO^T, dS^T = P^T o (dP^T o Z - D), dK += scale dS^T Q, and
 // dQ += scale dS K through shared memory, added to an f32 buffer with atomics (with_dq = 1) or
-// left to the deterministic eff_dq pass (with_dq = 0).
+// left to the deterministic eff_dq pass (with_dq = 0). The Q and dO tiles are double-buffered:
+// the next tile's cp.async copies (with each row's logsumexp and D, kept in the row's padding)
+// land while the block works on this one, so one barrier per tile orders it all (two with dQ).
 //
 // Kernels: flash_bwd_{f16,bf16}_{32,64,96,128}; head dim 256 uses the efficient backward.
 // Inputs: dout contiguous rows of ev in the output row space; lse and delta f32 per output row.

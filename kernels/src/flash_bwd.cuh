@@ -24,15 +24,14 @@ __device__ void flash_bwd(const T* __restrict__ q, const T* __restrict__ k, cons
     constexpr int QB = BQ / 16;  // 16-row query blocks of the dQ product
     constexpr int NDG = FB_WARPS / QB;  // head-dim groups of the dQ product
     constexpr int DG = D / NDG;
+    constexpr int RS = LDS * sizeof(T) / 4;  // row-term stride in floats (see row_term)
     static_assert(DG % 16 == 0, "dQ head-dim groups must be multiples of 16");
     ATTN_DYNAMIC_SMEM(smem_raw);
     T* Ks = reinterpret_cast<T*>(smem_raw);  // [FB_BK][LDS]
     T* Vs = Ks + FB_BK * LDS;                // [FB_BK][LDS]
-    T* Qs = Vs + FB_BK * LDS;                // [BQ][LDS]
-    T* Os = Qs + BQ * LDS;                   // dO tile [BQ][LDS]
-    T* Ss = Os + BQ * LDS;                   // dS tile [BQ][LDSS]
-    float* lse_s = reinterpret_cast<float*>(Ss + BQ * LDSS);  // [BQ], base 2
-    float* dl_s = lse_s + BQ;                                 // [BQ]
+    T* Qb = Vs + FB_BK * LDS;                // [2][BQ][LDS]: Q tiles, double-buffered
+    T* Ob = Qb + 2 * BQ * LDS;               // [2][BQ][LDS]: dO tiles
+    T* Ss = Ob + 2 * BQ * LDS;               // dS tile [BQ][LDSS]
 
     const KvSeg kv = load_kvseg(kvsegs, blockIdx.x);
     const int k0 = (int)blockIdx.y * FB_BK;
@@ -53,104 +52,107 @@ __device__ void flash_bwd(const T* __restrict__ q, const T* __restrict__ k, cons
 #pragma unroll
         for (int e = 0; e < 4; ++e) dka[i][e] = dva[i][e] = 0.0f;
 
-    for (int mi = kv.mem0; mi < kv.mem1; ++mi) {
+    // Query tiles (mi, r0), each prefetched into the other stage while the block works on the one
+    // before it.
+    int mi = kv.mem0, r0 = -1;
+    settle_qtile(qsegs, kv.mem1, k0, mi, r0);
+    if (mi < kv.mem1)
+        load_qtile<T, BQ, D, LDS, FB_THREADS>(Qb, Ob, q, dout, lse, delta, load_qseg(qsegs, mi), p, r0, vec);
+    for (int stage = 0; mi < kv.mem1; stage ^= 1) {
+        cp_async_wait<0>();
+        __syncthreads();  // this tile has landed, and every warp is done with the previous one
         const QSeg s = load_qseg(qsegs, mi);
-        for (int r0 = first_row_seeing(s, k0); r0 < s.len; r0 += BQ) {
-            load_tile<T, BQ, D, LDS, FB_THREADS>(Qs, q, s.q, p.q_rs, r0, s.len, p.e, vec);
-            load_tile<T, BQ, D, LDS, FB_THREADS>(Os, dout, s.row0 * p.ev, p.ev, r0, s.len, p.ev,
-                                                 vec && (p.ev % 8 == 0));
-            cp_async_commit();
-            for (int i = threadIdx.x; i < BQ; i += FB_THREADS) {
-                const int row = r0 + i;
-                lse_s[i] = row < s.len ? lse[s.row0 + row] * 1.4426950408889634f : INFINITY;
-                dl_s[i] = row < s.len ? delta[s.row0 + row] : 0.0f;
+        int next_mi = mi, next_r0 = r0 + BQ;
+        settle_qtile(qsegs, kv.mem1, k0, next_mi, next_r0);
+        if (next_mi < kv.mem1)
+            load_qtile<T, BQ, D, LDS, FB_THREADS>(Qb + (stage ^ 1) * BQ * LDS, Ob + (stage ^ 1) * BQ * LDS, q, dout,
+                                                  lse, delta, load_qseg(qsegs, next_mi), p, next_r0, vec);
+        T* Qs = Qb + stage * BQ * LDS;
+        T* Os = Ob + stage * BQ * LDS;
+        // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys x BQ queries.
+        float st[NQ][4], dp[NQ][4];
+#pragma unroll
+        for (int i = 0; i < NQ; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) st[i][e] = dp[i][e] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            unsigned ak[4], av[4];
+            ldmatrix_x4(ak, Ks + (warp * 16 + (lane & 15)) * LDS + kk * 16 + 8 * (lane >> 4));
+            ldmatrix_x4(av, Vs + (warp * 16 + (lane & 15)) * LDS + kk * 16 + 8 * (lane >> 4));
+#pragma unroll
+            for (int nbp = 0; nbp < NQ / 2; ++nbp) {
+                const int off = (nbp * 16 + (lane & 7) + 8 * (lane >> 4)) * LDS + kk * 16 + 8 * ((lane >> 3) & 1);
+                unsigned b[4];
+                ldmatrix_x4(b, Qs + off);
+                mma16816<T>(st[2 * nbp], ak, b[0], b[1]);
+                mma16816<T>(st[2 * nbp + 1], ak, b[2], b[3]);
+                ldmatrix_x4(b, Os + off);
+                mma16816<T>(dp[2 * nbp], av, b[0], b[1]);
+                mma16816<T>(dp[2 * nbp + 1], av, b[2], b[3]);
             }
-            cp_async_wait<0>();
-            __syncthreads();
-
-            // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys x BQ queries.
-            float st[NQ][4], dp[NQ][4];
-#pragma unroll
-            for (int i = 0; i < NQ; ++i)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) st[i][e] = dp[i][e] = 0.0f;
-#pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
-                unsigned ak[4], av[4];
-                ldmatrix_x4(ak, Ks + (warp * 16 + (lane & 15)) * LDS + kk * 16 + 8 * (lane >> 4));
-                ldmatrix_x4(av, Vs + (warp * 16 + (lane & 15)) * LDS + kk * 16 + 8 * (lane >> 4));
-#pragma unroll
-                for (int nbp = 0; nbp < NQ / 2; ++nbp) {
-                    const int off = (nbp * 16 + (lane & 7) + 8 * (lane >> 4)) * LDS + kk * 16 + 8 * ((lane >> 3) & 1);
-                    unsigned b[4];
-                    ldmatrix_x4(b, Qs + off);
-                    mma16816<T>(st[2 * nbp], ak, b[0], b[1]);
-                    mma16816<T>(st[2 * nbp + 1], ak, b[2], b[3]);
-                    ldmatrix_x4(b, Os + off);
-                    mma16816<T>(dp[2 * nbp], av, b[0], b[1]);
-                    mma16816<T>(dp[2 * nbp + 1], av, b[2], b[3]);
-                }
-            }
-            // P, dropout, dS (in place: st <- P o Z, dp <- dS).
-            probs_and_grads<NQ, MASK>(st, dp, lse_s, dl_s, p, s, bias, boolm, r0, key_a, key_b, tq, lk);
-            // dV += (P o Z)^T dO and dK += dS^T Q (queries are the k dimension).
-#pragma unroll
-            for (int kb = 0; kb < BQ / 16; ++kb) {
-                unsigned ap[4], as[4];
-                ap[0] = MmaType<T>::pack(st[2 * kb][0], st[2 * kb][1]);
-                ap[1] = MmaType<T>::pack(st[2 * kb][2], st[2 * kb][3]);
-                ap[2] = MmaType<T>::pack(st[2 * kb + 1][0], st[2 * kb + 1][1]);
-                ap[3] = MmaType<T>::pack(st[2 * kb + 1][2], st[2 * kb + 1][3]);
-                as[0] = MmaType<T>::pack(dp[2 * kb][0], dp[2 * kb][1]);
-                as[1] = MmaType<T>::pack(dp[2 * kb][2], dp[2 * kb][3]);
-                as[2] = MmaType<T>::pack(dp[2 * kb + 1][0], dp[2 * kb + 1][1]);
-                as[3] = MmaType<T>::pack(dp[2 * kb + 1][2], dp[2 * kb + 1][3]);
-#pragma unroll
-                for (int dbp = 0; dbp < ND / 2; ++dbp) {
-                    const int off = (kb * 16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * LDS + dbp * 16 + 8 * (lane >> 4);
-                    unsigned b[4];
-                    ldmatrix_x4_trans(b, Os + off);
-                    mma16816<T>(dva[2 * dbp], ap, b[0], b[1]);
-                    mma16816<T>(dva[2 * dbp + 1], ap, b[2], b[3]);
-                    ldmatrix_x4_trans(b, Qs + off);
-                    mma16816<T>(dka[2 * dbp], as, b[0], b[1]);
-                    mma16816<T>(dka[2 * dbp + 1], as, b[2], b[3]);
-                }
-            }
-            if (with_dq) {
-                // dS to shared memory as [query][key], then dQ += scale dS K.
-#pragma unroll
-                for (int nb = 0; nb < NQ; ++nb) {
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int qi = nb * 8 + 2 * tq + (e & 1);
-                        const int kl = warp * 16 + g + (e < 2 ? 0 : 8);
-                        Ss[qi * LDSS + kl] = from_f32<T>(dp[nb][e]);
-                    }
-                }
-                __syncthreads();
-                const int qb = warp % QB, d0 = (warp / QB) * DG;
-                unsigned a[FB_BK / 16][4];
-#pragma unroll
-                for (int kb = 0; kb < FB_BK / 16; ++kb)
-                    ldmatrix_x4(a[kb], Ss + (qb * 16 + (lane & 15)) * LDSS + kb * 16 + 8 * (lane >> 4));
-                const int qrow_a = r0 + qb * 16 + g;
-#pragma unroll
-                for (int dbp = 0; dbp < DG / 16; ++dbp) {
-                    float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-#pragma unroll
-                    for (int kb = 0; kb < FB_BK / 16; ++kb) {
-                        unsigned b[4];
-                        ldmatrix_x4_trans(b, Ks + (kb * 16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * LDS + d0 + dbp * 16 +
-                                                 8 * (lane >> 4));
-                        mma16816<T>(acc[0], a[kb], b[0], b[1]);
-                        mma16816<T>(acc[1], a[kb], b[2], b[3]);
-                    }
-                    add_dq(dq, acc, p, s, qrow_a, d0 + dbp * 16, tq);
-                }
-            }
-            __syncthreads();  // Qs, Os, Ss and the row terms are refilled by the next tile
         }
+        // P, dropout, dS (in place: st <- P o Z, dp <- dS).
+        probs_and_grads<NQ, MASK, RS>(st, dp, row_term<T, D, LDS>(Qs, 0), row_term<T, D, LDS>(Os, 0), p, s, bias,
+                                      boolm, r0, key_a, key_b, tq, lk);
+        // dV += (P o Z)^T dO and dK += dS^T Q (queries are the k dimension).
+#pragma unroll
+        for (int kb = 0; kb < BQ / 16; ++kb) {
+            unsigned ap[4], as[4];
+            ap[0] = MmaType<T>::pack(st[2 * kb][0], st[2 * kb][1]);
+            ap[1] = MmaType<T>::pack(st[2 * kb][2], st[2 * kb][3]);
+            ap[2] = MmaType<T>::pack(st[2 * kb + 1][0], st[2 * kb + 1][1]);
+            ap[3] = MmaType<T>::pack(st[2 * kb + 1][2], st[2 * kb + 1][3]);
+            as[0] = MmaType<T>::pack(dp[2 * kb][0], dp[2 * kb][1]);
+            as[1] = MmaType<T>::pack(dp[2 * kb][2], dp[2 * kb][3]);
+            as[2] = MmaType<T>::pack(dp[2 * kb + 1][0], dp[2 * kb + 1][1]);
+            as[3] = MmaType<T>::pack(dp[2 * kb + 1][2], dp[2 * kb + 1][3]);
+#pragma unroll
+            for (int dbp = 0; dbp < ND / 2; ++dbp) {
+                const int off = (kb * 16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * LDS + dbp * 16 + 8 * (lane >> 4);
+                unsigned b[4];
+                ldmatrix_x4_trans(b, Os + off);
+                mma16816<T>(dva[2 * dbp], ap, b[0], b[1]);
+                mma16816<T>(dva[2 * dbp + 1], ap, b[2], b[3]);
+                ldmatrix_x4_trans(b, Qs + off);
+                mma16816<T>(dka[2 * dbp], as, b[0], b[1]);
+                mma16816<T>(dka[2 * dbp + 1], as, b[2], b[3]);
+            }
+        }
+        if (with_dq) {
+            // dS to shared memory as [query][key], then dQ += scale dS K.
+#pragma unroll
+            for (int nb = 0; nb < NQ; ++nb) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int qi = nb * 8 + 2 * tq + (e & 1);
+                    const int kl = warp * 16 + g + (e < 2 ? 0 : 8);
+                    Ss[qi * LDSS + kl] = from_f32<T>(dp[nb][e]);
+                }
+            }
+            __syncthreads();
+            const int qb = warp % QB, d0 = (warp / QB) * DG;
+            unsigned a[FB_BK / 16][4];
+#pragma unroll
+            for (int kb = 0; kb < FB_BK / 16; ++kb)
+                ldmatrix_x4(a[kb], Ss + (qb * 16 + (lane & 15)) * LDSS + kb * 16 + 8 * (lane >> 4));
+            const int qrow_a = r0 + qb * 16 + g;
+#pragma unroll
+            for (int dbp = 0; dbp < DG / 16; ++dbp) {
+                float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll
+                for (int kb = 0; kb < FB_BK / 16; ++kb) {
+                    unsigned b[4];
+                    ldmatrix_x4_trans(b, Ks + (kb * 16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * LDS + d0 + dbp * 16 +
+                                             8 * (lane >> 4));
+                    mma16816<T>(acc[0], a[kb], b[0], b[1]);
+                    mma16816<T>(acc[1], a[kb], b[2], b[3]);
+                }
+                add_dq(dq, acc, p, s, qrow_a, d0 + dbp * 16, tq);
+            }
+        }
+        mi = next_mi;
+        r0 = next_r0;
     }
     cp_async_wait<0>();
     write_kv_grads(dk, dv, dka, dva, p, kv, key_a, key_b, tq);

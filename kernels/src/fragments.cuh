@@ -93,9 +93,10 @@ __device__ __forceinline__ void write_rows(T* __restrict__ o, float* __restrict_
 
 // Backward, transposed tile (rows: the warp's keys key_a and key_b; columns: queries r0 + 8 n +
 // 2 t + (e & 1) of segment s): the raw scores `st` and dP^T = V dO^T in `dp` become P o Z and
-// dS = P o (dP o Z - D), from the row logsumexp (base 2) and D in lse_s / dl_s. With MASK the
-// efficient backend's masks apply (masked_score); without, only causality and the tails.
-template <int NQ, bool MASK>
+// dS = P o (dP o Z - D), from the row logsumexp (natural log) and D of query tile row i at
+// lse_s[i RS] and dl_s[i RS]. With MASK the efficient backend's masks apply (masked_score);
+// without, only causality and the tails.
+template <int NQ, bool MASK, int RS>
 __device__ __forceinline__ void probs_and_grads(float (&st)[NQ][4], float (&dp)[NQ][4], const float* lse_s,
                                                 const float* dl_s, const AttnParams& p, const QSeg& s,
                                                 const float* __restrict__ bias, const unsigned char* __restrict__ boolm,
@@ -111,15 +112,15 @@ __device__ __forceinline__ void probs_and_grads(float (&st)[NQ][4], float (&dp)[
             float pr;
             if (MASK) {
                 const float x = masked_score(p, s, bias, boolm, st[nb][e], row, key, lk);
-                pr = x == -INFINITY ? 0.0f : exp2f(x * log2e - lse_s[qi]);
+                pr = x == -INFINITY ? 0.0f : exp2f((x - lse_s[qi * RS]) * log2e);
             } else {
                 const bool ok = row < s.len && key < lk && (!s.causal || (long long)key <= (long long)row + s.coff);
-                pr = ok ? exp2f(st[nb][e] * (p.scale * log2e) - lse_s[qi]) : 0.0f;
+                pr = ok ? exp2f(fmaf(st[nb][e], p.scale, -lse_s[qi * RS]) * log2e) : 0.0f;
             }
             float z = 1.0f;
             if (p.dropout && pr != 0.0f) z = dropout_factor(p, s.stream, row, key);
             st[nb][e] = pr * z;
-            dp[nb][e] = pr * (dp[nb][e] * z - dl_s[qi]);
+            dp[nb][e] = pr * (dp[nb][e] * z - dl_s[qi * RS]);
         }
     }
 }

@@ -105,6 +105,12 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_b
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
 #endif
 }
+// 4-byte asynchronous copy global -> shared (through L1); src_bytes = 0 writes zeros.
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, int src_bytes) {
+#if ATTN_HAS_MMA
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
+#endif
+}
 __device__ __forceinline__ void cp_async_commit() {
 #if ATTN_HAS_MMA
     asm volatile("cp.async.commit_group;\n" ::);
@@ -143,4 +149,34 @@ __device__ __forceinline__ void load_tile(T* dst, const T* __restrict__ src, lon
             dst[r * LDS + c] = ok ? src[base + (long long)(r0 + r) * rs + c] : from_f32<T>(0.0f);
         }
     }
+}
+
+// The f32 row term kept in the padding of row r of a shared-memory tile with D used columns
+// and rows of LDS elements (the backward keeps each query row's logsumexp and D there).
+template <typename T, int D, int LDS>
+__device__ __forceinline__ float* row_term(T* tile, int r) {
+    static_assert((LDS - D) * sizeof(T) >= sizeof(float) && (D * sizeof(T)) % sizeof(float) == 0,
+                  "the row padding must hold an aligned float");
+    return reinterpret_cast<float*>(tile + r * LDS + D);
+}
+
+// The backward's query tile: rows [r0, r0 + BQ) of segment s of Q (into Qs) and of dO (into Os;
+// dout holds contiguous rows of ev in the output row space), each row with its row terms in its
+// padding (row_term): the forward's logsumexp (natural log) beside the Q row, D = rowsum(dO o O)
+// beside the dO row; rows past the segment are zeros. Issues and commits one cp.async group
+// (element stores where the rows are not 16-byte aligned); the caller waits and synchronizes.
+template <typename T, int BQ, int D, int LDS, int THREADS>
+__device__ __forceinline__ void load_qtile(T* Qs, T* Os, const T* __restrict__ q, const T* __restrict__ dout,
+                                           const float* __restrict__ lse, const float* __restrict__ delta,
+                                           const QSeg& s, const AttnParams& p, int r0, bool vec) {
+    load_tile<T, BQ, D, LDS, THREADS>(Qs, q, s.q, p.q_rs, r0, s.len, p.e, vec);
+    load_tile<T, BQ, D, LDS, THREADS>(Os, dout, s.row0 * p.ev, p.ev, r0, s.len, p.ev,
+                                      vec && p.ev % (16 / (int)sizeof(T)) == 0);
+    for (int i = threadIdx.x; i < BQ; i += THREADS) {
+        const bool ok = r0 + i < s.len;
+        const long long row = ok ? s.row0 + r0 + i : 0;
+        cp_async4(row_term<T, D, LDS>(Qs, i), lse + row, ok ? 4 : 0);
+        cp_async4(row_term<T, D, LDS>(Os, i), delta + row, ok ? 4 : 0);
+    }
+    cp_async_commit();
 }
