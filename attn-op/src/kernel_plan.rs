@@ -13,8 +13,7 @@ use crate::Backend;
 
 /// Threads of every attention kernel's block.
 pub(crate) const THREADS: u32 = 128;
-/// Rows of a flash forward query tile, keys of a flash backward key tile, rows of the efficient tiles.
-const FLASH_FWD_ROWS: usize = 64;
+/// Keys of a flash backward key tile, rows of the CUDA-core efficient tiles.
 const FLASH_BWD_KEYS: usize = 64;
 const EFF_ROWS: usize = 32;
 /// Rows of the tensor-core efficient forward's query tile (every dtype, sm80+).
@@ -34,18 +33,55 @@ fn flash_bucket(e: usize) -> usize {
         .unwrap_or(usize::MAX)
 }
 
-/// Keys per flash forward tile for a head-dim bucket (as instantiated in flash_fwd.cu).
-fn flash_fwd_keys(d: usize) -> usize {
-    if d == 256 {
-        32
-    } else {
-        64
+/// A flash forward kernel's tiling (flash_fwd.cu): query rows per block (64: 16 per warp, K and
+/// V double-buffered; 128: two 16-row m-tiles per warp, one K and one V tile) and keys per tile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FwdTiling {
+    rows: usize,
+    keys: usize,
+}
+
+impl FwdTiling {
+    /// The 64-row kernels `flash_fwd_{dtype}_{d}` (also the f16/bf16 efficient forward's tiling).
+    fn rows64(d: usize) -> Self {
+        let keys = if d == 256 { 32 } else { 64 };
+        FwdTiling { rows: 64, keys }
+    }
+
+    /// The flash forward's tiling for head-dim bucket `d`: 128-row tiles up to head dim 128
+    /// (`flash_fwd_r128_*`, FlashAttention-2's tiling), 64-row ones at 256 or when
+    /// [`flash_fwd_rows`] asks for them.
+    fn flash(d: usize) -> Self {
+        if d <= 128 && flash_fwd_rows() != Some(64) {
+            FwdTiling {
+                rows: 128,
+                keys: if d <= 64 { 64 } else { 32 },
+            }
+        } else {
+            Self::rows64(d)
+        }
+    }
+
+    /// The kernel's name for `dt` ("f16", "bf16") and head-dim bucket `d`.
+    fn kernel(self, dt: &str, d: usize) -> String {
+        if self.rows == 128 {
+            format!("flash_fwd_r128_{dt}_{d}")
+        } else {
+            format!("flash_fwd_{dt}_{d}")
+        }
+    }
+
+    /// Dynamic shared memory at head-dim bucket `d`: the Q tile and the K and V tiles (two of
+    /// each with 64-row tiles).
+    fn smem(self, d: usize) -> usize {
+        let kv_tiles = if self.rows == 64 { 4 } else { 2 };
+        (self.rows + kv_tiles * self.keys) * (d + 8) * 2
     }
 }
 
-/// Dynamic shared memory of the flash forward: Q tile plus double-buffered K and V tiles.
+/// Dynamic shared memory of the flash forward at head-dim bucket `d`.
 fn flash_fwd_smem(d: usize) -> usize {
-    (FLASH_FWD_ROWS + 4 * flash_fwd_keys(d)) * (d + 8) * 2
+    FwdTiling::flash(d).smem(d)
 }
 
 /// Query rows per flash backward tile for a head-dim bucket (as instantiated in flash_bwd.cu).
@@ -88,12 +124,12 @@ fn eff_tc_smem(d: usize) -> usize {
 }
 
 /// Dynamic shared memory of the tensor-core efficient forward for `dtype` (f16/bf16 run the
-/// flash forward's code with masks, so its tiles).
+/// 64-row flash forward's code with masks, so its tiles).
 fn eff_tc_fwd_smem(dtype: DType, d: usize) -> usize {
     if dtype == DType::F32 {
         eff_tc_smem(d)
     } else {
-        flash_fwd_smem(d)
+        FwdTiling::rows64(d).smem(d)
     }
 }
 
@@ -388,6 +424,17 @@ pub(crate) fn deterministic() -> bool {
     std::env::var("ATTN_OP_CUDA_DETERMINISTIC").is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
+/// The flash forward's query-tile rows that `ATTN_OP_CUDA_FLASH_FWD_ROWS` asks for (`64` or
+/// `128`; anything else is ignored): to compare the two tilings on a GPU. By default head dims
+/// up to 128 run 128-row tiles.
+fn flash_fwd_rows() -> Option<usize> {
+    match std::env::var("ATTN_OP_CUDA_FLASH_FWD_ROWS").as_deref() {
+        Ok("64") => Some(64),
+        Ok("128") => Some(128),
+        _ => None,
+    }
+}
+
 /// Whether `ATTN_OP_CUDA_EFFICIENT_SIMT` asks for the CUDA-core efficient kernels (`eff_fwd_*`,
 /// `eff_bwd_*`) where the tensor-core ones (`eff_tc_*`) would run: to compare the two. Devices
 /// below sm80, or without the shared memory the tensor-core kernels need, always run the former.
@@ -535,12 +582,13 @@ pub(crate) fn forward_launch(
     let mut params = p;
     let launch = if kind == Backend::Flash {
         let d = flash_bucket(g.e);
-        params.tiles = tiles(longest, FLASH_FWD_ROWS)? as i32;
+        let tiling = FwdTiling::flash(d);
+        params.tiles = tiles(longest, tiling.rows)? as i32;
         Launch {
             kind: KernelKind::FlashFwd,
-            name: format!("flash_fwd_{dt}_{d}"),
+            name: tiling.kernel(dt, d),
             grid: grid(g.q_segs.len(), params.tiles as usize)?,
-            smem: flash_fwd_smem(d),
+            smem: tiling.smem(d),
             params,
             with_dq: false,
         }
@@ -746,8 +794,13 @@ mod tests {
         assert_eq!(flash_bucket(256), 256);
         assert_eq!(eff_bucket(8, 130), 256);
         // The sizes flash_fwd.cu / flash_bwd.cu carve out of dynamic shared memory.
-        assert_eq!(flash_fwd_smem(128), 87_040);
-        assert_eq!(flash_fwd_smem(256), 101_376);
+        assert_eq!(FwdTiling::rows64(128).smem(128), 87_040);
+        assert_eq!(FwdTiling::rows64(256).smem(256), 101_376);
+        if flash_fwd_rows().is_none() {
+            assert_eq!(flash_fwd_smem(128), 52_224);
+            assert_eq!(flash_fwd_smem(64), 36_864);
+            assert_eq!(flash_fwd_smem(256), 101_376);
+        }
         assert_eq!(flash_bwd_smem(128), 74_240);
         assert_eq!(flash_bwd_smem(64), 64_512);
         // efficient_tc.cu's: A100 (163 KiB per block) and H100 take every bucket, sm86/sm89
@@ -759,7 +812,7 @@ mod tests {
         assert_eq!(eff_tc_bwd_smem(DType::F32, 128), Some(101_376));
         assert_eq!(eff_tc_bwd_smem(DType::BF16, 128), Some(flash_bwd_smem(128)));
         assert_eq!(eff_tc_bwd_smem(DType::F16, 256), None);
-        assert_eq!(eff_tc_fwd_smem(DType::F16, 256), flash_fwd_smem(256));
+        assert_eq!(eff_tc_fwd_smem(DType::F16, 128), 87_040);
     }
 
     #[test]

@@ -191,16 +191,24 @@ fn value_and_grads(
     Ok([y, g(&vars[0])?, g(&vars[1])?, g(&vars[2])?])
 }
 
-/// Runs every case, reporting all failures at once.
-fn check_all(backend: Backend, dtypes: &[DType], dims: &[(usize, usize)], masks: &[Mask]) {
+/// Runs every case, reporting all failures at once; `lens` (query, key lengths) defaults to a
+/// set of short and odd ones.
+fn check_all(
+    backend: Backend,
+    dtypes: &[DType],
+    dims: &[(usize, usize)],
+    masks: &[Mask],
+    lens: Option<&[(usize, usize)]>,
+) {
     let Some(target) = Target::get() else { return };
     // The emulator runs fewer lengths unless ATTN_EMU_FULL is set (minutes instead of one).
-    let lens: &[(usize, usize)] =
-        if target.emulated() && std::env::var_os("ATTN_EMU_FULL").is_none() {
+    let lens: &[(usize, usize)] = match lens {
+        Some(lens) => lens,
+        None if target.emulated() && std::env::var_os("ATTN_EMU_FULL").is_none() => {
             &[(1, 1), (7, 7), (65, 63), (70, 129)]
-        } else {
-            &[(1, 1), (7, 7), (65, 63), (130, 257), (257, 130), (64, 128)]
-        };
+        }
+        None => &[(1, 1), (7, 7), (65, 63), (130, 257), (257, 130), (64, 128)],
+    };
     let mut failures = Vec::new();
     let mut n = 0;
     for &dtype in dtypes {
@@ -239,6 +247,10 @@ fn check_all(backend: Backend, dtypes: &[DType], dims: &[(usize, usize)], masks:
     );
 }
 
+/// Both flash forward tilings: 128-row query tiles (the default up to head dim 128), then the
+/// 64-row ones (`ATTN_OP_CUDA_FLASH_FWD_ROWS=64`), each also on lengths that span several query
+/// tiles. The only test that sets the variable: others running meanwhile may get either tiling,
+/// which gives them the same results.
 #[test]
 fn flash_matches_cpu() {
     let dims = [
@@ -250,12 +262,24 @@ fn flash_matches_cpu() {
         (128, 128),
         (256, 256),
     ];
+    // Two 128-row query tiles or three 64-row ones.
+    let long: &[(usize, usize)] = &[(150, 100)];
+    let long_dims = [(64, 64), (128, 128)];
+    let flash = Backend::Flash;
+    let none = &[Mask::None];
+    std::env::remove_var("ATTN_OP_CUDA_FLASH_FWD_ROWS");
+    check_all(flash, &[DType::F16, DType::BF16], &dims, none, None);
+    check_all(flash, &[DType::BF16], &long_dims, none, Some(long));
+    std::env::set_var("ATTN_OP_CUDA_FLASH_FWD_ROWS", "64");
     check_all(
-        Backend::Flash,
-        &[DType::F16, DType::BF16],
-        &dims,
-        &[Mask::None],
+        flash,
+        &[DType::F16],
+        &[(32, 32), (80, 80), (128, 128)],
+        none,
+        None,
     );
+    check_all(flash, &[DType::BF16], &long_dims, none, Some(long));
+    std::env::remove_var("ATTN_OP_CUDA_FLASH_FWD_ROWS");
 }
 
 #[test]
@@ -266,6 +290,7 @@ fn efficient_matches_cpu() {
         &[DType::F32, DType::F16, DType::BF16],
         &dims,
         &[Mask::None, Mask::Bool, Mask::Bias],
+        None,
     );
 }
 

@@ -357,7 +357,8 @@ Entry entry_of(const char* name, void (*f)(A...)) {
 
 #define E(fn) entry_of(#fn, &fn)
 #define EFF(T, D) E(eff_fwd_##T##_##D), E(eff_bwd_##T##_##D), E(eff_dq_##T##_##D)
-#define FF(T) E(flash_fwd_##T##_32), E(flash_fwd_##T##_64), E(flash_fwd_##T##_96), E(flash_fwd_##T##_128), E(flash_fwd_##T##_256)
+#define FF(T) E(flash_fwd_##T##_32), E(flash_fwd_##T##_64), E(flash_fwd_##T##_96), E(flash_fwd_##T##_128), E(flash_fwd_##T##_256), \
+    E(flash_fwd_r128_##T##_32), E(flash_fwd_r128_##T##_64), E(flash_fwd_r128_##T##_96), E(flash_fwd_r128_##T##_128)
 #define ETC(T) E(eff_tc_fwd_##T##_64), E(eff_tc_fwd_##T##_128), E(eff_tc_fwd_##T##_256), E(eff_tc_bwd_##T##_64), E(eff_tc_bwd_##T##_128)
 #define FB(T) E(flash_bwd_##T##_32), E(flash_bwd_##T##_64), E(flash_bwd_##T##_96), E(flash_bwd_##T##_128)
 

@@ -358,7 +358,7 @@ EFF_TC_BWD(128, 16)
     extern "C" __global__ void __launch_bounds__(FF_THREADS)                                                    \
         eff_tc_fwd_##NAME##_##D(const T* q, const T* k, const T* v, const float* bias, const unsigned char* bm, \
                                 T* o, float* lse, const long long* qs, const long long* ks, const AttnParams p) { \
-        flash_fwd<T, D, BK, true>(q, k, v, bias, bm, o, lse, qs, ks, p);                                        \
+        flash_fwd<T, D, BK, 1, 2, true>(q, k, v, bias, bm, o, lse, qs, ks, p);                                  \
     }
 #define EFF_TC_HALF_BWD(NAME, T, D, BQ)                                                                         \
     extern "C" __global__ void __launch_bounds__(FB_THREADS) eff_tc_bwd_##NAME##_##D(                           \

@@ -6,83 +6,110 @@
 
 #define FF_WARPS 4
 #define FF_THREADS (FF_WARPS * 32)
-#define FF_BQ 64
 
-// With MASK, the efficient backend's masks too (p.mask_kind: additive bias or boolean, read
-// through masked_score); the flash kernels instantiate it without.
-template <typename T, int D, int BK, bool MASK>
+// MT: 16-row m-tiles per warp, so BQ = 64 MT query rows per block; each K or V fragment a warp
+// reads from shared memory then feeds MT products. STAGES: 2 double-buffers the K and V tiles
+// (tile j + 1 lands while the block works on tile j); 1 keeps one K and one V tile and splits
+// the pipeline as FlashAttention-2 does (V of tile j lands during S = Q K^T, K of tile j + 1
+// during the softmax and P V), for 2 BK (D + 8) 2 bytes less shared memory. Either way two
+// barriers per key tile. With MASK, the efficient backend's masks too (p.mask_kind: additive
+// bias or boolean, read through masked_score); the flash kernels instantiate it without.
+template <typename T, int D, int BK, int MT, int STAGES, bool MASK>
 __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                           const float* __restrict__ bias, const unsigned char* __restrict__ boolm,
                           T* __restrict__ o, float* __restrict__ lse, const long long* __restrict__ qsegs,
                           const long long* __restrict__ kvsegs, const AttnParams p) {
 #if ATTN_HAS_MMA
+    static_assert(STAGES == 1 || STAGES == 2, "one or two K/V stages");
     constexpr int LDS = D + 8;  // padded rows: ldmatrix row addresses fall in distinct banks
     constexpr int NB = BK / 8;  // score n-blocks per warp
     constexpr int ND = D / 8;   // output n-blocks per warp
+    constexpr int BQ = FF_WARPS * 16 * MT;
     ATTN_DYNAMIC_SMEM(smem_raw);
-    T* Qs = reinterpret_cast<T*>(smem_raw);
-    T* Ks = Qs + FF_BQ * LDS;      // [2][BK][LDS]
-    T* Vs = Ks + 2 * BK * LDS;     // [2][BK][LDS]
+    T* Qs = reinterpret_cast<T*>(smem_raw);  // [BQ][LDS]
+    T* Ks = Qs + BQ * LDS;                   // [STAGES][BK][LDS]
+    T* Vs = Ks + STAGES * BK * LDS;          // [STAGES][BK][LDS]
 
     const QSeg s = load_qseg(qsegs, blockIdx.x);
-    const int r0 = (p.tiles - 1 - (int)blockIdx.y) * FF_BQ;  // heavy causal tiles first
+    const int r0 = (p.tiles - 1 - (int)blockIdx.y) * BQ;  // heavy causal tiles first
     if (r0 < 0 || r0 >= s.len) return;
     const KvSeg kv = load_kvseg(kvsegs, s.kv);
     const int lk = kv.len;
-    const int rows = min(FF_BQ, s.len - r0);
+    const int rows = min(BQ, s.len - r0);
     const int kend = visible_keys(s, r0 + rows - 1, lk);
     const int ntiles = (kend + BK - 1) / BK;
     const bool vec = p.vec_ok != 0;
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane >> 2, tq = lane & 3;
-    // Rows of this thread in the segment: g and g + 8 of the warp's 16.
-    const int row_a = r0 + warp * 16 + g, row_b = row_a + 8;
+    // Rows of this thread in m-tile i: row_a + 64 i and row_a + 64 i + 8.
+    const int row_a = r0 + warp * 16 + g;
     const float sl2 = p.scale * 1.4426950408889634f;  // scale * log2(e): softmax in base 2
 
-    load_tile<T, FF_BQ, D, LDS, FF_THREADS>(Qs, q, s.q, p.q_rs, r0, s.len, p.e, vec);
+    load_tile<T, BQ, D, LDS, FF_THREADS>(Qs, q, s.q, p.q_rs, r0, s.len, p.e, vec);
     if (ntiles > 0) {
         load_tile<T, BK, D, LDS, FF_THREADS>(Ks, k, kv.k, p.k_rs, 0, lk, p.e, vec);
-        load_tile<T, BK, D, LDS, FF_THREADS>(Vs, v, kv.v, p.v_rs, 0, lk, p.ev, vec);
+        if (STAGES == 2) load_tile<T, BK, D, LDS, FF_THREADS>(Vs, v, kv.v, p.v_rs, 0, lk, p.ev, vec);
     }
     cp_async_commit();
 
-    float oacc[ND][4];
+    float oacc[MT][ND][4];
 #pragma unroll
-    for (int i = 0; i < ND; ++i) oacc[i][0] = oacc[i][1] = oacc[i][2] = oacc[i][3] = 0.0f;
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int n = 0; n < ND; ++n) oacc[i][n][0] = oacc[i][n][1] = oacc[i][n][2] = oacc[i][n][3] = 0.0f;
+    float m[MT][2], l[MT][2];
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+        m[i][0] = m[i][1] = -INFINITY;
+        l[i][0] = l[i][1] = 0.0f;
+    }
 
     for (int j = 0; j < ntiles; ++j) {
         const int k0 = j * BK;
-        const int st = j & 1;
-        if (j + 1 < ntiles) {
-            T* kn = Ks + (st ^ 1) * BK * LDS;
-            T* vn = Vs + (st ^ 1) * BK * LDS;
-            load_tile<T, BK, D, LDS, FF_THREADS>(kn, k, kv.k, p.k_rs, k0 + BK, lk, p.e, vec);
-            load_tile<T, BK, D, LDS, FF_THREADS>(vn, v, kv.v, p.v_rs, k0 + BK, lk, p.ev, vec);
-            cp_async_commit();
-            cp_async_wait<1>();
+        const int st = STAGES == 2 ? (j & 1) : 0;
+        if (STAGES == 2) {
+            if (j + 1 < ntiles) {
+                T* kn = Ks + (st ^ 1) * BK * LDS;
+                T* vn = Vs + (st ^ 1) * BK * LDS;
+                load_tile<T, BK, D, LDS, FF_THREADS>(kn, k, kv.k, p.k_rs, k0 + BK, lk, p.e, vec);
+                load_tile<T, BK, D, LDS, FF_THREADS>(vn, v, kv.v, p.v_rs, k0 + BK, lk, p.ev, vec);
+                cp_async_commit();
+                cp_async_wait<1>();
+            } else {
+                cp_async_wait<0>();
+            }
+            __syncthreads();
         } else {
             cp_async_wait<0>();
+            __syncthreads();  // K of this tile has landed; every warp is done with the last V
+            load_tile<T, BK, D, LDS, FF_THREADS>(Vs, v, kv.v, p.v_rs, k0, lk, p.ev, vec);
+            cp_async_commit();
         }
-        __syncthreads();
         const T* Kt = Ks + st * BK * LDS;
         const T* Vt = Vs + st * BK * LDS;
 
-        // S = Q K^T for the warp's 16 rows.
-        float sacc[NB][4];
+        // S = Q K^T for the warp's MT x 16 rows; each K fragment feeds MT products.
+        float sacc[MT][NB][4];
 #pragma unroll
-        for (int i = 0; i < NB; ++i) sacc[i][0] = sacc[i][1] = sacc[i][2] = sacc[i][3] = 0.0f;
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+            for (int n = 0; n < NB; ++n) sacc[i][n][0] = sacc[i][n][1] = sacc[i][n][2] = sacc[i][n][3] = 0.0f;
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
-            unsigned a[4];
-            ldmatrix_x4(a, Qs + (warp * 16 + (lane & 15)) * LDS + kk * 16 + 8 * (lane >> 4));
+            unsigned a[MT][4];
+#pragma unroll
+            for (int i = 0; i < MT; ++i)
+                ldmatrix_x4(a[i], Qs + (i * 64 + warp * 16 + (lane & 15)) * LDS + kk * 16 + 8 * (lane >> 4));
 #pragma unroll
             for (int nbp = 0; nbp < NB / 2; ++nbp) {
                 unsigned b[4];
                 ldmatrix_x4(b, Kt + (nbp * 16 + (lane & 7) + 8 * (lane >> 4)) * LDS + kk * 16 + 8 * ((lane >> 3) & 1));
-                mma16816<T>(sacc[2 * nbp], a, b[0], b[1]);
-                mma16816<T>(sacc[2 * nbp + 1], a, b[2], b[3]);
+#pragma unroll
+                for (int i = 0; i < MT; ++i) {
+                    mma16816<T>(sacc[i][2 * nbp], a[i], b[0], b[1]);
+                    mma16816<T>(sacc[i][2 * nbp + 1], a[i], b[2], b[3]);
+                }
             }
         }
 
@@ -90,47 +117,69 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k, cons
         const bool need_mask = (MASK && p.mask_kind != 0) || (k0 + BK > lk) ||
                                (s.causal && (long long)k0 + BK - 1 > (long long)r0 + s.coff);
 #pragma unroll
-        for (int nb = 0; nb < NB; ++nb) {
+        for (int i = 0; i < MT; ++i) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                float x = sacc[nb][e] * sl2;
-                if (need_mask) {
-                    int col = k0 + nb * 8 + 2 * tq + (e & 1);
-                    int row = e < 2 ? row_a : row_b;
-                    if (MASK) {
-                        x = masked_score(p, s, bias, boolm, sacc[nb][e], row, col, lk) * 1.4426950408889634f;
-                    } else if (col >= lk || (s.causal && (long long)col > (long long)row + s.coff)) {
-                        x = -INFINITY;
+            for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    float x = sacc[i][nb][e] * sl2;
+                    if (need_mask) {
+                        int col = k0 + nb * 8 + 2 * tq + (e & 1);
+                        int row = row_a + i * 64 + (e < 2 ? 0 : 8);
+                        if (MASK) {
+                            x = masked_score(p, s, bias, boolm, sacc[i][nb][e], row, col, lk) * 1.4426950408889634f;
+                        } else if (col >= lk || (s.causal && (long long)col > (long long)row + s.coff)) {
+                            x = -INFINITY;
+                        }
                     }
+                    sacc[i][nb][e] = x;
                 }
-                sacc[nb][e] = x;
             }
         }
-        online_softmax(sacc, oacc, m, l);
-        if (p.dropout) drop_probs(sacc, p, s, row_a, row_b, k0, tq, lk);
-        // O += P V: the score accumulators are the A fragments of the next product.
+        if (STAGES == 1) {
+            cp_async_wait<0>();
+            __syncthreads();  // V of this tile has landed; every warp is done with this K
+            if (j + 1 < ntiles) {
+                load_tile<T, BK, D, LDS, FF_THREADS>(Ks, k, kv.k, p.k_rs, k0 + BK, lk, p.e, vec);
+                cp_async_commit();
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < MT; ++i) {
+            online_softmax(sacc[i], oacc[i], m[i], l[i]);
+            if (p.dropout) drop_probs(sacc[i], p, s, row_a + i * 64, row_a + i * 64 + 8, k0, tq, lk);
+        }
+        // O += P V: the score accumulators are the A fragments of the next product; each V
+        // fragment feeds MT products.
 #pragma unroll
         for (int kb = 0; kb < BK / 16; ++kb) {
-            unsigned a[4];
-            a[0] = MmaType<T>::pack(sacc[2 * kb][0], sacc[2 * kb][1]);
-            a[1] = MmaType<T>::pack(sacc[2 * kb][2], sacc[2 * kb][3]);
-            a[2] = MmaType<T>::pack(sacc[2 * kb + 1][0], sacc[2 * kb + 1][1]);
-            a[3] = MmaType<T>::pack(sacc[2 * kb + 1][2], sacc[2 * kb + 1][3]);
+            unsigned a[MT][4];
+#pragma unroll
+            for (int i = 0; i < MT; ++i) {
+                a[i][0] = MmaType<T>::pack(sacc[i][2 * kb][0], sacc[i][2 * kb][1]);
+                a[i][1] = MmaType<T>::pack(sacc[i][2 * kb][2], sacc[i][2 * kb][3]);
+                a[i][2] = MmaType<T>::pack(sacc[i][2 * kb + 1][0], sacc[i][2 * kb + 1][1]);
+                a[i][3] = MmaType<T>::pack(sacc[i][2 * kb + 1][2], sacc[i][2 * kb + 1][3]);
+            }
 #pragma unroll
             for (int dbp = 0; dbp < ND / 2; ++dbp) {
                 unsigned b[4];
                 ldmatrix_x4_trans(b, Vt + (kb * 16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * LDS + dbp * 16 + 8 * (lane >> 4));
-                mma16816<T>(oacc[2 * dbp], a, b[0], b[1]);
-                mma16816<T>(oacc[2 * dbp + 1], a, b[2], b[3]);
+#pragma unroll
+                for (int i = 0; i < MT; ++i) {
+                    mma16816<T>(oacc[i][2 * dbp], a[i], b[0], b[1]);
+                    mma16816<T>(oacc[i][2 * dbp + 1], a[i], b[2], b[3]);
+                }
             }
         }
-        __syncthreads();  // this stage is refilled by the next iteration's prefetch
+        if (STAGES == 2) __syncthreads();  // this stage is refilled by the next iteration's prefetch
     }
     cp_async_wait<0>();
 
-    write_rows<T>(o, lse, oacc, m, l, p, s, row_a, row_b, tq);
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+        write_rows<T>(o, lse, oacc[i], m[i], l[i], p, s, row_a + i * 64, row_a + i * 64 + 8, tq);
 #else
     __trap();  // flash kernels need sm80+; the launcher refuses older devices
 #endif
 }
-
