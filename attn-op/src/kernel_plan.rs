@@ -48,11 +48,16 @@ impl FwdTiling {
         FwdTiling { rows: 64, keys }
     }
 
-    /// The flash forward's tiling for head-dim bucket `d`: 128-row tiles up to head dim 128
-    /// (`flash_fwd_r128_*`, FlashAttention-2's tiling), 64-row ones at 256 or when
-    /// [`flash_fwd_rows`] asks for them.
-    fn flash(d: usize) -> Self {
-        if d <= 128 && flash_fwd_rows() != Some(64) {
+    /// The flash forward's tiling for head-dim bucket `d` when the longest query segment has
+    /// `longest` rows: 128-row tiles up to head dim 128 (`flash_fwd_r128_*`, FlashAttention-2's
+    /// tiling) for segments longer than 64 rows, 64-row ones otherwise (a 128-row tile would
+    /// compute a whole m-tile of padding); [`flash_fwd_rows`] overrides the choice.
+    fn flash(d: usize, longest: usize) -> Self {
+        let r128 = match flash_fwd_rows() {
+            Some(rows) => rows == 128,
+            None => longest > 64,
+        };
+        if d <= 128 && r128 {
             FwdTiling {
                 rows: 128,
                 keys: if d <= 64 { 64 } else { 32 },
@@ -79,9 +84,11 @@ impl FwdTiling {
     }
 }
 
-/// Dynamic shared memory of the flash forward at head-dim bucket `d`.
+/// The most dynamic shared memory a flash forward at head-dim bucket `d` may need (either tiling).
 fn flash_fwd_smem(d: usize) -> usize {
-    FwdTiling::flash(d).smem(d)
+    FwdTiling::flash(d, 1)
+        .smem(d)
+        .max(FwdTiling::flash(d, usize::MAX).smem(d))
 }
 
 /// Query rows per flash backward tile for a head-dim bucket (as instantiated in flash_bwd.cu).
@@ -426,7 +433,7 @@ pub(crate) fn deterministic() -> bool {
 
 /// The flash forward's query-tile rows that `ATTN_OP_CUDA_FLASH_FWD_ROWS` asks for (`64` or
 /// `128`; anything else is ignored): to compare the two tilings on a GPU. By default head dims
-/// up to 128 run 128-row tiles.
+/// up to 128 run 128-row tiles on sequences longer than 64 (see [`FwdTiling::flash`]).
 fn flash_fwd_rows() -> Option<usize> {
     match std::env::var("ATTN_OP_CUDA_FLASH_FWD_ROWS").as_deref() {
         Ok("64") => Some(64),
@@ -582,7 +589,7 @@ pub(crate) fn forward_launch(
     let mut params = p;
     let launch = if kind == Backend::Flash {
         let d = flash_bucket(g.e);
-        let tiling = FwdTiling::flash(d);
+        let tiling = FwdTiling::flash(d, longest);
         params.tiles = tiles(longest, tiling.rows)? as i32;
         Launch {
             kind: KernelKind::FlashFwd,
@@ -797,10 +804,13 @@ mod tests {
         assert_eq!(FwdTiling::rows64(128).smem(128), 87_040);
         assert_eq!(FwdTiling::rows64(256).smem(256), 101_376);
         if flash_fwd_rows().is_none() {
-            assert_eq!(flash_fwd_smem(128), 52_224);
-            assert_eq!(flash_fwd_smem(64), 36_864);
-            assert_eq!(flash_fwd_smem(256), 101_376);
+            assert_eq!(FwdTiling::flash(128, 65).smem(128), 52_224);
+            assert_eq!(FwdTiling::flash(64, 1000).smem(64), 36_864);
+            assert_eq!(FwdTiling::flash(64, 64), FwdTiling::rows64(64));
+            assert_eq!(FwdTiling::flash(256, 1000), FwdTiling::rows64(256));
         }
+        assert_eq!(flash_fwd_smem(128), 87_040);
+        assert_eq!(flash_fwd_smem(256), 101_376);
         assert_eq!(flash_bwd_smem(128), 74_240);
         assert_eq!(flash_bwd_smem(64), 64_512);
         // efficient_tc.cu's: A100 (163 KiB per block) and H100 take every bucket, sm86/sm89

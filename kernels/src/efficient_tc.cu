@@ -250,18 +250,14 @@ __device__ void eff_tc_bwd(const float* __restrict__ q, const float* __restrict_
     // Query tiles (mi, r0), each prefetched into the other stage while the block works on the one
     // before it (as flash_bwd).
     int mi = kv.mem0, r0 = -1;
-    settle_qtile(qsegs, kv.mem1, k0, mi, r0);
-    if (mi < kv.mem1)
-        load_qtile<float, BQ, D, LDS, ET_THREADS>(Qb, Ob, q, dout, lse, delta, load_qseg(qsegs, mi), p, r0, vec);
+    load_qtile<float, BQ, D, LDS, ET_THREADS>(Qb, Ob, q, dout, lse, delta, qsegs, kv.mem1, k0, p, vec, mi, r0);
     for (int stage = 0; mi < kv.mem1; stage ^= 1) {
         cp_async_wait<0>();
         __syncthreads();  // this tile has landed, and every warp is done with the previous one
         const QSeg s = load_qseg(qsegs, mi);
         int next_mi = mi, next_r0 = r0 + BQ;
-        settle_qtile(qsegs, kv.mem1, k0, next_mi, next_r0);
-        if (next_mi < kv.mem1)
-            load_qtile<float, BQ, D, LDS, ET_THREADS>(Qb + (stage ^ 1) * BQ * LDS, Ob + (stage ^ 1) * BQ * LDS, q,
-                                                      dout, lse, delta, load_qseg(qsegs, next_mi), p, next_r0, vec);
+        load_qtile<float, BQ, D, LDS, ET_THREADS>(Qb + (stage ^ 1) * BQ * LDS, Ob + (stage ^ 1) * BQ * LDS, q,
+                                                  dout, lse, delta, qsegs, kv.mem1, k0, p, vec, next_mi, next_r0);
         float* Qs = Qb + stage * BQ * LDS;
         float* Os = Ob + stage * BQ * LDS;
         // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys x BQ queries.

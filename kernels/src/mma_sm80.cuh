@@ -160,15 +160,21 @@ __device__ __forceinline__ float* row_term(T* tile, int r) {
     return reinterpret_cast<float*>(tile + r * LDS + D);
 }
 
-// The backward's query tile: rows [r0, r0 + BQ) of segment s of Q (into Qs) and of dO (into Os;
-// dout holds contiguous rows of ev in the output row space), each row with its row terms in its
-// padding (row_term): the forward's logsumexp (natural log) beside the Q row, D = rowsum(dO o O)
-// beside the dO row; rows past the segment are zeros. Issues and commits one cp.async group
-// (element stores where the rows are not 16-byte aligned); the caller waits and synchronizes.
+// The backward's next query tile: moves (mi, r0) to the first tile with rows at or after it
+// (settle_qtile) and, if there is one, loads rows [r0, r0 + BQ) of query segment mi of Q (into
+// Qs) and of dO (into Os; dout holds contiguous rows of ev in the output row space), each row
+// with its row terms in its padding (row_term): the forward's logsumexp (natural log) beside the
+// Q row, D = rowsum(dO o O) beside the dO row; rows past the segment are zeros. Issues and
+// commits one cp.async group (element stores where rows are not 16-byte aligned); the caller
+// waits and synchronizes.
 template <typename T, int BQ, int D, int LDS, int THREADS>
 __device__ __forceinline__ void load_qtile(T* Qs, T* Os, const T* __restrict__ q, const T* __restrict__ dout,
                                            const float* __restrict__ lse, const float* __restrict__ delta,
-                                           const QSeg& s, const AttnParams& p, int r0, bool vec) {
+                                           const long long* qsegs, int mem1, int k0, const AttnParams& p, bool vec,
+                                           int& mi, int& r0) {
+    settle_qtile(qsegs, mem1, k0, mi, r0);
+    if (mi >= mem1) return;
+    const QSeg s = load_qseg(qsegs, mi);
     load_tile<T, BQ, D, LDS, THREADS>(Qs, q, s.q, p.q_rs, r0, s.len, p.e, vec);
     load_tile<T, BQ, D, LDS, THREADS>(Os, dout, s.row0 * p.ev, p.ev, r0, s.len, p.ev,
                                       vec && p.ev % (16 / (int)sizeof(T)) == 0);

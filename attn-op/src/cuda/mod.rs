@@ -3,8 +3,8 @@
 //!
 //! - [`Backend::Flash`]: FlashAttention-2 on tensor cores (sm80+, f16/bf16, head dims that are
 //!   multiples of 8 up to 256 with `E == Ev`, no mask). The forward takes 128-row query tiles up
-//!   to head dim 128 (FlashAttention-2's tiling; `ATTN_OP_CUDA_FLASH_FWD_ROWS=64` selects 64-row
-//!   tiles, to compare), 64-row ones at 256. Backward on tensor cores up to head dim 128, with
+//!   to head dim 128 on sequences longer than 64 (FlashAttention-2's tiling), 64-row ones
+//!   otherwise (`ATTN_OP_CUDA_FLASH_FWD_ROWS=64` or `128` forces one, to compare). Backward on tensor cores up to head dim 128, with
 //!   double-buffered query tiles; above, the efficient backward kernel.
 //! - [`Backend::Efficient`]: SIMT kernels with f32 arithmetic for f32, f16 and bf16, additive or
 //!   boolean masks, any head dims up to 256. From sm80 on they run on tensor cores instead
