@@ -97,9 +97,11 @@ def table(paths):
     print("| shape (B,H,L,D) | dtype | causal | pass | ours | TFLOP/s | torch flash | torch efficient | torch math | ours / torch same kind |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for k, impls in by.items():
-        # attn-op-flash-r64: the flash forward's 64-row tiles (ATTN_OP_CUDA_FLASH_FWD_ROWS=64);
+        # attn-op-flash-r64, attn-op-efficient-r64: the forwards' 64-row tiles (ATTN_OP_CUDA_FWD_ROWS=64);
         # attn-op-efficient-simt: the f32 efficient kernels on CUDA cores (ATTN_OP_CUDA_EFFICIENT_SIMT)
-        for ours in ("attn-op-flash", "attn-op-flash-r64", "attn-op-efficient", "attn-op-efficient-simt"):
+        impls_ours = ("attn-op-flash", "attn-op-flash-r64", "attn-op-efficient", "attn-op-efficient-r64",
+                      "attn-op-efficient-simt")
+        for ours in impls_ours:
             if ours not in impls:
                 continue
             o = impls[ours]

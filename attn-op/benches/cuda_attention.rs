@@ -4,7 +4,8 @@
 //! efficient runs come twice: `attn-op-efficient` (the tensor-core kernels, 3xTF32, sm80+) and
 //! `attn-op-efficient-simt` (the CUDA-core kernels, `ATTN_OP_CUDA_EFFICIENT_SIMT=1`); the bf16
 //! flash runs too: `attn-op-flash` (the forward's default tiling, 128-row query tiles up to head
-//! dim 128) and `attn-op-flash-r64` (64-row tiles, `ATTN_OP_CUDA_FLASH_FWD_ROWS=64`).
+//! dim 128) and `attn-op-flash-r64` (64-row tiles, `ATTN_OP_CUDA_FWD_ROWS=64`), as the f32
+//! tensor-core efficient ones (`attn-op-efficient-r64`).
 //!
 //! `cargo bench -p attn-op --features cuda --bench cuda_attention [-- --quick]`; without a CUDA
 //! device it prints `SKIP` and exits 0.
@@ -147,12 +148,15 @@ fn main() -> Result<()> {
             for causal in [false, true] {
                 let f = Backend::Flash;
                 bench(&dev, f, "flash", &s, DType::BF16, causal, iters)?;
-                std::env::set_var("ATTN_OP_CUDA_FLASH_FWD_ROWS", "64");
+                std::env::set_var("ATTN_OP_CUDA_FWD_ROWS", "64");
                 bench(&dev, f, "flash-r64", &s, DType::BF16, causal, iters)?;
-                std::env::remove_var("ATTN_OP_CUDA_FLASH_FWD_ROWS");
+                std::env::remove_var("ATTN_OP_CUDA_FWD_ROWS");
                 if l <= 4096 {
                     let e = Backend::Efficient;
                     bench(&dev, e, "efficient", &s, DType::F32, causal, iters)?;
+                    std::env::set_var("ATTN_OP_CUDA_FWD_ROWS", "64");
+                    bench(&dev, e, "efficient-r64", &s, DType::F32, causal, iters)?;
+                    std::env::remove_var("ATTN_OP_CUDA_FWD_ROWS");
                     std::env::set_var("ATTN_OP_CUDA_EFFICIENT_SIMT", "1");
                     bench(&dev, e, "efficient-simt", &s, DType::F32, causal, iters)?;
                     std::env::remove_var("ATTN_OP_CUDA_EFFICIENT_SIMT");

@@ -16,8 +16,6 @@ pub(crate) const THREADS: u32 = 128;
 /// Keys of a flash backward key tile, rows of the CUDA-core efficient tiles.
 const FLASH_BWD_KEYS: usize = 64;
 const EFF_ROWS: usize = 32;
-/// Rows of the tensor-core efficient forward's query tile (every dtype, sm80+).
-const EFF_TC_ROWS: usize = 64;
 /// Keys per block of the tensor-core efficient backward (every dtype).
 const EFF_TC_BWD_KEYS: usize = 64;
 /// Largest head dim of the kernels.
@@ -33,62 +31,78 @@ fn flash_bucket(e: usize) -> usize {
         .unwrap_or(usize::MAX)
 }
 
-/// A flash forward kernel's tiling (flash_fwd.cu): query rows per block (64: 16 per warp, K and
-/// V double-buffered; 128: two 16-row m-tiles per warp, one K and one V tile) and keys per tile.
+/// A tensor-core forward kernel's tiling: query rows per block (64: 16 per warp, K and V
+/// double-buffered; 128: two 16-row m-tiles per warp, one K and one V tile; see flash_fwd.cuh)
+/// and keys per tile, of the flash kernels (f16/bf16, rows of `d + 8` halves; flash_fwd.cu) or
+/// of the f32 efficient ones (rows of `d + 4` floats; efficient_tc.cu).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct FwdTiling {
     rows: usize,
     keys: usize,
+    f32: bool,
 }
 
 impl FwdTiling {
-    /// The 64-row kernels `flash_fwd_{dtype}_{d}` (also the f16/bf16 efficient forward's tiling).
-    fn rows64(d: usize) -> Self {
-        let keys = if d == 256 { 32 } else { 64 };
-        FwdTiling { rows: 64, keys }
+    /// The 64-row kernels (`flash_fwd_{dtype}_{d}`, `eff_tc_fwd_{dtype}_{d}`).
+    fn rows64(d: usize, f32: bool) -> Self {
+        let keys = match (f32, d == 256) {
+            (false, false) => 64,
+            (false, true) | (true, false) => 32,
+            (true, true) => 16,
+        };
+        FwdTiling {
+            rows: 64,
+            keys,
+            f32,
+        }
     }
 
-    /// The flash forward's tiling for head-dim bucket `d` when the longest query segment has
-    /// `longest` rows: 128-row tiles up to head dim 128 (`flash_fwd_r128_*`, FlashAttention-2's
-    /// tiling) for segments longer than 64 rows, 64-row ones otherwise (a 128-row tile would
-    /// compute a whole m-tile of padding); [`flash_fwd_rows`] overrides the choice.
-    fn flash(d: usize, longest: usize) -> Self {
-        let r128 = match flash_fwd_rows() {
+    /// The tiling for head-dim bucket `d` when the longest query segment has `longest` rows:
+    /// 128-row tiles up to head dim 128 (`flash_fwd_r128_*`, `eff_tc_fwd_r128_f32_*`;
+    /// FlashAttention-2's tiling) for segments longer than 64 rows, 64-row ones otherwise (a
+    /// 128-row tile would compute a whole m-tile of padding); [`fwd_rows`] overrides the choice.
+    fn choose(d: usize, f32: bool, longest: usize) -> Self {
+        let r128 = match fwd_rows() {
             Some(rows) => rows == 128,
             None => longest > 64,
         };
         if d <= 128 && r128 {
+            let keys = if !f32 && d <= 64 { 64 } else { 32 };
             FwdTiling {
                 rows: 128,
-                keys: if d <= 64 { 64 } else { 32 },
+                keys,
+                f32,
             }
         } else {
-            Self::rows64(d)
+            Self::rows64(d, f32)
         }
     }
 
-    /// The kernel's name for `dt` ("f16", "bf16") and head-dim bucket `d`.
-    fn kernel(self, dt: &str, d: usize) -> String {
-        if self.rows == 128 {
-            format!("flash_fwd_r128_{dt}_{d}")
-        } else {
-            format!("flash_fwd_{dt}_{d}")
-        }
+    /// The kernel's name: `prefix` ("flash_fwd", "eff_tc_fwd"), dtype `dt`, head-dim bucket `d`.
+    fn kernel(self, prefix: &str, dt: &str, d: usize) -> String {
+        let r = if self.rows == 128 { "r128_" } else { "" };
+        format!("{prefix}_{r}{dt}_{d}")
     }
 
     /// Dynamic shared memory at head-dim bucket `d`: the Q tile and the K and V tiles (two of
     /// each with 64-row tiles).
     fn smem(self, d: usize) -> usize {
         let kv_tiles = if self.rows == 64 { 4 } else { 2 };
-        (self.rows + kv_tiles * self.keys) * (d + 8) * 2
+        let (pad, bytes) = if self.f32 { (4, 4) } else { (8, 2) };
+        (self.rows + kv_tiles * self.keys) * (d + pad) * bytes
+    }
+
+    /// The most shared memory either tiling at head-dim bucket `d` needs.
+    fn max_smem(d: usize, f32: bool) -> usize {
+        Self::choose(d, f32, 1)
+            .smem(d)
+            .max(Self::choose(d, f32, usize::MAX).smem(d))
     }
 }
 
-/// The most dynamic shared memory a flash forward at head-dim bucket `d` may need (either tiling).
+/// The most dynamic shared memory a flash forward at head-dim bucket `d` may need.
 fn flash_fwd_smem(d: usize) -> usize {
-    FwdTiling::flash(d, 1)
-        .smem(d)
-        .max(FwdTiling::flash(d, usize::MAX).smem(d))
+    FwdTiling::max_smem(d, false)
 }
 
 /// Query rows per flash backward tile for a head-dim bucket (as instantiated in flash_bwd.cu).
@@ -115,28 +129,13 @@ fn eff_bucket(e: usize, ev: usize) -> usize {
         .unwrap_or(usize::MAX)
 }
 
-/// Keys per tile of the tensor-core efficient f32 forward (as instantiated in efficient_tc.cu).
-fn eff_tc_keys(d: usize) -> usize {
-    if d == 256 {
-        16
-    } else {
-        32
-    }
-}
-
-/// Dynamic shared memory of the tensor-core efficient f32 forward: Q tile plus double-buffered
-/// K and V tiles, rows of `d + 4` floats.
-fn eff_tc_smem(d: usize) -> usize {
-    (EFF_TC_ROWS + 4 * eff_tc_keys(d)) * (d + 4) * 4
-}
-
-/// Dynamic shared memory of the tensor-core efficient forward for `dtype` (f16/bf16 run the
-/// 64-row flash forward's code with masks, so its tiles).
+/// The most dynamic shared memory the tensor-core efficient forward for `dtype` may need (f16
+/// and bf16 run the 64-row flash forward's code with masks, so its tiles).
 fn eff_tc_fwd_smem(dtype: DType, d: usize) -> usize {
     if dtype == DType::F32 {
-        eff_tc_smem(d)
+        FwdTiling::max_smem(d, true)
     } else {
-        FwdTiling::rows64(d).smem(d)
+        FwdTiling::rows64(d, false).smem(d)
     }
 }
 
@@ -431,11 +430,12 @@ pub(crate) fn deterministic() -> bool {
     std::env::var("ATTN_OP_CUDA_DETERMINISTIC").is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
-/// The flash forward's query-tile rows that `ATTN_OP_CUDA_FLASH_FWD_ROWS` asks for (`64` or
-/// `128`; anything else is ignored): to compare the two tilings on a GPU. By default head dims
-/// up to 128 run 128-row tiles on sequences longer than 64 (see [`FwdTiling::flash`]).
-fn flash_fwd_rows() -> Option<usize> {
-    match std::env::var("ATTN_OP_CUDA_FLASH_FWD_ROWS").as_deref() {
+/// The query-tile rows of the tensor-core forwards (flash, and the f32 efficient one) that
+/// `ATTN_OP_CUDA_FWD_ROWS` asks for (`64` or `128`; anything else is ignored): to compare the
+/// two tilings on a GPU. By default head dims up to 128 run 128-row tiles on sequences longer
+/// than 64 (see [`FwdTiling::choose`]).
+fn fwd_rows() -> Option<usize> {
+    match std::env::var("ATTN_OP_CUDA_FWD_ROWS").as_deref() {
         Ok("64") => Some(64),
         Ok("128") => Some(128),
         _ => None,
@@ -589,11 +589,11 @@ pub(crate) fn forward_launch(
     let mut params = p;
     let launch = if kind == Backend::Flash {
         let d = flash_bucket(g.e);
-        let tiling = FwdTiling::flash(d, longest);
+        let tiling = FwdTiling::choose(d, false, longest);
         params.tiles = tiles(longest, tiling.rows)? as i32;
         Launch {
             kind: KernelKind::FlashFwd,
-            name: tiling.kernel(dt, d),
+            name: tiling.kernel("flash_fwd", dt, d),
             grid: grid(g.q_segs.len(), params.tiles as usize)?,
             smem: tiling.smem(d),
             params,
@@ -601,12 +601,17 @@ pub(crate) fn forward_launch(
         }
     } else if efficient_tc(cc, eff_tc_fwd_smem(dtype, eff_bucket(g.e, g.ev)), smem) {
         let d = eff_bucket(g.e, g.ev);
-        params.tiles = tiles(longest, EFF_TC_ROWS)? as i32;
+        let tiling = if dtype == DType::F32 {
+            FwdTiling::choose(d, true, longest)
+        } else {
+            FwdTiling::rows64(d, false)
+        };
+        params.tiles = tiles(longest, tiling.rows)? as i32;
         Launch {
             kind: KernelKind::EffTcFwd,
-            name: format!("eff_tc_fwd_{dt}_{d}"),
+            name: tiling.kernel("eff_tc_fwd", dt, d),
             grid: grid(g.q_segs.len(), params.tiles as usize)?,
-            smem: eff_tc_fwd_smem(dtype, d),
+            smem: tiling.smem(d),
             params,
             with_dq: false,
         }
@@ -801,23 +806,36 @@ mod tests {
         assert_eq!(flash_bucket(256), 256);
         assert_eq!(eff_bucket(8, 130), 256);
         // The sizes flash_fwd.cu / flash_bwd.cu carve out of dynamic shared memory.
-        assert_eq!(FwdTiling::rows64(128).smem(128), 87_040);
-        assert_eq!(FwdTiling::rows64(256).smem(256), 101_376);
-        if flash_fwd_rows().is_none() {
-            assert_eq!(FwdTiling::flash(128, 65).smem(128), 52_224);
-            assert_eq!(FwdTiling::flash(64, 1000).smem(64), 36_864);
-            assert_eq!(FwdTiling::flash(64, 64), FwdTiling::rows64(64));
-            assert_eq!(FwdTiling::flash(256, 1000), FwdTiling::rows64(256));
+        let (flash, f32) = (false, true);
+        assert_eq!(FwdTiling::rows64(128, flash).smem(128), 87_040);
+        assert_eq!(FwdTiling::rows64(256, flash).smem(256), 101_376);
+        if fwd_rows().is_none() {
+            assert_eq!(FwdTiling::choose(128, flash, 65).smem(128), 52_224);
+            assert_eq!(FwdTiling::choose(64, flash, 1000).smem(64), 36_864);
+            assert_eq!(
+                FwdTiling::choose(64, flash, 64),
+                FwdTiling::rows64(64, flash)
+            );
+            assert_eq!(
+                FwdTiling::choose(256, flash, 1000),
+                FwdTiling::rows64(256, flash)
+            );
+            assert_eq!(
+                FwdTiling::choose(128, f32, 65).kernel("eff_tc_fwd", "f32", 128),
+                "eff_tc_fwd_r128_f32_128"
+            );
         }
         assert_eq!(flash_fwd_smem(128), 87_040);
         assert_eq!(flash_fwd_smem(256), 101_376);
         assert_eq!(flash_bwd_smem(128), 74_240);
         assert_eq!(flash_bwd_smem(64), 64_512);
         // efficient_tc.cu's: A100 (163 KiB per block) and H100 take every bucket, sm86/sm89
-        // (99 KiB = 101,376 bytes) 64 and 128.
-        assert_eq!(eff_tc_smem(64), 52_224);
-        assert_eq!(eff_tc_smem(128), 101_376);
-        assert_eq!(eff_tc_smem(256), 133_120);
+        // (99 KiB = 101,376 bytes) 64 and 128, either tiling.
+        for rows in [1, 1000] {
+            assert_eq!(FwdTiling::choose(64, f32, rows).smem(64), 52_224);
+            assert_eq!(FwdTiling::choose(128, f32, rows).smem(128), 101_376);
+            assert_eq!(FwdTiling::choose(256, f32, rows).smem(256), 133_120);
+        }
         assert_eq!(eff_tc_bwd_smem(DType::F32, 64), Some(69_632));
         assert_eq!(eff_tc_bwd_smem(DType::F32, 128), Some(101_376));
         assert_eq!(eff_tc_bwd_smem(DType::BF16, 128), Some(flash_bwd_smem(128)));

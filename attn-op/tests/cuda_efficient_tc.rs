@@ -1,8 +1,10 @@
 //! The efficient backend has two sets of CUDA kernels: `eff_tc_*` on the tensor cores (the
 //! default from sm80 on; f32 as 3xTF32, f16/bf16 as the flash kernels with masks) and `eff_fwd_*`
 //! / `eff_bwd_*` on the CUDA cores (`ATTN_OP_CUDA_EFFICIENT_SIMT=1`, and every device below sm80).
-//! Both are checked here, forward and gradients, against a float64 reference (the math backend on
-//! the CPU and Candle's autograd, on the same inputs rounded to the dtype) on fresh random inputs:
+//! Both are checked here (the tensor-core f32 forward on both its tilings, 128-row query tiles
+//! and `ATTN_OP_CUDA_FWD_ROWS=64`), forward and gradients, against a float64 reference (the math
+//! backend on the CPU and Candle's autograd, on the same inputs rounded to the dtype) on fresh
+//! random inputs:
 //! f32 to f32's accuracy (one TF32 product per term instead of three is off by about 3e-4 and
 //! fails), bf16 to its rounding. A test binary of its own, since it sets the process environment.
 //!
@@ -207,16 +209,26 @@ fn tensor_core_and_cuda_core_kernels_match_float64() -> Result<()> {
     if !target.emulated() {
         cases.push(long);
     }
+    // The tensor-core kernels with their default forward tiling (128-row query tiles past 64
+    // rows: the cases of 65, 70 and 130 rows), with 64-row tiles (`ATTN_OP_CUDA_FWD_ROWS=64`),
+    // then the CUDA-core kernels.
+    let modes = [
+        ("tensor cores", None),
+        (
+            "tensor cores, 64-row forward",
+            Some(("ATTN_OP_CUDA_FWD_ROWS", "64")),
+        ),
+        ("CUDA cores", Some(("ATTN_OP_CUDA_EFFICIENT_SIMT", "1"))),
+    ];
     let mut failures = Vec::new();
-    for simt in [false, true] {
-        if simt {
-            std::env::set_var("ATTN_OP_CUDA_EFFICIENT_SIMT", "1");
+    for (what, env) in modes {
+        if let Some((key, value)) = env {
+            std::env::set_var(key, value);
         }
         for dtype in [DType::F32, DType::BF16] {
             for c in &cases {
                 let errs = errors(c, dtype, &target)?;
                 let shown = errs.map(|e| format!("{e:.2e}")).join(", ");
-                let what = if simt { "CUDA cores" } else { "tensor cores" };
                 let what = format!("{what} {dtype:?}");
                 eprintln!(
                     "{what}: lq {} lk {} e {} ev {} causal {} mask {}: out, dq, dk, dv {shown}",
@@ -227,7 +239,9 @@ fn tensor_core_and_cuda_core_kernels_match_float64() -> Result<()> {
                 }
             }
         }
-        std::env::remove_var("ATTN_OP_CUDA_EFFICIENT_SIMT");
+        if let Some((key, _)) = env {
+            std::env::remove_var(key);
+        }
     }
     assert!(failures.is_empty(), "above the tolerance: {failures:?}");
     Ok(())

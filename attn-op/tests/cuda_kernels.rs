@@ -247,7 +247,7 @@ fn check_all(
     );
 }
 
-/// Both flash forward tilings, forced by `ATTN_OP_CUDA_FLASH_FWD_ROWS`: 128-row query tiles (the
+/// Both flash forward tilings, forced by `ATTN_OP_CUDA_FWD_ROWS`: 128-row query tiles (the
 /// default up to head dim 128 past 64 rows), then the 64-row ones, each also on lengths that
 /// span several query tiles. The only test that sets the variable: others running meanwhile get
 /// either tiling, which gives them the same results.
@@ -267,10 +267,10 @@ fn flash_matches_cpu() {
     let long_dims = [(64, 64), (128, 128)];
     let flash = Backend::Flash;
     let none = &[Mask::None];
-    std::env::set_var("ATTN_OP_CUDA_FLASH_FWD_ROWS", "128");
+    std::env::set_var("ATTN_OP_CUDA_FWD_ROWS", "128");
     check_all(flash, &[DType::F16, DType::BF16], &dims, none, None);
     check_all(flash, &[DType::BF16], &long_dims, none, Some(long));
-    std::env::set_var("ATTN_OP_CUDA_FLASH_FWD_ROWS", "64");
+    std::env::set_var("ATTN_OP_CUDA_FWD_ROWS", "64");
     check_all(
         flash,
         &[DType::F16],
@@ -279,7 +279,7 @@ fn flash_matches_cpu() {
         None,
     );
     check_all(flash, &[DType::BF16], &long_dims, none, Some(long));
-    std::env::remove_var("ATTN_OP_CUDA_FLASH_FWD_ROWS");
+    std::env::remove_var("ATTN_OP_CUDA_FWD_ROWS");
 }
 
 #[test]

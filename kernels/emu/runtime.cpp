@@ -366,7 +366,7 @@ const Entry kKernels[] = {
     EFF(f32, 64), EFF(f32, 128), EFF(f32, 256), EFF(f16, 64), EFF(f16, 128), EFF(f16, 256),
     EFF(bf16, 64), EFF(bf16, 128), EFF(bf16, 256), E(attn_delta_f32), E(attn_delta_f16), E(attn_delta_bf16),
     FF(f16), FF(bf16), FB(f16), FB(bf16), E(dropout_keep_f32), E(dropout_keep_f16), E(dropout_keep_bf16),
-    ETC(f32), ETC(f16), ETC(bf16),
+    ETC(f32), ETC(f16), ETC(bf16), E(eff_tc_fwd_r128_f32_64), E(eff_tc_fwd_r128_f32_128),
 };
 
 thread_local const Entry* chosen = nullptr;

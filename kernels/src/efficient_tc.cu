@@ -15,7 +15,11 @@
 //   eff_tc_fwd_f32_{64,128,256}  as flash_fwd: one block of 4 warps per (64 query rows, query
 //       segment), each warp owns 16 rows and keeps its output tile and softmax statistics in
 //       registers; Q stays in shared memory, K and V tiles are double-buffered with cp.async.
-//       Dynamic shared memory (64 + 4 BK) (D + 4) 4 bytes (eff_tc_smem on the Rust side).
+//       Dynamic shared memory (64 + 4 BK) (D + 4) 4 bytes (FwdTiling on the Rust side).
+//   eff_tc_fwd_r128_f32_{64,128}  the same with 128 query rows per block (two 16-row m-tiles
+//       per warp, so each K or V fragment is read and split once for two products) and one K
+//       and one V tile of 32 keys, pipelined as flash_fwd_r128: (128 + 2 BK) (D + 4) 4 bytes,
+//       as much as the 64-row kernels; the default past 64 rows (ATTN_OP_CUDA_FWD_ROWS).
 //   eff_tc_bwd_f32_{64,128}  as flash_bwd: one block of 4 warps per (64 keys, key/value
 //       segment), each warp owns 16 keys and keeps their dK and dV in registers while the block
 //       walks the query tiles (BQ rows) of every query segment reading it; dQ by f32 atomics
@@ -35,7 +39,6 @@
 
 #define ET_WARPS 4
 #define ET_THREADS (ET_WARPS * 32)
-#define ET_BQ 64
 
 // x as a tf32 pair (f32 bit patterns with the low 13 bits zero, the tf32 layout cvt.rna.tf32.f32
 // produces): big = x rounded to nearest (ties away: what that cvt compiles to, an add and a mask,
@@ -66,139 +69,200 @@ __device__ __forceinline__ void split_c(const float (&c)[4], unsigned (&ab)[4], 
     split_tf32(c[3], ab[3], as[3]);
 }
 
-// d += A * B in 3xTF32 (small terms first, then the big product); B's fragment is read at `b`
-// (b0, k index t of column g) and `b + k4` (b1, k index t + 4) and split here.
-__device__ __forceinline__ void mma_3xtf32(float (&d)[4], const unsigned (&ab)[4], const unsigned (&as)[4],
-                                           const float* b, int k4) {
-    unsigned b0b, b0s, b1b, b1s;
-    split_tf32(b[0], b0b, b0s);
-    split_tf32(b[k4], b1b, b1s);
-    mma1688_tf32(d, as, b0b, b1b);
-    mma1688_tf32(d, ab, b0s, b1s);
-    mma1688_tf32(d, ab, b0b, b1b);
+// B's fragment read at `b` (b0, k index t of column g) and `b + k4` (b1, k index t + 4), split.
+__device__ __forceinline__ void split_b(const float* b, int k4, unsigned (&bb)[2], unsigned (&bs)[2]) {
+    split_tf32(b[0], bb[0], bs[0]);
+    split_tf32(b[k4], bb[1], bs[1]);
 }
 
-template <int D, int BK>
+// d += A * B in 3xTF32 (small terms first, then the big product), operands split.
+__device__ __forceinline__ void mma_3xtf32(float (&d)[4], const unsigned (&ab)[4], const unsigned (&as)[4],
+                                           const unsigned (&bb)[2], const unsigned (&bs)[2]) {
+    mma1688_tf32(d, as, bb[0], bb[1]);
+    mma1688_tf32(d, ab, bs[0], bs[1]);
+    mma1688_tf32(d, ab, bb[0], bb[1]);
+}
+
+// d += A * B in 3xTF32 with B's fragment read at `b` and `b + k4` and split here (split_b).
+__device__ __forceinline__ void mma_3xtf32(float (&d)[4], const unsigned (&ab)[4], const unsigned (&as)[4],
+                                           const float* b, int k4) {
+    unsigned bb[2], bs[2];
+    split_b(b, k4, bb, bs);
+    mma_3xtf32(d, ab, as, bb, bs);
+}
+
+// MT 16-row m-tiles per warp (BQ = 64 MT query rows per block; each K or V fragment a warp
+// reads and splits then feeds MT products) and STAGES of K/V tiles, as flash_fwd (flash_fwd.cuh).
+template <int D, int BK, int MT, int STAGES>
 __device__ void eff_tc_fwd(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
                            const float* __restrict__ bias, const unsigned char* __restrict__ boolm,
                            float* __restrict__ o, float* __restrict__ lse, const long long* __restrict__ qsegs,
                            const long long* __restrict__ kvsegs, const AttnParams p) {
 #if ATTN_HAS_MMA
+    static_assert(STAGES == 1 || STAGES == 2, "one or two K/V stages");
     constexpr int LDS = D + 4;
     constexpr int NB = BK / 8;  // score n-blocks (and P.V k-steps) per warp
     constexpr int ND = D / 8;   // output n-blocks per warp
+    constexpr int BQ = ET_WARPS * 16 * MT;
     ATTN_DYNAMIC_SMEM(smem_raw);
-    float* Qs = reinterpret_cast<float*>(smem_raw);
-    float* Ks = Qs + ET_BQ * LDS;   // [2][BK][LDS]
-    float* Vs = Ks + 2 * BK * LDS;  // [2][BK][LDS]
+    float* Qs = reinterpret_cast<float*>(smem_raw);  // [BQ][LDS]
+    float* Ks = Qs + BQ * LDS;                       // [STAGES][BK][LDS]
+    float* Vs = Ks + STAGES * BK * LDS;              // [STAGES][BK][LDS]
 
     const QSeg s = load_qseg(qsegs, blockIdx.x);
-    const int r0 = (p.tiles - 1 - (int)blockIdx.y) * ET_BQ;  // heavy causal tiles first
+    const int r0 = (p.tiles - 1 - (int)blockIdx.y) * BQ;  // heavy causal tiles first
     if (r0 < 0 || r0 >= s.len) return;
     const KvSeg kv = load_kvseg(kvsegs, s.kv);
     const int lk = kv.len;
-    const int rows = min(ET_BQ, s.len - r0);
+    const int rows = min(BQ, s.len - r0);
     const int kend = visible_keys(s, r0 + rows - 1, lk);
     const int ntiles = (kend + BK - 1) / BK;
     const bool vec = p.vec_ok != 0;
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane >> 2, tq = lane & 3;
-    const int row_a = r0 + warp * 16 + g, row_b = row_a + 8;  // this thread's two rows
+    const int row_a = r0 + warp * 16 + g;  // this thread's rows in m-tile i: row_a + 64 i (+ 8)
     const float log2e = 1.4426950408889634f;
 
-    load_tile<float, ET_BQ, D, LDS, ET_THREADS>(Qs, q, s.q, p.q_rs, r0, s.len, p.e, vec);
+    load_tile<float, BQ, D, LDS, ET_THREADS>(Qs, q, s.q, p.q_rs, r0, s.len, p.e, vec);
     if (ntiles > 0) {
         load_tile<float, BK, D, LDS, ET_THREADS>(Ks, k, kv.k, p.k_rs, 0, lk, p.e, vec);
-        load_tile<float, BK, D, LDS, ET_THREADS>(Vs, v, kv.v, p.v_rs, 0, lk, p.ev, vec);
+        if (STAGES == 2) load_tile<float, BK, D, LDS, ET_THREADS>(Vs, v, kv.v, p.v_rs, 0, lk, p.ev, vec);
     }
     cp_async_commit();
 
-    float oacc[ND][4];
+    float oacc[MT][ND][4];
 #pragma unroll
-    for (int i = 0; i < ND; ++i) oacc[i][0] = oacc[i][1] = oacc[i][2] = oacc[i][3] = 0.0f;
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-    const float* qa = Qs + (warp * 16 + g) * LDS + tq;  // A fragment of k-step kk: qa[kk * 8 + ...]
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int n = 0; n < ND; ++n) oacc[i][n][0] = oacc[i][n][1] = oacc[i][n][2] = oacc[i][n][3] = 0.0f;
+    float m[MT][2], l[MT][2];
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+        m[i][0] = m[i][1] = -INFINITY;
+        l[i][0] = l[i][1] = 0.0f;
+    }
+    const float* qa = Qs + (warp * 16 + g) * LDS + tq;  // A fragment of k-step kk, m-tile i: qa[(64 i) LDS + 8 kk]
 
     for (int j = 0; j < ntiles; ++j) {
         const int k0 = j * BK;
-        const int st = j & 1;
-        if (j + 1 < ntiles) {
-            load_tile<float, BK, D, LDS, ET_THREADS>(Ks + (st ^ 1) * BK * LDS, k, kv.k, p.k_rs, k0 + BK, lk, p.e, vec);
-            load_tile<float, BK, D, LDS, ET_THREADS>(Vs + (st ^ 1) * BK * LDS, v, kv.v, p.v_rs, k0 + BK, lk, p.ev, vec);
-            cp_async_commit();
-            cp_async_wait<1>();
+        const int st = STAGES == 2 ? (j & 1) : 0;
+        if (STAGES == 2) {
+            if (j + 1 < ntiles) {
+                load_tile<float, BK, D, LDS, ET_THREADS>(Ks + (st ^ 1) * BK * LDS, k, kv.k, p.k_rs, k0 + BK, lk, p.e,
+                                                         vec);
+                load_tile<float, BK, D, LDS, ET_THREADS>(Vs + (st ^ 1) * BK * LDS, v, kv.v, p.v_rs, k0 + BK, lk,
+                                                         p.ev, vec);
+                cp_async_commit();
+                cp_async_wait<1>();
+            } else {
+                cp_async_wait<0>();
+            }
+            __syncthreads();
         } else {
             cp_async_wait<0>();
+            __syncthreads();  // K of this tile has landed; every warp is done with the last V
+            load_tile<float, BK, D, LDS, ET_THREADS>(Vs, v, kv.v, p.v_rs, k0, lk, p.ev, vec);
+            cp_async_commit();
         }
-        __syncthreads();
         const float* Kt = Ks + st * BK * LDS;
         const float* Vt = Vs + st * BK * LDS;
 
-        // S = Q K^T for the warp's 16 rows.
-        float sacc[NB][4];
+        // S = Q K^T for the warp's MT x 16 rows; each split K fragment feeds MT products.
+        float sacc[MT][NB][4];
 #pragma unroll
-        for (int i = 0; i < NB; ++i) sacc[i][0] = sacc[i][1] = sacc[i][2] = sacc[i][3] = 0.0f;
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+            for (int n = 0; n < NB; ++n) sacc[i][n][0] = sacc[i][n][1] = sacc[i][n][2] = sacc[i][n][3] = 0.0f;
 #pragma unroll 4
         for (int kk = 0; kk < D / 8; ++kk) {
-            unsigned ab[4], as[4];
-            split_a(qa + kk * 8, 8 * LDS, 4, ab, as);
+            unsigned ab[MT][4], as[MT][4];
 #pragma unroll
-            for (int nb = 0; nb < NB; ++nb) mma_3xtf32(sacc[nb], ab, as, Kt + (nb * 8 + g) * LDS + kk * 8 + tq, 4);
+            for (int i = 0; i < MT; ++i) split_a(qa + i * 64 * LDS + kk * 8, 8 * LDS, 4, ab[i], as[i]);
+#pragma unroll
+            for (int nb = 0; nb < NB; ++nb) {
+                unsigned bb[2], bs[2];
+                split_b(Kt + (nb * 8 + g) * LDS + kk * 8 + tq, 4, bb, bs);
+#pragma unroll
+                for (int i = 0; i < MT; ++i) mma_3xtf32(sacc[i][nb], ab[i], as[i], bb, bs);
+            }
         }
 
         // Scale and mask (natural-log units as efficient.cu), then to base 2 for exp2f.
         const bool need_mask = p.mask_kind != 0 || (k0 + BK > lk) ||
                                (s.causal && (long long)k0 + BK - 1 > (long long)r0 + s.coff);
 #pragma unroll
-        for (int nb = 0; nb < NB; ++nb) {
+        for (int i = 0; i < MT; ++i) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                float x = sacc[nb][e];
-                if (need_mask) {
-                    const int col = k0 + nb * 8 + 2 * tq + (e & 1);
-                    x = masked_score(p, s, bias, boolm, x, e < 2 ? row_a : row_b, col, lk);
-                } else {
-                    x *= p.scale;
+            for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    float x = sacc[i][nb][e];
+                    if (need_mask) {
+                        const int col = k0 + nb * 8 + 2 * tq + (e & 1);
+                        x = masked_score(p, s, bias, boolm, x, row_a + i * 64 + (e < 2 ? 0 : 8), col, lk);
+                    } else {
+                        x *= p.scale;
+                    }
+                    sacc[i][nb][e] = x * log2e;
                 }
-                sacc[nb][e] = x * log2e;
             }
         }
-        online_softmax(sacc, oacc, m, l);
-        if (p.dropout) drop_probs(sacc, p, s, row_a, row_b, k0, tq, lk);
+        if (STAGES == 1) {
+            cp_async_wait<0>();
+            __syncthreads();  // V of this tile has landed; every warp is done with this K
+            if (j + 1 < ntiles) {
+                load_tile<float, BK, D, LDS, ET_THREADS>(Ks, k, kv.k, p.k_rs, k0 + BK, lk, p.e, vec);
+                cp_async_commit();
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < MT; ++i) {
+            online_softmax(sacc[i], oacc[i], m[i], l[i]);
+            if (p.dropout) drop_probs(sacc[i], p, s, row_a + i * 64, row_a + i * 64 + 8, k0, tq, lk);
+        }
         // O += P V. The scores of key block kb sit in the C layout (row g / g + 8, keys 2t and
         // 2t + 1), not in the A layout of m16n8k8 (keys t and t + 4). The sum over keys does not
         // care about their order, so k-index t stands for key 2t and t + 4 for key 2t + 1, and
         // the B fragment reads V's rows in the same order: no shuffles.
 #pragma unroll
         for (int kb = 0; kb < NB; ++kb) {
-            unsigned ab[4], as[4];
-            split_c(sacc[kb], ab, as);
+            unsigned ab[MT][4], as[MT][4];
+#pragma unroll
+            for (int i = 0; i < MT; ++i) split_c(sacc[i][kb], ab[i], as[i]);
             const float* vb = Vt + (kb * 8 + 2 * tq) * LDS + g;
 #pragma unroll
-            for (int db = 0; db < ND; ++db) mma_3xtf32(oacc[db], ab, as, vb + db * 8, LDS);
+            for (int db = 0; db < ND; ++db) {
+                unsigned bb[2], bs[2];
+                split_b(vb + db * 8, LDS, bb, bs);
+#pragma unroll
+                for (int i = 0; i < MT; ++i) mma_3xtf32(oacc[i][db], ab[i], as[i], bb, bs);
+            }
         }
-        __syncthreads();  // this stage is refilled by the next iteration's prefetch
+        if (STAGES == 2) __syncthreads();  // this stage is refilled by the next iteration's prefetch
     }
     cp_async_wait<0>();
 
-    write_rows<float>(o, lse, oacc, m, l, p, s, row_a, row_b, tq);
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+        write_rows<float>(o, lse, oacc[i], m[i], l[i], p, s, row_a + i * 64, row_a + i * 64 + 8, tq);
 #else
     __trap();  // tensor-core kernels need sm80+; the launcher picks eff_fwd_f32 on older devices
 #endif
 }
 
-#define EFF_TC_FWD(D, BK)                                                                                     \
+#define EFF_TC_FWD(NAME, D, BK, MT, STAGES)                                                                   \
     extern "C" __global__ void __launch_bounds__(ET_THREADS, 1)                                                \
-        eff_tc_fwd_f32_##D(const float* q, const float* k, const float* v, const float* bias,                 \
-                           const unsigned char* bm, float* o, float* lse, const long long* qs,                \
-                           const long long* ks, const AttnParams p) {                                         \
-        eff_tc_fwd<D, BK>(q, k, v, bias, bm, o, lse, qs, ks, p);                                              \
+        NAME(const float* q, const float* k, const float* v, const float* bias, const unsigned char* bm,       \
+             float* o, float* lse, const long long* qs, const long long* ks, const AttnParams p) {             \
+        eff_tc_fwd<D, BK, MT, STAGES>(q, k, v, bias, bm, o, lse, qs, ks, p);                                  \
     }
 
-EFF_TC_FWD(64, 32)
-EFF_TC_FWD(128, 32)
-EFF_TC_FWD(256, 16)
+EFF_TC_FWD(eff_tc_fwd_f32_64, 64, 32, 1, 2)
+EFF_TC_FWD(eff_tc_fwd_f32_128, 128, 32, 1, 2)
+EFF_TC_FWD(eff_tc_fwd_f32_256, 256, 16, 1, 2)
+EFF_TC_FWD(eff_tc_fwd_r128_f32_64, 64, 32, 2, 1)
+EFF_TC_FWD(eff_tc_fwd_r128_f32_128, 128, 32, 2, 1)
 
 // ---- backward ---------------------------------------------------------------------------------
 

@@ -4,13 +4,14 @@
 //! - [`Backend::Flash`]: FlashAttention-2 on tensor cores (sm80+, f16/bf16, head dims that are
 //!   multiples of 8 up to 256 with `E == Ev`, no mask). The forward takes 128-row query tiles up
 //!   to head dim 128 on sequences longer than 64 (FlashAttention-2's tiling), 64-row ones
-//!   otherwise (`ATTN_OP_CUDA_FLASH_FWD_ROWS=64` or `128` forces one, to compare). Backward on tensor cores up to head dim 128, with
-//!   double-buffered query tiles; above, the efficient backward kernel.
+//!   otherwise (`ATTN_OP_CUDA_FWD_ROWS=64` or `128` forces one, to compare). Backward on tensor
+//!   cores up to head dim 128, with double-buffered query tiles; above, the efficient backward.
 //! - [`Backend::Efficient`]: SIMT kernels with f32 arithmetic for f32, f16 and bf16, additive or
 //!   boolean masks, any head dims up to 256. From sm80 on they run on tensor cores instead
 //!   (efficient_tc.cu: f16/bf16 as the flash kernels with masks, f32 with each product as three
-//!   TF32 `mma.sync` products, 3xTF32, which keeps f32's accuracy; forward for every head dim,
-//!   backward up to 128) unless `ATTN_OP_CUDA_EFFICIENT_SIMT=1` asks for the SIMT kernels.
+//!   TF32 `mma.sync` products, 3xTF32, which keeps f32's accuracy, its forward tiled as the
+//!   flash forward; forward for every head dim, backward up to 128) unless
+//!   `ATTN_OP_CUDA_EFFICIENT_SIMT=1` asks for the SIMT kernels.
 //!
 //! Both read q, k and v through the segment table of [`Geometry`] (dense, strided, GQA and packed
 //! inputs alike), produce the CPU implementation's row logsumexp, and draw dropout from the same
