@@ -130,13 +130,9 @@ fn eff_bucket(e: usize, ev: usize) -> usize {
 }
 
 /// The most dynamic shared memory the tensor-core efficient forward for `dtype` may need (f16
-/// and bf16 run the 64-row flash forward's code with masks, so its tiles).
+/// and bf16 run the flash forward's code with masks, so its tiles).
 fn eff_tc_fwd_smem(dtype: DType, d: usize) -> usize {
-    if dtype == DType::F32 {
-        FwdTiling::max_smem(d, true)
-    } else {
-        FwdTiling::rows64(d, false).smem(d)
-    }
+    FwdTiling::max_smem(d, dtype == DType::F32)
 }
 
 /// Query rows per tile of the tensor-core efficient f32 backward, for the head-dim buckets it has
@@ -430,7 +426,7 @@ pub(crate) fn deterministic() -> bool {
     std::env::var("ATTN_OP_CUDA_DETERMINISTIC").is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
-/// The query-tile rows of the tensor-core forwards (flash, and the f32 efficient one) that
+/// The query-tile rows of the tensor-core forwards (flash and efficient) that
 /// `ATTN_OP_CUDA_FWD_ROWS` asks for (`64` or `128`; anything else is ignored): to compare the
 /// two tilings on a GPU. By default head dims up to 128 run 128-row tiles on sequences longer
 /// than 64 (see [`FwdTiling::choose`]).
@@ -601,11 +597,7 @@ pub(crate) fn forward_launch(
         }
     } else if efficient_tc(cc, eff_tc_fwd_smem(dtype, eff_bucket(g.e, g.ev)), smem) {
         let d = eff_bucket(g.e, g.ev);
-        let tiling = if dtype == DType::F32 {
-            FwdTiling::choose(d, true, longest)
-        } else {
-            FwdTiling::rows64(d, false)
-        };
+        let tiling = FwdTiling::choose(d, dtype == DType::F32, longest);
         params.tiles = tiles(longest, tiling.rows)? as i32;
         Launch {
             kind: KernelKind::EffTcFwd,

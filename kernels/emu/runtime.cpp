@@ -359,14 +359,15 @@ Entry entry_of(const char* name, void (*f)(A...)) {
 #define EFF(T, D) E(eff_fwd_##T##_##D), E(eff_bwd_##T##_##D), E(eff_dq_##T##_##D)
 #define FF(T) E(flash_fwd_##T##_32), E(flash_fwd_##T##_64), E(flash_fwd_##T##_96), E(flash_fwd_##T##_128), E(flash_fwd_##T##_256), \
     E(flash_fwd_r128_##T##_32), E(flash_fwd_r128_##T##_64), E(flash_fwd_r128_##T##_96), E(flash_fwd_r128_##T##_128)
-#define ETC(T) E(eff_tc_fwd_##T##_64), E(eff_tc_fwd_##T##_128), E(eff_tc_fwd_##T##_256), E(eff_tc_bwd_##T##_64), E(eff_tc_bwd_##T##_128)
+#define ETC(T) E(eff_tc_fwd_##T##_64), E(eff_tc_fwd_##T##_128), E(eff_tc_fwd_##T##_256), E(eff_tc_bwd_##T##_64), E(eff_tc_bwd_##T##_128), \
+    E(eff_tc_fwd_r128_##T##_64), E(eff_tc_fwd_r128_##T##_128)
 #define FB(T) E(flash_bwd_##T##_32), E(flash_bwd_##T##_64), E(flash_bwd_##T##_96), E(flash_bwd_##T##_128)
 
 const Entry kKernels[] = {
     EFF(f32, 64), EFF(f32, 128), EFF(f32, 256), EFF(f16, 64), EFF(f16, 128), EFF(f16, 256),
     EFF(bf16, 64), EFF(bf16, 128), EFF(bf16, 256), E(attn_delta_f32), E(attn_delta_f16), E(attn_delta_bf16),
     FF(f16), FF(bf16), FB(f16), FB(bf16), E(dropout_keep_f32), E(dropout_keep_f16), E(dropout_keep_bf16),
-    ETC(f32), ETC(f16), ETC(bf16), E(eff_tc_fwd_r128_f32_64), E(eff_tc_fwd_r128_f32_128),
+    ETC(f32), ETC(f16), ETC(bf16),
 };
 
 thread_local const Entry* chosen = nullptr;

@@ -1,7 +1,8 @@
 // Memory-efficient attention on tensor cores (sm80+). f16 and bf16 (end of this file) run the
 // flash kernels' templates (flash_fwd.cuh, flash_bwd.cuh) with the efficient backend's masks:
-// eff_tc_fwd_{f16,bf16}_{64,128,256}, eff_tc_bwd_{f16,bf16}_{64,128} (head dim 256 keeps the
-// CUDA-core backward). f32 has kernels of its own, below.
+// eff_tc_fwd_{f16,bf16}_{64,128,256} and eff_tc_fwd_r128_{f16,bf16}_{64,128} (the two forward
+// tilings of flash_fwd.cu), eff_tc_bwd_{f16,bf16}_{64,128} (head dim 256 keeps the CUDA-core
+// backward). f32 has kernels of its own, below.
 //
 // f32 forward and backward, 3xTF32: every product
 // a * b runs as a_big * b_big + a_big * b_small + a_small * b_big on mma.sync m16n8k8 tf32, with
@@ -414,11 +415,11 @@ EFF_TC_BWD(128, 16)
 
 // ---- f16 / bf16: the flash kernels with masks ------------------------------------------------
 
-#define EFF_TC_HALF_FWD(NAME, T, D, BK)                                                                         \
+#define EFF_TC_HALF_FWD(KERNEL, T, D, BK, MT, STAGES)                                                           \
     extern "C" __global__ void __launch_bounds__(FF_THREADS)                                                    \
-        eff_tc_fwd_##NAME##_##D(const T* q, const T* k, const T* v, const float* bias, const unsigned char* bm, \
-                                T* o, float* lse, const long long* qs, const long long* ks, const AttnParams p) { \
-        flash_fwd<T, D, BK, 1, 2, true>(q, k, v, bias, bm, o, lse, qs, ks, p);                                  \
+        KERNEL(const T* q, const T* k, const T* v, const float* bias, const unsigned char* bm, T* o, float* lse, \
+               const long long* qs, const long long* ks, const AttnParams p) {                                  \
+        flash_fwd<T, D, BK, MT, STAGES, true>(q, k, v, bias, bm, o, lse, qs, ks, p);                            \
     }
 #define EFF_TC_HALF_BWD(NAME, T, D, BQ)                                                                         \
     extern "C" __global__ void __launch_bounds__(FB_THREADS) eff_tc_bwd_##NAME##_##D(                           \
@@ -427,12 +428,15 @@ EFF_TC_BWD(128, 16)
         const long long* ks, const AttnParams p, int with_dq) {                                                 \
         flash_bwd<T, D, BQ, true>(q, k, v, bias, bm, dout, lse, delta, dq, dk, dv, qs, ks, p, with_dq);         \
     }
-// Tile sizes as the flash kernels' buckets of the same head dim (flash_fwd.cu, flash_bwd.cu).
-#define EFF_TC_HALF(NAME, T)          \
-    EFF_TC_HALF_FWD(NAME, T, 64, 64)  \
-    EFF_TC_HALF_FWD(NAME, T, 128, 64) \
-    EFF_TC_HALF_FWD(NAME, T, 256, 32) \
-    EFF_TC_HALF_BWD(NAME, T, 64, 64)  \
+// Tile sizes as the flash kernels' buckets of the same head dim (flash_fwd.cu, flash_bwd.cu),
+// both forward tilings up to head dim 128.
+#define EFF_TC_HALF(NAME, T)                                                \
+    EFF_TC_HALF_FWD(eff_tc_fwd_##NAME##_64, T, 64, 64, 1, 2)                \
+    EFF_TC_HALF_FWD(eff_tc_fwd_##NAME##_128, T, 128, 64, 1, 2)              \
+    EFF_TC_HALF_FWD(eff_tc_fwd_##NAME##_256, T, 256, 32, 1, 2)              \
+    EFF_TC_HALF_FWD(eff_tc_fwd_r128_##NAME##_64, T, 64, 64, 2, 1)           \
+    EFF_TC_HALF_FWD(eff_tc_fwd_r128_##NAME##_128, T, 128, 32, 2, 1)         \
+    EFF_TC_HALF_BWD(NAME, T, 64, 64)                                        \
     EFF_TC_HALF_BWD(NAME, T, 128, 32)
 
 EFF_TC_HALF(f16, __half)
