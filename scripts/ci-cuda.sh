@@ -32,15 +32,39 @@ WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 # Configurations that must not spill: the kernels a user's training step runs.
 MAIN='^(flash_fwd_|flash_bwd_|eff_fwd_f32_|eff_tc_fwd_|eff_bwd_)'
-fail=0
 # sm_75 (T4): the efficient kernels must build there too (flash compiles to a stub the dispatcher
-# never launches below sm80).
+# never launches below sm80). One nvcc + ptxas job per (architecture, file), as many at once as
+# there are cores; results are read in a fixed order afterwards.
+ptxas_job() {
+    local arch="$1" cu="$2" name
+    name="$(basename "$cu" .cu)"
+    local out="$WORK/$name.sm$arch"
+    if nvcc --ptx -arch="sm_$arch" -std=c++17 -O3 --expt-relaxed-constexpr -Ikernels/src "$cu" -o "$out.ptx" \
+        && ptxas -v -arch="sm_$arch" "$out.ptx" -o "$out.cubin" 2>"$out.log"; then
+        echo 0 >"$out.rc"
+    else
+        echo 1 >"$out.rc"
+    fi
+    rm -f "$out.ptx" "$out.cubin"
+}
+jobs_max="$(nproc 2>/dev/null || echo 2)"
+for arch in 75 80 90; do
+    for cu in kernels/src/*.cu; do
+        while (($(jobs -rp | wc -l) >= jobs_max)); do wait -n || true; done
+        ptxas_job "$arch" "$cu" &
+    done
+done
+wait
+fail=0
 for arch in 75 80 90; do
     for cu in kernels/src/*.cu; do
         name="$(basename "$cu" .cu)"
-        ptx="$WORK/$name.sm$arch.ptx"
-        nvcc --ptx -arch="sm_$arch" -std=c++17 -O3 --expt-relaxed-constexpr -Ikernels/src "$cu" -o "$ptx"
-        ptxas -v -arch="sm_$arch" "$ptx" -o "$WORK/$name.sm$arch.cubin" 2>"$WORK/$name.sm$arch.log"
+        if [[ "$(cat "$WORK/$name.sm$arch.rc")" != 0 ]]; then
+            echo "ci-cuda: FAIL: nvcc or ptxas failed on $cu for sm_$arch"
+            cat "$WORK/$name.sm$arch.log" 2>/dev/null || true
+            fail=1
+            continue
+        fi
         # One line per kernel: name, registers, spill bytes.
         awk -v arch="$arch" '
             /Compiling entry function/ { match($0, /'"'"'[^'"'"']+'"'"'/); k = substr($0, RSTART + 1, RLENGTH - 2) }
