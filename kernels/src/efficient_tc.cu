@@ -132,40 +132,13 @@ __device__ void eff_tc_fwd(const float* __restrict__ q, const float* __restrict_
     }
     cp_async_commit();
 
-    float oacc[MT][ND][4];
-#pragma unroll
-    for (int i = 0; i < MT; ++i)
-#pragma unroll
-        for (int n = 0; n < ND; ++n) oacc[i][n][0] = oacc[i][n][1] = oacc[i][n][2] = oacc[i][n][3] = 0.0f;
-    float m[MT][2], l[MT][2];
-#pragma unroll
-    for (int i = 0; i < MT; ++i) {
-        m[i][0] = m[i][1] = -INFINITY;
-        l[i][0] = l[i][1] = 0.0f;
-    }
+    float oacc[MT][ND][4], m[MT][2], l[MT][2];
+    init_rows(oacc, m, l);
     const float* qa = Qs + (warp * 16 + g) * LDS + tq;  // A fragment of k-step kk, m-tile i: qa[(64 i) LDS + 8 kk]
 
     for (int j = 0; j < ntiles; ++j) {
         const int k0 = j * BK;
-        const int st = STAGES == 2 ? (j & 1) : 0;
-        if (STAGES == 2) {
-            if (j + 1 < ntiles) {
-                load_tile<float, BK, D, LDS, ET_THREADS>(Ks + (st ^ 1) * BK * LDS, k, kv.k, p.k_rs, k0 + BK, lk, p.e,
-                                                         vec);
-                load_tile<float, BK, D, LDS, ET_THREADS>(Vs + (st ^ 1) * BK * LDS, v, kv.v, p.v_rs, k0 + BK, lk,
-                                                         p.ev, vec);
-                cp_async_commit();
-                cp_async_wait<1>();
-            } else {
-                cp_async_wait<0>();
-            }
-            __syncthreads();
-        } else {
-            cp_async_wait<0>();
-            __syncthreads();  // K of this tile has landed; every warp is done with the last V
-            load_tile<float, BK, D, LDS, ET_THREADS>(Vs, v, kv.v, p.v_rs, k0, lk, p.ev, vec);
-            cp_async_commit();
-        }
+        const int st = kv_tile_start<float, BK, D, LDS, ET_THREADS, STAGES>(Ks, Vs, k, v, kv, p, j, ntiles, vec);
         const float* Kt = Ks + st * BK * LDS;
         const float* Vt = Vs + st * BK * LDS;
 
@@ -209,19 +182,8 @@ __device__ void eff_tc_fwd(const float* __restrict__ q, const float* __restrict_
                 }
             }
         }
-        if (STAGES == 1) {
-            cp_async_wait<0>();
-            __syncthreads();  // V of this tile has landed; every warp is done with this K
-            if (j + 1 < ntiles) {
-                load_tile<float, BK, D, LDS, ET_THREADS>(Ks, k, kv.k, p.k_rs, k0 + BK, lk, p.e, vec);
-                cp_async_commit();
-            }
-        }
-#pragma unroll
-        for (int i = 0; i < MT; ++i) {
-            online_softmax(sacc[i], oacc[i], m[i], l[i]);
-            if (p.dropout) drop_probs(sacc[i], p, s, row_a + i * 64, row_a + i * 64 + 8, k0, tq, lk);
-        }
+        kv_tile_mid<float, BK, D, LDS, ET_THREADS, STAGES>(Ks, k, kv, p, j, ntiles, vec);
+        softmax_tiles(sacc, oacc, m, l, p, s, row_a, k0, tq, lk);
         // O += P V. The scores of key block kb sit in the C layout (row g / g + 8, keys 2t and
         // 2t + 1), not in the A layout of m16n8k8 (keys t and t + 4). The sum over keys does not
         // care about their order, so k-index t stands for key 2t and t + 4 for key 2t + 1, and

@@ -53,39 +53,12 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k, cons
     }
     cp_async_commit();
 
-    float oacc[MT][ND][4];
-#pragma unroll
-    for (int i = 0; i < MT; ++i)
-#pragma unroll
-        for (int n = 0; n < ND; ++n) oacc[i][n][0] = oacc[i][n][1] = oacc[i][n][2] = oacc[i][n][3] = 0.0f;
-    float m[MT][2], l[MT][2];
-#pragma unroll
-    for (int i = 0; i < MT; ++i) {
-        m[i][0] = m[i][1] = -INFINITY;
-        l[i][0] = l[i][1] = 0.0f;
-    }
+    float oacc[MT][ND][4], m[MT][2], l[MT][2];
+    init_rows(oacc, m, l);
 
     for (int j = 0; j < ntiles; ++j) {
         const int k0 = j * BK;
-        const int st = STAGES == 2 ? (j & 1) : 0;
-        if (STAGES == 2) {
-            if (j + 1 < ntiles) {
-                T* kn = Ks + (st ^ 1) * BK * LDS;
-                T* vn = Vs + (st ^ 1) * BK * LDS;
-                load_tile<T, BK, D, LDS, FF_THREADS>(kn, k, kv.k, p.k_rs, k0 + BK, lk, p.e, vec);
-                load_tile<T, BK, D, LDS, FF_THREADS>(vn, v, kv.v, p.v_rs, k0 + BK, lk, p.ev, vec);
-                cp_async_commit();
-                cp_async_wait<1>();
-            } else {
-                cp_async_wait<0>();
-            }
-            __syncthreads();
-        } else {
-            cp_async_wait<0>();
-            __syncthreads();  // K of this tile has landed; every warp is done with the last V
-            load_tile<T, BK, D, LDS, FF_THREADS>(Vs, v, kv.v, p.v_rs, k0, lk, p.ev, vec);
-            cp_async_commit();
-        }
+        const int st = kv_tile_start<T, BK, D, LDS, FF_THREADS, STAGES>(Ks, Vs, k, v, kv, p, j, ntiles, vec);
         const T* Kt = Ks + st * BK * LDS;
         const T* Vt = Vs + st * BK * LDS;
 
@@ -136,19 +109,8 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k, cons
                 }
             }
         }
-        if (STAGES == 1) {
-            cp_async_wait<0>();
-            __syncthreads();  // V of this tile has landed; every warp is done with this K
-            if (j + 1 < ntiles) {
-                load_tile<T, BK, D, LDS, FF_THREADS>(Ks, k, kv.k, p.k_rs, k0 + BK, lk, p.e, vec);
-                cp_async_commit();
-            }
-        }
-#pragma unroll
-        for (int i = 0; i < MT; ++i) {
-            online_softmax(sacc[i], oacc[i], m[i], l[i]);
-            if (p.dropout) drop_probs(sacc[i], p, s, row_a + i * 64, row_a + i * 64 + 8, k0, tq, lk);
-        }
+        kv_tile_mid<T, BK, D, LDS, FF_THREADS, STAGES>(Ks, k, kv, p, j, ntiles, vec);
+        softmax_tiles(sacc, oacc, m, l, p, s, row_a, k0, tq, lk);
         // O += P V: the score accumulators are the A fragments of the next product; each V
         // fragment feeds MT products.
 #pragma unroll

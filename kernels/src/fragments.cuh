@@ -46,6 +46,18 @@ __device__ __forceinline__ void online_softmax(float (&sacc)[NB][4], float (&oac
     }
 }
 
+// Zeroes the output accumulators and starts the softmax statistics of a warp's MT m-tiles.
+template <int MT, int ND>
+__device__ __forceinline__ void init_rows(float (&oacc)[MT][ND][4], float (&m)[MT][2], float (&l)[MT][2]) {
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+#pragma unroll
+        for (int n = 0; n < ND; ++n) oacc[i][n][0] = oacc[i][n][1] = oacc[i][n][2] = oacc[i][n][3] = 0.0f;
+        m[i][0] = m[i][1] = -INFINITY;
+        l[i][0] = l[i][1] = 0.0f;
+    }
+}
+
 // Dropout on the probabilities of key tile k0 that multiply V (the normalizer keeps the
 // undropped ones); rows row_a (h = 0) and row_b of segment s.
 template <int NB>
@@ -63,6 +75,19 @@ __device__ __forceinline__ void drop_probs(float (&sacc)[NB][4], const AttnParam
                 sacc[nb][2 * h + 1] *= word_of(w, (col & 3) + 1) >= p.threshold ? p.keep_scale : 0.0f;
             }
         }
+    }
+}
+
+// online_softmax and, with dropout, drop_probs for each of a warp's MT m-tiles of key tile k0;
+// m-tile i holds rows row_a + 64 i and row_a + 64 i + 8 of segment s.
+template <int MT, int NB, int ND>
+__device__ __forceinline__ void softmax_tiles(float (&sacc)[MT][NB][4], float (&oacc)[MT][ND][4], float (&m)[MT][2],
+                                              float (&l)[MT][2], const AttnParams& p, const QSeg& s, int row_a,
+                                              int k0, int tq, int lk) {
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+        online_softmax(sacc[i], oacc[i], m[i], l[i]);
+        if (p.dropout) drop_probs(sacc[i], p, s, row_a + i * 64, row_a + i * 64 + 8, k0, tq, lk);
     }
 }
 

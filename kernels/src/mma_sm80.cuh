@@ -151,6 +151,50 @@ __device__ __forceinline__ void load_tile(T* dst, const T* __restrict__ src, lon
     }
 }
 
+// The forwards' K/V pipeline (flash_fwd.cuh, eff_tc_fwd in efficient_tc.cu) over key tiles of BK
+// rows of key/value segment kv. STAGES 2: tile j + 1 is prefetched into the other stage while
+// tile j is used, and the caller synchronizes after its P V; STAGES 1: one K and one V tile, V of
+// tile j lands during Q K^T and K of tile j + 1 during the softmax and P V (kv_tile_mid).
+// kv_tile_start runs at the top of iteration j (the prologue loaded K of tile 0, and its V with
+// two stages) and returns the stage to read.
+template <typename T, int BK, int D, int LDS, int THREADS, int STAGES>
+__device__ __forceinline__ int kv_tile_start(T* Ks, T* Vs, const T* __restrict__ k, const T* __restrict__ v,
+                                             const KvSeg& kv, const AttnParams& p, int j, int ntiles, bool vec) {
+    const int k0 = j * BK;
+    if (STAGES == 2) {
+        const int st = j & 1;
+        if (j + 1 < ntiles) {
+            load_tile<T, BK, D, LDS, THREADS>(Ks + (st ^ 1) * BK * LDS, k, kv.k, p.k_rs, k0 + BK, kv.len, p.e, vec);
+            load_tile<T, BK, D, LDS, THREADS>(Vs + (st ^ 1) * BK * LDS, v, kv.v, p.v_rs, k0 + BK, kv.len, p.ev, vec);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        return st;
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // K of this tile has landed; every warp is done with the last V
+    load_tile<T, BK, D, LDS, THREADS>(Vs, v, kv.v, p.v_rs, k0, kv.len, p.ev, vec);
+    cp_async_commit();
+    return 0;
+}
+
+// With one stage, between Q K^T and the softmax of tile j: waits for V of tile j and starts K of
+// tile j + 1. Nothing with two stages.
+template <typename T, int BK, int D, int LDS, int THREADS, int STAGES>
+__device__ __forceinline__ void kv_tile_mid(T* Ks, const T* __restrict__ k, const KvSeg& kv, const AttnParams& p,
+                                            int j, int ntiles, bool vec) {
+    if (STAGES != 1) return;
+    cp_async_wait<0>();
+    __syncthreads();  // V of this tile has landed; every warp is done with this K
+    if (j + 1 < ntiles) {
+        load_tile<T, BK, D, LDS, THREADS>(Ks, k, kv.k, p.k_rs, (j + 1) * BK, kv.len, p.e, vec);
+        cp_async_commit();
+    }
+}
+
 // The f32 row term kept in the padding of row r of a shared-memory tile with D used columns
 // and rows of LDS elements (the backward keeps each query row's logsumexp and D there).
 template <typename T, int D, int LDS>
