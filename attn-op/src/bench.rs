@@ -105,6 +105,33 @@ pub fn sweep(
     backward: bool,
     min_time: Duration,
 ) -> Result<Sweep> {
+    let mut rows = vec![None];
+    rows.extend(Backend::ALL.map(Some));
+    sweep_rows(q, k, v, opts, backward, min_time, &rows)
+}
+
+/// [`sweep`] over chosen rows, in the order given: `None` times the default dispatch, `Some(b)`
+/// backend `b` alone, so a sweep need not wait for a slow backend.
+///
+/// ```
+/// use attn_op::bench::sweep_rows;
+/// use attn_op::{Backend, SdpaOptions};
+/// use candle_core::{Device, Tensor};
+/// let q = Tensor::randn(0f32, 1., (1, 2, 16, 8), &Device::Cpu)?;
+/// let min_time = std::time::Duration::from_millis(5);
+/// let s = sweep_rows(&q, &q, &q, &SdpaOptions::default(), false, min_time, &[None, Some(Backend::Flash)])?;
+/// assert_eq!(s.rows.len(), 2);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn sweep_rows(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    opts: &SdpaOptions,
+    backward: bool,
+    min_time: Duration,
+    which: &[Option<Backend>],
+) -> Result<Sweep> {
     let p = check_sdpa("bench::sweep", q, k, v, opts)?;
     let run = || -> Result<()> {
         let y = scaled_dot_product_attention(q, k, v, opts)?;
@@ -114,28 +141,32 @@ pub fn sweep(
         Ok(())
     };
     let mut rows = Vec::new();
-    let default = select(&p, opts, q.device()).map(|s| s.backend);
-    rows.push(SweepRow {
-        backend: None,
-        ran: default.as_ref().ok().copied(),
-        result: match default {
-            Ok(_) => time(q.device(), min_time, run).map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        },
-    });
-    for backend in Backend::ALL {
-        let result = match refusal(backend, &p, opts.attn_mask.is_some(), q.device()) {
-            Some(reason) => Err(reason),
+    for &backend in which {
+        let row = match backend {
             None => {
-                let _only = sdpa_kernel(&[backend]);
-                time(q.device(), min_time, run).map_err(|e| e.to_string())
+                let default = select(&p, opts, q.device()).map(|s| s.backend);
+                SweepRow {
+                    backend: None,
+                    ran: default.as_ref().ok().copied(),
+                    result: match default {
+                        Ok(_) => time(q.device(), min_time, run).map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    },
+                }
             }
+            Some(backend) => SweepRow {
+                backend: Some(backend),
+                ran: Some(backend),
+                result: match refusal(backend, &p, opts.attn_mask.is_some(), q.device()) {
+                    Some(reason) => Err(reason),
+                    None => {
+                        let _only = sdpa_kernel(&[backend]);
+                        time(q.device(), min_time, run).map_err(|e| e.to_string())
+                    }
+                },
+            },
         };
-        rows.push(SweepRow {
-            backend: Some(backend),
-            ran: Some(backend),
-            result,
-        });
+        rows.push(row);
     }
     let title = format!(
         "q {:?}, k {:?}, v {:?}, {:?}{}{}",

@@ -7,9 +7,9 @@
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use attn_op::bench::{random_lengths, sweep, varlen_comparison, Sweep, VarlenComparison};
+use attn_op::bench::{random_lengths, sweep_rows, varlen_comparison, Sweep, VarlenComparison};
 use attn_op::nn::{AttentionConfig, CausalSelfAttention, Causality};
-use attn_op::SdpaOptions;
+use attn_op::{Backend, SdpaOptions};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 
@@ -28,14 +28,18 @@ pub struct SdpaBench {
     pub batch: usize,
     /// Attention heads.
     pub heads: usize,
-    /// Sequence length (queries and keys).
+    /// Query sequence length.
     pub seq: usize,
+    /// Key/value sequence length.
+    pub kv_seq: usize,
     /// Head dimension.
     pub head_dim: usize,
     /// Mask the future.
     pub causal: bool,
     /// Time forward and backward of `sum(output)` instead of forward alone.
     pub backward: bool,
+    /// What to time, in order: `None` the default dispatch, `Some(b)` backend `b` alone.
+    pub backends: Vec<Option<Backend>>,
     /// Least time spent timing each backend.
     pub min_time: Duration,
 }
@@ -47,14 +51,15 @@ pub fn sdpa(b: &SdpaBench) -> Result<Sweep> {
         ("batch", b.batch),
         ("heads", b.heads),
         ("seq", b.seq),
+        ("kv-seq", b.kv_seq),
         ("head-dim", b.head_dim),
     ] {
         if value == 0 {
             bail!("--{name} 0: it must be at least 1");
         }
     }
-    let shape = (b.batch, b.heads, b.seq, b.head_dim);
-    let input = || -> Result<Tensor> {
+    let input = |seq: usize| -> Result<Tensor> {
+        let shape = (b.batch, b.heads, seq, b.head_dim);
         let t = Tensor::randn(0f32, 1., shape, &b.device)?.to_dtype(b.dtype)?;
         // Backward needs variables to differentiate against.
         Ok(if b.backward {
@@ -63,12 +68,20 @@ pub fn sdpa(b: &SdpaBench) -> Result<Sweep> {
             t
         })
     };
-    let (q, k, v) = (input()?, input()?, input()?);
+    let (q, k, v) = (input(b.seq)?, input(b.kv_seq)?, input(b.kv_seq)?);
     let opts = SdpaOptions {
         is_causal: b.causal,
         ..Default::default()
     };
-    Ok(sweep(&q, &k, &v, &opts, b.backward, b.min_time)?)
+    Ok(sweep_rows(
+        &q,
+        &k,
+        &v,
+        &opts,
+        b.backward,
+        b.min_time,
+        &b.backends,
+    )?)
 }
 
 /// What [`varlen`] times.

@@ -141,15 +141,23 @@ pub struct SdpaArgs {
     /// Attention heads.
     #[arg(long, default_value_t = 32)]
     pub heads: usize,
-    /// Sequence length.
+    /// Sequence length (of the queries).
     #[arg(long, default_value_t = 1024)]
     pub seq: usize,
+    /// Key/value sequence length [default: --seq]; `--seq 1 --kv-seq 4096` times a KV-cache
+    /// decoding step.
+    #[arg(long)]
+    pub kv_seq: Option<usize>,
     /// Head dimension.
     #[arg(long, default_value_t = 32)]
     pub head_dim: usize,
     /// Mask the future.
     #[arg(long)]
     pub causal: bool,
+    /// What to time, in order: `default` (the automatic dispatch) and backends alone.
+    #[arg(long, value_delimiter = ',', value_parser = parse_sweep_row,
+          default_value = "default,flash,efficient,math")]
+    pub backends: Vec<SweepRowArg>,
     /// Time forward and backward instead of forward alone.
     #[arg(long)]
     pub backward: bool,
@@ -188,6 +196,20 @@ pub struct VarlenArgs {
     /// Write a Chrome trace of the run's spans to this file and print the top spans at the end.
     #[arg(long, value_name = "FILE.json")]
     pub profile: Option<PathBuf>,
+}
+
+/// One row of `bench sdpa --backends`: a backend alone, or `None` for the automatic dispatch.
+#[derive(Clone, Copy, Debug)]
+pub struct SweepRowArg(pub Option<Backend>);
+
+fn parse_sweep_row(s: &str) -> Result<SweepRowArg, String> {
+    if s.eq_ignore_ascii_case("default") {
+        Ok(SweepRowArg(None))
+    } else {
+        s.parse()
+            .map(|b| SweepRowArg(Some(b)))
+            .map_err(|e| format!("{e}, or default"))
+    }
 }
 
 /// `--attn`: one attn-op backend, or `None` for its automatic dispatch.

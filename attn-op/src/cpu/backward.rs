@@ -113,6 +113,10 @@ struct Scratch {
     /// Kᵀ and Vᵀ of the key tile.
     k_buf: Vec<f32>,
     v_buf: Vec<f32>,
+    /// The key tile, the value tile and a block of query rows, converted (f16, bf16 inputs).
+    k_rows: Vec<f32>,
+    v_rows: Vec<f32>,
+    q_rows: Vec<f32>,
 }
 
 /// Gradients from key rows `[c_start, c_end)`: fills the task's dK/dV rows and returns its dQ
@@ -144,6 +148,9 @@ fn key_range(
         z,
         k_buf,
         v_buf,
+        k_rows,
+        v_rows,
+        q_rows,
     } = scratch;
     for (buf, len) in [
         (&mut *s, tile),
@@ -157,8 +164,10 @@ fn key_range(
     }
     for c0 in (t.c_start..t.c_end).step_by(BK) {
         let tile_cols = BK.min(t.c_end - c0);
-        let kt_tile = MatRef::rows(src.k.at(kv.k + c0 * g.k_rs), tile_cols, e, g.k_rs);
-        let vt = MatRef::rows(src.v.at(kv.v + c0 * g.v_rs), tile_cols, ev, g.v_rs);
+        let kt_tile = src.k.rows(kv.k + c0 * g.k_rs, tile_cols, e, g.k_rs, k_rows);
+        let vt = src
+            .v
+            .rows(kv.v + c0 * g.v_rs, tile_cols, ev, g.v_rs, v_rows);
         // Kᵀ and Vᵀ with contiguous rows, the right-hand sides of S = QKᵀ and dP = dO Vᵀ.
         let k_tile_t = transpose_into(kt_tile, k_buf);
         let v_tile_t = transpose_into(vt, v_buf);
@@ -188,7 +197,7 @@ fn key_range(
                 let v_packed = MatRef { cols, ..v_tile_t };
                 let dk_t = &mut dk_tile[..cols * e];
                 let dv_t = &mut dv_tile[..cols * ev];
-                let q = MatRef::rows(src.q.at(seg.q + r0 * g.q_rs), rows, e, g.q_rs);
+                let q = src.q.rows(seg.q + r0 * g.q_rs, rows, e, g.q_rs, q_rows);
                 let row0 = seg.row0 + r0;
                 let dot = MatRef::rows(&dout[row0 * ev..(row0 + rows) * ev], rows, ev, ev);
                 let n = rows * cols;

@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use super::geometry::{Geometry, QSeg};
 use super::matmul::{gemm, transpose_into, MatRef};
-use super::{simd, split_rows, MaskSrc, Src};
+use super::{simd, split_rows, MaskSrc, OutElem, Src};
 use crate::config::Dropout;
 
 /// Query rows per score tile.
@@ -17,13 +17,27 @@ pub(crate) const BK: usize = 128;
 /// most of their masked triangle, large enough for the register-blocked products.
 const CAUSAL_ROWS: usize = 16;
 
-/// Query rows per block of a tile: causal blocks of fewer rows see fewer keys, so the masked
-/// triangle of the diagonal tiles is skipped.
+/// Query rows per block of the forward's tiles without a causal mask: a multiple of the matrix
+/// kernel's six rows, and few enough that the block's scores, its queries and the key tile
+/// (18 + 4.5 + 16 KiB at head dim 32) stay in a 48 KiB L1 cache.
+const FWD_ROWS: usize = 36;
+
+/// Query rows per block of a tile in the backward: causal blocks of fewer rows see fewer keys,
+/// so the masked triangle of the diagonal tiles is skipped.
 pub(crate) fn block_rows(causal: Option<isize>) -> usize {
     if causal.is_some() {
         CAUSAL_ROWS
     } else {
         BQ
+    }
+}
+
+/// [`block_rows`] of the forward.
+fn fwd_block_rows(causal: Option<isize>) -> usize {
+    if causal.is_some() {
+        CAUSAL_ROWS
+    } else {
+        FWD_ROWS
     }
 }
 /// Forward tasks wanted per thread: enough for rayon to balance uneven (causal) work.
@@ -104,9 +118,22 @@ pub(crate) fn prepare_scores(
 /// the scaled scores (`+inf` for a row that sees no key, whose output is zero).
 pub(crate) fn forward(g: &Geometry, src: &Sources, p: &Params) -> (Vec<f32>, Vec<f32>) {
     let mut out = vec![0f32; g.q_rows * g.ev];
+    let lse = forward_into(g, src, p, &mut out);
+    (out, lse)
+}
+
+/// [`forward`] into `out` (`q_rows × ev`, any [`OutElem`]), each output row written once: never
+/// read, so fresh zero pages are not first mapped for reading and then copied on write.
+/// Returns the row logsumexp.
+pub(crate) fn forward_into<T: OutElem>(
+    g: &Geometry,
+    src: &Sources,
+    p: &Params,
+    out: &mut [T],
+) -> Vec<f32> {
     let mut lse = vec![f32::INFINITY; g.q_rows];
     let ranges: Vec<_> = g.q_segs.iter().map(|s| (s.row0, s.len)).collect();
-    let outs = split_rows(&mut out, g.ev, &ranges);
+    let outs = split_rows(out, g.ev, &ranges);
     let lses = split_rows(&mut lse, 1, &ranges);
     let block = rows_per_task(g);
     let mut tasks = Vec::new();
@@ -124,13 +151,19 @@ pub(crate) fn forward(g: &Geometry, src: &Sources, p: &Params) -> (Vec<f32>, Vec
         .for_each_init(Scratch::default, |scratch, (seg, r0, o, l)| {
             forward_block(g, src, p, seg, r0, o, l, scratch)
         });
-    (out, lse)
+    lse
 }
 
 /// Buffers a forward task reuses.
 #[derive(Default)]
 struct Scratch {
     scores: Vec<f32>,
+    /// The task's output rows in f32, written to the output once at the end.
+    o: Vec<f32>,
+    /// The task's query rows, the key tile and the value tile, converted (f16, bf16 inputs).
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
     kt: Vec<f32>,
     keep: Vec<f32>,
     /// Each row's output rescaling of the current key tile.
@@ -139,13 +172,13 @@ struct Scratch {
 
 /// Rows `[r0, r0 + lse.len())` of one query segment through every key tile they can see.
 #[allow(clippy::too_many_arguments)]
-fn forward_block(
+fn forward_block<T: OutElem>(
     g: &Geometry,
     src: &Sources,
     p: &Params,
     seg: &QSeg,
     r0: usize,
-    o: &mut [f32],
+    out: &mut [T],
     lse: &mut [f32],
     scratch: &mut Scratch,
 ) {
@@ -155,17 +188,27 @@ fn forward_block(
     let kend = visible_keys(seg.causal, r0 + rows - 1, kv.len);
     let mut m = vec![f32::NEG_INFINITY; rows];
     let mut l = vec![0f32; rows];
-    scratch.scores.resize(BQ * BK, 0.0);
-    scratch.keep.resize(BK, 0.0);
-    scratch.alpha.resize(BQ, 0.0);
+    let Scratch {
+        scores,
+        o,
+        q,
+        k,
+        v,
+        kt,
+        keep,
+        alpha,
+    } = scratch;
+    let block_rows = fwd_block_rows(seg.causal);
+    scores.resize(block_rows * BK, 0.0);
+    keep.resize(BK, 0.0);
+    alpha.resize(block_rows, 0.0);
+    o.clear();
+    o.resize(rows * ev, 0.0);
+    let q_task = src.q.rows(seg.q + r0 * g.q_rs, rows, e, g.q_rs, q);
     for c0 in (0..kend).step_by(BK) {
         let cols = BK.min(kend - c0);
-        let kt = transpose_into(
-            MatRef::rows(src.k.at(kv.k + c0 * g.k_rs), cols, e, g.k_rs),
-            &mut scratch.kt,
-        );
-        let vt = MatRef::rows(src.v.at(kv.v + c0 * g.v_rs), cols, ev, g.v_rs);
-        let block_rows = block_rows(seg.causal);
+        let kt = transpose_into(src.k.rows(kv.k + c0 * g.k_rs, cols, e, g.k_rs, k), kt);
+        let vt = src.v.rows(kv.v + c0 * g.v_rs, cols, ev, g.v_rs, v);
         for s0 in (0..rows).step_by(block_rows) {
             let srows = block_rows.min(rows - s0);
             // Keys of this tile that the sub-tile's last row can see (causal skipping).
@@ -175,17 +218,17 @@ fn forward_block(
             if scols == 0 {
                 continue;
             }
-            let q = MatRef::rows(src.q.at(seg.q + (r0 + s0) * g.q_rs), srows, e, g.q_rs);
-            let s = &mut scratch.scores[..srows * scols];
+            let q = MatRef::rows(&q_task.data[s0 * q_task.rs..], srows, e, q_task.rs);
+            let s = &mut scores[..srows * scols];
             gemm(s, scols, q, MatRef { cols: scols, ..kt }, false, 1.0);
             let mul = prepare_scores(g, seg, src, p, r0 + s0, c0, kv.len, s, scols);
             let sub = s0..s0 + srows;
-            let alpha = &mut scratch.alpha[..srows];
+            let alpha = &mut alpha[..srows];
             simd::online_softmax_rows(s, scols, mul, &mut m[sub.clone()], &mut l[sub], alpha);
             simd::scale_rows(&mut o[s0 * ev..(s0 + srows) * ev], ev, alpha);
             if let Some(d) = &p.dropout {
                 for (i, row) in s.chunks_exact_mut(scols).enumerate() {
-                    let keep = &mut scratch.keep[..scols];
+                    let keep = &mut keep[..scols];
                     d.mask.fill_row(seg.stream, r0 + s0 + i, c0, keep);
                     simd::scale(keep, d.keep_scale());
                     simd::mul(row, keep);
@@ -211,5 +254,6 @@ fn forward_block(
             row.fill(0.0);
             lse[i] = f32::INFINITY;
         }
+        T::store(row, &mut out[i * ev..(i + 1) * ev]);
     }
 }

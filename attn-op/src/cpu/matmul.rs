@@ -104,24 +104,13 @@ pub(crate) fn gemm(
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if rhs.cs == 1 && use_avx512() {
+    if rhs.cs == 1 && super::use_avx512() {
         // SAFETY: the CPU has AVX-512F, and every index the kernel touches was checked against
         // its slice above (masked loads and stores touch only the `n` columns).
         unsafe { avx512::gemm(dst, dst_rs, lhs, rhs, accumulate, beta) };
         return;
     }
     portable(dst, dst_rs, lhs, rhs, accumulate, beta);
-}
-
-/// Whether to use the AVX-512 kernel: the CPU has it and `ATTN_OP_PORTABLE` is not set (that
-/// variable selects the portable path, so that it can be tested on any machine).
-#[cfg(target_arch = "x86_64")]
-fn use_avx512() -> bool {
-    static USE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *USE.get_or_init(|| {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::env::var_os("ATTN_OP_PORTABLE").is_none()
-    })
 }
 
 /// The product by the `gemm` crate, for CPUs without AVX-512 (arguments checked by [`gemm`]).

@@ -6,16 +6,33 @@ pub(crate) mod forward;
 pub(crate) mod geometry;
 mod matmul;
 pub(crate) mod simd;
+#[cfg(target_arch = "x86_64")]
+mod softmax_avx512;
 
 use std::borrow::Cow;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, Layout, Result};
+use candle_core::{bail, CpuStorage, DType, Layout, Result};
 use half::slice::HalfFloatSliceExt;
 
-/// A tensor's elements as f32, borrowed for f32 storage and converted for f16/bf16.
+use matmul::MatRef;
+
+/// Whether to use the AVX-512 kernels (products and softmax rows): the CPU has AVX-512F and
+/// `ATTN_OP_PORTABLE` is not set (that variable selects the portable code, so that it can be
+/// tested on any machine).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn use_avx512() -> bool {
+    static USE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *USE.get_or_init(|| {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::env::var_os("ATTN_OP_PORTABLE").is_none()
+    })
+}
+
+/// A tensor's elements as f32, borrowed for f32 storage and converted whole for f16/bf16, for
+/// callers that need every element as f32 at once (masks, the backward's output rows).
 /// `at(off)` takes the storage offsets of the tensor's layout.
-pub(crate) struct Src<'a> {
+pub(crate) struct Whole<'a> {
     data: Cow<'a, [f32]>,
     base: usize,
 }
@@ -36,7 +53,7 @@ fn span(l: &Layout) -> (usize, usize) {
     (lo, hi)
 }
 
-impl<'a> Src<'a> {
+impl<'a> Whole<'a> {
     pub fn new(s: &'a CpuStorage, l: &Layout) -> Result<Self> {
         let (lo, hi) = span(l);
         let data = match s {
@@ -47,20 +64,9 @@ impl<'a> Src<'a> {
                 simd::bf16_to_f32(&v[lo..hi], &mut out);
                 Cow::Owned(out)
             }
-            other => bail!(
-                "attention: dtype {:?} is not supported by the fused CPU ops (f32, f16, bf16)",
-                other.dtype()
-            ),
+            other => bail!("{}", unsupported(other.dtype())),
         };
         Ok(Self { data, base: lo })
-    }
-
-    /// f32 elements whose storage offsets are their indices.
-    pub fn borrowed(data: &'a [f32]) -> Self {
-        Self {
-            data: Cow::Borrowed(data),
-            base: 0,
-        }
     }
 
     /// The elements from storage offset `off` on.
@@ -70,10 +76,100 @@ impl<'a> Src<'a> {
     }
 }
 
+fn unsupported(dtype: DType) -> String {
+    format!("attention: dtype {dtype:?} is not supported by the fused CPU ops (f32, f16, bf16)")
+}
+
+/// An input of the kernels, read as f32 rows: f32 storage in place, f16 and bf16 converted a tile
+/// at a time into the kernel's scratch, so no f32 copy of the whole tensor is made. Offsets are
+/// storage offsets.
+#[derive(Clone, Copy)]
+pub(crate) enum Src<'a> {
+    F32(&'a [f32]),
+    F16(&'a [half::f16]),
+    BF16(&'a [half::bf16]),
+}
+
+impl<'a> Src<'a> {
+    pub fn new(s: &'a CpuStorage) -> Result<Self> {
+        Ok(match s {
+            CpuStorage::F32(v) => Src::F32(v),
+            CpuStorage::F16(v) => Src::F16(v),
+            CpuStorage::BF16(v) => Src::BF16(v),
+            other => bail!("{}", unsupported(other.dtype())),
+        })
+    }
+
+    /// f32 elements whose storage offsets are their indices.
+    pub fn borrowed(data: &'a [f32]) -> Self {
+        Src::F32(data)
+    }
+
+    /// `rows` rows of `cols` elements, row `r` starting at storage offset `off + r·rs`, as an
+    /// f32 matrix: in place for f32, converted into `buf` (contiguous rows) for f16 and bf16.
+    pub fn rows<'s>(
+        &'s self,
+        off: usize,
+        rows: usize,
+        cols: usize,
+        rs: usize,
+        buf: &'s mut Vec<f32>,
+    ) -> MatRef<'s> {
+        fn convert<T>(
+            d: &[T],
+            off: usize,
+            rows: usize,
+            cols: usize,
+            rs: usize,
+            buf: &mut Vec<f32>,
+            f: impl Fn(&[T], &mut [f32]),
+        ) {
+            if buf.len() < rows * cols {
+                buf.resize(rows * cols, 0.0);
+            }
+            for (r, out) in buf.chunks_exact_mut(cols.max(1)).take(rows).enumerate() {
+                f(&d[off + r * rs..][..cols], out);
+            }
+        }
+        match *self {
+            Src::F32(d) => return MatRef::rows(&d[off..], rows, cols, rs),
+            Src::F16(d) => convert(d, off, rows, cols, rs, buf, |s, o| {
+                s.convert_to_f32_slice(o)
+            }),
+            Src::BF16(d) => convert(d, off, rows, cols, rs, buf, simd::bf16_to_f32),
+        }
+        MatRef::rows(buf, rows, cols, cols)
+    }
+}
+
+/// An output element type of the kernels: rows are computed in f32 and stored once, converted.
+pub(crate) trait OutElem: Copy + Send + Sync {
+    /// `dst = src` converted (rounding to nearest even).
+    fn store(src: &[f32], dst: &mut [Self]);
+}
+
+impl OutElem for f32 {
+    fn store(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+}
+
+impl OutElem for half::f16 {
+    fn store(src: &[f32], dst: &mut [half::f16]) {
+        dst.convert_from_f32_slice(src);
+    }
+}
+
+impl OutElem for half::bf16 {
+    fn store(src: &[f32], dst: &mut [half::bf16]) {
+        simd::f32_to_bf16(src, dst);
+    }
+}
+
 /// An attention mask read through its (broadcast) strides.
 pub(crate) enum MaskSrc<'a> {
     /// Added to the scaled scores.
-    Bias(Src<'a>),
+    Bias(Whole<'a>),
     /// Zero means "may not attend".
     Bool(&'a [u8]),
 }
@@ -82,7 +178,7 @@ impl<'a> MaskSrc<'a> {
     pub fn new(s: &'a CpuStorage, l: &Layout) -> Result<Self> {
         match s {
             CpuStorage::U8(v) => Ok(MaskSrc::Bool(v)),
-            _ => Ok(MaskSrc::Bias(Src::new(s, l)?)),
+            _ => Ok(MaskSrc::Bias(Whole::new(s, l)?)),
         }
     }
 
@@ -113,14 +209,14 @@ impl<'a> MaskSrc<'a> {
 
 /// Splits `buf` (rows of `width` elements) into the disjoint row ranges `(start, len)`,
 /// returned in the order given.
-pub(crate) fn split_rows<'a>(
-    buf: &'a mut [f32],
+pub(crate) fn split_rows<'a, T>(
+    buf: &'a mut [T],
     width: usize,
     ranges: &[(usize, usize)],
-) -> Vec<&'a mut [f32]> {
+) -> Vec<&'a mut [T]> {
     let mut order: Vec<usize> = (0..ranges.len()).collect();
     order.sort_by_key(|&i| ranges[i].0);
-    let mut out: Vec<Option<&'a mut [f32]>> = (0..ranges.len()).map(|_| None).collect();
+    let mut out: Vec<Option<&'a mut [T]>> = (0..ranges.len()).map(|_| None).collect();
     let mut rest = buf;
     let mut pos = 0;
     for i in order {

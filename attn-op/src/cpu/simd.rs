@@ -105,14 +105,32 @@ pub(crate) fn exp_affine_sum(x: &mut [f32], a: f32, b: f32) -> f32 {
     exp_affine_sum_of(x, a, b, target_cfg_f!(target_feature = "fma"))
 }
 
-/// The online-softmax step of a tile of score rows, `cols` wide, whose keys a row may not see
+/// The online-softmax step of a tile of score rows (AVX-512 intrinsics where the CPU has them,
+/// else [`online_softmax_rows_portable`]), `cols` wide, whose keys a row may not see
 /// are already `-inf`, with one multiplier `mul` for every score. For row `i`, with
 /// `m_new = max(m[i], mul·max(row))`: the row becomes `e^(mul·row - m_new)`,
 /// `alpha[i] = e^(m[i] - m_new)` (what the row's output so far must be scaled by),
 /// `l[i] = l[i]·alpha[i] + Σ row` and `m[i] = m_new`. A row that sees no key yet
 /// (`m_new = -inf`) becomes zeros and keeps its `m` and `l` (`alpha[i] = 1`).
-#[multiversion(targets("x86_64+avx2+fma+avx512f+avx512vl", "x86_64+avx2+fma"))]
 pub(crate) fn online_softmax_rows(
+    s: &mut [f32],
+    cols: usize,
+    mul: f32,
+    m: &mut [f32],
+    l: &mut [f32],
+    alpha: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if super::use_avx512() {
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { super::softmax_avx512::online_softmax_rows(s, cols, mul, m, l, alpha) };
+    }
+    online_softmax_rows_portable(s, cols, mul, m, l, alpha)
+}
+
+/// [`online_softmax_rows`] in portable code, vectorised by the compiler.
+#[multiversion(targets("x86_64+avx2+fma+avx512f+avx512vl", "x86_64+avx2+fma"))]
+pub(crate) fn online_softmax_rows_portable(
     s: &mut [f32],
     cols: usize,
     mul: f32,
@@ -137,8 +155,18 @@ pub(crate) fn online_softmax_rows(
 
 /// `row = e^(mul·row - b[i])` for each row `i` of a tile `cols` wide (the probabilities of the
 /// backward pass, `b` the rows' logsumexps).
-#[multiversion(targets("x86_64+avx2+fma+avx512f+avx512vl", "x86_64+avx2+fma"))]
 pub(crate) fn exp_rows(s: &mut [f32], cols: usize, mul: f32, b: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::use_avx512() {
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { super::softmax_avx512::exp_rows(s, cols, mul, b) };
+    }
+    exp_rows_portable(s, cols, mul, b)
+}
+
+/// [`exp_rows`] in portable code, vectorised by the compiler.
+#[multiversion(targets("x86_64+avx2+fma+avx512f+avx512vl", "x86_64+avx2+fma"))]
+pub(crate) fn exp_rows_portable(s: &mut [f32], cols: usize, mul: f32, b: &[f32]) {
     let fma = target_cfg_f!(target_feature = "fma");
     for (row, &b) in s.chunks_exact_mut(cols.max(1)).zip(b) {
         exp_affine_sum_of(row, mul, b, fma);

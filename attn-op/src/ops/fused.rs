@@ -10,9 +10,9 @@ use half::slice::HalfFloatSliceExt;
 
 use crate::config::{AttnConfig, Dropout};
 use crate::cpu::backward::{backward, Grads};
-use crate::cpu::forward::{forward, Params, Sources};
+use crate::cpu::forward::{forward, forward_into, Params, Sources};
 use crate::cpu::geometry::Geometry;
-use crate::cpu::{MaskSrc, Src};
+use crate::cpu::{MaskSrc, Src, Whole};
 use crate::validate::check_common;
 use crate::Backend;
 
@@ -43,6 +43,20 @@ pub(crate) fn to_storage(v: Vec<f32>, dtype: DType) -> Result<CpuStorage> {
         }
         d => bail!("attention: dtype {d:?} is not supported by the fused ops (f32, f16, bf16)"),
     })
+}
+
+/// A 16-bit float type whose zero is all zero bits.
+trait Half16: Sized {}
+impl Half16 for half::f16 {}
+impl Half16 for half::bf16 {}
+
+/// `n` zeros of a 16-bit float type in memory the allocator hands out zeroed, which nothing writes
+/// before the kernel does (the pages are mapped on its first write).
+fn zeroed_halves<T: Half16>(n: usize) -> Vec<T> {
+    let mut v = std::mem::ManuallyDrop::new(vec![0u16; n]);
+    // SAFETY: `half::f16` and `half::bf16` are `repr(transparent)` over `u16` (same size and
+    // alignment, every bit pattern valid, zero bits = +0.0); the allocation moves over whole.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<T>(), v.len(), v.capacity()) }
 }
 
 fn cpu<'a>(s: &'a Storage, name: &str) -> Result<&'a CpuStorage> {
@@ -126,9 +140,9 @@ impl Fused {
         };
         let g = self.geometry(l1, l2, l3, mask_layout)?;
         let src = Sources {
-            q: Src::new(s1, l1)?,
-            k: Src::new(s2, l2)?,
-            v: Src::new(s3, l3)?,
+            q: Src::new(s1)?,
+            k: Src::new(s2)?,
+            v: Src::new(s3)?,
             mask: mask_src,
         };
         f(&g, &src)
@@ -145,9 +159,29 @@ impl Fused {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape, Vec<f32>)> {
         let (out, lse) = self.with_sources(s1, l1, s2, l2, s3, l3, |g, src| {
-            Ok(forward(g, src, &self.params()))
+            let p = self.params();
+            let n = g.q_rows * g.ev;
+            Ok(match s1.dtype() {
+                DType::F32 => {
+                    let (out, lse) = forward(g, src, &p);
+                    (CpuStorage::F32(out), lse)
+                }
+                DType::F16 => {
+                    let mut out = zeroed_halves::<half::f16>(n);
+                    let lse = forward_into(g, src, &p, &mut out);
+                    (CpuStorage::F16(out), lse)
+                }
+                DType::BF16 => {
+                    let mut out = zeroed_halves::<half::bf16>(n);
+                    let lse = forward_into(g, src, &p, &mut out);
+                    (CpuStorage::BF16(out), lse)
+                }
+                d => bail!(
+                    "attention: dtype {d:?} is not supported by the fused ops (f32, f16, bf16)"
+                ),
+            })
         })?;
-        Ok((to_storage(out, s1.dtype())?, out_shape(l1, l3), lse))
+        Ok((out, out_shape(l1, l3), lse))
     }
 
     pub(crate) fn keep_lse(&self, lse: Tensor) {
@@ -311,9 +345,9 @@ impl Fused {
         let (so, lo) = res.storage_and_layout();
         let (sd, ld) = grad.storage_and_layout();
         let (sl, ll) = lse.storage_and_layout();
-        let o_src = Src::new(cpu(&so, "output")?, lo)?;
-        let dout_src = Src::new(cpu(&sd, "output gradient")?, ld)?;
-        let lse_src = Src::new(cpu(&sl, "logsumexp")?, ll)?;
+        let o_src = Whole::new(cpu(&so, "output")?, lo)?;
+        let dout_src = Whole::new(cpu(&sd, "output gradient")?, ld)?;
+        let lse_src = Whole::new(cpu(&sl, "logsumexp")?, ll)?;
         let o = &o_src.at(lo.start_offset())[..res.elem_count()];
         let dout = &dout_src.at(ld.start_offset())[..grad.elem_count()];
         let lse = &lse_src.at(ll.start_offset())[..lse.elem_count()];

@@ -11,7 +11,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
 
 use super::fused::to_storage;
-use crate::cpu::Src;
+use crate::cpu::Whole;
 use crate::rows::{QkvForward, QkvRows};
 
 /// Attention over the heads of packed `(B·T, 3·C)` q|k|v token rows (sequences of `seq_len`
@@ -57,7 +57,7 @@ impl CustomOp1 for QkvAttention {
             bail!("qkv attention: the packed q|k|v tensor must be contiguous");
         }
         // The packed rows as f32, borrowed when they already are.
-        let src = Src::new(s, l)?;
+        let src = Whole::new(s, l)?;
         let qkv = &src.at(l.start_offset())[..l.shape().elem_count()];
         let QkvForward { y, lse } = self.rows.forward(qkv)?;
         let mut saved = self.saved.lock().unwrap_or_else(|e| e.into_inner());
