@@ -92,8 +92,16 @@ pub(crate) fn backward(
             let kv = &g.kv_segs[seg.kv];
             let member = qi - kv.members.start;
             let block = seg.len * e;
-            for share in &shares[first_task[seg.kv]..first_task[seg.kv + 1]] {
-                simd::add(dq_seg, &share[member * block..(member + 1) * block]);
+            // The first share is copied, not added: reading the fresh zero pages of `dq` before
+            // writing them would map each from the shared zero page and then copy it on write.
+            let seg_shares = &shares[first_task[seg.kv]..first_task[seg.kv + 1]];
+            for (i, share) in seg_shares.iter().enumerate() {
+                let share = &share[member * block..(member + 1) * block];
+                if i == 0 {
+                    dq_seg.copy_from_slice(share);
+                } else {
+                    simd::add(dq_seg, share);
+                }
             }
         });
     Grads { dq, dk, dv }
@@ -137,6 +145,9 @@ fn key_range(
     let members = &g.q_segs[kv.members.clone()];
     let lq = members.first().map_or(0, |s| s.len);
     let mut dq = vec![0f32; members.len() * lq * e];
+    // Written before the products accumulate into them, for the reason in `backward`.
+    t.dk.fill(0.0);
+    t.dv.fill(0.0);
     // Tiles of at most BQ rows by the task's widest key tile; Pd and the dropout mask only with
     // dropout. Every tile element a product reads was written first in this task.
     let tile = BQ.min(lq) * BK.min(t.c_end - t.c_start);

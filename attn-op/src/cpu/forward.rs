@@ -22,6 +22,9 @@ const CAUSAL_ROWS: usize = 16;
 /// (18 + 4.5 + 16 KiB at head dim 32) stay in a 48 KiB L1 cache.
 const FWD_ROWS: usize = 36;
 
+/// Tasks of at most this many query rows compute their scores as dot products with the key rows.
+const FEW_ROWS: usize = 2;
+
 /// Query rows per block of a tile in the backward: causal blocks of fewer rows see fewer keys,
 /// so the masked triangle of the diagonal tiles is skipped.
 pub(crate) fn block_rows(causal: Option<isize>) -> usize {
@@ -205,9 +208,17 @@ fn forward_block<T: OutElem>(
     o.clear();
     o.resize(rows * ev, 0.0);
     let q_task = src.q.rows(seg.q + r0 * g.q_rs, rows, e, g.q_rs, q);
+    // A task of a few rows (decoding one token against a KV cache) reads each key once: dot
+    // products with the key rows where they are cost less than transposing the key tile.
+    let few = rows <= FEW_ROWS;
     for c0 in (0..kend).step_by(BK) {
         let cols = BK.min(kend - c0);
-        let kt = transpose_into(src.k.rows(kv.k + c0 * g.k_rs, cols, e, g.k_rs, k), kt);
+        let k_rows = src.k.rows(kv.k + c0 * g.k_rs, cols, e, g.k_rs, k);
+        let kt = if few {
+            k_rows
+        } else {
+            transpose_into(k_rows, kt)
+        };
         let vt = src.v.rows(kv.v + c0 * g.v_rs, cols, ev, g.v_rs, v);
         for s0 in (0..rows).step_by(block_rows) {
             let srows = block_rows.min(rows - s0);
@@ -220,7 +231,16 @@ fn forward_block<T: OutElem>(
             }
             let q = MatRef::rows(&q_task.data[s0 * q_task.rs..], srows, e, q_task.rs);
             let s = &mut scores[..srows * scols];
-            gemm(s, scols, q, MatRef { cols: scols, ..kt }, false, 1.0);
+            if few {
+                for (i, s_row) in s.chunks_exact_mut(scols).enumerate() {
+                    let q_row = &q.data[i * q.rs..i * q.rs + e];
+                    for (j, sj) in s_row.iter_mut().enumerate() {
+                        *sj = simd::dot(q_row, &kt.data[j * kt.rs..j * kt.rs + e]);
+                    }
+                }
+            } else {
+                gemm(s, scols, q, MatRef { cols: scols, ..kt }, false, 1.0);
+            }
             let mul = prepare_scores(g, seg, src, p, r0 + s0, c0, kv.len, s, scols);
             let sub = s0..s0 + srows;
             let alpha = &mut alpha[..srows];
