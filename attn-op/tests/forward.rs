@@ -22,6 +22,8 @@ fn shapes() -> Vec<Case> {
         },
         Case::new(1, 2, 257, 257, 80),
         Case::new(1, 1, 33, 257, 128),
+        // Decoding: tasks of one or two query rows take the dot-product path over several key tiles.
+        Case::new(1, 2, 2, 300, 64),
         Case {
             hkv: 1,
             ..Case::new(1, 2, 17, 9, 256)
