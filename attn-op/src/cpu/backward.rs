@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::forward::{block_rows, prepare_scores, visible_keys, Params, Sources, BK, BQ};
+use super::forward::{prepare_scores, visible_keys, Params, Sources, BK, BQ, CAUSAL_ROWS};
 use super::geometry::{Geometry, KvSeg};
 use super::matmul::{gemm, transpose_into, MatRef};
 use super::{simd, split_rows};
@@ -190,14 +190,20 @@ fn key_range(
                 Some(off) => (c0 as isize - off).clamp(0, seg.len as isize) as usize,
                 None => 0,
             };
-            let block_rows = block_rows(seg.causal);
-            for r0 in (first_row..seg.len).step_by(block_rows) {
-                let rows = block_rows.min(seg.len - r0);
+            let mut r0 = first_row;
+            while r0 < seg.len {
+                // Causal blocks are short where the mask cuts the tile, so its masked triangle is
+                // skipped, and BQ rows where every row sees the whole tile, so the dK and dV
+                // products run over BQ rows instead of a few.
+                let sees_all = visible_keys(seg.causal, r0, kv.len) >= c0 + tile_cols;
+                let rows = if sees_all { BQ } else { CAUSAL_ROWS }.min(seg.len - r0);
+                let next = r0 + rows;
                 // Keys of the tile that the block's last row sees.
                 let cols = visible_keys(seg.causal, r0 + rows - 1, kv.len)
                     .saturating_sub(c0)
                     .min(tile_cols);
                 if cols == 0 {
+                    r0 = next;
                     continue;
                 }
                 let kt = MatRef {
@@ -252,6 +258,7 @@ fn key_range(
                 gemm(dk_t, e, ds.t(), q, true, p.scale);
                 let dq_rows = &mut dq[(mi * lq + r0) * e..(mi * lq + r0 + rows) * e];
                 gemm(dq_rows, e, ds, kt, true, p.scale);
+                r0 = next;
             }
         }
     }

@@ -9,40 +9,23 @@ use super::matmul::{gemm, transpose_into, MatRef};
 use super::{simd, split_rows, MaskSrc, OutElem, Src};
 use crate::config::Dropout;
 
-/// Query rows per score tile.
+/// Query rows per block of the backward's tiles that the causal mask does not cut, and the unit
+/// of the forward's task sizes.
 pub(crate) const BQ: usize = 64;
 /// Keys per score tile.
 pub(crate) const BK: usize = 128;
-/// Query rows per block on causal segments: small enough that the tiles on the diagonal skip
-/// most of their masked triangle, large enough for the register-blocked products.
-const CAUSAL_ROWS: usize = 16;
+/// Query rows per block of a tile that the causal mask cuts: small enough that the tiles on the
+/// diagonal skip most of their masked triangle, large enough for the register-blocked products.
+pub(crate) const CAUSAL_ROWS: usize = 16;
 
-/// Query rows per block of the forward's tiles without a causal mask: a multiple of the matrix
-/// kernel's six rows, and few enough that the block's scores, its queries and the key tile
-/// (18 + 4.5 + 16 KiB at head dim 32) stay in a 48 KiB L1 cache.
+/// Query rows per block of the forward's tiles that the causal mask does not cut: a multiple of
+/// the matrix kernel's six rows, and few enough that the block's scores, its queries and the key
+/// tile (18 + 4.5 + 16 KiB at head dim 32) stay in a 48 KiB L1 cache.
 const FWD_ROWS: usize = 36;
 
 /// Tasks of at most this many query rows compute their scores as dot products with the key rows.
 const FEW_ROWS: usize = 2;
 
-/// Query rows per block of a tile in the backward: causal blocks of fewer rows see fewer keys,
-/// so the masked triangle of the diagonal tiles is skipped.
-pub(crate) fn block_rows(causal: Option<isize>) -> usize {
-    if causal.is_some() {
-        CAUSAL_ROWS
-    } else {
-        BQ
-    }
-}
-
-/// [`block_rows`] of the forward.
-fn fwd_block_rows(causal: Option<isize>) -> usize {
-    if causal.is_some() {
-        CAUSAL_ROWS
-    } else {
-        FWD_ROWS
-    }
-}
 /// Forward tasks wanted per thread: enough for rayon to balance uneven (causal) work.
 const TASKS_PER_THREAD: usize = 8;
 
@@ -201,10 +184,9 @@ fn forward_block<T: OutElem>(
         keep,
         alpha,
     } = scratch;
-    let block_rows = fwd_block_rows(seg.causal);
-    scores.resize(block_rows * BK, 0.0);
+    scores.resize(FWD_ROWS.max(CAUSAL_ROWS) * BK, 0.0);
     keep.resize(BK, 0.0);
-    alpha.resize(block_rows, 0.0);
+    alpha.resize(FWD_ROWS.max(CAUSAL_ROWS), 0.0);
     o.clear();
     o.resize(rows * ev, 0.0);
     let q_task = src.q.rows(seg.q + r0 * g.q_rs, rows, e, g.q_rs, q);
@@ -220,13 +202,19 @@ fn forward_block<T: OutElem>(
             transpose_into(k_rows, kt)
         };
         let vt = src.v.rows(kv.v + c0 * g.v_rs, cols, ev, g.v_rs, v);
-        for s0 in (0..rows).step_by(block_rows) {
-            let srows = block_rows.min(rows - s0);
+        let mut s0 = 0;
+        while s0 < rows {
+            // Causal blocks are short where the mask cuts the tile (the masked triangle is
+            // skipped) and FWD_ROWS long where every row of the block sees the whole tile.
+            let sees_all = visible_keys(seg.causal, r0 + s0, kv.len) >= c0 + cols;
+            let srows = if sees_all { FWD_ROWS } else { CAUSAL_ROWS }.min(rows - s0);
+            let next = s0 + srows;
             // Keys of this tile that the sub-tile's last row can see (causal skipping).
             let scols = visible_keys(seg.causal, r0 + s0 + srows - 1, kv.len)
                 .saturating_sub(c0)
                 .min(cols);
             if scols == 0 {
+                s0 = next;
                 continue;
             }
             let q = MatRef::rows(&q_task.data[s0 * q_task.rs..], srows, e, q_task.rs);
@@ -263,6 +251,7 @@ fn forward_block<T: OutElem>(
                 true,
                 1.0,
             );
+            s0 = next;
         }
     }
     for i in 0..rows {
