@@ -101,6 +101,53 @@ fn sdpa_sweep_times_each_backend_or_says_why_not() {
 }
 
 #[test]
+fn sdpa_times_the_chosen_rows_and_kv_lengths() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Decoding: one query row against 40 keys, the default dispatch and flash only, in order.
+    let args = [
+        "bench",
+        "sdpa",
+        "--device",
+        "cpu",
+        "--batch",
+        "1",
+        "--heads",
+        "2",
+        "--seq",
+        "1",
+        "--kv-seq",
+        "40",
+        "--backends",
+        "flash,default",
+        "--min-time-ms",
+        "2",
+    ];
+    let (out, _) = succeeds(d, &args);
+    assert!(out.contains("q [1, 2, 1, 32], k [1, 2, 40, 32]"), "{out}");
+    let rows: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| backend"))
+        .collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    assert!(
+        rows[0].starts_with("| flash |") && rows[1].starts_with("| default (flash) |"),
+        "{out}"
+    );
+    assert!(median_us(&out, "flash") > 0.0);
+    fails_with(
+        d,
+        &["bench", "sdpa", "--backends", "flash,fastest"],
+        "or default",
+    );
+    fails_with(
+        d,
+        &["bench", "sdpa", "--kv-seq", "0"],
+        "--kv-seq 0: it must be at least 1",
+    );
+}
+
+#[test]
 fn varlen_packed_agrees_with_padded() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
