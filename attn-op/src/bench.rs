@@ -202,8 +202,8 @@ pub struct VarlenComparison {
 impl VarlenComparison {
     /// Fraction of the padded batch that is padding.
     pub fn padding(&self) -> f64 {
-        let total: usize = self.lens.iter().sum();
-        1.0 - total as f64 / (self.lens.len() * self.max_len).max(1) as f64
+        let total: f64 = self.lens.iter().map(|&l| l as f64).sum();
+        1.0 - total / (self.lens.len() as f64 * self.max_len as f64).max(1.0)
     }
 
     /// How many times faster packed is than padded.
@@ -214,7 +214,7 @@ impl VarlenComparison {
 
 impl fmt::Display for VarlenComparison {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let total: usize = self.lens.iter().sum();
+        let total: u128 = self.lens.iter().map(|&l| l as u128).sum();
         writeln!(
             f,
             "batch {}, max length {}, {:.0}% padding, causal self-attention forward",
@@ -228,7 +228,7 @@ impl fmt::Display for VarlenComparison {
         writeln!(
             f,
             "| padded dense | {} | {:.2} | 1.00x |",
-            self.lens.len() * self.max_len,
+            self.lens.len() as u128 * self.max_len as u128,
             ms(&self.padded)
         )?;
         writeln!(
@@ -245,10 +245,12 @@ impl fmt::Display for VarlenComparison {
     }
 }
 
-/// Sequence lengths uniform in `[1, max_len]` from `seed` (about 50% padding).
-pub fn random_lengths(batch: usize, max_len: usize, seed: u64) -> Vec<usize> {
+/// Sequence lengths uniform in `[1, max_len]` from `seed` (about 50% padding); an error when
+/// `batch` lengths cannot be held in memory.
+pub fn random_lengths(batch: usize, max_len: usize, seed: u64) -> Result<Vec<usize>> {
+    crate::validate::checked_elems("random_lengths", "the lengths", &[batch], 8)?;
     let mut state = seed;
-    (0..batch)
+    Ok((0..batch)
         .map(|_| {
             // SplitMix64.
             state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -258,7 +260,7 @@ pub fn random_lengths(batch: usize, max_len: usize, seed: u64) -> Vec<usize> {
             z ^= z >> 31;
             1 + (z % max_len.max(1) as u64) as usize
         })
-        .collect()
+        .collect())
 }
 
 /// Times `layer` (causal in evaluation: build it with [`crate::nn::Causality::Always`]) on
@@ -275,6 +277,13 @@ pub fn varlen_comparison(
     if lens.iter().any(|&l| l > max_len) {
         candle_core::bail!("varlen_comparison: a length exceeds max_len = {max_len}");
     }
+    // The padded batch (B, max_len, C) bounds every tensor made here.
+    crate::validate::checked_elems(
+        "varlen_comparison",
+        "the padded batch",
+        &[lens.len(), max_len, c, 3],
+        4,
+    )?;
     let seqs: Vec<Tensor> = lens
         .iter()
         .map(|&l| Tensor::randn(0f32, 1., (l, c), device))

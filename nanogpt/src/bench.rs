@@ -13,6 +13,8 @@ use attn_op::SdpaOptions;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 
+use crate::memory::{self, Estimate};
+
 /// Largest `|packed - padded|` on the valid tokens for the two layouts to count as equal: both
 /// compute the same f32 sums, in a different order.
 pub const VARLEN_TOLERANCE: f32 = 1e-4;
@@ -53,6 +55,11 @@ pub fn sdpa(b: &SdpaBench) -> Result<Sweep> {
             bail!("--{name} 0: it must be at least 1");
         }
     }
+    if b.device.is_cpu() {
+        memory::check_fits("this benchmark", &sdpa_memory(b)?, memory::available())?;
+    } else {
+        sdpa_memory(b)?;
+    }
     let shape = (b.batch, b.heads, b.seq, b.head_dim);
     let input = || -> Result<Tensor> {
         let t = Tensor::randn(0f32, 1., shape, &b.device)?.to_dtype(b.dtype)?;
@@ -69,6 +76,41 @@ pub fn sdpa(b: &SdpaBench) -> Result<Sweep> {
         ..Default::default()
     };
     Ok(sweep(&q, &k, &v, &opts, b.backward, b.min_time)?)
+}
+
+/// What [`sdpa`] allocates at most: q, k, v (drawn in f32, then cast), the output, with
+/// `backward` the gradients, and the score matrices of the math backend, which the sweep runs.
+pub fn sdpa_memory(b: &SdpaBench) -> Result<Estimate> {
+    let what = "bench sdpa's memory";
+    let elems = memory::product(
+        "--batch x --heads x --seq x --head-dim",
+        &[
+            b.batch as u64,
+            b.heads as u64,
+            b.seq as u64,
+            b.head_dim as u64,
+        ],
+    )?;
+    let scores = memory::product(
+        "--batch x --heads x --seq x --seq",
+        &[b.batch as u64, b.heads as u64, b.seq as u64, b.seq as u64],
+    )?;
+    let d = b.dtype.size_in_bytes() as u64;
+    let (per_elem, per_score) = if b.backward {
+        (3 * (4 + d) + 2 * 4 + 4 * (4 + d), 4 * 4)
+    } else {
+        (3 * (4 + d) + 2 * 4, 2 * 4)
+    };
+    Ok(Estimate {
+        bytes: memory::sum(
+            what,
+            &[
+                memory::product(what, &[elems, per_elem])?,
+                memory::product(what, &[scores, per_score])?,
+            ],
+        )?,
+        what: "q, k, v, outputs, gradients, the math backend's scores",
+    })
 }
 
 /// What [`varlen`] times.
@@ -111,6 +153,11 @@ pub fn varlen(b: &VarlenBench) -> Result<VarlenComparison> {
             b.n_head
         );
     }
+    if b.device.is_cpu() {
+        memory::check_fits("this benchmark", &varlen_memory(b)?, memory::available())?;
+    } else {
+        varlen_memory(b)?;
+    }
     let varmap = VarMap::new();
     let layer = CausalSelfAttention::new(
         AttentionConfig {
@@ -122,7 +169,7 @@ pub fn varlen(b: &VarlenBench) -> Result<VarlenComparison> {
         },
         VarBuilder::from_varmap(&varmap, DType::F32, &b.device),
     )?;
-    let lens = random_lengths(b.batch, b.max_len, b.seed);
+    let lens = random_lengths(b.batch, b.max_len, b.seed)?;
     let cmp = varlen_comparison(&layer, &lens, b.max_len, &b.device, b.min_time)?;
     if cmp.max_abs_diff.is_nan() || cmp.max_abs_diff > VARLEN_TOLERANCE {
         bail!(
@@ -131,4 +178,26 @@ pub fn varlen(b: &VarlenBench) -> Result<VarlenComparison> {
         );
     }
     Ok(cmp)
+}
+
+/// What [`varlen`] allocates at most: the sequences, padded and packed, each through the
+/// layer (q|k|v, attention output, projection), and the layer's weights.
+pub fn varlen_memory(b: &VarlenBench) -> Result<Estimate> {
+    let what = "bench varlen's memory";
+    let tokens = memory::product(
+        "--batch x --max-len x --n-embd",
+        &[b.batch as u64, b.max_len as u64, b.n_embd as u64],
+    )?;
+    let c = b.n_embd as u64;
+    Ok(Estimate {
+        bytes: memory::sum(
+            what,
+            &[
+                memory::product(what, &[tokens, 13, 4])?,
+                memory::product(what, &[c, c, 4, 4])?,
+                memory::product(what, &[b.batch as u64, 16])?,
+            ],
+        )?,
+        what: "sequences padded and packed, q|k|v, outputs, weights",
+    })
 }
