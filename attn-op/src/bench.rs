@@ -248,19 +248,23 @@ impl fmt::Display for VarlenComparison {
 /// Sequence lengths uniform in `[1, max_len]` from `seed` (about 50% padding); an error when
 /// `batch` lengths cannot be held in memory.
 pub fn random_lengths(batch: usize, max_len: usize, seed: u64) -> Result<Vec<usize>> {
-    crate::validate::checked_elems("random_lengths", "the lengths", &[batch], 8)?;
+    let mut lens = Vec::new();
+    lens.try_reserve_exact(batch).map_err(|_| {
+        candle_core::Error::Msg(format!(
+            "random_lengths: cannot hold {batch} lengths in memory"
+        ))
+    })?;
     let mut state = seed;
-    Ok((0..batch)
-        .map(|_| {
-            // SplitMix64.
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            1 + (z % max_len.max(1) as u64) as usize
-        })
-        .collect())
+    lens.extend((0..batch).map(|_| {
+        // SplitMix64.
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        1 + (z % max_len.max(1) as u64) as usize
+    }));
+    Ok(lens)
 }
 
 /// Times `layer` (causal in evaluation: build it with [`crate::nn::Causality::Always`]) on

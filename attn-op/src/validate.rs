@@ -258,12 +258,38 @@ mod tests {
             "{e}"
         );
         assert!(checked_elems("sdpa", "key", &[1 << 32, 1 << 32], 2).is_err());
-        assert!(checked_elems("sdpa", "key", &[1 << 30, 1 << 30], 4).is_err());
+        assert!(checked_elems("sdpa", "key", &[1 << 31, 1 << 31], 4).is_err());
+        assert!(checked_elems("sdpa", "key", &[1 << 30, 1 << 30], 4).is_ok());
         assert_eq!(checked_elems("sdpa", "value", &[2, 3, 4], 2).unwrap(), 24);
         assert_eq!(
             checked_elems("sdpa", "value", &[0, usize::MAX], 2).unwrap(),
             0
         );
+    }
+
+    /// Broadcast views have any shape without memory behind them: the public entry points
+    /// refuse the ones whose sizes overflow instead of letting a kernel allocate for them.
+    #[test]
+    fn public_calls_refuse_overflowing_views() {
+        let one = t(&[1, 1, 1, 4]);
+        for dims in [
+            [1, 1, (1usize << 62) + 1, 4],
+            [1 << 32, 1 << 32, 1, 4],
+            [1, 1, 1 << 61, 4],
+        ] {
+            let q = one.broadcast_as(&dims[..]).unwrap();
+            let opts = SdpaOptions::default();
+            let e = crate::scaled_dot_product_attention(&q, &q, &q, &opts).unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains("has more elements than memory can hold"),
+                "{e}"
+            );
+            let e = crate::bench::sweep(&q, &q, &q, &opts, false, Default::default()).unwrap_err();
+            assert!(e.to_string().contains("has more elements"), "{e}");
+            let e = crate::flash_attn(&q, &q, &q, 0.5, true).unwrap_err();
+            assert!(e.to_string().contains("has more elements"), "{e}");
+        }
     }
 
     #[test]

@@ -128,7 +128,15 @@ fn train_and_sample_sizes_are_checked_before_allocating() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("must be at most 9223372036854775807"));
 
     // Every u64 is a seed, and it survives the checkpoint.
-    succeeds(d, &train(&["--seed", "18446744073709551615"]));
+    succeeds(
+        d,
+        &train(&[
+            "--seed",
+            "18446744073709551615",
+            "--always-save-checkpoint",
+            "true",
+        ]),
+    );
     let (stdout, _) = succeeds(
         d,
         &[
@@ -143,7 +151,7 @@ fn train_and_sample_sizes_are_checked_before_allocating() {
     );
     assert!(stdout.contains("done at iteration 4"), "{stdout}");
 
-    let sample = |n: &str| {
+    let sample = |n: &'static str| {
         [
             "sample",
             "--device",
