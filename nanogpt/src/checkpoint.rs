@@ -143,7 +143,14 @@ pub fn load(path: &Path, device: &Device) -> Result<Checkpoint> {
     let number = |key: &str| -> Result<usize> {
         get(key)?
             .parse()
-            .map_err(|_| corrupt(format!("`{key}` is not a number")))
+            .ok()
+            .filter(|&n| n <= crate::config::MAX_COUNT)
+            .ok_or_else(|| {
+                corrupt(format!(
+                    "`{key}` is not a whole number up to {}",
+                    crate::config::MAX_COUNT
+                ))
+            })
     };
     let meta = Meta {
         train_config: TrainConfig::from_toml(get("train_config")?)

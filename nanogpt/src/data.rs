@@ -145,6 +145,8 @@ fn bin_records(dir: &Path, meta: &str) -> Result<BTreeMap<String, BinRecord>> {
 
 fn read_corpus(input: Option<&Path>, dir: &Path) -> Result<String> {
     let local = dir.join("input.txt");
+    // What a download killed while writing left behind.
+    files::remove_stale_temps(dir, "input.txt", false)?;
     let path = match input {
         Some(p) => p.to_path_buf(),
         None if local.is_file() => local,

@@ -261,7 +261,11 @@ fn one_run_per_out_dir_and_signals_stop_with_a_checkpoint() {
 fn killed_and_resumed_runs_end_as_the_uninterrupted_run() {
     let dir = prepared();
     let d = dir.path();
+    let t0 = Instant::now();
     succeeds(d, &strs(&tiny("whole", "40")));
+    // Kills come at a uniform moment of a run's length (a save every 2 iterations: many land
+    // inside checkpoint writes).
+    let run_us = t0.elapsed().as_micros() as u64;
 
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -290,7 +294,7 @@ fn killed_and_resumed_runs_end_as_the_uninterrupted_run() {
         };
         let mut child = spawn(d, &args);
         wait_for("a checkpoint", || out.join("ckpt.safetensors").is_file());
-        std::thread::sleep(Duration::from_micros(rng.below(30_000)));
+        std::thread::sleep(Duration::from_micros(rng.below(run_us)));
         signal(&child, libc::SIGKILL);
         let status = child.wait().unwrap();
         kills += usize::from(status.code().is_none());
