@@ -186,7 +186,7 @@ check() {
     local iters=500
     [[ -n "$quick" ]] && iters=100
     if [[ -f "$BUNDLE/data/train.bin" ]]; then
-        gpt "$bin" "$out" train --config "$ROOT/configs/shakespeare_char.toml" --data-dir "$BUNDLE/data" \
+        gpt "$bin" "$out" train --overwrite --config "$ROOT/configs/shakespeare_char.toml" --data-dir "$BUNDLE/data" \
             --out-dir "$out/gpt" --max-iters "$iters" --eval-interval "$iters" --eval-iters 20 \
             --log-interval 50 >"$out/nanogpt.log" 2>&1 || status=1
         tail -n 4 "$out/nanogpt.log"
@@ -225,7 +225,7 @@ recipe() {
     local out="${OUT:-$ROOT/gpu-check-out}" bin=/tmp/attn-op-gpu-check
     [[ -x "$bin/nanogpt" ]] || unpack "$bin"
     find_libs
-    gpt "$bin" "$out" train --config "$ROOT/configs/shakespeare_char.toml" --data-dir "$BUNDLE/data" \
+    gpt "$bin" "$out" train --overwrite --config "$ROOT/configs/shakespeare_char.toml" --data-dir "$BUNDLE/data" \
         --out-dir "$out/gpt-recipe" 2>&1 | tee "$out/recipe.log"
     gpt "$bin" "$out" sample --out-dir "$out/gpt-recipe" --num-samples 2 --max-new-tokens 500 --seed 1 \
         | tee "$out/recipe-sample.txt"

@@ -19,7 +19,7 @@ if [ ! -f data/shakespeare_char/train.bin ]; then
 fi
 for pair in $(seq "$pairs"); do
     ours=$(./target/release/nanogpt train --config configs/shakespeare_char_cpu.toml \
-        --max-iters "$iters" --eval-interval 100000 --out-dir target/vs-pytorch 2>&1 |
+        --max-iters "$iters" --eval-interval 100000 --out-dir target/vs-pytorch --overwrite 2>&1 |
         sed -n 's/.*median \([0-9.]*\) ms\/iter.*/\1/p')
     theirs=$(.venv-torch/bin/python scripts/pytorch_reference.py --max-iters "$iters" |
         sed -n 's/^median \([0-9.]*\) ms\/iter.*/\1/p')

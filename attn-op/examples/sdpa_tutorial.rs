@@ -76,7 +76,7 @@ fn main() -> Result<()> {
 
     println!("== 3. Variable-length batches: packed vs padded");
     let (causal_attn, _vm2) = layer(Causality::Always, 0.0, &device)?;
-    let lens = random_lengths(batch, 512, 5);
+    let lens = random_lengths(batch, 512, 5)?;
     println!(
         "{}\n",
         varlen_comparison(&causal_attn, &lens, 512, &device, min_time)?

@@ -233,8 +233,8 @@ pub struct VarlenComparison {
 impl VarlenComparison {
     /// Fraction of the padded batch that is padding.
     pub fn padding(&self) -> f64 {
-        let total: usize = self.lens.iter().sum();
-        1.0 - total as f64 / (self.lens.len() * self.max_len).max(1) as f64
+        let total: f64 = self.lens.iter().map(|&l| l as f64).sum();
+        1.0 - total / (self.lens.len() as f64 * self.max_len as f64).max(1.0)
     }
 
     /// How many times faster packed is than padded.
@@ -245,7 +245,7 @@ impl VarlenComparison {
 
 impl fmt::Display for VarlenComparison {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let total: usize = self.lens.iter().sum();
+        let total: u128 = self.lens.iter().map(|&l| l as u128).sum();
         writeln!(
             f,
             "batch {}, max length {}, {:.0}% padding, causal self-attention forward",
@@ -259,7 +259,7 @@ impl fmt::Display for VarlenComparison {
         writeln!(
             f,
             "| padded dense | {} | {:.2} | 1.00x |",
-            self.lens.len() * self.max_len,
+            self.lens.len() as u128 * self.max_len as u128,
             ms(&self.padded)
         )?;
         writeln!(
@@ -276,20 +276,26 @@ impl fmt::Display for VarlenComparison {
     }
 }
 
-/// Sequence lengths uniform in `[1, max_len]` from `seed` (about 50% padding).
-pub fn random_lengths(batch: usize, max_len: usize, seed: u64) -> Vec<usize> {
+/// Sequence lengths uniform in `[1, max_len]` from `seed` (about 50% padding); an error when
+/// `batch` lengths cannot be held in memory.
+pub fn random_lengths(batch: usize, max_len: usize, seed: u64) -> Result<Vec<usize>> {
+    let mut lens = Vec::new();
+    lens.try_reserve_exact(batch).map_err(|_| {
+        candle_core::Error::Msg(format!(
+            "random_lengths: cannot hold {batch} lengths in memory"
+        ))
+    })?;
     let mut state = seed;
-    (0..batch)
-        .map(|_| {
-            // SplitMix64.
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            1 + (z % max_len.max(1) as u64) as usize
-        })
-        .collect()
+    lens.extend((0..batch).map(|_| {
+        // SplitMix64.
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        1 + (z % max_len.max(1) as u64) as usize
+    }));
+    Ok(lens)
 }
 
 /// Times `layer` (causal in evaluation: build it with [`crate::nn::Causality::Always`]) on
@@ -306,6 +312,13 @@ pub fn varlen_comparison(
     if lens.iter().any(|&l| l > max_len) {
         candle_core::bail!("varlen_comparison: a length exceeds max_len = {max_len}");
     }
+    // The padded batch (B, max_len, C) bounds every tensor made here.
+    crate::validate::checked_elems(
+        "varlen_comparison",
+        "the padded batch",
+        &[lens.len(), max_len, c, 3],
+        4,
+    )?;
     let seqs: Vec<Tensor> = lens
         .iter()
         .map(|&l| Tensor::randn(0f32, 1., (l, c), device))

@@ -97,6 +97,8 @@ pub(crate) fn attention(
         dtype
     };
     let group = p.hq / p.hkv;
+    // The scores (..., Lq, Lk) are materialised here.
+    crate::validate::checked_elems("attention (math)", "the scores", &p.scores_shape(), 4)?;
     // Candle's batched matmul takes rank-3 operands best: flatten the leading dims.
     let n: usize = p.lead.iter().product();
     let q = q.to_dtype(compute)?.contiguous()?.reshape((n, p.lq, p.e))?;

@@ -90,11 +90,12 @@ pub fn dropout_multipliers(rows: usize, cols: usize, p: f64, seed: u64) -> Resul
         bail!("dropout: p = {p} is outside [0, 1)");
     }
     let scale = (1.0 / (1.0 - p)) as f32;
+    let n = crate::validate::checked_elems("dropout_multipliers", "the mask", &[rows, cols], 4)?;
     if p == 0.0 {
-        return Ok(vec![scale; rows * cols]);
+        return Ok(vec![scale; n]);
     }
     let mask = DropoutMask::new(p, seed);
-    let mut keep = vec![0f32; rows * cols];
+    let mut keep = vec![0f32; n];
     // Rows in parallel: each row's mask depends only on the seed and the row.
     keep.par_chunks_mut(cols.max(1))
         .enumerate()

@@ -116,6 +116,13 @@ impl QkvRows {
                  be positive"
             );
         }
+        // One token's q|k|v row, and one sequence of them, must be countable.
+        crate::validate::checked_elems(
+            "qkv rows",
+            "a sequence",
+            &[seq_len, 3, n_head, head_dim],
+            4,
+        )?;
         Ok(Self {
             n_head,
             head_dim,

@@ -118,6 +118,9 @@ pub(crate) fn check_sdpa(
             );
         }
     }
+    for (name, dims) in [("query", qd), ("key", kd), ("value", vd)] {
+        checked_elems(api, name, dims, q.dtype().size_in_bytes())?;
+    }
     let scale = check_common(e, opts.dropout_p, opts.scale)?;
     let problem = Problem {
         lead: qd[..r - 2].to_vec(),
@@ -130,6 +133,7 @@ pub(crate) fn check_sdpa(
         scale,
         dtype: q.dtype(),
     };
+    checked_elems(api, "the output", &problem.out_shape(), 4)?;
     if let Some(mask) = &opts.attn_mask {
         if opts.is_causal {
             bail!("{api}: attn_mask and is_causal cannot both be set (PyTorch raises the same); put the causal mask into attn_mask");
@@ -137,6 +141,26 @@ pub(crate) fn check_sdpa(
         check_mask(api, mask, q, &problem)?;
     }
     Ok(problem)
+}
+
+/// The number of elements of a tensor of shape `dims`, or an error when that number, or its
+/// size in bytes at `elem_bytes` each (f32 intermediates counted as 4), overflows what one
+/// allocation can hold (`isize::MAX` bytes). A shape built with wrapping arithmetic would
+/// otherwise reach the kernels.
+pub(crate) fn checked_elems(
+    api: &str,
+    name: &str,
+    dims: &[usize],
+    elem_bytes: usize,
+) -> Result<usize> {
+    let elems = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+    match elems {
+        Some(n) if n.checked_mul(elem_bytes.max(4)).is_some_and(|b| b <= isize::MAX as usize) => Ok(n),
+        _ => bail!(
+            "{api}: {name} of shape {dims:?} has more elements than memory can hold ({} bytes at most)",
+            isize::MAX
+        ),
+    }
 }
 
 /// Checks dropout and scale, returning the scale to use (`1/sqrt(E)` by default).
@@ -221,6 +245,51 @@ mod tests {
         .unwrap();
         assert_eq!((p.hq, p.hkv, p.lq, p.lk, p.e, p.ev), (4, 2, 4, 5, 8, 6));
         assert_eq!(p.out_shape(), vec![2, 4, 4, 6]);
+    }
+
+    #[test]
+    fn sizes_that_overflow_are_errors() {
+        let huge = [1, 1, (1usize << 62) + 1, 4];
+        let e = checked_elems("sdpa", "query", &huge, 4)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("query of shape [1, 1, 4611686018427387905, 4] has more elements"),
+            "{e}"
+        );
+        assert!(checked_elems("sdpa", "key", &[1 << 32, 1 << 32], 2).is_err());
+        assert!(checked_elems("sdpa", "key", &[1 << 31, 1 << 31], 4).is_err());
+        assert!(checked_elems("sdpa", "key", &[1 << 30, 1 << 30], 4).is_ok());
+        assert_eq!(checked_elems("sdpa", "value", &[2, 3, 4], 2).unwrap(), 24);
+        assert_eq!(
+            checked_elems("sdpa", "value", &[0, usize::MAX], 2).unwrap(),
+            0
+        );
+    }
+
+    /// Broadcast views have any shape without memory behind them: the public entry points
+    /// refuse the ones whose sizes overflow instead of letting a kernel allocate for them.
+    #[test]
+    fn public_calls_refuse_overflowing_views() {
+        let one = t(&[1, 1, 1, 4]);
+        for dims in [
+            [1, 1, (1usize << 62) + 1, 4],
+            [1 << 32, 1 << 32, 1, 4],
+            [1, 1, 1 << 61, 4],
+        ] {
+            let q = one.broadcast_as(&dims[..]).unwrap();
+            let opts = SdpaOptions::default();
+            let e = crate::scaled_dot_product_attention(&q, &q, &q, &opts).unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains("has more elements than memory can hold"),
+                "{e}"
+            );
+            let e = crate::bench::sweep(&q, &q, &q, &opts, false, Default::default()).unwrap_err();
+            assert!(e.to_string().contains("has more elements"), "{e}");
+            let e = crate::flash_attn(&q, &q, &q, 0.5, true).unwrap_err();
+            assert!(e.to_string().contains("has more elements"), "{e}");
+        }
     }
 
     #[test]

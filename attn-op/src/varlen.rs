@@ -51,12 +51,16 @@ impl Packed {
         let mut cu = Vec::with_capacity(lens.len() + 1);
         cu.push(0u32);
         for l in &lens {
-            cu.push(
-                cu[cu.len() - 1]
-                    + u32::try_from(*l).map_err(|_| {
-                        candle_core::Error::Msg("Packed::new: sequence too long".into())
-                    })?,
-            );
+            let end = u32::try_from(*l)
+                .ok()
+                .and_then(|l| cu[cu.len() - 1].checked_add(l))
+                .ok_or_else(|| {
+                    candle_core::Error::Msg(format!(
+                        "Packed::new: the sequences hold more than {} tokens, the most u32 cumulative lengths count",
+                        u32::MAX
+                    ))
+                })?;
+            cu.push(end);
         }
         Ok(Self {
             data: Tensor::cat(seqs, 0)?,

@@ -13,6 +13,8 @@ use attn_op::{Backend, SdpaOptions};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 
+use crate::memory::{self, Estimate};
+
 /// Largest `|packed - padded|` on the valid tokens for the two layouts to count as equal: both
 /// compute the same f32 sums, in a different order.
 pub const VARLEN_TOLERANCE: f32 = 1e-4;
@@ -58,6 +60,11 @@ pub fn sdpa(b: &SdpaBench) -> Result<Sweep> {
             bail!("--{name} 0: it must be at least 1");
         }
     }
+    if b.device.is_cpu() {
+        memory::check_fits("this benchmark", &sdpa_memory(b)?, memory::available())?;
+    } else {
+        sdpa_memory(b)?;
+    }
     let input = |seq: usize| -> Result<Tensor> {
         let shape = (b.batch, b.heads, seq, b.head_dim);
         let t = Tensor::randn(0f32, 1., shape, &b.device)?.to_dtype(b.dtype)?;
@@ -82,6 +89,51 @@ pub fn sdpa(b: &SdpaBench) -> Result<Sweep> {
         b.min_time,
         &b.backends,
     )?)
+}
+
+/// What [`sdpa`] allocates at most: q, k, v (drawn in f32, then cast), the output, with
+/// `backward` the gradients, and when the math backend is timed its score matrices.
+pub fn sdpa_memory(b: &SdpaBench) -> Result<Estimate> {
+    let what = "bench sdpa's memory";
+    let (batch, heads, d) = (b.batch as u64, b.heads as u64, b.head_dim as u64);
+    let q = memory::product(
+        "--batch x --heads x --seq x --head-dim",
+        &[batch, heads, b.seq as u64, d],
+    )?;
+    let kv = memory::product(
+        "--batch x --heads x --kv-seq x --head-dim",
+        &[batch, heads, b.kv_seq as u64, d],
+    )?;
+    let scores = memory::product(
+        "--batch x --heads x --seq x --kv-seq",
+        &[batch, heads, b.seq as u64, b.kv_seq as u64],
+    )?;
+    let size = b.dtype.size_in_bytes() as u64;
+    let qkv = memory::sum(what, &[q, kv, kv])?;
+    // Per element of q, k and v: the f32 draw and its cast, and with backward two gradients
+    // (Candle's zero-filled accumulator and ours); per element of the output: it and its
+    // gradient in f32. The math backend holds two score matrices (four with backward).
+    let (per_qkv, per_out, per_score) = if b.backward {
+        (3 * (4 + size), 2 * 4, 4 * 4)
+    } else {
+        (4 + size, 2 * 4, 2 * 4)
+    };
+    let math = b.backends.contains(&Some(Backend::Math));
+    Ok(Estimate {
+        bytes: memory::sum(
+            what,
+            &[
+                memory::product(what, &[qkv, per_qkv])?,
+                memory::product(what, &[q, per_out])?,
+                if math {
+                    memory::product(what, &[scores, per_score])?
+                } else {
+                    0
+                },
+            ],
+        )?,
+        what: "q, k, v, outputs, gradients, the math backend's scores",
+    })
 }
 
 /// What [`varlen`] times.
@@ -124,6 +176,11 @@ pub fn varlen(b: &VarlenBench) -> Result<VarlenComparison> {
             b.n_head
         );
     }
+    if b.device.is_cpu() {
+        memory::check_fits("this benchmark", &varlen_memory(b)?, memory::available())?;
+    } else {
+        varlen_memory(b)?;
+    }
     let varmap = VarMap::new();
     let layer = CausalSelfAttention::new(
         AttentionConfig {
@@ -135,7 +192,7 @@ pub fn varlen(b: &VarlenBench) -> Result<VarlenComparison> {
         },
         VarBuilder::from_varmap(&varmap, DType::F32, &b.device),
     )?;
-    let lens = random_lengths(b.batch, b.max_len, b.seed);
+    let lens = random_lengths(b.batch, b.max_len, b.seed)?;
     let cmp = varlen_comparison(&layer, &lens, b.max_len, &b.device, b.min_time)?;
     if cmp.max_abs_diff.is_nan() || cmp.max_abs_diff > VARLEN_TOLERANCE {
         bail!(
@@ -144,4 +201,26 @@ pub fn varlen(b: &VarlenBench) -> Result<VarlenComparison> {
         );
     }
     Ok(cmp)
+}
+
+/// What [`varlen`] allocates at most: the sequences, padded and packed, each through the
+/// layer (q|k|v, attention output, projection), and the layer's weights.
+pub fn varlen_memory(b: &VarlenBench) -> Result<Estimate> {
+    let what = "bench varlen's memory";
+    let tokens = memory::product(
+        "--batch x --max-len x --n-embd",
+        &[b.batch as u64, b.max_len as u64, b.n_embd as u64],
+    )?;
+    let c = b.n_embd as u64;
+    Ok(Estimate {
+        bytes: memory::sum(
+            what,
+            &[
+                memory::product(what, &[tokens, 13, 4])?,
+                memory::product(what, &[c, c, 4, 4])?,
+                memory::product(what, &[b.batch as u64, 16])?,
+            ],
+        )?,
+        what: "sequences padded and packed, q|k|v, outputs, weights",
+    })
 }

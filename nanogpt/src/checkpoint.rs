@@ -1,6 +1,7 @@
 //! Checkpoints: one safetensors file holding the weights, the AdamW moments, and as metadata
 //! the configuration, iteration, best val loss, generator state and tokenizer. Written to a
 //! temporary file and renamed over the old one, so an interrupted save never loses a checkpoint.
+//! Loading checks the metadata against the tensors before any model is built from it.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -10,6 +11,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 
 use crate::config::TrainConfig;
+use crate::files;
+use crate::memory::{self, Estimate};
 use crate::model::ModelConfig;
 
 /// The checkpoint's file name inside `out-dir`.
@@ -42,6 +45,9 @@ pub struct Meta {
     pub attn_seeds: Vec<u64>,
     /// The tokenizer ([`crate::tokenizer::Tokenizer::to_json`]).
     pub tokenizer: String,
+    /// Whether the evaluation due at `iter_num` has yet to run: true for a checkpoint saved
+    /// when a run was interrupted before it, false for the saves that follow an evaluation.
+    pub eval_pending: bool,
 }
 
 /// A loaded checkpoint.
@@ -65,7 +71,7 @@ pub fn save(path: &Path, varmap: &VarMap, extra: Vec<(String, Tensor)>, meta: &M
     tensors.extend(extra);
     let metadata = HashMap::from([
         ("format".to_string(), FORMAT.to_string()),
-        ("train_config".to_string(), meta.train_config.to_toml()),
+        ("train_config".to_string(), meta.train_config.to_toml()?),
         (
             "model_config".to_string(),
             serde_json::to_string(&meta.model_config)?,
@@ -83,24 +89,31 @@ pub fn save(path: &Path, varmap: &VarMap, extra: Vec<(String, Tensor)>, meta: &M
                 .join(","),
         ),
         ("tokenizer".to_string(), meta.tokenizer.clone()),
+        ("eval_pending".to_string(), meta.eval_pending.to_string()),
     ]);
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    safetensors::serialize_to_file(tensors, Some(metadata), &tmp)
-        .with_context(|| format!("cannot write checkpoint {}", tmp.display()))?;
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .with_context(|| format!("cannot flush {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
+    files::write_atomic(path, |tmp| {
+        safetensors::serialize_to_file(tensors, Some(metadata), tmp)
+            .with_context(|| format!("cannot write checkpoint {}", tmp.display()))
+    })
 }
 
 /// Reads the checkpoint at `path`, its tensors on `device`.
 pub fn load(path: &Path, device: &Device) -> Result<Checkpoint> {
+    if let Ok(m) = std::fs::metadata(path) {
+        // The file's bytes and the tensors made from them.
+        let need = Estimate {
+            bytes: m.len().saturating_mul(2),
+            what: "the checkpoint's bytes and tensors",
+        };
+        memory::check_fits(
+            &format!("loading {}", path.display()),
+            &need,
+            memory::available(),
+        )?;
+    }
     let bytes = std::fs::read(path).with_context(|| {
         format!(
             "no checkpoint at {}; train one first with `nanogpt train --out-dir {}`",
@@ -116,8 +129,6 @@ pub fn load(path: &Path, device: &Device) -> Result<Checkpoint> {
     };
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
         .map_err(|e| corrupt(format!("corrupt or truncated safetensors file ({e})")))?;
-    let tensors = candle_core::safetensors::load_buffer(&bytes, device)
-        .map_err(|e| corrupt(format!("corrupt or truncated safetensors file ({e})")))?;
     let md = header.metadata().clone().unwrap_or_default();
     let get = |key: &str| -> Result<&String> {
         md.get(key)
@@ -132,7 +143,14 @@ pub fn load(path: &Path, device: &Device) -> Result<Checkpoint> {
     let number = |key: &str| -> Result<usize> {
         get(key)?
             .parse()
-            .map_err(|_| corrupt(format!("`{key}` is not a number")))
+            .ok()
+            .filter(|&n| n <= crate::config::MAX_COUNT)
+            .ok_or_else(|| {
+                corrupt(format!(
+                    "`{key}` is not a whole number up to {}",
+                    crate::config::MAX_COUNT
+                ))
+            })
     };
     let meta = Meta {
         train_config: TrainConfig::from_toml(get("train_config")?)
@@ -154,8 +172,85 @@ pub fn load(path: &Path, device: &Device) -> Result<Checkpoint> {
             })
             .collect::<Result<_>>()?,
         tokenizer: get("tokenizer")?.clone(),
+        eval_pending: match md.get("eval_pending").map(String::as_str) {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(_) => return Err(corrupt("`eval_pending` is not true or false".into())),
+        },
     };
+    let infos = header.tensors();
+    let shapes: HashMap<&str, &[usize]> = infos
+        .iter()
+        .map(|(name, info)| (name.as_str(), info.shape.as_slice()))
+        .collect();
+    check_model_config(&meta.model_config, &shapes).map_err(|e| corrupt(format!("{e:#}")))?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, device)
+        .map_err(|e| corrupt(format!("corrupt or truncated safetensors file ({e})")))?;
     Ok(Checkpoint { meta, tensors })
+}
+
+/// Checks the model shape the metadata claims against the shapes of the stored weights, so
+/// that no model is built from metadata that its tensors do not back: the embeddings give the
+/// vocabulary, block size and width, the blocks' indices the depth, ln_f the biases.
+fn check_model_config(cfg: &ModelConfig, shapes: &HashMap<&str, &[usize]>) -> Result<()> {
+    if cfg.n_head == 0 || !cfg.n_embd.is_multiple_of(cfg.n_head) {
+        bail!(
+            "`model_config` has n-embd = {} and n-head = {}; n-head must divide n-embd",
+            cfg.n_embd,
+            cfg.n_head
+        );
+    }
+    if !(0.0..1.0).contains(&cfg.dropout) {
+        bail!(
+            "`model_config` has dropout = {}, outside [0, 1)",
+            cfg.dropout
+        );
+    }
+    let embeddings = [
+        ("transformer.wte.weight", [cfg.vocab_size, cfg.n_embd]),
+        (POSITION_EMBEDDING, [cfg.block_size, cfg.n_embd]),
+    ];
+    for (name, want) in embeddings {
+        let key = format!("{MODEL_PREFIX}{name}");
+        match shapes.get(key.as_str()) {
+            Some(have) if *have == want => {}
+            Some(have) => bail!(
+                "`model_config` (vocab-size {}, block-size {}, n-embd {}) says `{name}` is {want:?}, but it is {have:?}",
+                cfg.vocab_size,
+                cfg.block_size,
+                cfg.n_embd
+            ),
+            None => bail!("it has no weight `{name}`"),
+        }
+    }
+    let prefix = format!("{MODEL_PREFIX}transformer.h.");
+    let blocks = shapes
+        .keys()
+        .filter_map(|k| {
+            k.strip_prefix(&prefix)?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .map(|i| i.saturating_add(1))
+        .max()
+        .unwrap_or(0);
+    if blocks != cfg.n_layer {
+        bail!(
+            "`model_config` says n-layer = {}, but it has weights for {blocks} blocks",
+            cfg.n_layer
+        );
+    }
+    let has_bias = shapes.contains_key(format!("{MODEL_PREFIX}transformer.ln_f.bias").as_str());
+    if has_bias != cfg.bias {
+        bail!(
+            "`model_config` says bias = {}, but its weights {} biases",
+            cfg.bias,
+            if has_bias { "have" } else { "have no" }
+        );
+    }
+    Ok(())
 }
 
 impl Checkpoint {

@@ -5,14 +5,15 @@ use std::path::PathBuf;
 use attn_op::Backend;
 use clap::{Args, Parser, Subcommand};
 
-use nanogpt::config::ConfigOverrides;
-use nanogpt::device::{DeviceArg, DtypeArg};
-use nanogpt::tokenizer::TokenizerKind;
+use crate::config::ConfigOverrides;
+use crate::device::{DeviceArg, DtypeArg};
+use crate::tokenizer::TokenizerKind;
 
 /// A char-level GPT in Candle, after Karpathy's nanoGPT.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 pub struct Cli {
+    #[allow(missing_docs)] // a doc comment here would become clap's help text
     #[command(subcommand)]
     pub command: Command,
 }
@@ -67,6 +68,10 @@ pub struct TrainArgs {
     /// Write a Chrome trace of the run's spans to this file and print the top spans at the end.
     #[arg(long, value_name = "FILE.json")]
     pub profile: Option<PathBuf>,
+    /// Let a fresh run replace the checkpoint and loss history of an earlier run in out-dir.
+    #[arg(long)]
+    pub overwrite: bool,
+    #[allow(missing_docs)] // a doc comment here would become clap's help text
     #[command(flatten)]
     pub overrides: ConfigOverrides,
 }
@@ -112,6 +117,7 @@ pub struct SampleArgs {
 /// `nanogpt bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
+    #[allow(missing_docs)] // a doc comment here would become clap's help text
     #[command(subcommand)]
     pub which: BenchCommand,
 }

@@ -32,7 +32,9 @@ pub struct TrainConfig {
     pub data_dir: PathBuf,
     /// Start from scratch or resume the checkpoint in `out_dir`.
     pub init_from: InitFrom,
-    /// Seed of every random draw (init, batches, dropout).
+    /// Seed of every random draw (init, batches, dropout). TOML integers stop at 2^63 - 1, so
+    /// larger seeds are written as strings.
+    #[serde(with = "seed_toml")]
     pub seed: u64,
     /// Iterations between loss estimates (and checkpoint saves).
     pub eval_interval: usize,
@@ -99,36 +101,39 @@ pub struct ConfigOverrides {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub init_from: Option<InitFrom>,
     #[arg(long, help = "Seed of init, batches and dropout")]
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "seed_toml::serialize_some"
+    )]
     pub seed: Option<u64>,
-    #[arg(long, help = "Iterations between evaluations")]
+    #[arg(long, value_parser = parse_count, help = "Iterations between evaluations")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_interval: Option<usize>,
-    #[arg(long, help = "Batches per loss estimate")]
+    #[arg(long, value_parser = parse_count, help = "Batches per loss estimate")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_iters: Option<usize>,
-    #[arg(long, help = "Iterations between log lines")]
+    #[arg(long, value_parser = parse_count, help = "Iterations between log lines")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_interval: Option<usize>,
     #[arg(long, help = "Save at every evaluation, not only on improvement")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub always_save_checkpoint: Option<bool>,
-    #[arg(long, help = "Micro-batches per optimizer step")]
+    #[arg(long, value_parser = parse_count, help = "Micro-batches per optimizer step")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gradient_accumulation_steps: Option<usize>,
-    #[arg(long, help = "Sequences per micro-batch")]
+    #[arg(long, value_parser = parse_count, help = "Sequences per micro-batch")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batch_size: Option<usize>,
-    #[arg(long, help = "Context length in tokens")]
+    #[arg(long, value_parser = parse_count, help = "Context length in tokens")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub block_size: Option<usize>,
-    #[arg(long, help = "Transformer blocks")]
+    #[arg(long, value_parser = parse_count, help = "Transformer blocks")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub n_layer: Option<usize>,
-    #[arg(long, help = "Attention heads")]
+    #[arg(long, value_parser = parse_count, help = "Attention heads")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub n_head: Option<usize>,
-    #[arg(long, help = "Embedding width (a multiple of n-head)")]
+    #[arg(long, value_parser = parse_count, help = "Embedding width (a multiple of n-head)")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub n_embd: Option<usize>,
     #[arg(long, help = "Dropout probability in [0, 1)")]
@@ -140,7 +145,7 @@ pub struct ConfigOverrides {
     #[arg(long, help = "Peak learning rate")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub learning_rate: Option<f64>,
-    #[arg(long, help = "Total optimizer steps")]
+    #[arg(long, value_parser = parse_count, help = "Total optimizer steps")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_iters: Option<usize>,
     #[arg(long, help = "AdamW weight decay (2-D weights only)")]
@@ -158,10 +163,10 @@ pub struct ConfigOverrides {
     #[arg(long, help = "Warmup + cosine learning-rate decay")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decay_lr: Option<bool>,
-    #[arg(long, help = "Linear warmup steps")]
+    #[arg(long, value_parser = parse_count, help = "Linear warmup steps")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warmup_iters: Option<usize>,
-    #[arg(long, help = "Step where the cosine decay reaches min-lr")]
+    #[arg(long, value_parser = parse_count, help = "Step where the cosine decay reaches min-lr")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lr_decay_iters: Option<usize>,
     #[arg(long, help = "Final learning rate")]
@@ -176,8 +181,8 @@ impl TrainConfig {
     }
 
     /// The TOML text of this configuration (stored in checkpoints).
-    pub fn to_toml(&self) -> String {
-        toml::to_string(self).expect("a TrainConfig always serializes")
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string(self).context("the configuration cannot be written as TOML")
     }
 
     /// Layers `file` (a possibly partial TOML file) and then `flags` over `base`, and validates.
@@ -186,7 +191,8 @@ impl TrainConfig {
         file: Option<&Path>,
         flags: &ConfigOverrides,
     ) -> Result<Self> {
-        let mut table = toml::Table::try_from(base).expect("a TrainConfig always serializes");
+        let mut table = toml::Table::try_from(base)
+            .context("the base configuration cannot be written as TOML")?;
         if let Some(path) = file {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read config file {}", path.display()))?;
@@ -209,7 +215,16 @@ impl TrainConfig {
                 .with_context(|| format!("config file {} has a bad value", path.display()))?;
             drop(config);
         }
-        let flag_table = toml::Table::try_from(flags).expect("overrides always serialize");
+        // Counts go through TOML, whose integers stop at 2^63 - 1: name a flag beyond that.
+        if let serde_json::Value::Object(map) = serde_json::to_value(flags)? {
+            for (key, value) in map {
+                if let Some(n) = value.as_u64().filter(|&n| n > MAX_COUNT as u64) {
+                    bail!("--{key} {n} is too large; it must be at most {MAX_COUNT}");
+                }
+            }
+        }
+        let flag_table =
+            toml::Table::try_from(flags).context("the flags cannot be written as TOML")?;
         table.extend(flag_table);
         let config: TrainConfig = table.try_into()?;
         config.validate()?;
@@ -236,6 +251,33 @@ impl TrainConfig {
             if value == 0 {
                 bail!("{name} = 0; it must be at least 1");
             }
+        }
+        for (name, value) in [
+            ("n-layer", self.n_layer),
+            ("n-head", self.n_head),
+            ("n-embd", self.n_embd),
+            ("block-size", self.block_size),
+            ("batch-size", self.batch_size),
+            (
+                "gradient-accumulation-steps",
+                self.gradient_accumulation_steps,
+            ),
+            ("eval-interval", self.eval_interval),
+            ("eval-iters", self.eval_iters),
+            ("log-interval", self.log_interval),
+            ("max-iters", self.max_iters),
+            ("warmup-iters", self.warmup_iters),
+            ("lr-decay-iters", self.lr_decay_iters),
+        ] {
+            check_count(name, value)?;
+        }
+        if self.checked_tokens_per_iter().is_none() {
+            bail!(
+                "gradient-accumulation-steps x batch-size x block-size = {} x {} x {} is too large to count; use smaller values",
+                self.gradient_accumulation_steps,
+                self.batch_size,
+                self.block_size
+            );
         }
         if !self.n_embd.is_multiple_of(self.n_head) {
             bail!(
@@ -266,9 +308,76 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// Tokens in one optimizer step.
+    /// Tokens in one optimizer step (saturating; [`TrainConfig::validate`] refuses overflow).
     pub fn tokens_per_iter(&self) -> usize {
-        self.gradient_accumulation_steps * self.batch_size * self.block_size
+        self.checked_tokens_per_iter().unwrap_or(usize::MAX)
+    }
+
+    fn checked_tokens_per_iter(&self) -> Option<usize> {
+        self.gradient_accumulation_steps
+            .checked_mul(self.batch_size)?
+            .checked_mul(self.block_size)
+    }
+}
+
+/// The largest count a configuration holds: TOML's largest integer.
+pub const MAX_COUNT: usize = i64::MAX as usize;
+
+fn check_count(name: &str, value: usize) -> Result<()> {
+    if value > MAX_COUNT {
+        bail!("{name} = {value} is too large; it must be at most {MAX_COUNT}");
+    }
+    Ok(())
+}
+
+/// clap's parser of the count flags: a whole number up to [`MAX_COUNT`].
+fn parse_count(s: &str) -> std::result::Result<usize, String> {
+    let n: usize = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a whole number >= 0"))?;
+    if n > MAX_COUNT {
+        return Err(format!("{n} is too large; it must be at most {MAX_COUNT}"));
+    }
+    Ok(n)
+}
+
+/// Serde for the seed in TOML, whose integers stop at `i64::MAX`: larger seeds are written as
+/// decimal strings, and either form is read back.
+mod seed_toml {
+    use serde::{de, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(seed: &u64, s: S) -> Result<S::Ok, S::Error> {
+        match i64::try_from(*seed) {
+            Ok(small) => s.serialize_i64(small),
+            Err(_) => s.serialize_str(&seed.to_string()),
+        }
+    }
+
+    pub fn serialize_some<S: Serializer>(seed: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+        match seed {
+            Some(seed) => serialize(seed, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Seed {
+        Int(i64),
+        Text(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        let bad = |what: &dyn std::fmt::Display| {
+            de::Error::custom(format!(
+                "seed = {what}: expected a whole number from 0 to {}",
+                u64::MAX
+            ))
+        };
+        match Seed::deserialize(d)? {
+            Seed::Int(n) => u64::try_from(n).map_err(|_| bad(&n)),
+            Seed::Text(t) => t.parse().map_err(|_| bad(&format!("{t:?}"))),
+        }
     }
 }
 
@@ -301,7 +410,44 @@ mod tests {
             (12, 2000, 2000)
         );
         assert_eq!((cpu.dropout, cpu.eval_iters), (0.0, 20));
-        assert_eq!(TrainConfig::from_toml(&cpu.to_toml()).unwrap(), cpu);
+        assert_eq!(
+            TrainConfig::from_toml(&cpu.to_toml().unwrap()).unwrap(),
+            cpu
+        );
+    }
+
+    #[test]
+    fn any_u64_seed_round_trips_and_counts_are_bounded() {
+        for seed in [0, i64::MAX as u64, i64::MAX as u64 + 1, u64::MAX] {
+            let flags = ConfigOverrides {
+                seed: Some(seed),
+                ..Default::default()
+            };
+            let c = TrainConfig::layered(&cpu(), None, &flags).unwrap();
+            assert_eq!(c.seed, seed);
+            assert_eq!(TrainConfig::from_toml(&c.to_toml().unwrap()).unwrap(), c);
+        }
+        let flags = ConfigOverrides {
+            max_iters: Some(usize::MAX),
+            ..Default::default()
+        };
+        let e = TrainConfig::layered(&cpu(), None, &flags).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("--max-iters 18446744073709551615 is too large"),
+            "{e}"
+        );
+        let flags = ConfigOverrides {
+            gradient_accumulation_steps: Some(1 << 62),
+            ..Default::default()
+        };
+        let e = TrainConfig::layered(&cpu(), None, &flags).unwrap_err();
+        assert!(e.to_string().contains("too large to count"), "{e}");
+        assert!(parse_count("9223372036854775808").is_err());
+        assert_eq!(parse_count("12"), Ok(12));
+        let e =
+            TrainConfig::from_toml(&CPU_RECIPE.replace("seed = 1337", "seed = -1")).unwrap_err();
+        assert!(format!("{e:#}").contains("seed = -1"), "{e:#}");
     }
 
     #[test]

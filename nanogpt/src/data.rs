@@ -1,15 +1,18 @@
 //! The data: `prepare` turns a text corpus into `train.bin`/`val.bin` (u16 little-endian tokens)
 //! plus the tokenizer, and [`Dataset`] reads them back and samples training batches.
 
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::rng::Rng;
 use crate::tokenizer::{Tokenizer, TokenizerKind, MAX_VOCAB};
+use crate::{files, memory};
 
 /// Where `prepare` downloads tiny Shakespeare from when no input is given.
 pub const SHAKESPEARE_URL: &str =
@@ -36,7 +39,10 @@ pub struct PrepareOptions {
 /// The default BPE vocabulary size.
 pub const DEFAULT_BPE_VOCAB: usize = 1024;
 
-/// Tokenizes the corpus and writes `train.bin`, `val.bin` and `meta.json` into the data folder.
+/// Tokenizes the corpus and writes `train.bin`, `val.bin` and `meta.json` (the tokenizer, and
+/// each bin's length and sha256) into the data folder. The folder is built under a temporary
+/// name and swapped into place when complete (other files in it, such as a downloaded
+/// `input.txt`, are kept), so an interrupted prepare leaves the old folder as it was.
 /// Returns a one-line summary.
 pub fn prepare(opts: &PrepareOptions) -> Result<String> {
     let dir = &opts.data_dir;
@@ -62,10 +68,21 @@ pub fn prepare(opts: &PrepareOptions) -> Result<String> {
     let (train_text, val_text) = text.split_at(cut);
     let train = tokenizer.encode(train_text)?;
     let val = tokenizer.encode(val_text)?;
-    write_tokens(&dir.join("train.bin"), &train)?;
-    write_tokens(&dir.join("val.bin"), &val)?;
-    // Written last: its presence means the folder is complete.
-    tokenizer.save(dir)?;
+    let (train_bytes, val_bytes) = (token_bytes(&train), token_bytes(&val));
+    let mut meta: serde_json::Value = serde_json::from_str(&tokenizer.to_json()?)?;
+    meta[FILES_KEY] = serde_json::to_value(BTreeMap::from([
+        (TRAIN_BIN, BinRecord::of(&train_bytes)),
+        (VAL_BIN, BinRecord::of(&val_bytes)),
+    ]))?;
+    let meta = serde_json::to_string_pretty(&meta)?;
+    files::replace_dir(
+        dir,
+        &[
+            (TRAIN_BIN, &train_bytes),
+            (VAL_BIN, &val_bytes),
+            (META_JSON, meta.as_bytes()),
+        ],
+    )?;
     Ok(format!(
         "prepared {}: {} characters, vocabulary of {} tokens, {} train and {} val tokens",
         dir.display(),
@@ -78,11 +95,58 @@ pub fn prepare(opts: &PrepareOptions) -> Result<String> {
 
 /// Whether `prepare` has completed in `data_dir`.
 pub fn is_prepared(data_dir: &Path) -> bool {
-    data_dir.join("meta.json").is_file()
+    data_dir.join(META_JSON).is_file()
+}
+
+const TRAIN_BIN: &str = "train.bin";
+const VAL_BIN: &str = "val.bin";
+const META_JSON: &str = "meta.json";
+/// The key of `meta.json` that records the bins.
+const FILES_KEY: &str = "files";
+
+/// What `meta.json` records of a bin, so that `train` notices a bin that does not belong to it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct BinRecord {
+    bytes: u64,
+    sha256: String,
+}
+
+impl BinRecord {
+    fn of(bytes: &[u8]) -> Self {
+        Self {
+            bytes: bytes.len() as u64,
+            sha256: sha256_hex(bytes),
+        }
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The bins' records in the `meta.json` text of `dir`.
+fn bin_records(dir: &Path, meta: &str) -> Result<BTreeMap<String, BinRecord>> {
+    let path = dir.join(META_JSON);
+    let again = format!("run `nanogpt prepare --data-dir {}` again", dir.display());
+    let value: serde_json::Value = serde_json::from_str(meta)
+        .with_context(|| format!("{} is corrupt; {again}", path.display()))?;
+    let Some(files) = value.get(FILES_KEY) else {
+        bail!(
+            "{} records no length and checksum of {TRAIN_BIN} and {VAL_BIN} (an older nanogpt wrote it, or it was copied from elsewhere); {again}",
+            path.display()
+        );
+    };
+    serde_json::from_value(files.clone())
+        .with_context(|| format!("{} has a bad `{FILES_KEY}` record; {again}", path.display()))
 }
 
 fn read_corpus(input: Option<&Path>, dir: &Path) -> Result<String> {
     let local = dir.join("input.txt");
+    // What a download killed while writing left behind.
+    files::remove_stale_temps(dir, "input.txt", false)?;
     let path = match input {
         Some(p) => p.to_path_buf(),
         None if local.is_file() => local,
@@ -121,34 +185,57 @@ fn download_shakespeare(dest: &Path) -> Result<()> {
         .take(16 << 20)
         .read_to_end(&mut body)
         .with_context(fail)?;
-    let digest: String = Sha256::digest(&body)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let digest = sha256_hex(&body);
     if digest != SHAKESPEARE_SHA256 {
         bail!("the download from {SHAKESPEARE_URL} has sha256 {digest}, expected {SHAKESPEARE_SHA256}; not using it");
     }
-    let tmp = dest.with_extension("txt.part");
-    std::fs::write(&tmp, &body).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, dest).with_context(|| format!("cannot write {}", dest.display()))?;
-    Ok(())
+    files::write_bytes_atomic(dest, &body)
 }
 
-fn write_tokens(path: &Path, tokens: &[u32]) -> Result<()> {
-    let bytes: Vec<u8> = tokens
+/// The u16 little-endian bytes of `tokens` (each below [`MAX_VOCAB`]).
+fn token_bytes(tokens: &[u32]) -> Vec<u8> {
+    tokens
         .iter()
         .flat_map(|&t| (t as u16).to_le_bytes())
-        .collect();
-    std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
+        .collect()
 }
 
-fn read_tokens(path: &Path, vocab_size: usize) -> Result<Vec<u16>> {
-    let bytes = std::fs::read(path).with_context(|| {
-        format!(
-            "cannot read {}; run `nanogpt prepare` to create it",
+/// Reads a bin, checking it against its record in `meta.json` and its tokens against the
+/// vocabulary.
+fn read_tokens(path: &Path, record: &BinRecord, vocab_size: usize) -> Result<Vec<u16>> {
+    let again = "run `nanogpt prepare` again";
+    let len = std::fs::metadata(path)
+        .with_context(|| {
+            format!(
+                "cannot read {}; run `nanogpt prepare` to create it",
+                path.display()
+            )
+        })?
+        .len();
+    if len != record.bytes {
+        bail!(
+            "{} has {len} bytes but meta.json records {}: the bins and meta.json are not from one prepare; {again}",
+            path.display(),
+            record.bytes
+        );
+    }
+    // The bytes and their tokens.
+    let need = memory::Estimate {
+        bytes: len.saturating_mul(2),
+        what: "the tokens",
+    };
+    memory::check_fits(
+        &format!("reading {}", path.display()),
+        &need,
+        memory::available(),
+    )?;
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if sha256_hex(&bytes) != record.sha256 {
+        bail!(
+            "{} does not match the sha256 that meta.json records: it changed after prepare, or the bins and meta.json are not from one prepare; {again}",
             path.display()
-        )
-    })?;
+        );
+    }
     if bytes.len() % 2 != 0 {
         bail!(
             "{} is corrupt: {} bytes is not a whole number of u16 tokens; run `nanogpt prepare` again",
@@ -202,9 +289,20 @@ impl Dataset {
         }
         let tokenizer = Tokenizer::load(dir)?;
         let vocab = tokenizer.vocab_size();
-        let train = read_tokens(&dir.join("train.bin"), vocab)?;
-        let val = read_tokens(&dir.join("val.bin"), vocab)?;
-        for (name, tokens) in [("train.bin", &train), ("val.bin", &val)] {
+        let meta = std::fs::read_to_string(dir.join(META_JSON))
+            .with_context(|| format!("cannot read {}", dir.join(META_JSON).display()))?;
+        let records = bin_records(dir, &meta)?;
+        let record = |name: &str| {
+            records.get(name).with_context(|| {
+                format!(
+                    "{} records nothing of {name}; run `nanogpt prepare` again",
+                    dir.join(META_JSON).display()
+                )
+            })
+        };
+        let train = read_tokens(&dir.join(TRAIN_BIN), record(TRAIN_BIN)?, vocab)?;
+        let val = read_tokens(&dir.join(VAL_BIN), record(VAL_BIN)?, vocab)?;
+        for (name, tokens) in [(TRAIN_BIN, &train), (VAL_BIN, &val)] {
             if tokens.len() <= block_size {
                 bail!(
                     "{} has {} tokens, too few for block-size {block_size} (it needs at least {}); use a smaller block-size or more data",

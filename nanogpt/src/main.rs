@@ -1,7 +1,5 @@
 //! `nanogpt`: prepare tiny Shakespeare, train a GPT on it, sample text, and time attention.
 
-mod cli;
-
 use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::time::Duration;
@@ -11,12 +9,14 @@ use attn_op::profile::Profiler;
 use candle_core::DType;
 use clap::Parser;
 
-use cli::{
+use nanogpt::bench::{self, SdpaBench, VarlenBench};
+use nanogpt::cli::{
     BenchArgs, BenchCommand, Cli, Command, PrepareArgs, SampleArgs, SdpaArgs, TrainArgs, VarlenArgs,
 };
-use nanogpt::bench::{self, SdpaBench, VarlenBench};
 use nanogpt::config::{InitFrom, TrainConfig, CPU_RECIPE, GPU_RECIPE};
 use nanogpt::data::{self, PrepareOptions};
+use nanogpt::interrupt::{self, Interrupted};
+use nanogpt::memory;
 use nanogpt::rng::Rng;
 use nanogpt::sample::{Generator, Sampling};
 use nanogpt::train::{train, TrainOptions};
@@ -36,6 +36,10 @@ fn main() {
         }) => profiled(args.profile.clone().as_deref(), || bench_varlen(args)),
     });
     if let Err(e) = result {
+        if let Some(stop) = e.downcast_ref::<Interrupted>() {
+            eprintln!("{stop}");
+            std::process::exit(stop.exit_code());
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
@@ -76,7 +80,7 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
     } else {
         CPU_RECIPE
     };
-    let recipe = TrainConfig::from_toml(recipe).expect("the built-in recipes parse");
+    let recipe = TrainConfig::from_toml(recipe).context("a built-in recipe does not parse")?;
     let mut config = TrainConfig::layered(&recipe, args.config.as_deref(), &args.overrides)?;
     if config.init_from == InitFrom::Resume && args.config.is_none() {
         // Resuming without a config file continues the checkpoint's own configuration.
@@ -94,11 +98,13 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
         "training on {:?} in {dtype:?}, attention backend {attn}",
         device.location()
     );
+    interrupt::install().context("cannot install the SIGINT/SIGTERM handlers")?;
     train(&TrainOptions {
         config,
         device,
         dtype,
         progress: std::io::stderr().is_terminal(),
+        overwrite: args.overwrite,
     })?;
     Ok(())
 }
@@ -116,6 +122,14 @@ fn sample(args: SampleArgs) -> Result<()> {
         .tokenizer
         .encode(&start)
         .context("the prompt cannot be encoded")?;
+    if device.is_cpu() {
+        let need = memory::sampling(generator.model_config(), prompt.len(), args.max_new_tokens)?;
+        memory::check_fits(
+            &format!("sampling {} new tokens", args.max_new_tokens),
+            &need,
+            memory::available(),
+        )?;
+    }
     let sampling = Sampling {
         temperature: args.temperature,
         top_k: Some(args.top_k),

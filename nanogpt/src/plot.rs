@@ -1,12 +1,14 @@
 //! The loss history: a CSV in `out-dir` written as training goes, and a PNG of the curves drawn
 //! at the end with plotters.
 
-use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use plotters::prelude::*;
+
+use crate::out_dir::LOSS_CSV;
 
 /// One row of `loss.csv`.
 #[derive(Clone, Debug, PartialEq)]
@@ -36,20 +38,9 @@ fn opt(x: Option<f64>) -> String {
 }
 
 impl LossLog {
-    /// Starts `out_dir/loss.csv`. When `resume_at` is given, the rows an earlier run logged
-    /// before that iteration (and its evaluation at that iteration) are kept.
-    pub fn create(out_dir: &Path, resume_at: Option<usize>) -> Result<Self> {
-        let path = out_dir.join("loss.csv");
-        let mut records = Vec::new();
-        if let (Some(start), Ok(f)) = (resume_at, File::open(&path)) {
-            for line in BufReader::new(f).lines().skip(1) {
-                let rec =
-                    parse_row(&line?).with_context(|| format!("reading {}", path.display()))?;
-                if rec.iter < start || (rec.iter == start && rec.split != "batch") {
-                    records.push(rec);
-                }
-            }
-        }
+    /// Starts a new `out_dir/loss.csv` (replacing any: the caller checked that it may).
+    pub fn create(out_dir: &Path) -> Result<Self> {
+        let path = out_dir.join(LOSS_CSV);
         let file =
             File::create(&path).with_context(|| format!("cannot write {}", path.display()))?;
         let mut log = Self {
@@ -57,8 +48,36 @@ impl LossLog {
             records: Vec::new(),
         };
         writeln!(log.file, "{HEADER}")?;
-        for rec in records {
-            log.push(rec)?;
+        log.file.flush()?;
+        Ok(log)
+    }
+
+    /// Continues `out_dir/loss.csv` for a run resumed at iteration `start`: keeps the rows
+    /// logged before it (and the evaluation at `start` when `keep_evals_at_start`), cuts the
+    /// rest off (the resumed run logs them again), and appends from there. A torn last line
+    /// (a run killed while writing it) is dropped; any other unreadable row is an error.
+    pub fn resume(out_dir: &Path, start: usize, keep_evals_at_start: bool) -> Result<Self> {
+        let path = out_dir.join(LOSS_CSV);
+        let mut file = match OpenOptions::new().read(true).write(true).open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Self::create(out_dir),
+            Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
+        };
+        let mut text = Vec::new();
+        file.read_to_end(&mut text)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let (keep, records) = rows_to_keep(&text, start, keep_evals_at_start)
+            .with_context(|| format!("cannot resume the loss history {}", path.display()))?;
+        file.set_len(keep as u64)
+            .and_then(|()| file.seek(SeekFrom::End(0)).map(drop))
+            .with_context(|| format!("cannot cut {} at the checkpoint", path.display()))?;
+        let mut log = Self {
+            file: BufWriter::new(file),
+            records,
+        };
+        if keep == 0 {
+            writeln!(log.file, "{HEADER}")?;
+            log.file.flush()?;
         }
         Ok(log)
     }
@@ -83,6 +102,38 @@ impl LossLog {
     pub fn records(&self) -> &[Record] {
         &self.records
     }
+}
+
+/// The length of the part of a `loss.csv` to keep for a resume at `start` (whole lines only,
+/// header included; 0 when even the header is torn) and its rows.
+fn rows_to_keep(
+    text: &[u8],
+    start: usize,
+    keep_evals_at_start: bool,
+) -> Result<(usize, Vec<Record>)> {
+    let mut records = Vec::new();
+    let mut keep = 0;
+    for (i, line) in text.split_inclusive(|&b| b == b'\n').enumerate() {
+        let Some(line) = line.strip_suffix(b"\n") else {
+            break; // torn: a run was killed while writing it
+        };
+        let line = String::from_utf8_lossy(line);
+        if i == 0 {
+            if line != HEADER {
+                bail!("its first line is `{line}`, not the header `{HEADER}`; move the file away to resume");
+            }
+        } else {
+            let rec = parse_row(&line).with_context(|| format!("line {}", i + 1))?;
+            let kept = rec.iter < start
+                || (rec.iter == start && rec.split != "batch" && keep_evals_at_start);
+            if !kept {
+                break; // the rows from here on come after the checkpoint
+            }
+            records.push(rec);
+        }
+        keep += line.len() + 1;
+    }
+    Ok((keep, records))
 }
 
 fn parse_row(line: &str) -> Result<Record> {
@@ -213,7 +264,7 @@ mod tests {
             lr: (split == "batch").then_some(1e-3),
             ms: (split == "batch").then_some(5.0),
         };
-        let mut log = LossLog::create(dir.path(), None)?;
+        let mut log = LossLog::create(dir.path())?;
         for i in 0..6 {
             if i % 3 == 0 {
                 log.push(row(i, "train", 3.0 - i as f64 * 0.1))?;
@@ -222,12 +273,33 @@ mod tests {
             log.push(row(i, "batch", 3.0 - i as f64 * 0.1))?;
         }
         drop(log);
-        let log = LossLog::create(dir.path(), Some(3))?;
-        let kept = log.records();
+        let csv = dir.path().join(LOSS_CSV);
+        let whole = std::fs::read_to_string(&csv)?;
+        // A run killed while writing a row leaves it torn: the resume drops it.
+        std::fs::write(&csv, format!("{whole}6,batch,2.4"))?;
+        let log = LossLog::resume(dir.path(), 3, true)?;
+        let kept = log.records().to_vec();
         assert_eq!(kept.len(), 3 + 2 + 2);
         assert!(kept.iter().all(|r| r.iter < 3 || r.split != "batch"));
         assert_eq!(kept[0], row(0, "train", 3.0));
-        let png = plot(kept, &dir.path().join("loss.png"))?;
+        drop(log);
+        let cut = std::fs::read_to_string(&csv)?;
+        assert!(
+            whole.starts_with(&cut) && cut.lines().count() == 1 + 7,
+            "{cut}"
+        );
+        // Without the evaluation at the checkpoint's iteration (an interrupted run's).
+        assert_eq!(LossLog::resume(dir.path(), 3, false)?.records().len(), 5);
+        std::fs::write(&csv, format!("{HEADER}\n0,batch,oops,,\n1,batch,2,,\n"))?;
+        let e = LossLog::resume(dir.path(), 3, true).err().unwrap();
+        assert!(
+            format!("{e:#}").contains("line 2: bad row `0,batch,oops,,`"),
+            "{e:#}"
+        );
+        std::fs::write(&csv, "iter,spl")?;
+        assert!(LossLog::resume(dir.path(), 3, true)?.records().is_empty());
+        assert_eq!(std::fs::read_to_string(&csv)?, format!("{HEADER}\n"));
+        let png = plot(&kept, &dir.path().join("loss.png"))?;
         assert!(std::fs::metadata(png)?.len() > 1000);
         Ok(())
     }

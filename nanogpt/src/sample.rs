@@ -52,6 +52,11 @@ impl Generator {
         })
     }
 
+    /// The shape of the model.
+    pub fn model_config(&self) -> &crate::model::ModelConfig {
+        self.model.config()
+    }
+
     /// A generator around an existing model (tests).
     pub fn new(model: Gpt, tokenizer: Tokenizer, device: &Device, dtype: DType) -> Self {
         Self {
@@ -90,7 +95,7 @@ impl Generator {
         let mut tokens = prompt.to_vec();
         let mut caches = self.model.new_caches();
         let mut cached = 0; // tokens whose keys and values are in `caches`
-        let mut out = Vec::with_capacity(max_new_tokens);
+        let mut out = Vec::new();
         for _ in 0..max_new_tokens {
             let _span = tracing::debug_span!("next_token").entered();
             let logits = if use_cache && tokens.len() <= block {

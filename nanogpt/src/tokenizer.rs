@@ -160,13 +160,6 @@ impl Tokenizer {
         })
     }
 
-    /// Writes `meta.json` into `dir`.
-    pub fn save(&self, dir: &Path) -> Result<()> {
-        let path = dir.join("meta.json");
-        std::fs::write(&path, self.to_json()?)
-            .with_context(|| format!("cannot write {}", path.display()))
-    }
-
     /// Reads `meta.json` from `dir`.
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("meta.json");

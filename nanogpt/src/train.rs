@@ -14,8 +14,11 @@ use attn_op::profile::sync_if_profiling;
 use crate::checkpoint::{self, Checkpoint, Meta};
 use crate::config::{InitFrom, TrainConfig};
 use crate::data::{self, Dataset, PrepareOptions, Split};
+use crate::interrupt::Interrupted;
+use crate::memory;
 use crate::model::{init_weights, Gpt, ModelConfig};
 use crate::optim::{clip_factor, learning_rate, AdamW};
+use crate::out_dir::{self, OutDirLock};
 use crate::plot::{LossLog, Record};
 use crate::rng::Rng;
 use crate::tokenizer::TokenizerKind;
@@ -35,6 +38,9 @@ pub struct TrainOptions {
     pub dtype: DType,
     /// Draw the progress bar (when stderr is a terminal); otherwise print a line per log interval.
     pub progress: bool,
+    /// Let a fresh run replace the checkpoint and loss history of an earlier run in `out-dir`
+    /// (without it, that is an error).
+    pub overwrite: bool,
 }
 
 /// What a finished run reports.
@@ -56,6 +62,9 @@ pub struct TrainSummary {
 pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let cfg = &opts.config;
     let (device, dtype) = (&opts.device, opts.dtype);
+    cfg.validate()?;
+    // Before preparing data: a run too large even for a one-token vocabulary stops here.
+    check_memory(&ModelConfig::from_train(cfg, 1), cfg, opts)?;
     if !data::is_prepared(&cfg.data_dir) {
         eprintln!(
             "{} is not prepared yet; preparing it first",
@@ -71,14 +80,24 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     }
     let dataset = Dataset::load(&cfg.data_dir, cfg.block_size)?;
     let tokenizer_json = dataset.tokenizer.to_json()?;
+    let model_cfg = ModelConfig::from_train(cfg, dataset.tokenizer.vocab_size());
+    check_memory(&model_cfg, cfg, opts)?;
 
-    // The model, fresh or from the checkpoint.
+    // The out-dir is this run's until it returns.
+    let _lock = OutDirLock::acquire(&cfg.out_dir)?;
     let ckpt_path = checkpoint::path_in(&cfg.out_dir);
     let resume = match cfg.init_from {
-        InitFrom::Scratch => None,
+        InitFrom::Scratch => {
+            if out_dir::prepare_fresh(&cfg.out_dir, opts.overwrite)? {
+                eprintln!(
+                    "--overwrite: replacing the earlier run in {}",
+                    cfg.out_dir.display()
+                );
+            }
+            None
+        }
         InitFrom::Resume => Some(checkpoint::load(&ckpt_path, device)?),
     };
-    let model_cfg = ModelConfig::from_train(cfg, dataset.tokenizer.vocab_size());
     if let Some(ckpt) = &resume {
         check_compatible(ckpt, &model_cfg, &tokenizer_json)?;
     }
@@ -88,13 +107,13 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         VarBuilder::from_varmap(&varmap, DType::F32, device),
     )?;
     let mut opt = AdamW::new(&varmap, cfg)?;
-    let (mut rng, start, mut best_val_loss) = match &resume {
+    let (mut rng, start, mut best_val_loss, eval_pending) = match &resume {
         None => {
             let mut init_rng = Rng::new(cfg.seed, INIT_STREAM);
             init_weights(&varmap, cfg.n_layer, &mut init_rng)?;
             let seeds: Vec<u64> = (0..cfg.n_layer).map(|_| init_rng.next_u64()).collect();
             model.set_attn_seed_states(&seeds)?;
-            (Rng::new(cfg.seed, TRAIN_STREAM), 0, f64::INFINITY)
+            (Rng::new(cfg.seed, TRAIN_STREAM), 0, f64::INFINITY, true)
         }
         Some(ckpt) => {
             ckpt.restore_params(&varmap)?;
@@ -104,7 +123,12 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 .with_context(|| format!("{} has bad attention seeds", ckpt_path.display()))?;
             let rng = Rng::from_state_string(&ckpt.meta.rng_state)
                 .with_context(|| format!("{} has a bad generator state", ckpt_path.display()))?;
-            (rng, ckpt.meta.iter_num, ckpt.meta.best_val_loss)
+            (
+                rng,
+                ckpt.meta.iter_num,
+                ckpt.meta.best_val_loss,
+                ckpt.meta.eval_pending,
+            )
         }
     };
     let num_params = model.num_params(&varmap);
@@ -120,9 +144,10 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     }
     drop(resume);
 
-    std::fs::create_dir_all(&cfg.out_dir)
-        .with_context(|| format!("cannot create out-dir {}", cfg.out_dir.display()))?;
-    let mut log = LossLog::create(&cfg.out_dir, (start > 0).then_some(start))?;
+    let mut log = match cfg.init_from {
+        InitFrom::Scratch => LossLog::create(&cfg.out_dir)?,
+        InitFrom::Resume => LossLog::resume(&cfg.out_dir, start, !eval_pending)?,
+    };
     let flops_per_iter = model.flops_per_token(num_params) * cfg.tokens_per_iter() as f64;
     let peak = crate::device::peak_flops(device, dtype);
     let bar = progress_bar(opts.progress, cfg.max_iters, start);
@@ -146,10 +171,42 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     // On the CPU the pool's workers spin between parallel pieces; on CUDA they would only burn
     // cores while the GPU works.
     let _awake = device.is_cpu().then(crate::runtime::WorkersAwake::start);
+    let save = |iter: usize,
+                best_val_loss: f64,
+                eval_pending: bool,
+                opt: &AdamW,
+                rng: &Rng|
+     -> Result<()> {
+        let meta = Meta {
+            train_config: cfg.clone(),
+            model_config: model_cfg.clone(),
+            iter_num: iter,
+            best_val_loss,
+            optim_step: opt.step_count(),
+            rng_state: rng.to_state_string(),
+            attn_seeds: model.attn_seed_states(),
+            tokenizer: tokenizer_json.clone(),
+            eval_pending,
+        };
+        let _span = tracing::debug_span!("checkpoint").entered();
+        checkpoint::save(&ckpt_path, &varmap, opt.state()?, &meta)
+    };
     for iter in start..=cfg.max_iters {
         summary.iter = iter;
-        let resumed_here = iter == start && start > 0;
-        if (iter % cfg.eval_interval == 0 || iter == cfg.max_iters) && !resumed_here {
+        let eval_due = iter % cfg.eval_interval == 0 || iter == cfg.max_iters;
+        // A resumed run starts where its checkpoint was saved, after that iteration's
+        // evaluation unless the run was interrupted before it.
+        let skip_eval = iter == start && !eval_pending;
+        if let Some(signal) = crate::interrupt::received() {
+            // Stop before this iteration's evaluation; save unless nothing changed since start.
+            bar.finish_and_clear();
+            let saved = iter > start;
+            if saved {
+                save(iter, best_val_loss, eval_due, &opt, &rng)?;
+            }
+            return Err(Interrupted::at(signal, iter, saved.then_some(&ckpt_path), cfg).into());
+        }
+        if eval_due && !skip_eval {
             let (train_loss, val_loss) = {
                 let _span = tracing::debug_span!("eval").entered();
                 estimate_loss(&model, &dataset, cfg, iter, device, dtype)?
@@ -163,19 +220,14 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             if val_loss < best_val_loss || cfg.always_save_checkpoint {
                 best_val_loss = best_val_loss.min(val_loss);
                 if iter > 0 {
-                    let meta = Meta {
-                        train_config: cfg.clone(),
-                        model_config: model_cfg.clone(),
-                        iter_num: iter,
-                        best_val_loss,
-                        optim_step: opt.step_count(),
-                        rng_state: rng.to_state_string(),
-                        attn_seeds: model.attn_seed_states(),
-                        tokenizer: tokenizer_json.clone(),
-                    };
-                    let _span = tracing::debug_span!("checkpoint").entered();
-                    checkpoint::save(&ckpt_path, &varmap, opt.state()?, &meta)?;
+                    save(iter, best_val_loss, false, &opt, &rng)?;
                     say(format!("saving checkpoint to {}", ckpt_path.display()));
+                    // A signal during the save: that save is the one to stop with.
+                    if let Some(signal) = crate::interrupt::received() {
+                        bar.finish_and_clear();
+                        let at = Interrupted::at(signal, iter, Some(&ckpt_path), cfg);
+                        return Err(at.into());
+                    }
                 }
             }
         }
@@ -286,6 +338,16 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         png.display()
     );
     Ok(summary)
+}
+
+/// Errors when training `model` as `cfg` says would need more memory than the machine has
+/// (checked on the CPU; a GPU's memory is not known here), or sizes that overflow.
+fn check_memory(model: &ModelConfig, cfg: &TrainConfig, opts: &TrainOptions) -> Result<()> {
+    let need = memory::training(model, cfg.batch_size, opts.dtype.size_in_bytes())?;
+    if opts.device.is_cpu() {
+        memory::check_fits("this training run", &need, memory::available())?;
+    }
+    Ok(())
 }
 
 /// Mean loss over `eval-iters` batches of each split, without dropout. The batches depend only

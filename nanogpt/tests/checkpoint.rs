@@ -55,6 +55,7 @@ fn round_trip_is_exact() {
         rng_state: Rng::new(1, 2).to_state_string(),
         attn_seeds: vec![u64::MAX, 3],
         tokenizer: "{\"kind\":\"char\",\"chars\":\"abc\"}".into(),
+        eval_pending: true,
     };
     let path = dir.path().join("out").join(checkpoint::FILE_NAME);
     checkpoint::save(
@@ -64,7 +65,12 @@ fn round_trip_is_exact() {
         &meta,
     )
     .unwrap();
-    assert!(!dir.path().join("out/ckpt.safetensors.tmp").exists());
+    // Only the checkpoint: no temporary is left behind.
+    let names: Vec<_> = std::fs::read_dir(dir.path().join("out"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["ckpt.safetensors"]);
     let ckpt = checkpoint::load(&path, &Device::Cpu).unwrap();
     assert_eq!(ckpt.meta.train_config, meta.train_config);
     assert_eq!(ckpt.meta.model_config, cfg);
@@ -73,6 +79,7 @@ fn round_trip_is_exact() {
     assert_eq!(ckpt.meta.rng_state, meta.rng_state);
     assert_eq!(ckpt.meta.attn_seeds, meta.attn_seeds);
     assert_eq!(ckpt.meta.tokenizer, meta.tokenizer);
+    assert!(ckpt.meta.eval_pending);
     assert_eq!(values(&ckpt.tensors["optim.m.x"]), values(&moment));
     let restored = VarMap::new();
     tiny_model(&restored, &cfg);
@@ -112,6 +119,7 @@ fn corrupt_and_incompatible_checkpoints_are_reported() {
             device: Device::Cpu,
             dtype: DType::F32,
             progress: false,
+            overwrite: false,
         };
         format!("{:#}", train(&opts).expect_err("resume should fail"))
     };

@@ -152,8 +152,16 @@ fn missing_and_corrupt_data_are_reported() {
 
     let train_bin = d.join("data/train.bin");
     let good = std::fs::read(&train_bin).unwrap();
-    std::fs::write(&train_bin, &good[..good.len() - 1]).unwrap();
-    fails_with(d, &args, "train.bin is corrupt: ");
+    std::fs::write(&train_bin, &good[..good.len() - 2]).unwrap();
+    fails_with(
+        d,
+        &args,
+        &format!(
+            "has {} bytes but meta.json records {}",
+            good.len() - 2,
+            good.len()
+        ),
+    );
     let mut bad = good.clone();
     bad[10] = 0xff;
     bad[11] = 0xff;
@@ -161,14 +169,70 @@ fn missing_and_corrupt_data_are_reported() {
     fails_with(
         d,
         &args,
-        "token 65535 at position 5 is outside the vocabulary",
+        "train.bin does not match the sha256 that meta.json records",
     );
-    std::fs::write(&train_bin, &good[..8]).unwrap();
-    fails_with(d, &args, "too few for block-size 8");
     std::fs::remove_file(&train_bin).unwrap();
     fails_with(d, &args, "run `nanogpt prepare`");
+
+    // A meta.json from another corpus's prepare does not describe these bins.
+    std::fs::write(&train_bin, &good).unwrap();
+    std::fs::write(d.join("other.txt"), common::corpus().replace("the", "a")).unwrap();
+    let out = nanogpt(
+        d,
+        &["prepare", "--input", "other.txt", "--data-dir", "other"],
+    );
+    assert!(out.status.success());
+    std::fs::copy(d.join("other/meta.json"), d.join("data/meta.json")).unwrap();
+    fails_with(d, &args, "are not from one prepare");
+    // One without the records (an older nanogpt's) is not trusted either.
+    std::fs::write(
+        d.join("data/meta.json"),
+        r#"{"kind": "char", "chars": "abc"}"#,
+    )
+    .unwrap();
+    fails_with(d, &args, "records no length and checksum of train.bin");
     std::fs::write(d.join("data/meta.json"), "{oops").unwrap();
     fails_with(d, &args, "meta.json is corrupt");
+}
+
+#[test]
+fn prepare_replaces_the_folder_whole_and_keeps_other_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("input.txt"), common::corpus()).unwrap();
+    let prepare = ["prepare", "--input", "input.txt", "--data-dir", "data"];
+    assert!(nanogpt(d, &prepare).status.success());
+    std::fs::write(d.join("data/notes.txt"), "mine").unwrap();
+    // A temporary folder that a killed prepare left (its pid is no process's).
+    let stale = d.join(format!(".data.{}.0.tmp", u32::MAX));
+    std::fs::create_dir(&stale).unwrap();
+    std::fs::write(stale.join("train.bin"), "half").unwrap();
+    std::fs::write(d.join("input.txt"), common::corpus().replace('a', "A")).unwrap();
+    let out = nanogpt(d, &prepare);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(d.join("data/notes.txt")).unwrap(),
+        "mine"
+    );
+    assert!(std::fs::read_to_string(d.join("data/meta.json"))
+        .unwrap()
+        .contains('A'));
+    let mut names: Vec<String> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["data", "input.txt"], "no temporary folders left");
+    // A prepare that fails leaves the folder as it was.
+    std::fs::write(d.join("input.txt"), "too short").unwrap();
+    fails_with(d, &prepare, "needs at least 100");
+    assert!(std::fs::read_to_string(d.join("data/meta.json"))
+        .unwrap()
+        .contains('A'));
 }
 
 #[test]

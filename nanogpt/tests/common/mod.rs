@@ -105,6 +105,7 @@ pub fn run_in(config: &TrainConfig, dtype: DType) -> TrainSummary {
         device: Device::Cpu,
         dtype,
         progress: false,
+        overwrite: false,
     })
     .unwrap()
 }
