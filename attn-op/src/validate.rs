@@ -290,6 +290,9 @@ mod tests {
             let e = crate::flash_attn(&q, &q, &q, 0.5, true).unwrap_err();
             assert!(e.to_string().contains("has more elements"), "{e}");
         }
+        for p in [0.0, 0.1] {
+            assert!(crate::nn::dropout_multipliers(usize::MAX, 2, p, 1).is_err());
+        }
     }
 
     #[test]

@@ -112,6 +112,13 @@ fn bad_sizes_are_errors() -> Result<()> {
         let err = QkvRows::new(h, d, t, true).unwrap_err().to_string();
         assert!(err.contains("must be positive"), "{err}");
     }
+    let err = QkvRows::new(1 << 32, 1 << 32, 2, true)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("has more elements than memory can hold"),
+        "{err}"
+    );
     let attn = QkvRows::new(2, 4, 5, true)?;
     // 7 rows are not whole sequences of 5; 100 elements are not whole rows of 24.
     for len in [7 * 24, 100] {
