@@ -151,6 +151,8 @@ struct Scratch {
     k: Vec<f32>,
     v: Vec<f32>,
     kt: Vec<f32>,
+    /// Key or value rows of a few-row task, converted (f16 inputs).
+    few_rows: Vec<f32>,
     keep: Vec<f32>,
     /// Each row's output rescaling of the current key tile.
     alpha: Vec<f32>,
@@ -181,6 +183,7 @@ fn forward_block<T: OutElem>(
         k,
         v,
         kt,
+        few_rows,
         keep,
         alpha,
     } = scratch;
@@ -195,13 +198,12 @@ fn forward_block<T: OutElem>(
     let few = rows <= FEW_ROWS;
     for c0 in (0..kend).step_by(BK) {
         let cols = BK.min(kend - c0);
-        let k_rows = src.k.rows(kv.k + c0 * g.k_rs, cols, e, g.k_rs, k);
-        let kt = if few {
-            k_rows
-        } else {
-            transpose_into(k_rows, kt)
-        };
-        let vt = src.v.rows(kv.v + c0 * g.v_rs, cols, ev, g.v_rs, v);
+        let (k_off, v_off) = (kv.k + c0 * g.k_rs, kv.v + c0 * g.v_rs);
+        // Few rows read keys and values where they are (`Src::dots`, `Src::accumulate`).
+        let tiles = (!few).then(|| {
+            let kt = transpose_into(src.k.rows(k_off, cols, e, g.k_rs, k), kt);
+            (kt, src.v.rows(v_off, cols, ev, g.v_rs, v))
+        });
         let mut s0 = 0;
         while s0 < rows {
             // Causal blocks are short where the mask cuts the tile (the masked triangle is
@@ -219,15 +221,14 @@ fn forward_block<T: OutElem>(
             }
             let q = MatRef::rows(&q_task.data[s0 * q_task.rs..], srows, e, q_task.rs);
             let s = &mut scores[..srows * scols];
-            if few {
-                for (i, s_row) in s.chunks_exact_mut(scols).enumerate() {
-                    let q_row = &q.data[i * q.rs..i * q.rs + e];
-                    for (j, sj) in s_row.iter_mut().enumerate() {
-                        *sj = simd::dot(q_row, &kt.data[j * kt.rs..j * kt.rs + e]);
+            match &tiles {
+                Some((kt, _)) => gemm(s, scols, q, MatRef { cols: scols, ..*kt }, false, 1.0),
+                None => {
+                    for (i, s_row) in s.chunks_exact_mut(scols).enumerate() {
+                        let q_row = &q.data[i * q.rs..i * q.rs + e];
+                        src.k.dots(k_off, g.k_rs, q_row, s_row, few_rows);
                     }
                 }
-            } else {
-                gemm(s, scols, q, MatRef { cols: scols, ..kt }, false, 1.0);
             }
             let mul = prepare_scores(g, seg, src, p, r0 + s0, c0, kv.len, s, scols);
             let sub = s0..s0 + srows;
@@ -243,14 +244,21 @@ fn forward_block<T: OutElem>(
                 }
             }
             let o_sub = &mut o[s0 * ev..(s0 + srows) * ev];
-            gemm(
-                o_sub,
-                ev,
-                MatRef::rows(s, srows, scols, scols),
-                MatRef { rows: scols, ..vt },
-                true,
-                1.0,
-            );
+            match &tiles {
+                Some((_, vt)) => gemm(
+                    o_sub,
+                    ev,
+                    MatRef::rows(s, srows, scols, scols),
+                    MatRef { rows: scols, ..*vt },
+                    true,
+                    1.0,
+                ),
+                None => {
+                    for (p_row, o_row) in s.chunks_exact(scols).zip(o_sub.chunks_exact_mut(ev)) {
+                        src.v.accumulate(v_off, g.v_rs, p_row, o_row, few_rows);
+                    }
+                }
+            }
             s0 = next;
         }
     }

@@ -142,6 +142,48 @@ impl<'a> Src<'a> {
     }
 }
 
+impl Src<'_> {
+    /// `out[j] = x · k_j` for the rows `k_j` (`x.len()` elements from storage offset
+    /// `off + j·rs`), `j < out.len()`: one query row against keys read once, as decoding does.
+    /// bf16 keys are widened as they are read; f16 keys are converted into `buf` first.
+    pub fn dots(&self, off: usize, rs: usize, x: &[f32], out: &mut [f32], buf: &mut Vec<f32>) {
+        let e = x.len();
+        match *self {
+            Src::F32(d) => {
+                for (j, o) in out.iter_mut().enumerate() {
+                    *o = simd::dot(x, &d[off + j * rs..][..e]);
+                }
+            }
+            Src::BF16(d) => {
+                for (j, o) in out.iter_mut().enumerate() {
+                    *o = simd::dot_bf16(x, &d[off + j * rs..][..e]);
+                }
+            }
+            Src::F16(_) => {
+                let k = self.rows(off, out.len(), e, rs, buf);
+                for (j, o) in out.iter_mut().enumerate() {
+                    *o = simd::dot(x, &k.data[j * k.rs..][..e]);
+                }
+            }
+        }
+    }
+
+    /// `y += Σ_j p[j]·v_j` for the rows `v_j` (`y.len()` elements from storage offset
+    /// `off + j·rs`), `j < p.len()`: one row of probabilities times values read once. bf16 values
+    /// are widened as they are read; f32 and f16 go through the matrix kernel.
+    pub fn accumulate(&self, off: usize, rs: usize, p: &[f32], y: &mut [f32], buf: &mut Vec<f32>) {
+        let ev = y.len();
+        if let Src::BF16(d) = *self {
+            for (j, &pj) in p.iter().enumerate() {
+                simd::axpy_bf16(pj, &d[off + j * rs..][..ev], y);
+            }
+            return;
+        }
+        let v = self.rows(off, p.len(), ev, rs, buf);
+        matmul::gemm(y, ev, MatRef::rows(p, 1, p.len(), p.len()), v, true, 1.0);
+    }
+}
+
 /// An output element type of the kernels: rows are computed in f32 and stored once, converted.
 pub(crate) trait OutElem: Copy + Send + Sync {
     /// `dst = src` converted (rounding to nearest even).

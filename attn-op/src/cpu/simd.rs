@@ -245,6 +245,36 @@ pub(crate) fn dot(x: &[f32], y: &[f32]) -> f32 {
     reduce(acc, |a, b| a + b) + tail
 }
 
+/// Dot product of f32 `x` with bf16 `y` (each bf16 widened exactly as it is read).
+#[multiversion(targets("x86_64+avx2+fma+avx512f+avx512vl", "x86_64+avx2+fma"))]
+pub(crate) fn dot_bf16(x: &[f32], y: &[half::bf16]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let cx = x.chunks_exact(LANES);
+    let cy = y.chunks_exact(LANES);
+    let wide = |b: &half::bf16| f32::from_bits(u32::from(b.to_bits()) << 16);
+    let tail: f32 = cx
+        .remainder()
+        .iter()
+        .zip(cy.remainder())
+        .map(|(a, b)| a * wide(b))
+        .sum();
+    for (a, b) in cx.zip(cy) {
+        for l in 0..LANES {
+            acc[l] += a[l] * wide(&b[l]);
+        }
+    }
+    reduce(acc, |a, b| a + b) + tail
+}
+
+/// `y += a·x` for bf16 `x`.
+#[multiversion(targets("x86_64+avx2+fma+avx512f+avx512vl", "x86_64+avx2+fma"))]
+pub(crate) fn axpy_bf16(a: f32, x: &[half::bf16], y: &mut [f32]) {
+    let fma = target_cfg_f!(target_feature = "fma");
+    for (y, x) in y.iter_mut().zip(x) {
+        *y = madd(a, f32::from_bits(u32::from(x.to_bits()) << 16), *y, fma);
+    }
+}
+
 /// `y += x`.
 #[multiversion(targets("x86_64+avx2+fma+avx512f+avx512vl", "x86_64+avx2+fma"))]
 pub(crate) fn add(y: &mut [f32], x: &[f32]) {
