@@ -233,42 +233,31 @@ impl TrainConfig {
 
     /// Checks every knob, naming the bad one and what it accepts.
     pub fn validate(&self) -> Result<()> {
-        let positive = [
-            ("n-layer", self.n_layer),
-            ("n-head", self.n_head),
-            ("n-embd", self.n_embd),
-            ("block-size", self.block_size),
-            ("batch-size", self.batch_size),
+        // (name, value, whether 0 is refused); every count must also be representable.
+        let counts = [
+            ("n-layer", self.n_layer, true),
+            ("n-head", self.n_head, true),
+            ("n-embd", self.n_embd, true),
+            ("block-size", self.block_size, true),
+            ("batch-size", self.batch_size, true),
             (
                 "gradient-accumulation-steps",
                 self.gradient_accumulation_steps,
+                true,
             ),
-            ("eval-interval", self.eval_interval),
-            ("eval-iters", self.eval_iters),
-            ("log-interval", self.log_interval),
+            ("eval-interval", self.eval_interval, true),
+            ("eval-iters", self.eval_iters, true),
+            ("log-interval", self.log_interval, true),
+            ("max-iters", self.max_iters, false),
+            ("warmup-iters", self.warmup_iters, false),
+            ("lr-decay-iters", self.lr_decay_iters, false),
         ];
-        for (name, value) in positive {
-            if value == 0 {
+        for (name, value, positive) in counts {
+            if positive && value == 0 {
                 bail!("{name} = 0; it must be at least 1");
             }
         }
-        for (name, value) in [
-            ("n-layer", self.n_layer),
-            ("n-head", self.n_head),
-            ("n-embd", self.n_embd),
-            ("block-size", self.block_size),
-            ("batch-size", self.batch_size),
-            (
-                "gradient-accumulation-steps",
-                self.gradient_accumulation_steps,
-            ),
-            ("eval-interval", self.eval_interval),
-            ("eval-iters", self.eval_iters),
-            ("log-interval", self.log_interval),
-            ("max-iters", self.max_iters),
-            ("warmup-iters", self.warmup_iters),
-            ("lr-decay-iters", self.lr_decay_iters),
-        ] {
+        for (name, value, _) in counts {
             check_count(name, value)?;
         }
         if self.checked_tokens_per_iter().is_none() {

@@ -104,27 +104,14 @@ fn sdpa_sweep_times_each_backend_or_says_why_not() {
 fn sdpa_times_the_chosen_rows_and_kv_lengths() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    // Decoding: one query row against 40 keys, the default dispatch and flash only, in order.
+    // Queries against 40 keys, the default dispatch and flash only, in that order.
     let args = [
-        "bench",
-        "sdpa",
-        "--device",
-        "cpu",
-        "--batch",
-        "1",
-        "--heads",
-        "2",
-        "--seq",
-        "1",
-        "--kv-seq",
-        "40",
-        "--backends",
-        "flash,default",
-        "--min-time-ms",
-        "2",
-    ];
+        TINY_SDPA,
+        &["--kv-seq", "40", "--backends", "flash,default"],
+    ]
+    .concat();
     let (out, _) = succeeds(d, &args);
-    assert!(out.contains("q [1, 2, 1, 32], k [1, 2, 40, 32]"), "{out}");
+    assert!(out.contains("q [1, 2, 16, 32], k [1, 2, 40, 32]"), "{out}");
     let rows: Vec<&str> = out
         .lines()
         .filter(|l| l.starts_with("| ") && !l.starts_with("| backend"))

@@ -2,30 +2,22 @@
 
 mod common;
 
-use common::{fails_with, nanogpt};
+use common::{fails_with, nanogpt, TINY_MODEL};
 
-const TINY: &[&str] = &[
-    "--n-layer",
-    "1",
-    "--n-head",
-    "2",
-    "--n-embd",
-    "16",
-    "--block-size",
-    "8",
-    "--batch-size",
-    "4",
-    "--eval-iters",
-    "2",
-    "--eval-interval",
-    "5",
-    "--max-iters",
-    "5",
-    "--always-save-checkpoint",
-    "true",
-    "--device",
-    "cpu",
-];
+/// [`TINY_MODEL`] for five iterations, evaluated on two batches at the end, always saved.
+fn tiny() -> Vec<&'static str> {
+    let run = [
+        "--eval-iters",
+        "2",
+        "--eval-interval",
+        "5",
+        "--max-iters",
+        "5",
+        "--always-save-checkpoint",
+        "true",
+    ];
+    [TINY_MODEL, &run].concat()
+}
 
 #[test]
 fn prepare_train_sample_and_their_errors() {
@@ -51,7 +43,7 @@ fn prepare_train_sample_and_their_errors() {
     );
 
     let mut args = vec!["train"];
-    args.extend_from_slice(TINY);
+    args.extend(tiny());
     fails_with(
         d,
         &["train", "--n-head", "4", "--n-embd", "18"],
@@ -148,7 +140,7 @@ fn missing_and_corrupt_data_are_reported() {
     );
     assert!(out.status.success());
     let mut args = vec!["train", "--data-dir", "data"];
-    args.extend_from_slice(TINY);
+    args.extend(tiny());
 
     let train_bin = d.join("data/train.bin");
     let good = std::fs::read(&train_bin).unwrap();
@@ -259,7 +251,7 @@ fn bpe_prepare_train_sample() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("vocabulary of 300 tokens"));
     let mut args = vec!["train", "--data-dir", "bpe", "--out-dir", "out-bpe"];
-    args.extend_from_slice(TINY);
+    args.extend(tiny());
     let out = nanogpt(d, &args);
     assert!(
         out.status.success(),

@@ -8,27 +8,15 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{fails_with, succeeds};
+use common::{fails_with, resume_args, succeeds, TINY_MODEL};
 
 /// A tiny model that evaluates (one batch) and saves every 2 iterations, with dropout so that
 /// the generator state matters on resume.
 fn tiny(out: &str, max_iters: &str) -> Vec<String> {
-    [
+    let run = [
         "train",
-        "--device",
-        "cpu",
         "--out-dir",
         out,
-        "--n-layer",
-        "1",
-        "--n-head",
-        "2",
-        "--n-embd",
-        "16",
-        "--block-size",
-        "8",
-        "--batch-size",
-        "4",
         "--eval-iters",
         "1",
         "--eval-interval",
@@ -39,9 +27,12 @@ fn tiny(out: &str, max_iters: &str) -> Vec<String> {
         "true",
         "--max-iters",
         max_iters,
-    ]
-    .map(String::from)
-    .to_vec()
+    ];
+    [&run[..], TINY_MODEL]
+        .concat()
+        .into_iter()
+        .map(String::from)
+        .collect()
 }
 
 fn strs(args: &[String]) -> Vec<&str> {
@@ -146,15 +137,7 @@ fn fresh_runs_do_not_replace_an_earlier_run_and_resume_repairs_a_torn_row() {
     let mut torn = csv.clone();
     torn.extend_from_slice(b"4,batch,1.2");
     std::fs::write(out.join("loss.csv"), &torn).unwrap();
-    let resume = [
-        "train",
-        "--device",
-        "cpu",
-        "--out-dir",
-        "out",
-        "--init-from",
-        "resume",
-    ];
+    let resume = resume_args("out");
     succeeds(d, &[&resume[..], &["--max-iters", "6"]].concat());
     assert_eq!(batch_rows(&out), 6);
     assert!(std::fs::read_to_string(out.join("loss.csv"))
@@ -188,15 +171,7 @@ fn one_run_per_out_dir_and_signals_stop_with_a_checkpoint() {
         &strs(&tiny("out", "4")),
         &format!("in use by another training run (pid {pid})"),
     );
-    let resume = [
-        "train",
-        "--device",
-        "cpu",
-        "--out-dir",
-        "out",
-        "--init-from",
-        "resume",
-    ];
+    let resume = resume_args("out");
     fails_with(d, &resume, "in use by another training run");
 
     // SIGINT: the step finishes, a checkpoint is saved, the exit status says SIGINT.
@@ -274,17 +249,7 @@ fn killed_and_resumed_runs_end_as_the_uninterrupted_run() {
     eprintln!("kill delays drawn with seed {seed}");
     let mut rng = nanogpt::rng::Rng::new(seed, 0);
     let out = d.join("killed");
-    let resume: Vec<String> = [
-        "train",
-        "--device",
-        "cpu",
-        "--out-dir",
-        "killed",
-        "--init-from",
-        "resume",
-    ]
-    .map(String::from)
-    .to_vec();
+    let resume: Vec<String> = resume_args("killed").map(String::from).to_vec();
     let mut kills = 0;
     for round in 0..4 {
         let args = if round == 0 {

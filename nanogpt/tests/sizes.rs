@@ -6,33 +6,24 @@ mod common;
 use std::collections::HashMap;
 use std::path::Path;
 
-use common::{nanogpt, succeeds};
+use common::{nanogpt, succeeds, TINY_MODEL};
 
-const TINY: &[&str] = &[
-    "--n-layer",
-    "1",
-    "--n-head",
-    "2",
-    "--n-embd",
-    "16",
-    "--block-size",
-    "8",
-    "--batch-size",
-    "4",
+/// What [`TINY_MODEL`] runs: two iterations, evaluated on one batch after the second.
+const TINY_RUN: &[&str] = &[
     "--eval-iters",
     "1",
     "--eval-interval",
     "2",
     "--max-iters",
     "2",
-    "--device",
-    "cpu",
 ];
 
-/// `train` with [`TINY`]'s flags, `extra` replacing or adding flag values.
+/// `train` with [`TINY_MODEL`]'s and [`TINY_RUN`]'s flags, `extra` replacing or adding flag
+/// values.
 fn train_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec!["train"];
-    args.extend_from_slice(TINY);
+    args.extend_from_slice(TINY_MODEL);
+    args.extend_from_slice(TINY_RUN);
     for pair in extra.chunks(2) {
         match args.iter().position(|a| *a == pair[0]) {
             Some(i) => args[i + 1] = pair[1],

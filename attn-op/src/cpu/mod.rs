@@ -76,7 +76,8 @@ impl<'a> Whole<'a> {
     }
 }
 
-fn unsupported(dtype: DType) -> String {
+/// The error text for a dtype the fused CPU ops do not take.
+pub(crate) fn unsupported(dtype: DType) -> String {
     format!("attention: dtype {dtype:?} is not supported by the fused CPU ops (f32, f16, bf16)")
 }
 

@@ -228,30 +228,16 @@ pub(crate) fn softmax_bwd_rows(p: &[f32], dp: &mut [f32], cols: usize, d: &[f32]
 /// Dot product.
 #[multiversion(targets("x86_64+avx2+fma+avx512f+avx512vl", "x86_64+avx2+fma"))]
 pub(crate) fn dot(x: &[f32], y: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let cx = x.chunks_exact(LANES);
-    let cy = y.chunks_exact(LANES);
-    let tail: f32 = cx
-        .remainder()
-        .iter()
-        .zip(cy.remainder())
-        .map(|(a, b)| a * b)
-        .sum();
-    for (a, b) in cx.zip(cy) {
-        for l in 0..LANES {
-            acc[l] += a[l] * b[l];
-        }
-    }
-    reduce(acc, |a, b| a + b) + tail
+    dot_of(x, y, |v| *v)
 }
 
-/// Dot product of f32 `x` with bf16 `y` (each bf16 widened exactly as it is read).
-#[multiversion(targets("x86_64+avx2+fma+avx512f+avx512vl", "x86_64+avx2+fma"))]
-pub(crate) fn dot_bf16(x: &[f32], y: &[half::bf16]) -> f32 {
+/// Dot product of `x` with `y` widened to f32 by `wide`, inlined into the caller's compiled
+/// version.
+#[inline(always)]
+fn dot_of<T>(x: &[f32], y: &[T], wide: impl Fn(&T) -> f32) -> f32 {
     let mut acc = [0f32; LANES];
     let cx = x.chunks_exact(LANES);
     let cy = y.chunks_exact(LANES);
-    let wide = |b: &half::bf16| f32::from_bits(u32::from(b.to_bits()) << 16);
     let tail: f32 = cx
         .remainder()
         .iter()
@@ -266,12 +252,24 @@ pub(crate) fn dot_bf16(x: &[f32], y: &[half::bf16]) -> f32 {
     reduce(acc, |a, b| a + b) + tail
 }
 
+/// bf16 to f32, exactly: the bf16 bits are the f32's high half.
+#[inline(always)]
+fn widen_bf16(b: half::bf16) -> f32 {
+    f32::from_bits(u32::from(b.to_bits()) << 16)
+}
+
+/// Dot product of f32 `x` with bf16 `y` (each bf16 widened exactly as it is read).
+#[multiversion(targets("x86_64+avx2+fma+avx512f+avx512vl", "x86_64+avx2+fma"))]
+pub(crate) fn dot_bf16(x: &[f32], y: &[half::bf16]) -> f32 {
+    dot_of(x, y, |b| widen_bf16(*b))
+}
+
 /// `y += a·x` for bf16 `x`.
 #[multiversion(targets("x86_64+avx2+fma+avx512f+avx512vl", "x86_64+avx2+fma"))]
 pub(crate) fn axpy_bf16(a: f32, x: &[half::bf16], y: &mut [f32]) {
     let fma = target_cfg_f!(target_feature = "fma");
     for (y, x) in y.iter_mut().zip(x) {
-        *y = madd(a, f32::from_bits(u32::from(x.to_bits()) << 16), *y, fma);
+        *y = madd(a, widen_bf16(*x), *y, fma);
     }
 }
 
@@ -287,7 +285,7 @@ pub(crate) fn add(y: &mut [f32], x: &[f32]) {
 #[multiversion(targets("x86_64+avx2+fma+avx512f+avx512vl", "x86_64+avx2+fma"))]
 pub(crate) fn bf16_to_f32(src: &[half::bf16], dst: &mut [f32]) {
     for (d, s) in dst.iter_mut().zip(src) {
-        *d = f32::from_bits(u32::from(s.to_bits()) << 16);
+        *d = widen_bf16(*s);
     }
 }
 

@@ -12,7 +12,7 @@ use crate::config::{AttnConfig, Dropout};
 use crate::cpu::backward::{backward, Grads};
 use crate::cpu::forward::{forward, forward_into, Params, Sources};
 use crate::cpu::geometry::Geometry;
-use crate::cpu::{MaskSrc, Src, Whole};
+use crate::cpu::{unsupported, MaskSrc, Src, Whole};
 use crate::validate::check_common;
 use crate::Backend;
 
@@ -41,7 +41,7 @@ pub(crate) fn to_storage(v: Vec<f32>, dtype: DType) -> Result<CpuStorage> {
             crate::cpu::simd::f32_to_bf16(&v, &mut out);
             CpuStorage::BF16(out)
         }
-        d => bail!("attention: dtype {d:?} is not supported by the fused ops (f32, f16, bf16)"),
+        d => bail!("{}", unsupported(d)),
     })
 }
 
@@ -176,9 +176,7 @@ impl Fused {
                     let lse = forward_into(g, src, &p, &mut out);
                     (CpuStorage::BF16(out), lse)
                 }
-                d => bail!(
-                    "attention: dtype {d:?} is not supported by the fused ops (f32, f16, bf16)"
-                ),
+                d => bail!("{}", unsupported(d)),
             })
         })?;
         Ok((out, out_shape(l1, l3), lse))

@@ -11,6 +11,36 @@ use nanogpt::data::{prepare, PrepareOptions};
 use nanogpt::tokenizer::TokenizerKind;
 use nanogpt::train::{train, TrainOptions, TrainSummary};
 
+/// The flags of a one-layer model 16 wide over 8-token windows, in batches of 4, on the CPU: a
+/// training run the command-line tests finish in a moment.
+pub const TINY_MODEL: &[&str] = &[
+    "--n-layer",
+    "1",
+    "--n-head",
+    "2",
+    "--n-embd",
+    "16",
+    "--block-size",
+    "8",
+    "--batch-size",
+    "4",
+    "--device",
+    "cpu",
+];
+
+/// `train --out-dir OUT --init-from resume` on the CPU.
+pub fn resume_args(out: &str) -> [&str; 7] {
+    [
+        "train",
+        "--device",
+        "cpu",
+        "--out-dir",
+        out,
+        "--init-from",
+        "resume",
+    ]
+}
+
 /// Runs the `nanogpt` binary in `dir` with `args` (ignoring any `NANOGPT_INPUT` of the caller).
 pub fn nanogpt(dir: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_nanogpt"))
