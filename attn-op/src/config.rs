@@ -2,7 +2,6 @@
 
 use candle_core::Tensor;
 
-use crate::cpu::geometry::Varlen;
 use crate::philox::DropoutMask;
 
 /// How a causal mask lines up queries and keys when `Lq != Lk`.
@@ -69,4 +68,12 @@ impl AttnConfig {
             varlen: None,
         }
     }
+}
+
+/// Packed variable-length sequences: cumulative lengths, `cu[0] = 0`, `cu[b+1] - cu[b]` the
+/// length of sequence `b`.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Varlen {
+    pub cu_q: Vec<usize>,
+    pub cu_k: Vec<usize>,
 }

@@ -2,8 +2,8 @@
 
 use candle_core::{bail, DType, Result, Tensor};
 
+use crate::config::Varlen;
 use crate::config::{AttnConfig, CausalAlign};
-use crate::cpu::geometry::Varlen;
 use crate::dispatch::refusal;
 use crate::sdpa::unit_last_dim;
 use crate::validate::{check_sdpa, Problem};

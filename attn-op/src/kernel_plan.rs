@@ -7,7 +7,7 @@
 use candle_core::{bail, DType, Device, Layout, Result, Shape, Tensor};
 
 use crate::config::AttnConfig;
-use crate::cpu::geometry::Geometry;
+use crate::geometry::Geometry;
 use crate::philox::DropoutMask;
 use crate::Backend;
 

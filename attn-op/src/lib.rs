@@ -27,6 +27,7 @@ mod dispatch;
 #[cfg(feature = "cuda-emu")]
 pub mod emu;
 mod flash_api;
+mod geometry;
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 mod kernel_plan;
 mod math;

@@ -8,8 +8,8 @@ use candle_core::{bail, DType, Module, ModuleT, Result, Tensor, D};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
+use crate::config::Varlen;
 use crate::config::{AttnConfig, CausalAlign, Dropout};
-use crate::cpu::geometry::Varlen;
 use crate::dispatch::{reasons, select};
 use crate::ops::qkv::QkvAttention;
 use crate::philox::DropoutMask;

@@ -26,8 +26,8 @@ use rayon::prelude::*;
 use crate::config::{CausalAlign, Dropout};
 use crate::cpu::backward::backward;
 use crate::cpu::forward::{forward, Params, Sources};
-use crate::cpu::geometry::Geometry;
 use crate::cpu::Src;
+use crate::geometry::Geometry;
 use crate::validate::check_common;
 
 /// Multi-head self-attention over packed q|k|v token rows: sequences of `seq_len` tokens one

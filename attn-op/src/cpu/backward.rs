@@ -6,9 +6,9 @@
 use rayon::prelude::*;
 
 use super::forward::{prepare_scores, visible_keys, Params, Sources, BK, BQ, CAUSAL_ROWS};
-use super::geometry::{Geometry, KvSeg};
 use super::matmul::{gemm, transpose_into, MatRef};
 use super::{simd, split_rows};
+use crate::geometry::{Geometry, KvSeg};
 
 /// Gradients of q, k and v in the contiguous row spaces of the geometry.
 pub(crate) struct Grads {

@@ -4,10 +4,10 @@
 
 use rayon::prelude::*;
 
-use super::geometry::{Geometry, QSeg};
 use super::matmul::{gemm, transpose_into, MatRef};
 use super::{simd, split_rows, MaskSrc, OutElem, Src};
 use crate::config::Dropout;
+use crate::geometry::{Geometry, QSeg};
 
 /// Query rows per block of the backward's tiles that the causal mask does not cut, and the unit
 /// of the forward's task sizes.

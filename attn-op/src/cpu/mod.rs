@@ -3,7 +3,6 @@
 
 pub(crate) mod backward;
 pub(crate) mod forward;
-pub(crate) mod geometry;
 mod matmul;
 pub(crate) mod simd;
 #[cfg(target_arch = "x86_64")]

@@ -37,7 +37,7 @@ use candle_core::{
 use half::{bf16, f16};
 
 use crate::config::AttnConfig;
-use crate::cpu::geometry::Geometry;
+use crate::geometry::Geometry;
 use crate::kernel_plan::{
     backward_launches, dense, deterministic, dropout_launch, forward_launch, refusal_for,
     segment_tables, Call, DropoutLaunch, KernelKind, KernelParams, Launch, DROPOUT_THREADS,

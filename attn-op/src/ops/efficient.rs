@@ -3,8 +3,8 @@
 use candle_core::{bail, DType, Result, Tensor};
 
 use super::fused::Fused;
+use crate::config::Varlen;
 use crate::config::{AttnConfig, CausalAlign};
-use crate::cpu::geometry::Varlen;
 use crate::validate::is_float;
 use crate::Backend;
 

@@ -3,8 +3,8 @@
 use candle_core::Result;
 
 use super::fused::Fused;
+use crate::config::Varlen;
 use crate::config::{AttnConfig, CausalAlign};
-use crate::cpu::geometry::Varlen;
 use crate::Backend;
 
 /// FlashAttention-2 as a `CustomOp3` on `(q, k, v)`, forward and backward.

@@ -11,8 +11,8 @@ use half::slice::HalfFloatSliceExt;
 use crate::config::{AttnConfig, Dropout};
 use crate::cpu::backward::{backward, Grads};
 use crate::cpu::forward::{forward, forward_into, Params, Sources};
-use crate::cpu::geometry::Geometry;
 use crate::cpu::{unsupported, MaskSrc, Src, Whole};
+use crate::geometry::Geometry;
 use crate::validate::check_common;
 use crate::Backend;
 

@@ -1,4 +1,5 @@
-//! Where each attention problem lives in the (possibly strided) q, k, v buffers.
+//! Where each attention problem lives in the (possibly strided) q, k, v buffers: the segment
+//! tables that both the CPU kernels and the CUDA kernels walk.
 //!
 //! A call is a list of query segments (one per batch·head, or per packed sequence·head), each
 //! attending one key/value segment. Several query segments share a key/value segment under
@@ -9,7 +10,7 @@ use std::ops::Range;
 
 use candle_core::{bail, Layout, Result};
 
-use crate::config::CausalAlign;
+use crate::config::{CausalAlign, Varlen};
 
 /// One (batch, head) query block.
 #[derive(Clone, Debug, PartialEq)]
@@ -57,14 +58,6 @@ pub(crate) struct Geometry {
     /// Rows of the contiguous q-shaped (o, dq) and k-shaped (dk, dv) spaces.
     pub q_rows: usize,
     pub kv_rows: usize,
-}
-
-/// Packed variable-length sequences: cumulative lengths, `cu[0] = 0`, `cu[b+1] - cu[b]` the
-/// length of sequence `b`.
-#[derive(Clone, Debug, PartialEq)]
-pub(crate) struct Varlen {
-    pub cu_q: Vec<usize>,
-    pub cu_k: Vec<usize>,
 }
 
 /// Offset of the element at multi-index `idx` (row-major over `dims`) with `strides`.
