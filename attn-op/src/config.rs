@@ -45,16 +45,85 @@ impl Dropout {
     }
 }
 
+/// Which keys each query row sees: a band around the diagonal that `align` lines up. Query `i`
+/// sees key `j` iff `i + off - left <= j <= i + off + right`, `off = align.offset(Lq, Lk)`, a
+/// missing side unlimited: causal attention is `right = Some(0)` with no `left`, a sliding window
+/// of `w` keys back `left = Some(w)` too (FlashAttention-2's local attention).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Band {
+    pub align: CausalAlign,
+    pub left: Option<usize>,
+    pub right: Option<usize>,
+}
+
+impl Band {
+    /// Causal masking: query `i` sees keys `j <= i + off`.
+    pub fn causal(align: CausalAlign) -> Self {
+        Self {
+            align,
+            left: None,
+            right: Some(0),
+        }
+    }
+
+    /// The band of a query segment of `lq` rows against `lk` keys, as offsets from the row index.
+    pub fn offsets(self, lq: usize, lk: usize) -> Bounds {
+        let off = self.align.offset(lq, lk);
+        Bounds {
+            lo: self.left.map(|l| off - l as isize),
+            hi: self.right.map(|r| off + r as isize),
+        }
+    }
+}
+
+/// A band as offsets from the query row: row `i` sees key `j` iff `i + lo <= j <= i + hi`, a
+/// missing bound unlimited.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Bounds {
+    pub lo: Option<isize>,
+    pub hi: Option<isize>,
+}
+
+impl Bounds {
+    /// The keys `[first, end)` row `row` sees among `lk` (empty when `first >= end`).
+    #[inline]
+    pub fn keys(self, row: usize, lk: usize) -> (usize, usize) {
+        let clamp = |x: isize| x.clamp(0, lk as isize) as usize;
+        let first = self.lo.map_or(0, |lo| clamp(row as isize + lo));
+        let end = self.hi.map_or(lk, |hi| clamp(row as isize + hi + 1));
+        (first, end)
+    }
+
+    /// The rows `[first, end)` among `lq` that see key `col`.
+    #[inline]
+    pub fn rows(self, col: usize, lq: usize) -> (usize, usize) {
+        let clamp = |x: isize| x.clamp(0, lq as isize) as usize;
+        let first = self.hi.map_or(0, |hi| clamp(col as isize - hi));
+        let end = self.lo.map_or(lq, |lo| clamp(col as isize - lo + 1));
+        (first, end)
+    }
+
+    /// Whether any row is limited (the kernels skip the band bookkeeping otherwise).
+    pub fn is_full(self) -> bool {
+        self.lo.is_none() && self.hi.is_none()
+    }
+}
+
 /// Everything an attention op applies to its q, k, v inputs.
 #[derive(Clone, Debug)]
 pub(crate) struct AttnConfig {
     pub scale: f32,
-    pub causal: Option<CausalAlign>,
+    /// Causal mask or sliding window; `None` for every key.
+    pub band: Option<Band>,
     pub dropout: Option<Dropout>,
     /// Bias (f32) or boolean (u8) mask, broadcast to `(..., Hq, Lq, Lk)`.
     pub mask: Option<Tensor>,
     /// Packed sequences; `None` for dense `(..., H, L, D)` inputs.
     pub varlen: Option<Varlen>,
+    /// ALiBi slopes, one per query head: `-slope·|i + Lk - Lq - j|` added to the scaled score.
+    pub alibi: Option<Vec<f32>>,
+    /// Logit soft-capping (Gemma 2): scores become `c·tanh(scale·q·k / c)`, `c > 0`.
+    pub softcap: Option<f32>,
 }
 
 impl AttnConfig {
@@ -62,10 +131,12 @@ impl AttnConfig {
     pub fn new(scale: f32, causal: Option<CausalAlign>) -> Self {
         Self {
             scale,
-            causal,
+            band: causal.map(Band::causal),
             dropout: None,
             mask: None,
             varlen: None,
+            alibi: None,
+            softcap: None,
         }
     }
 }

@@ -10,7 +10,7 @@ use std::ops::Range;
 
 use candle_core::{bail, Layout, Result};
 
-use crate::config::{CausalAlign, Varlen};
+use crate::config::{Band, Bounds, Varlen};
 
 /// One (batch, head) query block.
 #[derive(Clone, Debug, PartialEq)]
@@ -26,8 +26,12 @@ pub(crate) struct QSeg {
     pub stream: usize,
     /// Element offset of row 0 of its mask block (0 without a mask).
     pub mask: usize,
-    /// With causal masking, key `j` is visible from row `i` iff `j <= i + offset`.
-    pub causal: Option<isize>,
+    /// Keys each row sees (causal mask, sliding window).
+    pub band: Bounds,
+    /// ALiBi slope of the segment's head (0 without ALiBi) and the diagonal it measures the
+    /// distance from: `-slope·|i + diag - j|` is added to the scaled score of row `i`, key `j`.
+    pub slope: f32,
+    pub diag: isize,
 }
 
 /// One (batch, head) key/value block and the query segments that read it.
@@ -83,6 +87,15 @@ fn last_dim_unit(name: &str, l: &Layout) -> Result<()> {
     Ok(())
 }
 
+fn check_slopes(alibi: Option<&[f32]>, hq: usize) -> Result<()> {
+    match alibi {
+        Some(a) if a.len() != hq => {
+            bail!("attention: {} ALiBi slopes for {hq} query heads", a.len())
+        }
+        _ => Ok(()),
+    }
+}
+
 impl Geometry {
     /// Dense `(..., H, L, D)` inputs: q `(..., Hq, Lq, E)`, k `(..., Hkv, Lk, E)`, v `(..., Hkv, Lk, Ev)`,
     /// and a mask already broadcast to `(..., Hq, Lq, Lk)`.
@@ -91,7 +104,8 @@ impl Geometry {
         k: &Layout,
         v: &Layout,
         mask: Option<&Layout>,
-        causal: Option<CausalAlign>,
+        band: Option<Band>,
+        alibi: Option<&[f32]>,
     ) -> Result<Self> {
         for (name, l) in [("query", q), ("key", k), ("value", v)] {
             last_dim_unit(name, l)?;
@@ -108,10 +122,11 @@ impl Geometry {
         {
             bail!("attention: inconsistent shapes q {qd:?}, k {kd:?}, v {vd:?}");
         }
+        check_slopes(alibi, hq)?;
         let group = hq / hkv;
         let n_q: usize = qd[..r - 2].iter().product();
         let n_kv: usize = kd[..r - 2].iter().product();
-        let causal = causal.map(|c| c.offset(lq, lk));
+        let bounds = band.map_or_else(Bounds::default, |b| b.offsets(lq, lk));
         let (mask_rs, mask_cs) = match mask {
             Some(m) => (m.stride()[r - 2], m.stride()[r - 1]),
             None => (0, 0),
@@ -126,7 +141,9 @@ impl Geometry {
                 mask: mask.map_or(0, |m| {
                     m.start_offset() + offset_of(n, &qd[..r - 2], &m.stride()[..r - 2])
                 }),
-                causal,
+                band: bounds,
+                slope: alibi.map_or(0.0, |a| a[n % hq]),
+                diag: lk as isize - lq as isize,
             })
             .collect();
         let kv_segs = (0..n_kv)
@@ -160,7 +177,8 @@ impl Geometry {
         k: &Layout,
         v: &Layout,
         varlen: &Varlen,
-        causal: Option<CausalAlign>,
+        band: Option<Band>,
+        alibi: Option<&[f32]>,
     ) -> Result<Self> {
         for (name, l) in [("query", q), ("key", k), ("value", v)] {
             last_dim_unit(name, l)?;
@@ -182,6 +200,7 @@ impl Geometry {
         if cu_k.len() != b + 1 || cu_q.last() > Some(&total_q) || cu_k.last() > Some(&total_k) {
             bail!("attention: cumulative lengths {cu_q:?} / {cu_k:?} do not fit {total_q} / {total_k} packed rows");
         }
+        check_slopes(alibi, hq)?;
         let group = hq / hkv;
         let mut q_segs = Vec::with_capacity(b * hq);
         let mut kv_segs = Vec::with_capacity(b * hkv);
@@ -196,7 +215,9 @@ impl Geometry {
                     kv: s * hkv + h / group,
                     stream: s * hq + h,
                     mask: 0,
-                    causal: causal.map(|c| c.offset(lq, lk)),
+                    band: band.map_or_else(Bounds::default, |b| b.offsets(lq, lk)),
+                    slope: alibi.map_or(0.0, |a| a[h]),
+                    diag: lk as isize - lq as isize,
                 });
             }
             for h in 0..hkv {
@@ -228,6 +249,7 @@ impl Geometry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::CausalAlign;
     use candle_core::Shape;
 
     #[test]
@@ -238,12 +260,13 @@ mod tests {
             .unwrap();
         let k = Layout::contiguous(Shape::from((2, 2, 3, 8)));
         let v = Layout::contiguous_with_offset(Shape::from((2, 2, 3, 6)), 10);
-        let g = Geometry::dense(&q, &k, &v, None, Some(CausalAlign::BottomRight)).unwrap();
+        let band = Band::causal(CausalAlign::BottomRight);
+        let g = Geometry::dense(&q, &k, &v, None, Some(band), None).unwrap();
         assert_eq!(g.q_segs.len(), 8);
         assert_eq!(g.kv_segs.len(), 4);
         assert_eq!(g.q_rs, 32);
         let s = &g.q_segs[5]; // batch 1, head 1
-        assert_eq!((s.q, s.row0, s.kv, s.causal), (160 + 8, 25, 2, Some(-2)));
+        assert_eq!((s.q, s.row0, s.kv, s.band.hi), (160 + 8, 25, 2, Some(-2)));
         assert_eq!(g.kv_segs[3].members, 6..8);
         assert_eq!(g.kv_segs[3].v, 10 + 3 * 18);
     }
@@ -260,7 +283,7 @@ mod tests {
             cu_q: vec![0, 3, 7],
             cu_k: vec![0, 5, 9],
         };
-        let g = Geometry::packed(&q, &k, &k, &varlen, None).unwrap();
+        let g = Geometry::packed(&q, &k, &k, &varlen, None, None).unwrap();
         assert_eq!(g.q_segs.len(), 4);
         let s = &g.q_segs[3]; // sequence 1, head 1
         assert_eq!(

@@ -237,7 +237,10 @@ pub(crate) fn segment_tables(g: &Geometry) -> Result<(Vec<i64>, Vec<i64>)> {
     for s in &g.q_segs {
         i32_of("query length", s.len)?;
         i32_of("dropout stream", s.stream)?;
-        let coff = s.causal.unwrap_or(0);
+        if s.band.lo.is_some() || s.slope != 0.0 {
+            bail!("attention (CUDA): sliding windows and ALiBi are not in the CUDA kernels yet (the CPU runs them)");
+        }
+        let coff = s.band.hi.unwrap_or(0);
         qs.extend_from_slice(&[
             i64_of(s.q)?,
             i64_of(s.row0)?,
@@ -246,7 +249,7 @@ pub(crate) fn segment_tables(g: &Geometry) -> Result<(Vec<i64>, Vec<i64>)> {
             i64_of(s.stream)?,
             i64_of(s.mask)?,
             coff as i64,
-            i64::from(s.causal.is_some()),
+            i64::from(s.band.hi.is_some()),
         ]);
     }
     let mut ks = Vec::with_capacity(g.kv_segs.len() * KVSEG_FIELDS);
@@ -291,6 +294,9 @@ fn rows_aligned(g: &Geometry) -> bool {
 
 /// The parameter block of one call; `tiles` is set per launch.
 fn kernel_params(cfg: &AttnConfig, g: &Geometry, mask: MaskKind) -> Result<KernelParams> {
+    if cfg.softcap.is_some() {
+        bail!("attention (CUDA): softcap is not in the CUDA kernels yet (the CPU runs it)");
+    }
     let (seed, threshold, keep_scale) = match &cfg.dropout {
         Some(d) => (d.mask.key(), d.mask.threshold(), d.keep_scale()),
         None => ([0, 0], 0, 1.0),
@@ -416,8 +422,8 @@ fn geometry(
     mask: Option<&Layout>,
 ) -> Result<Geometry> {
     match &cfg.varlen {
-        Some(varlen) => Geometry::packed(ql, kl, vl, varlen, cfg.causal),
-        None => Geometry::dense(ql, kl, vl, mask, cfg.causal),
+        Some(varlen) => Geometry::packed(ql, kl, vl, varlen, cfg.band, cfg.alibi.as_deref()),
+        None => Geometry::dense(ql, kl, vl, mask, cfg.band, cfg.alibi.as_deref()),
     }
 }
 

@@ -43,7 +43,12 @@ pub mod varlen;
 
 pub use config::CausalAlign;
 pub use dispatch::{enabled_backends, sdpa_kernel, select_backend, SdpaKernelGuard, Selection};
-pub use flash_api::{flash_attn, flash_attn_varlen};
+pub use flash_api::{
+    flash_attn, flash_attn_alibi, flash_attn_alibi_windowed, flash_attn_alibi_windowed_softcap,
+    flash_attn_varlen, flash_attn_varlen_alibi, flash_attn_varlen_alibi_windowed,
+    flash_attn_varlen_alibi_windowed_softcap, flash_attn_varlen_paged_windowed,
+    flash_attn_varlen_windowed, flash_attn_windowed,
+};
 pub use math::masked_softmax_last_dim;
 pub use ops::{EfficientAttention, FlashAttention};
 pub use options::{Backend, SdpaOptions};

@@ -3,8 +3,9 @@
 
 use candle_core::{DType, Device, Result, Tensor, D};
 
+use crate::config::Band;
 use crate::philox::DropoutMask;
-use crate::validate::Problem;
+use crate::validate::{sdpa_band, Problem};
 use crate::SdpaOptions;
 
 /// Softmax over the last dim that gives zeros (and zero gradients) for a row of `-inf`.
@@ -64,10 +65,14 @@ fn repeat_heads(x: &Tensor, group: usize) -> Result<Tensor> {
     expanded.broadcast_as(bdims)?.contiguous()?.reshape(dims)
 }
 
-/// Lower-triangular (top-left aligned) causal mask of `(Lq, Lk)`, 1 = may attend.
-fn causal_mask(lq: usize, lk: usize, device: &Device) -> Result<Tensor> {
+/// The `(Lq, Lk)` mask of a band (causal mask, sliding window), 1 = may attend.
+fn band_mask(lq: usize, lk: usize, band: Band, device: &Device) -> Result<Tensor> {
+    let b = band.offsets(lq, lk);
     let m: Vec<u8> = (0..lq)
-        .flat_map(|i| (0..lk).map(move |j| u8::from(j <= i)))
+        .flat_map(|i| {
+            let (first, end) = b.keys(i, lk);
+            (0..lk).map(move |j| u8::from(first <= j && j < end))
+        })
         .collect();
     Tensor::from_vec(m, (lq, lk), device)
 }
@@ -112,8 +117,11 @@ pub(crate) fn attention(
         m.broadcast_as(p.scores_shape())?.reshape((n, p.lq, p.lk))
     };
     let mut scores = (q.matmul(&k.t()?)? * p.scale)?;
-    if opts.is_causal {
-        scores = mask_out(&scores, &causal_mask(p.lq, p.lk, q.device())?)?;
+    if let Some(c) = opts.softcap {
+        scores = ((scores / c)?.tanh()? * c)?;
+    }
+    if let Some(band) = sdpa_band(opts) {
+        scores = mask_out(&scores, &band_mask(p.lq, p.lk, band, q.device())?)?;
     }
     match &opts.attn_mask {
         Some(m) if m.dtype() == DType::U8 => scores = mask_out(&scores, &full(m)?)?,

@@ -8,6 +8,8 @@ use candle_core::Tensor;
 /// use attn_op::SdpaOptions;
 /// let opts = SdpaOptions { is_causal: true, dropout_p: 0.1, seed: Some(7), ..Default::default() };
 /// assert!(opts.attn_mask.is_none() && opts.scale.is_none());
+/// // Causal attention over the last 256 keys, logits capped at 50 (Gemma 2's local layers).
+/// let local = SdpaOptions { is_causal: true, window_left: Some(256), softcap: Some(50.0), ..Default::default() };
 /// ```
 #[derive(Clone, Debug, Default)]
 pub struct SdpaOptions {
@@ -30,6 +32,16 @@ pub struct SdpaOptions {
     /// Seed of the dropout mask. The same seed gives the same mask on every backend; `None`
     /// draws a fresh seed per call.
     pub seed: Option<u64>,
+    /// Sliding-window (local) attention: query `i` sees at most `window_left` keys before key
+    /// `i` (`None`: all of them). Aligned top-left like `is_causal`; with `is_causal` it is the
+    /// causal sliding window of Mistral-style models (`i - window_left <= j <= i`).
+    pub window_left: Option<usize>,
+    /// Query `i` sees at most `window_right` keys after key `i` (`None`: all of them;
+    /// `Some(0)` is `is_causal`). Not allowed together with `is_causal`.
+    pub window_right: Option<usize>,
+    /// Logit soft-capping (Gemma 2): scores become `softcap·tanh(scale·q·k / softcap)` before
+    /// `attn_mask` is added. Must be finite and positive.
+    pub softcap: Option<f64>,
 }
 
 /// An implementation of scaled-dot-product attention.

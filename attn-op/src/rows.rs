@@ -23,7 +23,7 @@
 use candle_core::{bail, Layout, Result, Shape};
 use rayon::prelude::*;
 
-use crate::config::{CausalAlign, Dropout};
+use crate::config::{Band, CausalAlign, Dropout};
 use crate::cpu::backward::backward;
 use crate::cpu::forward::{forward, Params, Sources};
 use crate::cpu::Src;
@@ -160,10 +160,11 @@ impl QkvRows {
         let stride = vec![t * 3 * c, d, 3 * c, 1];
         let [lq, lk, lv] =
             [0, 1, 2].map(|i| Layout::new(Shape::from((n / t, h, t, d)), stride.clone(), i * c));
-        let causal = self.causal.then_some(CausalAlign::TopLeft);
-        let g = Geometry::dense(&lq, &lk, &lv, None, causal)?;
+        let band = self.causal.then_some(Band::causal(CausalAlign::TopLeft));
+        let g = Geometry::dense(&lq, &lk, &lv, None, band, None)?;
         let params = Params {
             scale: 1.0 / (d as f32).sqrt(),
+            softcap: None,
             dropout: self.dropout,
         };
         let src = Sources {

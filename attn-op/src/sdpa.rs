@@ -2,7 +2,7 @@
 
 use candle_core::{Result, Tensor};
 
-use crate::config::{AttnConfig, CausalAlign, Dropout};
+use crate::config::{AttnConfig, Dropout};
 use crate::dispatch::select;
 use crate::ops::efficient::prepare_mask;
 use crate::philox::fresh_seed;
@@ -101,10 +101,12 @@ fn run_backend(
     }
     let cfg = AttnConfig {
         scale: p.scale as f32,
-        causal: opts.is_causal.then_some(CausalAlign::TopLeft),
+        band: crate::validate::sdpa_band(opts),
         dropout: Dropout::new(opts.dropout_p, seed),
         mask: opts.attn_mask.as_ref().map(prepare_mask).transpose()?,
         varlen: None,
+        alibi: None,
+        softcap: opts.softcap.map(|c| c as f32),
     };
     let (q, k, v) = (unit_last_dim(q)?, unit_last_dim(k)?, unit_last_dim(v)?);
     match backend {

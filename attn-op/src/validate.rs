@@ -2,6 +2,8 @@
 
 use candle_core::{bail, DType, Result, Tensor};
 
+use crate::config::{Band, CausalAlign};
+
 use crate::SdpaOptions;
 
 /// The sizes of one attention call, once its inputs passed the checks.
@@ -134,6 +136,7 @@ pub(crate) fn check_sdpa(
         dtype: q.dtype(),
     };
     checked_elems(api, "the output", &problem.out_shape(), 4)?;
+    check_window(api, opts, &problem)?;
     if let Some(mask) = &opts.attn_mask {
         if opts.is_causal {
             bail!("{api}: attn_mask and is_causal cannot both be set (PyTorch raises the same); put the causal mask into attn_mask");
@@ -141,6 +144,40 @@ pub(crate) fn check_sdpa(
         check_mask(api, mask, q, &problem)?;
     }
     Ok(problem)
+}
+
+/// Checks the sliding window and soft cap of `opts`.
+fn check_window(api: &str, opts: &SdpaOptions, p: &Problem) -> Result<()> {
+    if opts.is_causal && opts.window_right.is_some() {
+        bail!("{api}: window_right and is_causal cannot both be set (is_causal is window_right = Some(0))");
+    }
+    for (name, w) in [("window_left", opts.window_left), ("window_right", opts.window_right)] {
+        if let Some(w) = w.filter(|&w| w > p.lk) {
+            bail!("{api}: {name} = {w} is larger than the {} keys; use None for an unlimited side", p.lk);
+        }
+    }
+    if let Some(c) = opts.softcap {
+        check_softcap(api, c)?;
+    }
+    Ok(())
+}
+
+/// A soft cap must be finite and positive.
+pub(crate) fn check_softcap(api: &str, c: f64) -> Result<()> {
+    if !(c.is_finite() && c > 0.0) {
+        bail!("{api}: softcap = {c} must be finite and positive");
+    }
+    Ok(())
+}
+
+/// The band of keys SDPA's options let each query see (top-left aligned), if limited.
+pub(crate) fn sdpa_band(opts: &SdpaOptions) -> Option<Band> {
+    let right = if opts.is_causal { Some(0) } else { opts.window_right };
+    (right.is_some() || opts.window_left.is_some()).then_some(Band {
+        align: CausalAlign::TopLeft,
+        left: opts.window_left,
+        right,
+    })
 }
 
 /// The number of elements of a tensor of shape `dims`, or an error when that number, or its

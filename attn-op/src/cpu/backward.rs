@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::forward::{prepare_scores, visible_keys, Params, Sources, BK, BQ, CAUSAL_ROWS};
+use super::forward::{prepare_scores, sub_block, Params, Sources, BK, BQ};
 use super::matmul::{gemm, transpose_into, MatRef};
 use super::{simd, split_rows};
 use crate::geometry::{Geometry, KvSeg};
@@ -118,6 +118,8 @@ struct Scratch {
     dp: Vec<f32>,
     /// The dropout multipliers.
     z: Vec<f32>,
+    /// `tanh` of the capped scores (only with a soft cap).
+    tanh: Vec<f32>,
     /// Kᵀ and Vᵀ of the key tile.
     k_buf: Vec<f32>,
     v_buf: Vec<f32>,
@@ -152,11 +154,13 @@ fn key_range(
     // dropout. Every tile element a product reads was written first in this task.
     let tile = BQ.min(lq) * BK.min(t.c_end - t.c_start);
     let dropout_tile = if p.dropout.is_some() { tile } else { 0 };
+    let cap_tile = if p.softcap.is_some() { tile } else { 0 };
     let Scratch {
         s,
         pd,
         dp,
         z,
+        tanh,
         k_buf,
         v_buf,
         k_rows,
@@ -168,6 +172,7 @@ fn key_range(
         (&mut *dp, tile),
         (&mut *pd, dropout_tile),
         (&mut *z, dropout_tile),
+        (&mut *tanh, cap_tile),
     ] {
         if buf.len() < len {
             buf.resize(len, 0.0);
@@ -185,52 +190,60 @@ fn key_range(
         let dk_tile = &mut t.dk[(c0 - t.c_start) * e..(c0 - t.c_start + tile_cols) * e];
         let dv_tile = &mut t.dv[(c0 - t.c_start) * ev..(c0 - t.c_start + tile_cols) * ev];
         for (mi, seg) in members.iter().enumerate() {
-            // Rows that see none of these keys contribute nothing.
-            let first_row = match seg.causal {
-                Some(off) => (c0 as isize - off).clamp(0, seg.len as isize) as usize,
-                None => 0,
-            };
+            // Only the rows `[first_row, end_row)` see keys of this tile.
+            let first_row = seg.band.rows(c0, seg.len).0;
+            let end_row = seg.band.rows(c0 + tile_cols - 1, seg.len).1;
             let mut r0 = first_row;
-            while r0 < seg.len {
-                // Causal blocks are short where the mask cuts the tile, so its masked triangle is
-                // skipped, and BQ rows where every row sees the whole tile, so the dK and dV
-                // products run over BQ rows instead of a few.
-                let sees_all = visible_keys(seg.causal, r0, kv.len) >= c0 + tile_cols;
-                let rows = if sees_all { BQ } else { CAUSAL_ROWS }.min(seg.len - r0);
+            while r0 < end_row {
+                // Blocks are BQ rows where every row sees the whole tile, so the dK and dV
+                // products run over BQ rows, and short where the band cuts the tile, so most of
+                // its masked part is skipped; only the keys `[k0, k1)` the block sees count.
+                let (rows, k0, k1) =
+                    sub_block(seg, kv.len, r0, end_row - r0, (c0, tile_cols), BQ);
                 let next = r0 + rows;
-                // Keys of the tile that the block's last row sees.
-                let cols = visible_keys(seg.causal, r0 + rows - 1, kv.len)
-                    .saturating_sub(c0)
-                    .min(tile_cols);
+                let cols = k1 - k0;
                 if cols == 0 {
                     r0 = next;
                     continue;
                 }
+                let at = k0 - c0;
                 let kt = MatRef {
+                    data: &kt_tile.data[at * kt_tile.rs..],
                     rows: cols,
                     ..kt_tile
                 };
-                let k_packed = MatRef { cols, ..k_tile_t };
-                let v_packed = MatRef { cols, ..v_tile_t };
-                let dk_t = &mut dk_tile[..cols * e];
-                let dv_t = &mut dv_tile[..cols * ev];
+                let k_packed = MatRef {
+                    data: &k_tile_t.data[at..],
+                    cols,
+                    ..k_tile_t
+                };
+                let v_packed = MatRef {
+                    data: &v_tile_t.data[at..],
+                    cols,
+                    ..v_tile_t
+                };
+                let dk_t = &mut dk_tile[at * e..(at + cols) * e];
+                let dv_t = &mut dv_tile[at * ev..(at + cols) * ev];
                 let q = src.q.rows(seg.q + r0 * g.q_rs, rows, e, g.q_rs, q_rows);
                 let row0 = seg.row0 + r0;
                 let dot = MatRef::rows(&dout[row0 * ev..(row0 + rows) * ev], rows, ev, ev);
                 let n = rows * cols;
                 let n_dropout = if p.dropout.is_some() { n } else { 0 };
+                let n_cap = if p.softcap.is_some() { n } else { 0 };
                 let (s, dp) = (&mut s[..n], &mut dp[..n]);
                 let (pd, z) = (&mut pd[..n_dropout], &mut z[..n_dropout]);
-                // P = exp(scale·QKᵀ + mask - lse); Pd = P with dropout applied.
+                let tanh = &mut tanh[..n_cap];
+                // P = exp(scores - lse); Pd = P with dropout applied.
                 gemm(s, cols, q, k_packed, false, 1.0);
-                let mul = prepare_scores(g, seg, src, p, r0, c0, kv.len, s, cols);
+                let t = p.softcap.is_some().then_some(&mut *tanh);
+                let mul = prepare_scores(g, seg, src, p, r0, k0, kv.len, s, cols, t);
                 simd::exp_rows(s, cols, mul, &lse[row0..row0 + rows]);
                 if let Some(d) = &p.dropout {
                     for (i, row) in s.chunks_exact(cols).enumerate() {
                         let pd_row = &mut pd[i * cols..(i + 1) * cols];
                         pd_row.copy_from_slice(row);
                         let z_row = &mut z[i * cols..(i + 1) * cols];
-                        d.mask.fill_row(seg.stream, r0 + i, c0, z_row);
+                        d.mask.fill_row(seg.stream, r0 + i, k0, z_row);
                         simd::scale(z_row, d.keep_scale());
                         simd::mul(pd_row, z_row);
                     }
@@ -253,6 +266,10 @@ fn key_range(
                     }
                 }
                 simd::softmax_bwd_rows(s, dp, cols, &delta[row0..row0 + rows]);
+                // Through the soft cap: d(c·tanh(scale·x / c))/dx = scale·(1 - tanh²).
+                if p.softcap.is_some() {
+                    simd::tanh_grad(dp, tanh);
+                }
                 let ds = MatRef::rows(dp, rows, cols, cols);
                 // dK += scale · dSᵀ Q, dQ += scale · dS K
                 gemm(dk_t, e, ds.t(), q, true, p.scale);

@@ -48,27 +48,21 @@ pub(crate) struct Sources<'a> {
     pub mask: Option<MaskSrc<'a>>,
 }
 
-/// Scale and dropout of one call.
+/// Scale, soft cap and dropout of one call.
 #[derive(Clone, Copy)]
 pub(crate) struct Params {
     pub scale: f32,
+    pub softcap: Option<f32>,
     pub dropout: Option<Dropout>,
 }
 
-/// Causal limit: the number of keys visible from query row `row` (clamped to `[0, lk]`).
-#[inline]
-pub(crate) fn visible_keys(causal: Option<isize>, row: usize, lk: usize) -> usize {
-    match causal {
-        Some(off) => (row as isize + off + 1).clamp(0, lk as isize) as usize,
-        None => lk,
-    }
-}
-
 /// Prepares a tile of rows of `q·kᵀ` for the softmax: `s` holds rows `row0, row0 + 1, ...` of
-/// query segment `seg`, `cols` wide, keys from `c0` on. Sets keys past each row's causal limit
-/// to `-inf` and applies the mask (scaling first, then returning 1), or leaves the scaling to
-/// the caller (returning the scale): the scores are `returned multiplier × s`, the same
-/// multiplier for every row.
+/// query segment `seg`, `cols` wide, keys from `c0` on. Sets the keys outside each row's band
+/// (causal mask, window) to `-inf`. With a soft cap, ALiBi or a mask, transforms the scores in
+/// place (soft cap or scale, then the ALiBi bias, then the mask) and returns 1; otherwise leaves
+/// the scaling to the caller and returns the scale: the scores are `returned multiplier × s`,
+/// the same multiplier for every row. With a soft cap, `tanh` (when given, as long as `s`)
+/// receives each score's `tanh(scale·q·k / c)`, which the backward needs.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 pub(crate) fn prepare_scores(
@@ -81,23 +75,64 @@ pub(crate) fn prepare_scores(
     lk: usize,
     s: &mut [f32],
     cols: usize,
+    mut tanh: Option<&mut [f32]>,
 ) -> f32 {
+    let transform = src.mask.is_some() || p.softcap.is_some() || seg.slope != 0.0;
     for (i, s) in s.chunks_exact_mut(cols.max(1)).enumerate() {
         let row = row0 + i;
-        let visible = visible_keys(seg.causal, row, lk)
-            .saturating_sub(c0)
-            .min(s.len());
-        s[visible..].fill(f32::NEG_INFINITY);
-        if let Some(mask) = &src.mask {
-            simd::scale(s, p.scale);
-            mask.apply(seg.mask + row * g.mask_rs + c0 * g.mask_cs, g.mask_cs, s);
+        if transform {
+            match p.softcap {
+                Some(cap) => {
+                    let t = tanh.as_deref_mut().map(|t| &mut t[i * cols..(i + 1) * cols]);
+                    simd::softcap(s, p.scale / cap, cap, t);
+                }
+                None => simd::scale(s, p.scale),
+            }
+            if seg.slope != 0.0 {
+                let diag = row as isize + seg.diag - c0 as isize;
+                simd::alibi(s, seg.slope, diag as f32);
+            }
+            if let Some(mask) = &src.mask {
+                mask.apply(seg.mask + row * g.mask_rs + c0 * g.mask_cs, g.mask_cs, s);
+            }
+        }
+        if !seg.band.is_full() {
+            let (first, end) = seg.band.keys(row, lk);
+            let first = first.saturating_sub(c0).min(s.len());
+            let end = end.saturating_sub(c0).clamp(first, s.len());
+            s[..first].fill(f32::NEG_INFINITY);
+            s[end..].fill(f32::NEG_INFINITY);
         }
     }
-    if src.mask.is_some() {
+    if transform {
         1.0
     } else {
         p.scale
     }
+}
+
+/// The block of at most `rows` query rows from `r0` of `seg` against the key tile
+/// `[c0, c0 + cols)`: how many rows it takes (`full_rows`, or `CAUSAL_ROWS` where the band cuts
+/// the tile, so that most of the cut part's products are skipped) and the keys `[k0, k1)` of
+/// the tile that any of those rows sees (empty when none does).
+pub(crate) fn sub_block(
+    seg: &QSeg,
+    lk: usize,
+    r0: usize,
+    rows: usize,
+    (c0, cols): (usize, usize),
+    full_rows: usize,
+) -> (usize, usize, usize) {
+    let full = full_rows.min(rows);
+    let band = seg.band;
+    if band.is_full() {
+        return (full, c0, c0 + cols);
+    }
+    let sees_all = band.keys(r0, lk).1 >= c0 + cols && band.keys(r0 + full - 1, lk).0 <= c0;
+    let n = if sees_all { full } else { CAUSAL_ROWS.min(rows) };
+    let k0 = band.keys(r0, lk).0.clamp(c0, c0 + cols);
+    let k1 = band.keys(r0 + n - 1, lk).1.clamp(k0, c0 + cols);
+    (n, k0, k1)
 }
 
 /// Runs the forward pass: returns the output (contiguous rows of `ev`) and the row logsumexp of
@@ -173,7 +208,9 @@ fn forward_block<T: OutElem>(
     let rows = lse.len();
     let (e, ev) = (g.e, g.ev);
     let kv = &g.kv_segs[seg.kv];
-    let kend = visible_keys(seg.causal, r0 + rows - 1, kv.len);
+    // The keys any row of the task sees: the band's bounds grow with the row.
+    let kstart = seg.band.keys(r0, kv.len).0;
+    let kend = seg.band.keys(r0 + rows - 1, kv.len).1;
     let mut m = vec![f32::NEG_INFINITY; rows];
     let mut l = vec![0f32; rows];
     let Scratch {
@@ -196,33 +233,36 @@ fn forward_block<T: OutElem>(
     // A task of a few rows (decoding one token against a KV cache) reads each key once: dot
     // products with the key rows where they are cost less than transposing the key tile.
     let few = rows <= FEW_ROWS;
-    for c0 in (0..kend).step_by(BK) {
+    for c0 in (kstart..kend).step_by(BK) {
         let cols = BK.min(kend - c0);
-        let (k_off, v_off) = (kv.k + c0 * g.k_rs, kv.v + c0 * g.v_rs);
         // Few rows read keys and values where they are (`Src::dots`, `Src::accumulate`).
         let tiles = (!few).then(|| {
-            let kt = transpose_into(src.k.rows(k_off, cols, e, g.k_rs, k), kt);
-            (kt, src.v.rows(v_off, cols, ev, g.v_rs, v))
+            let kt = transpose_into(src.k.rows(kv.k + c0 * g.k_rs, cols, e, g.k_rs, k), kt);
+            (kt, src.v.rows(kv.v + c0 * g.v_rs, cols, ev, g.v_rs, v))
         });
         let mut s0 = 0;
         while s0 < rows {
-            // Causal blocks are short where the mask cuts the tile (the masked triangle is
-            // skipped) and FWD_ROWS long where every row of the block sees the whole tile.
-            let sees_all = visible_keys(seg.causal, r0 + s0, kv.len) >= c0 + cols;
-            let srows = if sees_all { FWD_ROWS } else { CAUSAL_ROWS }.min(rows - s0);
+            // Blocks are FWD_ROWS long where every row sees the whole tile and short where the
+            // band cuts it; only the keys `[k0, k1)` some row of the block sees are computed.
+            let (srows, k0, k1) = sub_block(seg, kv.len, r0 + s0, rows - s0, (c0, cols), FWD_ROWS);
             let next = s0 + srows;
-            // Keys of this tile that the sub-tile's last row can see (causal skipping).
-            let scols = visible_keys(seg.causal, r0 + s0 + srows - 1, kv.len)
-                .saturating_sub(c0)
-                .min(cols);
+            let scols = k1 - k0;
             if scols == 0 {
                 s0 = next;
                 continue;
             }
+            let (k_off, v_off) = (kv.k + k0 * g.k_rs, kv.v + k0 * g.v_rs);
             let q = MatRef::rows(&q_task.data[s0 * q_task.rs..], srows, e, q_task.rs);
             let s = &mut scores[..srows * scols];
             match &tiles {
-                Some((kt, _)) => gemm(s, scols, q, MatRef { cols: scols, ..*kt }, false, 1.0),
+                Some((kt, _)) => {
+                    let kt = MatRef {
+                        data: &kt.data[k0 - c0..],
+                        cols: scols,
+                        ..*kt
+                    };
+                    gemm(s, scols, q, kt, false, 1.0)
+                }
                 None => {
                     for (i, s_row) in s.chunks_exact_mut(scols).enumerate() {
                         let q_row = &q.data[i * q.rs..i * q.rs + e];
@@ -230,7 +270,7 @@ fn forward_block<T: OutElem>(
                     }
                 }
             }
-            let mul = prepare_scores(g, seg, src, p, r0 + s0, c0, kv.len, s, scols);
+            let mul = prepare_scores(g, seg, src, p, r0 + s0, k0, kv.len, s, scols, None);
             let sub = s0..s0 + srows;
             let alpha = &mut alpha[..srows];
             simd::online_softmax_rows(s, scols, mul, &mut m[sub.clone()], &mut l[sub], alpha);
@@ -238,21 +278,21 @@ fn forward_block<T: OutElem>(
             if let Some(d) = &p.dropout {
                 for (i, row) in s.chunks_exact_mut(scols).enumerate() {
                     let keep = &mut keep[..scols];
-                    d.mask.fill_row(seg.stream, r0 + s0 + i, c0, keep);
+                    d.mask.fill_row(seg.stream, r0 + s0 + i, k0, keep);
                     simd::scale(keep, d.keep_scale());
                     simd::mul(row, keep);
                 }
             }
             let o_sub = &mut o[s0 * ev..(s0 + srows) * ev];
             match &tiles {
-                Some((_, vt)) => gemm(
-                    o_sub,
-                    ev,
-                    MatRef::rows(s, srows, scols, scols),
-                    MatRef { rows: scols, ..*vt },
-                    true,
-                    1.0,
-                ),
+                Some((_, vt)) => {
+                    let vt = MatRef {
+                        data: &vt.data[(k0 - c0) * vt.rs..],
+                        rows: scols,
+                        ..*vt
+                    };
+                    gemm(o_sub, ev, MatRef::rows(s, srows, scols, scols), vt, true, 1.0)
+                }
                 None => {
                     for (p_row, o_row) in s.chunks_exact(scols).zip(o_sub.chunks_exact_mut(ev)) {
                         src.v.accumulate(v_off, g.v_rs, p_row, o_row, few_rows);

@@ -89,9 +89,14 @@ impl Fused {
         Ok(())
     }
 
+    fn alibi(&self) -> Option<&[f32]> {
+        self.cfg.alibi.as_deref()
+    }
+
     pub(crate) fn params(&self) -> Params {
         Params {
             scale: self.cfg.scale,
+            softcap: self.cfg.softcap,
             dropout: self.cfg.dropout,
         }
     }
@@ -115,8 +120,8 @@ impl Fused {
         mask: Option<&Layout>,
     ) -> Result<Geometry> {
         match &self.cfg.varlen {
-            Some(varlen) => Geometry::packed(ql, kl, vl, varlen, self.cfg.causal),
-            None => Geometry::dense(ql, kl, vl, mask, self.cfg.causal),
+            Some(varlen) => Geometry::packed(ql, kl, vl, varlen, self.cfg.band, self.alibi()),
+            None => Geometry::dense(ql, kl, vl, mask, self.cfg.band, self.alibi()),
         }
     }
 
