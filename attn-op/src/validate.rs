@@ -151,9 +151,15 @@ fn check_window(api: &str, opts: &SdpaOptions, p: &Problem) -> Result<()> {
     if opts.is_causal && opts.window_right.is_some() {
         bail!("{api}: window_right and is_causal cannot both be set (is_causal is window_right = Some(0))");
     }
-    for (name, w) in [("window_left", opts.window_left), ("window_right", opts.window_right)] {
+    for (name, w) in [
+        ("window_left", opts.window_left),
+        ("window_right", opts.window_right),
+    ] {
         if let Some(w) = w.filter(|&w| w > p.lk) {
-            bail!("{api}: {name} = {w} is larger than the {} keys; use None for an unlimited side", p.lk);
+            bail!(
+                "{api}: {name} = {w} is larger than the {} keys; use None for an unlimited side",
+                p.lk
+            );
         }
     }
     if let Some(c) = opts.softcap {
@@ -172,7 +178,11 @@ pub(crate) fn check_softcap(api: &str, c: f64) -> Result<()> {
 
 /// The band of keys SDPA's options let each query see (top-left aligned), if limited.
 pub(crate) fn sdpa_band(opts: &SdpaOptions) -> Option<Band> {
-    let right = if opts.is_causal { Some(0) } else { opts.window_right };
+    let right = if opts.is_causal {
+        Some(0)
+    } else {
+        opts.window_right
+    };
     (right.is_some() || opts.window_left.is_some()).then_some(Band {
         align: CausalAlign::TopLeft,
         left: opts.window_left,

@@ -198,8 +198,7 @@ fn key_range(
                 // Blocks are BQ rows where every row sees the whole tile, so the dK and dV
                 // products run over BQ rows, and short where the band cuts the tile, so most of
                 // its masked part is skipped; only the keys `[k0, k1)` the block sees count.
-                let (rows, k0, k1) =
-                    sub_block(seg, kv.len, r0, end_row - r0, (c0, tile_cols), BQ);
+                let (rows, k0, k1) = sub_block(seg, kv.len, r0, end_row - r0, (c0, tile_cols), BQ);
                 let next = r0 + rows;
                 let cols = k1 - k0;
                 if cols == 0 {

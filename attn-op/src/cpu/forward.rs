@@ -83,7 +83,9 @@ pub(crate) fn prepare_scores(
         if transform {
             match p.softcap {
                 Some(cap) => {
-                    let t = tanh.as_deref_mut().map(|t| &mut t[i * cols..(i + 1) * cols]);
+                    let t = tanh
+                        .as_deref_mut()
+                        .map(|t| &mut t[i * cols..(i + 1) * cols]);
                     simd::softcap(s, p.scale / cap, cap, t);
                 }
                 None => simd::scale(s, p.scale),
@@ -129,7 +131,11 @@ pub(crate) fn sub_block(
         return (full, c0, c0 + cols);
     }
     let sees_all = band.keys(r0, lk).1 >= c0 + cols && band.keys(r0 + full - 1, lk).0 <= c0;
-    let n = if sees_all { full } else { CAUSAL_ROWS.min(rows) };
+    let n = if sees_all {
+        full
+    } else {
+        CAUSAL_ROWS.min(rows)
+    };
     let k0 = band.keys(r0, lk).0.clamp(c0, c0 + cols);
     let k1 = band.keys(r0 + n - 1, lk).1.clamp(k0, c0 + cols);
     (n, k0, k1)
@@ -291,7 +297,14 @@ fn forward_block<T: OutElem>(
                         rows: scols,
                         ..*vt
                     };
-                    gemm(o_sub, ev, MatRef::rows(s, srows, scols, scols), vt, true, 1.0)
+                    gemm(
+                        o_sub,
+                        ev,
+                        MatRef::rows(s, srows, scols, scols),
+                        vt,
+                        true,
+                        1.0,
+                    )
                 }
                 None => {
                     for (p_row, o_row) in s.chunks_exact(scols).zip(o_sub.chunks_exact_mut(ev)) {

@@ -51,7 +51,12 @@ pub fn flash_attn(
     softmax_scale: f32,
     causal: bool,
 ) -> Result<Tensor> {
-    dense("flash_attn", (q, k, v), softmax_scale, Extras::causal(causal))
+    dense(
+        "flash_attn",
+        (q, k, v),
+        softmax_scale,
+        Extras::causal(causal),
+    )
 }
 
 /// [`flash_attn`] with a sliding window: query `i` sees key `j` when
@@ -121,9 +126,13 @@ pub fn flash_attn_alibi_windowed(
     window_size_left: Option<usize>,
     window_size_right: Option<usize>,
 ) -> Result<Tensor> {
-    let extras =
-        Extras::window(window_size_left, window_size_right).with_alibi(Some(alibi_slopes));
-    dense("flash_attn_alibi_windowed", (q, k, v), softmax_scale, extras)
+    let extras = Extras::window(window_size_left, window_size_right).with_alibi(Some(alibi_slopes));
+    dense(
+        "flash_attn_alibi_windowed",
+        (q, k, v),
+        softmax_scale,
+        extras,
+    )
 }
 
 /// [`flash_attn_alibi_windowed`] with optional slopes and Gemma 2's logit soft cap: the scaled

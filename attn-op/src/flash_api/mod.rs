@@ -70,7 +70,10 @@ impl<'a> Extras<'a> {
     /// Checks the extras against the problem (`lk`: the longest key sequence) and turns them
     /// into the op's configuration.
     fn config(&self, api: &str, p: &Problem, lk: usize, scale: f32) -> Result<AttnConfig> {
-        for (name, w) in [("window_size_left", self.left), ("window_size_right", self.right)] {
+        for (name, w) in [
+            ("window_size_left", self.left),
+            ("window_size_right", self.right),
+        ] {
             if let Some(w) = w.filter(|&w| w > lk) {
                 bail!("{api}: {name} = {w} is larger than the {lk} keys; use None for an unlimited side");
             }

@@ -16,9 +16,7 @@ fn block_rows(api: &str, table: &Tensor, batch: usize) -> Result<Vec<Vec<i64>>> 
             .into_iter()
             .map(|r| r.into_iter().map(i64::from).collect())
             .collect(),
-        (DType::I32, 2) => {
-            table.to_dtype(DType::I64)?.to_vec2::<i64>()?
-        }
+        (DType::I32, 2) => table.to_dtype(DType::I64)?.to_vec2::<i64>()?,
         _ => bail!(
             "{api}: block_table must be a 2-D u32 or i32 tensor (batch, max_blocks), got {:?} {:?}",
             table.dtype(),
@@ -133,5 +131,14 @@ pub fn flash_attn_varlen_paged_windowed(
         extras = extras.with_softcap(c);
     }
     let (sq, sk) = (seqlens_q, seqlens_k);
-    packed(api, (q, &k, &v), sq, sk, max_seqlen_q, max_seqlen_k, softmax_scale, extras)
+    packed(
+        api,
+        (q, &k, &v),
+        sq,
+        sk,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale,
+        extras,
+    )
 }

@@ -11,7 +11,13 @@ use crate::sdpa::unit_last_dim;
 use crate::FlashAttention;
 
 /// Reads and checks cumulative sequence lengths.
-pub(super) fn cumulative(api: &str, name: &str, t: &Tensor, total: usize, max_len: usize) -> Result<Vec<usize>> {
+pub(super) fn cumulative(
+    api: &str,
+    name: &str,
+    t: &Tensor,
+    total: usize,
+    max_len: usize,
+) -> Result<Vec<usize>> {
     if t.dtype() != DType::U32 || t.rank() != 1 || t.dim(0)? == 0 {
         bail!(
             "{api}: {name} must be a non-empty 1-D u32 tensor of cumulative lengths, got {:?} {:?}",
@@ -124,7 +130,16 @@ pub fn flash_attn_varlen(
     let api = "flash_attn_varlen";
     let (sq, sk) = (seqlens_q, seqlens_k);
     let extras = Extras::causal(causal);
-    packed(api, (q, k, v), sq, sk, max_seqlen_q, max_seqlen_k, softmax_scale, extras)
+    packed(
+        api,
+        (q, k, v),
+        sq,
+        sk,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale,
+        extras,
+    )
 }
 
 /// [`flash_attn_varlen`] with the sliding window of [`crate::flash_attn_windowed`], per
@@ -155,7 +170,16 @@ pub fn flash_attn_varlen_windowed(
     let api = "flash_attn_varlen_windowed";
     let (sq, sk) = (seqlens_q, seqlens_k);
     let extras = Extras::window(window_size_left, window_size_right);
-    packed(api, (q, k, v), sq, sk, max_seqlen_q, max_seqlen_k, softmax_scale, extras)
+    packed(
+        api,
+        (q, k, v),
+        sq,
+        sk,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale,
+        extras,
+    )
 }
 
 /// [`flash_attn_varlen`] with the ALiBi slopes of [`crate::flash_attn_alibi`] (f32, `(Hq,)`).
@@ -186,7 +210,16 @@ pub fn flash_attn_varlen_alibi(
     let api = "flash_attn_varlen_alibi";
     let (sq, sk) = (seqlens_q, seqlens_k);
     let extras = Extras::causal(causal).with_alibi(Some(alibi_slopes));
-    packed(api, (q, k, v), sq, sk, max_seqlen_q, max_seqlen_k, softmax_scale, extras)
+    packed(
+        api,
+        (q, k, v),
+        sq,
+        sk,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale,
+        extras,
+    )
 }
 
 /// [`flash_attn_varlen_alibi`] with a sliding window.
@@ -217,9 +250,17 @@ pub fn flash_attn_varlen_alibi_windowed(
 ) -> Result<Tensor> {
     let api = "flash_attn_varlen_alibi_windowed";
     let (sq, sk) = (seqlens_q, seqlens_k);
-    let extras =
-        Extras::window(window_size_left, window_size_right).with_alibi(Some(alibi_slopes));
-    packed(api, (q, k, v), sq, sk, max_seqlen_q, max_seqlen_k, softmax_scale, extras)
+    let extras = Extras::window(window_size_left, window_size_right).with_alibi(Some(alibi_slopes));
+    packed(
+        api,
+        (q, k, v),
+        sq,
+        sk,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale,
+        extras,
+    )
 }
 
 /// [`flash_attn_varlen_alibi_windowed`] with optional slopes and the soft cap of
@@ -256,5 +297,14 @@ pub fn flash_attn_varlen_alibi_windowed_softcap(
     let extras = Extras::window(window_size_left, window_size_right)
         .with_alibi(alibi_slopes)
         .with_softcap(softcap);
-    packed(api, (q, k, v), sq, sk, max_seqlen_q, max_seqlen_k, softmax_scale, extras)
+    packed(
+        api,
+        (q, k, v),
+        sq,
+        sk,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale,
+        extras,
+    )
 }

@@ -162,6 +162,7 @@ pub fn options(c: &Case, inp: &Inputs, seed: u64) -> SdpaOptions {
         scale: None,
         enable_gqa: c.hq != c.hkv,
         seed: Some(seed),
+        ..Default::default()
     }
 }
 
