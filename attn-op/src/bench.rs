@@ -157,7 +157,7 @@ pub fn sweep_rows(
             Some(backend) => SweepRow {
                 backend: Some(backend),
                 ran: Some(backend),
-                result: match refusal(backend, &p, Needs::of(&opts), q.device()) {
+                result: match refusal(backend, &p, Needs::of(opts), q.device()) {
                     Some(reason) => Err(reason),
                     None => {
                         let _only = sdpa_kernel(&[backend]);

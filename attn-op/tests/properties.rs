@@ -103,6 +103,7 @@ fn run(inp: &Input) -> Result<(), TestCaseError> {
         scale: None,
         enable_gqa: inp.gqa,
         seed: Some(3),
+        ..Default::default()
     };
     let results: Vec<_> = Backend::ALL
         .iter()
