@@ -760,14 +760,15 @@ pub(crate) fn dropout_launch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{CausalAlign, Dropout};
+    use crate::config::{Band, CausalAlign, Dropout};
     use candle_core::{Layout, Shape};
 
     #[test]
     fn tables_follow_the_geometry() {
         let q = Layout::contiguous(Shape::from((2, 4, 5, 8)));
         let k = Layout::contiguous(Shape::from((2, 2, 3, 8)));
-        let g = Geometry::dense(&q, &k, &k, None, Some(CausalAlign::BottomRight)).unwrap();
+        let band = Band::causal(CausalAlign::BottomRight);
+        let g = Geometry::dense(&q, &k, &k, None, Some(band), None).unwrap();
         let (qs, ks) = segment_tables(&g).unwrap();
         assert_eq!(qs.len(), 8 * QSEG_FIELDS);
         assert_eq!(ks.len(), 4 * KVSEG_FIELDS);
@@ -791,7 +792,7 @@ mod tests {
     #[test]
     fn unaligned_rows_and_huge_grids_are_seen() {
         let q = Layout::contiguous(Shape::from((1, 1, 5, 6)));
-        let g = Geometry::dense(&q, &q, &q, None, None).unwrap();
+        let g = Geometry::dense(&q, &q, &q, None, None, None).unwrap();
         assert!(!rows_aligned(&g));
         assert_eq!(tiles(65, 64).unwrap(), 2);
         assert!(tiles(64 * 70_000, 64).is_err());
