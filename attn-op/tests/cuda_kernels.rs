@@ -105,6 +105,7 @@ fn run(
             scale: None,
             enable_gqa: c.hq != c.hkv,
             seed: Some(0x5eed_0000_1234_5678),
+            ..Default::default()
         };
         let _only = sdpa_kernel(&[backend]);
         let (q, k, v) = (
