@@ -81,18 +81,20 @@ pub(crate) fn prepare_scores(
     for (i, s) in s.chunks_exact_mut(cols.max(1)).enumerate() {
         let row = row0 + i;
         if transform {
-            match p.softcap {
-                Some(cap) => {
-                    let t = tanh
-                        .as_deref_mut()
-                        .map(|t| &mut t[i * cols..(i + 1) * cols]);
-                    simd::softcap(s, p.scale / cap, cap, t);
-                }
-                None => simd::scale(s, p.scale),
+            // The scale goes with the soft cap, or else with the ALiBi bias where there is one.
+            let mut scale = p.scale;
+            if let Some(cap) = p.softcap {
+                let t = tanh
+                    .as_deref_mut()
+                    .map(|t| &mut t[i * cols..(i + 1) * cols]);
+                simd::softcap(s, p.scale / cap, cap, t);
+                scale = 1.0;
             }
             if seg.slope != 0.0 {
                 let diag = row as isize + seg.diag - c0 as isize;
-                simd::alibi(s, seg.slope, diag as f32);
+                simd::alibi(s, scale, seg.slope, diag as f32);
+            } else if scale != 1.0 {
+                simd::scale(s, scale);
             }
             if let Some(mask) = &src.mask {
                 mask.apply(seg.mask + row * g.mask_rs + c0 * g.mask_cs, g.mask_cs, s);

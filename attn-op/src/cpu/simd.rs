@@ -204,30 +204,33 @@ fn exp_affine_sum_of(x: &mut [f32], a: f32, b: f32, fma: bool) -> f32 {
     sum
 }
 
-/// `tanh(x)` to a few ulp, written so that loops over it vectorise: `(1 - e) / (1 + e)` with
-/// `e = e^(-2|x|)` and the sign put back, and below `|x| = 0.5`, where `1 - e` would cancel,
-/// the Taylor series to `x^15` (truncation error below 1e-8 there).
+/// `tanh(x)` to 3 ulp (relative error 3e-7), written so that loops over it vectorise: the
+/// rational function `x·p(x²) / q(x²)` (degrees 13 and 6, fitted to `tanh` on `[0, 9]` by
+/// iteratively reweighted least squares in float64) with `x` clamped to `[-9, 9]`, beyond which
+/// `tanh` rounds to ±1 in f32. Eleven multiply-adds and one division, no exponential.
 #[inline(always)]
 pub(crate) fn tanh(x: f32, fma: bool) -> f32 {
-    const C: [f32; 7] = [
-        -1.455_834_4e-3,
-        3.592_128e-3,
-        -8.863_236e-3,
-        2.186_949e-2,
-        -5.396_825_4e-2,
-        1.333_333_4e-1,
-        -3.333_333_4e-1,
+    const P: [f32; 7] = [
+        -8.489_590_3e-14,
+        5.278_298_6e-11,
+        -2.022_596_8e-8,
+        1.115_449_5e-5,
+        3.103_974_3e-3,
+        1.308_402_6e-1,
+        1.0,
     ];
-    let a = x.abs();
-    let e = exp(-2.0 * a, fma);
-    let far = (1.0 - e) / (1.0 + e);
-    let x2 = a * a;
-    let mut p = C[0];
-    for c in &C[1..] {
-        p = madd(p, x2, *c, fma);
+    const Q: [f32; 4] = [2.546_171_3e-4, 2.449_525e-2, 4.641_735_3e-1, 1.0];
+    let x = x.clamp(-9.0, 9.0);
+    let z = x * x;
+    let mut p = P[0];
+    for c in &P[1..] {
+        p = madd(p, z, *c, fma);
     }
-    let near = madd(a * x2, p, a, fma);
-    (if a < 0.5 { near } else { far }).copysign(x)
+    let mut q = Q[0];
+    for c in &Q[1..] {
+        q = madd(q, z, *c, fma);
+    }
+    x * p / q
 }
 
 /// Logit soft-capping of a row: `x = cap·tanh(a·x)`, storing `tanh(a·x)` in `t` when given.
@@ -249,11 +252,12 @@ pub(crate) fn softcap(x: &mut [f32], a: f32, cap: f32, t: Option<&mut [f32]>) {
     }
 }
 
-/// The ALiBi bias of a row: `x[j] -= slope·|diag - j|`.
+/// A row scaled by `a` with the ALiBi bias: `x[j] = a·x[j] - slope·|diag - j|`.
 #[multiversion(targets("x86_64+avx2+fma+avx512f+avx512vl", "x86_64+avx2+fma"))]
-pub(crate) fn alibi(x: &mut [f32], slope: f32, diag: f32) {
+pub(crate) fn alibi(x: &mut [f32], a: f32, slope: f32, diag: f32) {
+    let fma = target_cfg_f!(target_feature = "fma");
     for (j, v) in x.iter_mut().enumerate() {
-        *v -= slope * (diag - j as f32).abs();
+        *v = madd(a, *v, -slope * (diag - j as f32).abs(), fma);
     }
 }
 
@@ -385,7 +389,7 @@ mod tests {
     }
 
     #[test]
-    fn tanh_is_accurate_on_both_sides_of_its_switch() {
+    fn tanh_is_accurate_everywhere() {
         for fma in [false, true] {
             let mut worst = 0f64;
             let mut x = -20.0f32;
@@ -398,8 +402,9 @@ mod tests {
             }
             assert!(worst < 1e-6, "relative error {worst}");
             assert_eq!(tanh(0.0, fma), 0.0);
-            assert_eq!(tanh(f32::INFINITY, fma), 1.0);
-            assert_eq!(tanh(-200.0, fma), -1.0);
+            assert!((1.0 - tanh(f32::INFINITY, fma)).abs() < 2e-7);
+            assert!((1.0 + tanh(-200.0, fma)).abs() < 2e-7);
+            assert!(tanh(f32::NAN, fma).is_nan());
         }
         // The soft cap and its gradient factor.
         let mut x = vec![-100.0f32, -1.0, 0.0, 0.5, 3.0];
