@@ -19,6 +19,10 @@ struct Input {
     gqa: bool,
     dtype: u8,
     transpose: bool,
+    /// `window_left`, `window_right` and `softcap` (windows may exceed the keys: an error).
+    left: Option<usize>,
+    right: Option<usize>,
+    softcap: Option<f64>,
 }
 
 fn input() -> impl Strategy<Value = Input> {
@@ -36,8 +40,21 @@ fn input() -> impl Strategy<Value = Input> {
         0u8..3,
         any::<bool>(),
     )
+        .prop_flat_map(|t| {
+            (
+                Just(t),
+                prop::option::weighted(0.3, 0usize..45),
+                prop::option::weighted(0.2, 0usize..45),
+                prop::option::weighted(0.3, 0.5f64..8.0),
+            )
+        })
         .prop_map(
-            |(lead, hkv_div, lq, lk, e, ev, causal, mask, dropout, gqa, dtype, transpose)| Input {
+            |(
+                (lead, hkv_div, lq, lk, e, ev, causal, mask, dropout, gqa, dtype, transpose),
+                left,
+                right,
+                softcap,
+            )| Input {
                 lead,
                 hkv_div,
                 lq,
@@ -50,6 +67,9 @@ fn input() -> impl Strategy<Value = Input> {
                 gqa,
                 dtype,
                 transpose,
+                left,
+                right,
+                softcap,
             },
         )
 }
@@ -103,7 +123,9 @@ fn run(inp: &Input) -> Result<(), TestCaseError> {
         scale: None,
         enable_gqa: inp.gqa,
         seed: Some(3),
-        ..Default::default()
+        window_left: inp.left,
+        window_right: inp.right,
+        softcap: inp.softcap,
     };
     let results: Vec<_> = Backend::ALL
         .iter()
@@ -112,7 +134,9 @@ fn run(inp: &Input) -> Result<(), TestCaseError> {
             (b, scaled_dot_product_attention(&q, &k, &v, &opts))
         })
         .collect();
-    let invalid = inp.causal && inp.mask > 0;
+    let wide = |w: Option<usize>| w.is_some_and(|w| w > inp.lk);
+    let invalid =
+        (inp.causal && (inp.mask > 0 || inp.right.is_some())) || wide(inp.left) || wide(inp.right);
     let math = &results[2].1;
     prop_assert_eq!(math.is_err(), invalid, "math: {:?}", math.as_ref().err());
     if let Ok(want) = math {
