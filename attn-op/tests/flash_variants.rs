@@ -685,3 +685,54 @@ fn bad_arguments_name_the_argument() -> Result<()> {
     assert!(e.contains("page_block_size = 16"), "{e}");
     Ok(())
 }
+
+/// The ops' builders (`with_window`, `with_softcap`, `with_alibi`) give what the functions give.
+#[test]
+fn op_builders_match_the_functions() -> Result<()> {
+    use attn_op::{CausalAlign, EfficientAttention, FlashAttention};
+    let dev = Device::Cpu;
+    let q = Tensor::randn(0f32, 1., (2, 30, 3, 16), &dev)?;
+    let k = Tensor::randn(0f32, 1., (2, 41, 3, 16), &dev)?;
+    let slopes = [0.4f32, 0.2, 0.1];
+    let want = attn_op::flash_attn_alibi_windowed_softcap(
+        &q,
+        &k,
+        &k,
+        Some(&Tensor::new(&slopes, &dev)?),
+        0.3,
+        Some(9),
+        Some(2),
+        4.0,
+    )?;
+    let t = |x: &Tensor| x.transpose(1, 2).unwrap().contiguous().unwrap();
+    let flash = FlashAttention::new(0.3, None)
+        .with_window(CausalAlign::BottomRight, Some(9), Some(2))
+        .with_softcap(4.0)?
+        .with_alibi(&slopes)?;
+    let efficient = EfficientAttention::new(0.3, None)
+        .with_window(CausalAlign::BottomRight, Some(9), Some(2))
+        .with_softcap(4.0)?
+        .with_alibi(&slopes)?;
+    for got in [
+        t(&q).apply_op3(&t(&k), &t(&k), flash)?,
+        t(&q).apply_op3(&t(&k), &t(&k), efficient)?,
+    ] {
+        let diff = (got.transpose(1, 2)? - &want)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "{diff}");
+    }
+    assert!(FlashAttention::new(0.3, None).with_softcap(0.0).is_err());
+    assert!(FlashAttention::new(0.3, None)
+        .with_alibi(&[f32::NAN])
+        .is_err());
+    // Slopes that do not match the heads are an error when the op runs.
+    let two = FlashAttention::new(0.3, None).with_alibi(&[0.1, 0.2])?;
+    let e = t(&q)
+        .apply_op3(&t(&k), &t(&k), two)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("2 ALiBi slopes for 3 query heads"), "{e}");
+    Ok(())
+}

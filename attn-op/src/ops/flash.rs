@@ -21,6 +21,12 @@ use crate::Backend;
 /// let q = Tensor::randn(0f32, 1., (2, 4, 16, 32), &Device::Cpu)?;
 /// let y = q.apply_op3(&q, &q, FlashAttention::new(0.125, Some(CausalAlign::TopLeft)))?;
 /// assert_eq!(y.dims(), &[2, 4, 16, 32]);
+/// // Causal over the last 8 keys, capped at 30, with ALiBi (4 heads).
+/// let op = FlashAttention::new(0.125, None)
+///     .with_window(CausalAlign::BottomRight, Some(8), Some(0))
+///     .with_softcap(30.0)?
+///     .with_alibi(&[0.5, 0.25, 0.125, 0.0625])?;
+/// let y = q.apply_op3(&q, &q, op)?;
 /// # Ok::<(), candle_core::Error>(())
 /// ```
 pub struct FlashAttention(pub(crate) Fused);
@@ -38,6 +44,33 @@ impl FlashAttention {
     pub(crate) fn packed(mut self, varlen: Varlen) -> Self {
         self.0.cfg.varlen = Some(varlen);
         self
+    }
+
+    /// Sliding-window attention, replacing the causal setting: query `i` sees key `j` when
+    /// `i + off - left <= j <= i + off + right`, `off = align.offset(Lq, Lk)`, `None` unlimited
+    /// (`(None, Some(0))` is causal). A window wider than the keys sees them all.
+    pub fn with_window(
+        mut self,
+        align: CausalAlign,
+        left: Option<usize>,
+        right: Option<usize>,
+    ) -> Self {
+        self.0.set_window(align, left, right);
+        self
+    }
+
+    /// Gemma 2's logit soft cap: scaled scores `x` become `cap·tanh(x / cap)` (`cap` finite and
+    /// positive).
+    pub fn with_softcap(mut self, cap: f32) -> Result<Self> {
+        self.0.set_softcap(cap)?;
+        Ok(self)
+    }
+
+    /// ALiBi: `-slopes[h]·|i + Lk - Lq - j|` added to the scaled scores of query head `h` (one
+    /// finite slope per query head).
+    pub fn with_alibi(mut self, slopes: &[f32]) -> Result<Self> {
+        self.0.set_alibi(slopes)?;
+        Ok(self)
     }
 
     /// Drops attention weights with probability `p` (`0 <= p < 1`), the mask drawn from `seed`.

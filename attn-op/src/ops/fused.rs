@@ -8,12 +8,12 @@ use candle_core::op::BackpropOp;
 use candle_core::{bail, CpuStorage, DType, Device, Layout, Result, Shape, Storage, Tensor};
 use half::slice::HalfFloatSliceExt;
 
-use crate::config::{AttnConfig, Dropout};
+use crate::config::{AttnConfig, Band, CausalAlign, Dropout};
 use crate::cpu::backward::{backward, Grads};
 use crate::cpu::forward::{forward, forward_into, Params, Sources};
 use crate::cpu::{unsupported, MaskSrc, Src, Whole};
 use crate::geometry::Geometry;
-use crate::validate::check_common;
+use crate::validate::{check_common, check_softcap};
 use crate::Backend;
 
 #[derive(Default)]
@@ -80,6 +80,28 @@ impl Fused {
             cfg,
             stash: Mutex::new(Stash::default()),
         }
+    }
+
+    /// Which keys each query sees: `i + off - left <= j <= i + off + right` (replacing the
+    /// causal setting), `off` from `align`.
+    pub fn set_window(&mut self, align: CausalAlign, left: Option<usize>, right: Option<usize>) {
+        self.cfg.band = (left.is_some() || right.is_some()).then_some(Band { align, left, right });
+    }
+
+    /// Caps the scaled scores at `±cap` with `cap·tanh(x / cap)`.
+    pub fn set_softcap(&mut self, cap: f32) -> Result<()> {
+        check_softcap("attention", cap as f64)?;
+        self.cfg.softcap = Some(cap);
+        Ok(())
+    }
+
+    /// ALiBi slopes, one per query head (checked against the heads when the op runs).
+    pub fn set_alibi(&mut self, slopes: &[f32]) -> Result<()> {
+        if let Some(bad) = slopes.iter().find(|x| !x.is_finite()) {
+            bail!("attention: ALiBi slope {bad} is not finite");
+        }
+        self.cfg.alibi = Some(slopes.to_vec());
+        Ok(())
     }
 
     /// Drops attention weights with probability `p`, the mask drawn from `seed`.
