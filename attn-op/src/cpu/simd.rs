@@ -211,7 +211,7 @@ fn exp_affine_sum_of(x: &mut [f32], a: f32, b: f32, fma: bool) -> f32 {
 #[inline(always)]
 pub(crate) fn tanh(x: f32, fma: bool) -> f32 {
     const P: [f32; 7] = [
-        -8.489_590_3e-14,
+        -8.489_59e-14,
         5.278_298_6e-11,
         -2.022_596_8e-8,
         1.115_449_5e-5,
