@@ -124,6 +124,9 @@ pub(crate) struct AttnConfig {
     pub alibi: Option<Vec<f32>>,
     /// Logit soft-capping (Gemma 2): scores become `c·tanh(scale·q·k / c)`, `c > 0`.
     pub softcap: Option<f32>,
+    /// With `varlen`: keys and values in the blocks of a paged cache, each sequence's blocks in
+    /// order (CPU forward only).
+    pub pages: Option<Vec<Vec<usize>>>,
 }
 
 impl AttnConfig {
@@ -137,6 +140,7 @@ impl AttnConfig {
             varlen: None,
             alibi: None,
             softcap: None,
+            pages: None,
         }
     }
 }

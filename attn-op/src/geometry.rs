@@ -43,6 +43,19 @@ pub(crate) struct KvSeg {
     pub row0: usize,
     pub len: usize,
     pub members: Range<usize>,
+    /// With a paged cache: the entries of [`Pages::blocks`] that hold this segment's keys.
+    pub pages: Option<Range<usize>>,
+}
+
+/// Keys and values in fixed-size blocks of a cache (paged KV): key `t` of a segment is row
+/// `t % page` of block `blocks[pages.start + t / page]`.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Pages {
+    pub page: usize,
+    /// Block strides of k and v.
+    pub k_bs: usize,
+    pub v_bs: usize,
+    pub blocks: Vec<usize>,
 }
 
 /// The whole call's layout.
@@ -62,6 +75,8 @@ pub(crate) struct Geometry {
     /// Rows of the contiguous q-shaped (o, dq) and k-shaped (dk, dv) spaces.
     pub q_rows: usize,
     pub kv_rows: usize,
+    /// Keys and values in the blocks of a paged cache (forward only).
+    pub pages: Option<Pages>,
 }
 
 /// Offset of the element at multi-index `idx` (row-major over `dims`) with `strides`.
@@ -153,6 +168,7 @@ impl Geometry {
                 row0: n * lk,
                 len: lk,
                 members: (n / hkv) * hq + (n % hkv) * group..(n / hkv) * hq + (n % hkv + 1) * group,
+                pages: None,
             })
             .collect();
         Ok(Self {
@@ -167,6 +183,7 @@ impl Geometry {
             mask_cs,
             q_rows: n_q * lq,
             kv_rows: n_kv * lk,
+            pages: None,
         })
     }
 
@@ -227,6 +244,7 @@ impl Geometry {
                     row0: h * total_k + k0,
                     len: lk,
                     members: s * hq + h * group..s * hq + (h + 1) * group,
+                    pages: None,
                 });
             }
         }
@@ -242,7 +260,125 @@ impl Geometry {
             mask_cs: 0,
             q_rows: hq * total_q,
             kv_rows: hkv * total_k,
+            pages: None,
         })
+    }
+
+    /// Packed queries against a paged cache: q `(Hq, total_q, E)` (a view of `(total, H, E)`),
+    /// k and v `(num_blocks, page, Hkv, D)`; `blocks[s]` lists the blocks of sequence `s` in
+    /// order. Forward only: there is no dk/dv row space for the blocks.
+    pub fn paged(
+        q: &Layout,
+        k: &Layout,
+        v: &Layout,
+        varlen: &Varlen,
+        blocks: &[Vec<usize>],
+        band: Option<Band>,
+        alibi: Option<&[f32]>,
+    ) -> Result<Self> {
+        for (name, l, rank) in [("query", q, 3), ("key", k, 4), ("value", v, 4)] {
+            last_dim_unit(name, l)?;
+            if l.dims().len() != rank {
+                bail!(
+                    "attention: paged {name} has shape {:?}; expected rank {rank}",
+                    l.dims()
+                );
+            }
+        }
+        let (qd, kd, vd) = (q.dims(), k.dims(), v.dims());
+        let (hq, total_q, e) = (qd[0], qd[1], qd[2]);
+        let (n_blocks, page, hkv, ev) = (kd[0], kd[1], kd[2], vd[3]);
+        if hkv == 0 || !hq.is_multiple_of(hkv) || kd[3] != e || vd[..3] != kd[..3] || page == 0 {
+            bail!("attention: inconsistent paged shapes q {qd:?}, k {kd:?}, v {vd:?}");
+        }
+        check_slopes(alibi, hq)?;
+        let Varlen { cu_q, cu_k } = varlen;
+        let b = cu_q.len().saturating_sub(1);
+        if cu_k.len() != b + 1 || blocks.len() != b || cu_q.last() > Some(&total_q) {
+            bail!("attention: paged lengths {cu_q:?} / {cu_k:?} do not fit {total_q} queries and {} block lists", blocks.len());
+        }
+        let group = hq / hkv;
+        let total_k = cu_k[b];
+        let mut table = Vec::new();
+        let (mut q_segs, mut kv_segs) = (Vec::new(), Vec::new());
+        for s in 0..b {
+            let (q0, lq) = (cu_q[s], cu_q[s + 1] - cu_q[s]);
+            let (k0, lk) = (cu_k[s], cu_k[s + 1] - cu_k[s]);
+            let used = &blocks[s][..lk.div_ceil(page).min(blocks[s].len())];
+            if used.len() * page < lk || used.iter().any(|&blk| blk >= n_blocks) {
+                bail!("attention: the blocks {used:?} of sequence {s} do not hold its {lk} keys in {n_blocks} blocks of {page}");
+            }
+            let pages = table.len()..table.len() + used.len();
+            table.extend_from_slice(used);
+            for h in 0..hq {
+                q_segs.push(QSeg {
+                    q: q.start_offset() + h * q.stride()[0] + q0 * q.stride()[1],
+                    row0: h * total_q + q0,
+                    len: lq,
+                    kv: s * hkv + h / group,
+                    stream: s * hq + h,
+                    mask: 0,
+                    band: band.map_or_else(Bounds::default, |b| b.offsets(lq, lk)),
+                    slope: alibi.map_or(0.0, |a| a[h]),
+                    diag: lk as isize - lq as isize,
+                });
+            }
+            for h in 0..hkv {
+                kv_segs.push(KvSeg {
+                    k: k.start_offset() + h * k.stride()[2],
+                    v: v.start_offset() + h * v.stride()[2],
+                    row0: h * total_k + k0,
+                    len: lk,
+                    members: s * hq + h * group..s * hq + (h + 1) * group,
+                    pages: Some(pages.clone()),
+                });
+            }
+        }
+        Ok(Self {
+            q_segs,
+            kv_segs,
+            e,
+            ev,
+            q_rs: q.stride()[1],
+            k_rs: k.stride()[1],
+            v_rs: v.stride()[1],
+            mask_rs: 0,
+            mask_cs: 0,
+            q_rows: hq * total_q,
+            kv_rows: hkv * total_k,
+            pages: Some(Pages {
+                page,
+                k_bs: k.stride()[0],
+                v_bs: v.stride()[0],
+                blocks: table,
+            }),
+        })
+    }
+
+    /// Storage offsets of key and value row `t` of segment `kv`.
+    #[inline]
+    pub fn kv_row(&self, kv: &KvSeg, t: usize) -> (usize, usize) {
+        match (&self.pages, &kv.pages) {
+            (Some(p), Some(r)) => {
+                let blk = p.blocks[r.start + t / p.page];
+                let row = t % p.page;
+                (
+                    kv.k + blk * p.k_bs + row * self.k_rs,
+                    kv.v + blk * p.v_bs + row * self.v_rs,
+                )
+            }
+            _ => (kv.k + t * self.k_rs, kv.v + t * self.v_rs),
+        }
+    }
+
+    /// The end of the run of key rows from `t` on that are evenly strided in storage: the end
+    /// of `t`'s block in a paged cache, else the segment's end.
+    #[inline]
+    pub fn run_end(&self, kv: &KvSeg, t: usize) -> usize {
+        match &self.pages {
+            Some(p) if kv.pages.is_some() => ((t / p.page + 1) * p.page).min(kv.len),
+            _ => kv.len,
+        }
     }
 }
 

@@ -233,6 +233,9 @@ fn i64_of(x: usize) -> Result<i64> {
 
 /// The segment tables: `QSEG_FIELDS` int64 per query segment, `KVSEG_FIELDS` per key/value one.
 pub(crate) fn segment_tables(g: &Geometry) -> Result<(Vec<i64>, Vec<i64>)> {
+    if g.pages.is_some() {
+        bail!("attention (CUDA): the kernels read no paged cache (flash_attn_varlen_paged_windowed gathers the blocks for them)");
+    }
     let mut qs = Vec::with_capacity(g.q_segs.len() * QSEG_FIELDS);
     for s in &g.q_segs {
         i32_of("query length", s.len)?;

@@ -107,6 +107,7 @@ fn run_backend(
         varlen: None,
         alibi: None,
         softcap: opts.softcap.map(|c| c as f32),
+        pages: None,
     };
     let (q, k, v) = (unit_last_dim(q)?, unit_last_dim(k)?, unit_last_dim(v)?);
     match backend {

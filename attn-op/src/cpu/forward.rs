@@ -241,12 +241,15 @@ fn forward_block<T: OutElem>(
     // A task of a few rows (decoding one token against a KV cache) reads each key once: dot
     // products with the key rows where they are cost less than transposing the key tile.
     let few = rows <= FEW_ROWS;
-    for c0 in (kstart..kend).step_by(BK) {
-        let cols = BK.min(kend - c0);
+    let mut c0 = kstart;
+    while c0 < kend {
+        // A tile never crosses a block of a paged cache, so its rows are evenly strided.
+        let cols = BK.min(kend - c0).min(g.run_end(kv, c0) - c0);
+        let (k_tile, v_tile) = g.kv_row(kv, c0);
         // Few rows read keys and values where they are (`Src::dots`, `Src::accumulate`).
         let tiles = (!few).then(|| {
-            let kt = transpose_into(src.k.rows(kv.k + c0 * g.k_rs, cols, e, g.k_rs, k), kt);
-            (kt, src.v.rows(kv.v + c0 * g.v_rs, cols, ev, g.v_rs, v))
+            let kt = transpose_into(src.k.rows(k_tile, cols, e, g.k_rs, k), kt);
+            (kt, src.v.rows(v_tile, cols, ev, g.v_rs, v))
         });
         let mut s0 = 0;
         while s0 < rows {
@@ -259,7 +262,7 @@ fn forward_block<T: OutElem>(
                 s0 = next;
                 continue;
             }
-            let (k_off, v_off) = (kv.k + k0 * g.k_rs, kv.v + k0 * g.v_rs);
+            let (k_off, v_off) = g.kv_row(kv, k0);
             let q = MatRef::rows(&q_task.data[s0 * q_task.rs..], srows, e, q_task.rs);
             let s = &mut scores[..srows * scols];
             match &tiles {
@@ -316,6 +319,7 @@ fn forward_block<T: OutElem>(
             }
             s0 = next;
         }
+        c0 += cols;
     }
     for i in 0..rows {
         let row = &mut o[i * ev..(i + 1) * ev];

@@ -4,8 +4,53 @@
 
 use candle_core::{bail, DType, Result, Tensor};
 
-use super::varlen::{cumulative, packed};
-use super::Extras;
+use super::varlen::{cumulative, lengths, packed};
+use super::{check_flash, Extras};
+use crate::sdpa::unit_last_dim;
+use crate::FlashAttention;
+
+/// Whether CPU tensors run on the emulated CUDA kernels, which read no paged cache.
+fn emulating() -> bool {
+    #[cfg(feature = "cuda-emu")]
+    if crate::emu::is_emulating() {
+        return true;
+    }
+    false
+}
+
+/// The paged call on the CPU kernels, reading each block where it is (forward only).
+fn in_place(
+    api: &str,
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    (seqlens_q, seqlens_k): (&Tensor, &Tensor),
+    (max_seqlen_q, max_seqlen_k): (usize, usize),
+    softmax_scale: f32,
+    extras: Extras,
+    blocks: Vec<Vec<usize>>,
+) -> Result<Tensor> {
+    if q.rank() != 3 {
+        bail!(
+            "{api}: q has shape {:?}; expected rank 3, (total_tokens, heads, head_dim)",
+            q.dims()
+        );
+    }
+    // Shapes, dtypes and devices are checked on views of the first block.
+    let qt = q.transpose(0, 1)?;
+    let (k0, v0) = (k.get(0)?.transpose(0, 1)?, v.get(0)?.transpose(0, 1)?);
+    let p = check_flash(api, (&qt, &k0, &v0), softmax_scale, &extras)?;
+    let varlen = lengths(
+        api,
+        (seqlens_q, p.lq, max_seqlen_q),
+        (seqlens_k, usize::MAX, max_seqlen_k),
+    )?;
+    let cfg = extras.config(api, &p, max_seqlen_k, softmax_scale)?;
+    if p.lq == 0 {
+        return Tensor::zeros(p.out_shape(), p.dtype, q.device())?.transpose(0, 1);
+    }
+    let op = FlashAttention::from_config(cfg).paged(varlen, blocks);
+    let (qt, k, v) = (unit_last_dim(&qt)?, unit_last_dim(k)?, unit_last_dim(v)?);
+    qt.apply_op3(&k, &v, op)?.transpose(0, 1)
+}
 
 /// The block table as `batch` rows of physical block numbers, checked against the blocks each
 /// sequence needs.
@@ -120,17 +165,41 @@ pub fn flash_attn_varlen_paged_windowed(
             rows.push(blocks_of[t / page] * page as i64 + (t % page) as i64);
         }
     }
+    let mut extras = Extras::window(window_size_left, window_size_right);
+    if let Some(c) = softcap {
+        extras = extras.with_softcap(c);
+    }
+    let (sq, sk) = (seqlens_q, seqlens_k);
+    // On the CPU without gradients the kernels read the blocks where they are; otherwise the
+    // keys are gathered into packed rows, which the CUDA kernels and autograd both take.
+    let tracked = q.track_op() || k.track_op() || v.track_op();
+    if q.device().is_cpu() && !tracked && !emulating() && blocks > 0 {
+        let used: Vec<Vec<usize>> = cu_k
+            .windows(2)
+            .zip(&table)
+            .map(|(w, t)| {
+                t[..(w[1] - w[0]).div_ceil(page)]
+                    .iter()
+                    .map(|&b| b as usize)
+                    .collect()
+            })
+            .collect();
+        return in_place(
+            api,
+            (q, k, v),
+            (sq, sk),
+            (max_seqlen_q, max_seqlen_k),
+            softmax_scale,
+            extras,
+            used,
+        );
+    }
     let rows = Tensor::new(rows, k.device())?;
     let gather = |t: &Tensor| -> Result<Tensor> {
         let (_, _, h, d) = t.dims4()?;
         t.reshape((blocks * page, h, d))?.index_select(&rows, 0)
     };
     let (k, v) = (gather(k)?, gather(v)?);
-    let mut extras = Extras::window(window_size_left, window_size_right);
-    if let Some(c) = softcap {
-        extras = extras.with_softcap(c);
-    }
-    let (sq, sk) = (seqlens_q, seqlens_k);
     packed(
         api,
         (q, &k, &v),

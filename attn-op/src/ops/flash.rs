@@ -46,6 +46,14 @@ impl FlashAttention {
         self
     }
 
+    /// Packed queries against a paged cache: `blocks[s]` lists sequence `s`'s blocks (forward
+    /// only).
+    pub(crate) fn paged(mut self, varlen: Varlen, blocks: Vec<Vec<usize>>) -> Self {
+        self.0.cfg.varlen = Some(varlen);
+        self.0.cfg.pages = Some(blocks);
+        self
+    }
+
     /// Sliding-window attention, replacing the causal setting: query `i` sees key `j` when
     /// `i + off - left <= j <= i + off + right`, `off = align.offset(Lq, Lk)`, `None` unlimited
     /// (`(None, Some(0))` is causal). A window wider than the keys sees them all.

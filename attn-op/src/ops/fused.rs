@@ -141,9 +141,13 @@ impl Fused {
         vl: &Layout,
         mask: Option<&Layout>,
     ) -> Result<Geometry> {
-        match &self.cfg.varlen {
-            Some(varlen) => Geometry::packed(ql, kl, vl, varlen, self.cfg.band, self.alibi()),
-            None => Geometry::dense(ql, kl, vl, mask, self.cfg.band, self.alibi()),
+        let (band, alibi) = (self.cfg.band, self.alibi());
+        match (&self.cfg.varlen, &self.cfg.pages) {
+            (Some(varlen), Some(blocks)) => {
+                Geometry::paged(ql, kl, vl, varlen, blocks, band, alibi)
+            }
+            (Some(varlen), None) => Geometry::packed(ql, kl, vl, varlen, band, alibi),
+            (None, _) => Geometry::dense(ql, kl, vl, mask, band, alibi),
         }
     }
 
@@ -313,6 +317,9 @@ impl Fused {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if self.cfg.pages.is_some() {
+            bail!("attention backward: the paged-cache op is forward only (flash_attn_varlen_paged_windowed gathers the blocks when gradients are tracked)");
+        }
         let lse = self.lse(backend, q, k, v)?;
         let grads = match q.device() {
             #[cfg(feature = "cuda-emu")]
