@@ -244,6 +244,109 @@ fn main() -> Result<()> {
         println!("| {name} | {m:.1} | {:.2}x |", m / base);
     }
 
+    // Decoding against a paged cache: 8 sequences of 4096 cached keys, one new query each,
+    // (Hq, Hkv, D) = (32, 8, 128), pages of 256 in shuffled order, against the same keys as one
+    // dense tensor (flash_attn) and as packed sequences (flash_attn_varlen).
+    if !train {
+        let (b, lk, hq, hkv, d, page) = (8, 4096, 32, 8, 128, 256);
+        let q = var((b, 1, hq, d), dtype)?;
+        let kv = [var((b, lk, hkv, d), dtype)?, var((b, lk, hkv, d), dtype)?];
+        let nb = b * lk / page;
+        // Block i of sequence s is physical block (s * 16 + i) * 7 % nb: a permutation.
+        let table: Vec<u32> = (0..nb).map(|i| (i * 7 % nb) as u32).collect();
+        let inverse = {
+            let mut inv = vec![0u32; nb];
+            for (i, &p) in table.iter().enumerate() {
+                inv[p as usize] = i as u32;
+            }
+            Tensor::new(inv, &dev)?
+        };
+        // The paged cache holds the dense keys, block by block, at the table's places.
+        let paged: Vec<Tensor> = kv
+            .iter()
+            .map(|t| {
+                t.as_tensor()
+                    .detach()
+                    .reshape((nb, page, hkv, d))?
+                    .index_select(&inverse, 0)
+            })
+            .collect::<Result<_>>()?;
+        let table = Tensor::from_vec(table, (b, lk / page), &dev)?;
+        let cu_q = Tensor::new(&(0..=b as u32).collect::<Vec<_>>()[..], &dev)?;
+        let cu_k = Tensor::new(
+            &(0..=b as u32).map(|i| i * lk as u32).collect::<Vec<_>>()[..],
+            &dev,
+        )?;
+        let flat = |t: &Tensor| t.flatten(0, 1);
+        let (qd, kd, vd) = (
+            q.as_tensor().detach(),
+            kv[0].as_tensor().detach(),
+            kv[1].as_tensor().detach(),
+        );
+        let calls: [(&str, Box<dyn Fn() -> Result<Tensor>>); 3] = [
+            (
+                "flash_attn (dense cache)",
+                Box::new(|| attn_op::flash_attn(&qd, &kd, &vd, scale, true)),
+            ),
+            (
+                "flash_attn_varlen (packed cache)",
+                Box::new(|| {
+                    attn_op::flash_attn_varlen(
+                        &flat(&qd)?,
+                        &flat(&kd)?,
+                        &flat(&vd)?,
+                        &cu_q,
+                        &cu_k,
+                        1,
+                        lk,
+                        scale,
+                        true,
+                    )
+                }),
+            ),
+            (
+                "flash_attn_varlen_paged_windowed (pages of 256)",
+                Box::new(|| {
+                    attn_op::flash_attn_varlen_paged_windowed(
+                        &flat(&qd)?,
+                        &paged[0],
+                        &paged[1],
+                        &cu_q,
+                        &cu_k,
+                        &table,
+                        None,
+                        1,
+                        lk,
+                        scale,
+                        None,
+                        Some(0),
+                        page,
+                        None,
+                    )
+                }),
+            ),
+        ];
+        let want = calls[0].1()?;
+        let mut times = vec![Vec::new(); calls.len()];
+        for _ in 0..rounds {
+            for (i, (_, f)) in calls.iter().enumerate() {
+                let t = time(&dev, Duration::from_millis(300), || f().map(|_| ()))?;
+                times[i].push(t.median.as_secs_f64() * 1e3);
+            }
+        }
+        let diff = (calls[2].1()?.reshape(want.shape())? - &want)?
+            .abs()?
+            .to_dtype(DType::F32)?
+            .max_all()?;
+        println!("\nDecoding ({b}, 1, {hq}, {d}) against {lk} keys per sequence, {hkv} kv heads {dtype:?} (paged output differs from dense by {diff})\n");
+        println!("| function | median ms | / dense |\n|---|---:|---:|");
+        let base = median(times[0].clone());
+        for ((name, _), t) in calls.iter().zip(times) {
+            let m = median(t);
+            println!("| {name} | {m:.1} | {:.2}x |", m / base);
+        }
+    }
+
     // Sliding window against causal as L grows: (1, L, 8, 64), window 1024.
     println!("\n| L | causal ms | window 1024 ms | window / causal |\n|---:|---:|---:|---:|");
     for l in [1024, 2048, 4096, 8192] {
