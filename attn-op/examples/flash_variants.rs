@@ -16,6 +16,9 @@ type Variant<'a> = (
     Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + 'a>,
 );
 
+/// A named call without arguments.
+type Call<'a> = (&'static str, Box<dyn Fn() -> Result<Tensor> + 'a>);
+
 /// Median time in ms of `f` on q, k, v, forward only or forward + backward.
 fn ms(
     f: &dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
@@ -283,7 +286,7 @@ fn main() -> Result<()> {
             kv[0].as_tensor().detach(),
             kv[1].as_tensor().detach(),
         );
-        let calls: [(&str, Box<dyn Fn() -> Result<Tensor>>); 3] = [
+        let calls: [Call; 3] = [
             (
                 "flash_attn (dense cache)",
                 Box::new(|| attn_op::flash_attn(&qd, &kd, &vd, scale, true)),
