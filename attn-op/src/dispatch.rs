@@ -80,8 +80,9 @@ pub struct Selection {
 pub(crate) struct Needs {
     /// An `attn_mask`.
     pub mask: bool,
-    /// A window's left side, ALiBi or a soft cap (which only the CUDA kernels lack).
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    /// A window's left side, ALiBi or a soft cap. Every backend runs them now (the CUDA kernels
+    /// too), so no refusal reads it; kept for the callers that fill it in.
+    #[allow(dead_code)]
     pub extras: bool,
 }
 
@@ -126,15 +127,7 @@ pub(crate) fn refusal(
             None
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(dev) => {
-            if needs.extras {
-                return Some(
-                    "sliding windows (left side), ALiBi and softcap are not in the CUDA kernels yet"
-                        .into(),
-                );
-            }
-            crate::cuda::refusal(backend, p.dtype, p.e, p.ev, has_mask, dev)
-        }
+        Device::Cuda(dev) => crate::cuda::refusal(backend, p.dtype, p.e, p.ev, has_mask, dev),
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(_) => {
             Some("this build has no CUDA kernels (enable attn-op's `cuda` feature)".into())
