@@ -578,19 +578,20 @@ fn flash_windows_alibi_softcap_match_cpu() -> Result<()> {
     };
     let mut failures = Vec::new();
     // (sq, sk, left, right, head dim)
-    let cases: [(usize, usize, Option<usize>, Option<usize>, usize); 4] = [
-        (150, 150, Some(40), Some(0), 64),
-        (70, 130, Some(20), Some(10), 32),
-        (100, 40, Some(5), Some(0), 128),
-        (66, 97, None, Some(3), 64),
+    type Window = (Option<usize>, Option<usize>);
+    let cases: [(usize, usize, Window, usize); 4] = [
+        (150, 150, (Some(40), Some(0)), 64),
+        (70, 130, (Some(20), Some(10)), 32),
+        (100, 40, (Some(5), Some(0)), 128),
+        (66, 97, (None, Some(3)), 64),
     ];
     for dtype in [DType::F16, DType::BF16] {
-        for (i, &(sq, sk, left, right, d)) in cases.iter().enumerate() {
+        for (i, &(sq, sk, (left, right), d)) in cases.iter().enumerate() {
             let shape = (1, sq, sk);
             let scale = 1.0 / (d as f32).sqrt();
             let what = format!("({sq}, {sk}) window ({left:?}, {right:?}) d {d}");
             // Each dtype takes half of the variants of each case, so every variant runs.
-            if (i + (dtype == DType::BF16) as usize) % 2 == 0 {
+            if (i + usize::from(dtype == DType::BF16)).is_multiple_of(2) {
                 let f = |q: &Tensor, k: &Tensor, v: &Tensor| {
                     attn_op::flash_attn_windowed(q, k, v, scale, left, right)
                 };

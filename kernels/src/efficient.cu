@@ -1,6 +1,7 @@
 // Memory-efficient attention (xformers-style) without tensor-core instructions: f32, f16 and bf16
-// inputs, f32 arithmetic, additive or boolean masks, any head dim up to 256, causal with tile
-// skipping, dropout, GQA, strided and packed inputs. Runs on every architecture the toolkit targets.
+// inputs, f32 arithmetic, additive or boolean masks, any head dim up to 256, causal masks and
+// sliding windows with tile skipping, ALiBi, logit soft-capping, dropout, GQA, strided and packed
+// inputs. Runs on every architecture the toolkit targets.
 //
 // Kernels (DT in f32/f16/bf16, DMAX in 64/128/256: the head dims rounded up):
 //   eff_fwd_DT_DMAX   one block per (32 query rows, query segment): output and row logsumexp

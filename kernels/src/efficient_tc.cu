@@ -8,7 +8,8 @@
 // a * b runs as a_big * b_big + a_big * b_small + a_small * b_big on mma.sync m16n8k8 tf32, with
 // big and small the two tf32 halves of x (split_tf32), which keeps f32's accuracy (the dropped
 // a_small * b_small term is about 2^-22 of the product) at tensor-core speed. Same problems as
-// eff_fwd_f32 in efficient.cu (additive or boolean masks, causal with tile skipping, dropout,
+// eff_fwd_f32 in efficient.cu (additive or boolean masks, causal masks and sliding windows with
+// tile skipping, ALiBi, soft-capping, dropout,
 // GQA, strided and packed inputs, q/k and v head dims up to the bucket), same outputs (output
 // rows and natural-log row logsumexp), so the efficient backward reads either forward's result.
 //
