@@ -533,3 +533,274 @@ fn refused_problems_are_errors() -> Result<()> {
     assert!(why.contains("head dim 300 is above 256"), "{why}");
     Ok(())
 }
+
+/// Runs `f` on the CPU and on the kernels' target for inputs `q (.., sq, hq, d)`, `k`/`v` of
+/// `sk` keys and `hkv` heads, and records a failure if they disagree.
+#[allow(clippy::too_many_arguments)]
+fn check_flash_fn(
+    what: &str,
+    dtype: DType,
+    (b, sq, sk): (usize, usize, usize),
+    (hq, hkv, d): (usize, usize, usize),
+    f: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+    target: &Target,
+    failures: &mut Vec<String>,
+) -> Result<()> {
+    let randn = |shape: &[usize]| Tensor::randn(0f32, 1., shape, &Device::Cpu)?.to_dtype(dtype);
+    let (q, k, v) = (
+        randn(&[b, sq, hq, d])?,
+        randn(&[b, sk, hkv, d])?,
+        randn(&[b, sk, hkv, d])?,
+    );
+    let dout = Tensor::randn(0f32, 1., (b, sq, hq, d), &Device::Cpu)?;
+    let cpu = value_and_grads(&f, [&q, &k, &v], &dout, None)?;
+    let kernels = value_and_grads(&f, [&q, &k, &v], &dout, Some(target))?;
+    if let Err(e) = compare(&format!("{what} {dtype:?}"), dtype, &kernels, &cpu) {
+        failures.push(e.to_string());
+    }
+    Ok(())
+}
+
+/// The ALiBi slopes of `hq` heads: large enough to matter over tens of keys, one zero.
+fn slopes(hq: usize) -> Result<Tensor> {
+    let s: Vec<f32> = (0..hq).map(|h| [0.2, 0.05, 0.0, 0.5][h % 4]).collect();
+    Tensor::new(s, &Device::Cpu)
+}
+
+/// `flash_attn_windowed`, `flash_attn_alibi*` and the soft cap on the flash kernels, forward and
+/// backward: windows that cut the key tiles (64 keys, 32 at head dim 128) on both sides, start
+/// past the first tiles (skipped) and leave rows that see nothing (Lq > Lk with the window
+/// ending on the diagonal), Lq != Lk, GQA.
+#[test]
+fn flash_windows_alibi_softcap_match_cpu() -> Result<()> {
+    let Some(target) = Target::get() else {
+        return Ok(());
+    };
+    let mut failures = Vec::new();
+    // (sq, sk, left, right, head dim)
+    type Window = (Option<usize>, Option<usize>);
+    let cases: [(usize, usize, Window, usize); 4] = [
+        (150, 150, (Some(40), Some(0)), 64),
+        (70, 130, (Some(20), Some(10)), 32),
+        (100, 40, (Some(5), Some(0)), 128),
+        (66, 97, (None, Some(3)), 64),
+    ];
+    for dtype in [DType::F16, DType::BF16] {
+        for (i, &(sq, sk, (left, right), d)) in cases.iter().enumerate() {
+            let shape = (1, sq, sk);
+            let scale = 1.0 / (d as f32).sqrt();
+            let what = format!("({sq}, {sk}) window ({left:?}, {right:?}) d {d}");
+            // Each dtype takes half of the variants of each case, so every variant runs.
+            if (i + usize::from(dtype == DType::BF16)).is_multiple_of(2) {
+                let f = |q: &Tensor, k: &Tensor, v: &Tensor| {
+                    attn_op::flash_attn_windowed(q, k, v, scale, left, right)
+                };
+                check_flash_fn(
+                    &format!("windowed {what}"),
+                    dtype,
+                    shape,
+                    (4, 2, d),
+                    f,
+                    &target,
+                    &mut failures,
+                )?;
+                let f = |q: &Tensor, k: &Tensor, v: &Tensor| {
+                    attn_op::flash_attn_alibi(q, k, v, &slopes(4)?, scale, i % 2 == 0)
+                };
+                check_flash_fn(
+                    &format!("alibi {what}"),
+                    dtype,
+                    shape,
+                    (4, 2, d),
+                    f,
+                    &target,
+                    &mut failures,
+                )?;
+            } else {
+                let f = |q: &Tensor, k: &Tensor, v: &Tensor| {
+                    attn_op::flash_attn_alibi_windowed(q, k, v, &slopes(4)?, scale, left, right)
+                };
+                check_flash_fn(
+                    &format!("alibi_windowed {what}"),
+                    dtype,
+                    shape,
+                    (4, 2, d),
+                    f,
+                    &target,
+                    &mut failures,
+                )?;
+                // Scores scaled up so that a cap of 2 bends most of them.
+                let f = |q: &Tensor, k: &Tensor, v: &Tensor| {
+                    // ALiBi in every other case, the cap alone in the others.
+                    let s = (i % 2 == 1).then(|| slopes(4)).transpose()?;
+                    attn_op::flash_attn_alibi_windowed_softcap(
+                        q,
+                        k,
+                        v,
+                        s.as_ref(),
+                        4.0 * scale,
+                        left,
+                        right,
+                        2.0,
+                    )
+                };
+                check_flash_fn(
+                    &format!("alibi_windowed_softcap {what}"),
+                    dtype,
+                    shape,
+                    (4, 2, d),
+                    f,
+                    &target,
+                    &mut failures,
+                )?;
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    Ok(())
+}
+
+/// The varlen windowed and ALiBi/soft-cap functions on the flash kernels: packed sequences of 3,
+/// 90 and 1 queries against 5, 100 and 33 keys, windows across the key tiles.
+#[test]
+fn flash_varlen_windows_alibi_softcap_match_cpu() -> Result<()> {
+    let Some(target) = Target::get() else {
+        return Ok(());
+    };
+    let mut failures = Vec::new();
+    let (tq, tk, h, d) = (3 + 90 + 1, 5 + 100 + 33, 4, 32);
+    let (cu_q, cu_k) = ([0u32, 3, 93, 94], [0u32, 5, 105, 138]);
+    let scale = 0.5;
+    for (dtype, left, right) in [
+        (DType::F16, Some(30), Some(0)),
+        (DType::BF16, Some(10), Some(5)),
+    ] {
+        let randn = |shape: &[usize]| Tensor::randn(0f32, 1., shape, &Device::Cpu)?.to_dtype(dtype);
+        let (q, k, v) = (
+            randn(&[tq, h, d])?,
+            randn(&[tk, h / 2, d])?,
+            randn(&[tk, h / 2, d])?,
+        );
+        let dout = Tensor::randn(0f32, 1., (tq, h, d), &Device::Cpu)?;
+        let dev = target.device();
+        for softcap in [false, true] {
+            let run = |dev: &Device, q: &Tensor, k: &Tensor, v: &Tensor| {
+                let (cq, ck) = (Tensor::new(&cu_q, dev)?, Tensor::new(&cu_k, dev)?);
+                if softcap {
+                    let s = slopes(h)?.to_device(dev)?;
+                    attn_op::flash_attn_varlen_alibi_windowed_softcap(
+                        q,
+                        k,
+                        v,
+                        Some(&s),
+                        &cq,
+                        &ck,
+                        90,
+                        100,
+                        scale,
+                        left,
+                        right,
+                        3.0,
+                    )
+                } else {
+                    attn_op::flash_attn_varlen_windowed(
+                        q, k, v, &cq, &ck, 90, 100, scale, left, right,
+                    )
+                }
+            };
+            let on_cpu = |q: &Tensor, k: &Tensor, v: &Tensor| run(&Device::Cpu, q, k, v);
+            let on_target = |q: &Tensor, k: &Tensor, v: &Tensor| run(&dev, q, k, v);
+            let cpu = value_and_grads(on_cpu, [&q, &k, &v], &dout, None)?;
+            let kernels = value_and_grads(on_target, [&q, &k, &v], &dout, Some(&target))?;
+            let what =
+                format!("varlen {dtype:?} window ({left:?}, {right:?}) alibi+softcap {softcap}");
+            if let Err(e) = compare(&what, dtype, &kernels, &cpu) {
+                failures.push(e.to_string());
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    Ok(())
+}
+
+/// SDPA's `window_left` / `window_right` / `softcap` on the efficient kernels, with and without
+/// `attn_mask`: the tensor-core kernels (f32 3xTF32, f16/bf16 flash templates with masks), the
+/// CUDA-core backward at head dim 256 and, with `ATTN_OP_CUDA_EFFICIENT_SIMT`, the CUDA-core
+/// forward too (this is the only test that sets it: others running meanwhile get either
+/// kernel, which gives them the same results).
+#[test]
+fn efficient_windows_softcap_match_cpu() -> Result<()> {
+    let Some(target) = Target::get() else {
+        return Ok(());
+    };
+    let mut failures = Vec::new();
+    // (lq, lk, head dim, causal, left, right, softcap, mask)
+    #[allow(clippy::type_complexity)]
+    let cases: &[(
+        usize,
+        usize,
+        usize,
+        bool,
+        Option<usize>,
+        Option<usize>,
+        Option<f64>,
+        Mask,
+    )] = &[
+        (100, 100, 64, true, Some(30), None, Some(2.0), Mask::None),
+        (70, 130, 32, false, Some(20), Some(40), None, Mask::Bias),
+        (90, 40, 128, false, Some(30), Some(3), Some(5.0), Mask::Bool),
+        (65, 97, 256, true, Some(9), None, Some(3.0), Mask::None),
+        (40, 70, 13, false, None, Some(0), Some(4.0), Mask::Bias),
+    ];
+    for simt in [false, true] {
+        if simt {
+            std::env::set_var("ATTN_OP_CUDA_EFFICIENT_SIMT", "1");
+        }
+        for (i, &dtype) in [DType::F32, DType::F16, DType::BF16].iter().enumerate() {
+            for (j, &(lq, lk, d, causal, left, right, softcap, mask)) in cases.iter().enumerate() {
+                // The CUDA-core pass runs each case once, in one of the dtypes.
+                if simt && j % 3 != i {
+                    continue;
+                }
+                let (hq, hkv) = (4, 2);
+                let q = input(1, hq, lq, d, dtype, false)?;
+                let k = input(1, hkv, lk, d, dtype, false)?;
+                let v = input(1, hkv, lk, d, dtype, false)?;
+                let mask = match mask {
+                    Mask::None => None,
+                    Mask::Bool => {
+                        Some(Tensor::rand(0f32, 1., (hq, lq, lk), &Device::Cpu)?.ge(0.2)?)
+                    }
+                    Mask::Bias => Some(Tensor::randn(0f32, 1., (1, lq, lk), &Device::Cpu)?),
+                };
+                let dout = Tensor::randn(0f32, 1., (1, hq, lq, d), &Device::Cpu)?;
+                let f = |q: &Tensor, k: &Tensor, v: &Tensor| {
+                    let opts = SdpaOptions {
+                        attn_mask: mask.as_ref().map(|m| m.to_device(q.device())).transpose()?,
+                        is_causal: causal,
+                        scale: Some(2.0 / (d as f64).sqrt()),
+                        enable_gqa: true,
+                        window_left: left,
+                        window_right: right,
+                        softcap,
+                        dropout_p: if j == 1 { 0.2 } else { 0.0 },
+                        seed: Some(7),
+                    };
+                    let _only = sdpa_kernel(&[Backend::Efficient]);
+                    scaled_dot_product_attention(q, k, v, &opts)
+                };
+                let cpu = value_and_grads(f, [&q, &k, &v], &dout, None)?;
+                let kernels = value_and_grads(f, [&q, &k, &v], &dout, Some(&target))?;
+                let what = format!(
+                    "efficient {dtype:?} simt {simt} ({lq}, {lk}) d {d} causal {causal} window ({left:?}, {right:?}) softcap {softcap:?} {mask:?}"
+                );
+                if let Err(e) = compare(&what, dtype, &kernels, &cpu) {
+                    failures.push(e.to_string());
+                }
+            }
+        }
+    }
+    std::env::remove_var("ATTN_OP_CUDA_EFFICIENT_SIMT");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    Ok(())
+}
