@@ -21,6 +21,7 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
+#[doc(inline)]
 pub use attn_op::{flash_attn, flash_attn_varlen};
 
 // To add when attn-op has them (issue 17), each with candle-flash-attn's signature:
