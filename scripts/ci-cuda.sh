@@ -3,7 +3,9 @@
 #   1. scripts/setup-cuda.sh (CUDA 13.0 nvcc from PyPI, stub libcuda),
 #   2. the attn-kernels crate with its `cuda` feature (every kernel compiled to PTX),
 #   3. the whole workspace with `--features cuda --all-targets` (launch code, CUDA tests, benches),
-#   4. ptxas -v for sm_75, sm_80 and sm_90 on every kernel: fails if a main configuration spills
+#   4. candle-transformers 0.11.1 with its `flash-attn` feature against compat/candle-flash-attn
+#      (scripts/ci-flash-attn-swap.sh: README's `[patch.crates-io]` swap, built and run on the CPU),
+#   5. ptxas -v for sm_75, sm_80 and sm_90 on every kernel: fails if a main configuration spills
 #      registers (flash forward/backward, efficient forward/backward; the deterministic dQ pass
 #      and helpers are reported only).
 # Prints the time of each step. CUDA builds go to $CARGO_TARGET_DIR (default target/cuda), so they
@@ -26,6 +28,9 @@ cargo build --release -p attn-kernels --features cuda
 
 step "workspace --features cuda --all-targets"
 cargo build --release --workspace --features cuda --all-targets
+
+step "candle-transformers --features flash-attn with candle-flash-attn patched to compat/"
+scripts/ci-flash-attn-swap.sh
 
 step "ptxas -v sm_75 / sm_80 / sm_90"
 WORK="$(mktemp -d)"

@@ -9,10 +9,14 @@ default_input="$(cd .. && pwd)/shared/data/tinyshakespeare/input.txt"
 if [[ -z "${NANOGPT_INPUT:-}" && -f "$default_input" ]]; then
     export NANOGPT_INPUT="$default_input"
 fi
-cargo test --release --workspace "$@"
-# The numeric tests once more on the portable (non-AVX-512) matrix kernel (same package set as
-# above, so nothing is rebuilt).
-ATTN_OP_PORTABLE=1 cargo test --release --workspace --test forward --test backward --test api "$@"
+# `--no-default-features` is for candle-flash-attn (compat/), whose default `cuda` feature needs
+# nvcc; no other member has default features. (Testing it in a cargo call of its own would
+# resolve Candle's features differently and build Candle a second time.)
+cargo test --release --workspace --no-default-features "$@"
+# The numeric tests once more on the portable (non-AVX-512) matrix kernel (same package set and
+# features as above, so nothing is rebuilt).
+ATTN_OP_PORTABLE=1 cargo test --release --workspace --no-default-features \
+    --test forward --test backward --test api "$@"
 # The CUDA kernels' own code run on the CPU by attn-kernels' emulator (a C++17 compiler is all it
 # needs) and checked against the CPU implementation: the tests a GPU session runs, on fewer lengths.
 cargo test --release -p attn-op --features cuda-emu --lib --test cuda_kernels --test cuda_deterministic --test cuda_efficient_tc "$@"

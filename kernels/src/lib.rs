@@ -1,17 +1,18 @@
 //! PTX of attn-op's CUDA attention kernels, compiled from `src/*.cu` by `build.rs` with
 //! [bindgen_cuda](https://crates.io/crates/bindgen_cuda) when the `cuda` feature is on.
 //!
-//! - [`FLASH_FWD`], [`FLASH_BWD`]: FlashAttention-2 forward and backward on tensor cores
+//! - `FLASH_FWD`, `FLASH_BWD`: FlashAttention-2 forward and backward on tensor cores
 //!   (`mma.sync` m16n8k16, `ldmatrix`, `cp.async`; sm80+), f16 and bf16.
-//! - [`EFFICIENT`]: memory-efficient attention forward and backward without tensor-core
+//! - `EFFICIENT`: memory-efficient attention forward and backward without tensor-core
 //!   instructions (f32, f16, bf16, masks, any head dim up to 256), and the small helpers.
-//! - [`EFFICIENT_TC`]: the efficient backend on tensor cores (sm80+) for the same problems: f32
+//! - `EFFICIENT_TC`: the efficient backend on tensor cores (sm80+) for the same problems: f32
 //!   as 3xTF32 `mma.sync` m16n8k8 (f32 accuracy), f16/bf16 as the flash kernels with masks.
-//! - [`DROPOUT`]: seeded dropout multipliers (Philox 4x32-10, the CPU's mask bit for bit).
+//! - `DROPOUT`: seeded dropout multipliers (Philox 4x32-10, the CPU's mask bit for bit).
 //!
-//! The kernels target [`COMPUTE_CAP`] (`CUDA_COMPUTE_CAP` at build time). Without the `cuda`
-//! feature this crate has no PTX, so a CPU-only build needs no CUDA toolkit. With the `emu`
-//! feature the same sources run on the CPU in an emulator (module `emu`), for tests.
+//! The kernels target `COMPUTE_CAP` (`CUDA_COMPUTE_CAP` at build time). Without the `cuda`
+//! feature this crate has no PTX (and none of these items), so a CPU-only build needs no CUDA
+//! toolkit. With the `emu` feature the same sources run on the CPU in an emulator (module
+//! `emu`), for tests.
 
 #[cfg(feature = "emu")]
 pub mod emu;
