@@ -218,6 +218,20 @@ __device__ __forceinline__ bool transformed(const AttnParams& p, const QSeg& s) 
     return p.softcap > 0.0f || s.slope != 0.0f;
 }
 
+// The soft cap and the ALiBi bias of a raw score: (the score, the soft cap's tanh or 0). Out of
+// line on purpose: the score paths are unrolled over every fragment element, and with tanhf
+// inlined there nvcc spent over 15x as long on flash_fwd.cu (35 s -> more than 9 min, sm_80).
+__device__ __noinline__ float2 extras_score(float raw, float scale, float softcap, float slope, float dist) {
+    float x, t = 0.0f;
+    if (softcap > 0.0f) {
+        t = tanhf(raw * (scale / softcap));
+        x = softcap * t;
+    } else {
+        x = raw * scale;
+    }
+    return make_float2(x - slope * fabsf(dist), t);
+}
+
 // Scaled, masked score of (row, col) of segment `s` (-inf where masked, outside the band or out
 // of range): scale, soft cap, ALiBi, then the mask, in the CPU's order (cpu::prepare_scores).
 // `t` receives the soft cap's tanh (for the backward's 1 - t^2), 0 without one.
@@ -226,16 +240,21 @@ __device__ __forceinline__ float masked_score(const AttnParams& p, const QSeg& s
                                               float& t) {
     t = 0.0f;
     if (row >= s.len || col >= lk || !in_band(s, row, col)) return -INFINITY;
-    float x;
-    if (p.softcap > 0.0f) {
-        t = tanhf(raw * (p.scale / p.softcap));
-        x = p.softcap * t;
-    } else {
-        x = raw * p.scale;
+    float x = raw * p.scale;
+    if (transformed(p, s)) {
+        const float2 r = extras_score(raw, p.scale, p.softcap, s.slope, (float)((long long)row + s.diag - col));
+        x = r.x;
+        t = r.y;
     }
-    if (s.slope != 0.0f) x -= s.slope * fabsf((float)((long long)row + s.diag - col));
     if (p.mask_kind != 0) x += mask_term(p, bias, boolm, s.mask + (long long)row * p.mask_rs + (long long)col * p.mask_cs);
     return x;
+}
+
+// The score of (row, col) for kernels without a mask when a soft cap or ALiBi is on: the band
+// inline, the rest out of line (see extras_score); (-inf, 0) outside the band.
+__device__ __forceinline__ float2 band_score(const AttnParams& p, const QSeg& s, float raw, int row, int col, int lk) {
+    if (row >= s.len || col >= lk || !in_band(s, row, col)) return make_float2(-INFINITY, 0.0f);
+    return extras_score(raw, p.scale, p.softcap, s.slope, (float)((long long)row + s.diag - col));
 }
 
 __device__ __forceinline__ float masked_score(const AttnParams& p, const QSeg& s, const float* bias,

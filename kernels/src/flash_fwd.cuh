@@ -104,8 +104,10 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k, cons
                     if (need_mask) {
                         int col = k0 + nb * 8 + 2 * tq + (e & 1);
                         int row = row_a + i * 64 + (e < 2 ? 0 : 8);
-                        if (MASK || xform) {
+                        if (MASK) {
                             x = masked_score(p, s, bias, boolm, sacc[i][nb][e], row, col, lk) * 1.4426950408889634f;
+                        } else if (xform) {
+                            x = band_score(p, s, sacc[i][nb][e], row, col, lk).x * 1.4426950408889634f;
                         } else if (col >= lk || !in_band(s, row, col)) {
                             x = -INFINITY;
                         }

@@ -138,7 +138,14 @@ __device__ __forceinline__ void probs_and_grads(float (&st)[NQ][4], float (&dp)[
             const int key = e < 2 ? key_a : key_b;
             float pr, t = 0.0f;
             if (MASK || xform) {
-                const float x = masked_score(p, s, bias, boolm, st[nb][e], row, key, lk, t);
+                float x;
+                if (MASK) {
+                    x = masked_score(p, s, bias, boolm, st[nb][e], row, key, lk, t);
+                } else {
+                    const float2 r = band_score(p, s, st[nb][e], row, key, lk);
+                    x = r.x;
+                    t = r.y;
+                }
                 pr = x == -INFINITY ? 0.0f : exp2f((x - lse_s[qi * RS]) * log2e);
             } else {
                 const bool ok = row < s.len && key < lk && in_band(s, row, key);
