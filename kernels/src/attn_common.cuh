@@ -218,13 +218,15 @@ __device__ __forceinline__ bool transformed(const AttnParams& p, const QSeg& s) 
     return p.softcap > 0.0f || s.slope != 0.0f;
 }
 
-// The soft cap and the ALiBi bias of a raw score: (the score, the soft cap's tanh or 0). Out of
-// line on purpose: the score paths are unrolled over every fragment element, and with tanhf
-// inlined there nvcc spent over 15x as long on flash_fwd.cu (35 s -> more than 9 min, sm_80).
-__device__ __noinline__ float2 extras_score(float raw, float scale, float softcap, float slope, float dist) {
+// The soft cap and the ALiBi bias of a raw score: (the score, the soft cap's tanh or 0). The
+// score paths are unrolled over every fragment element: libdevice's tanhf inlined there made
+// nvcc take over 15x as long on flash_fwd.cu (35 s -> more than 9 min, sm_80), and an out-of-line
+// call made ptxas spill around it; tanh(y) = 1 - 2 / (e^(2y) + 1) on the fast exponential is a few
+// instructions (absolute error about 1e-7, which the cap multiplies; ±1 at ±inf).
+__device__ __forceinline__ float2 extras_score(float raw, float scale, float softcap, float slope, float dist) {
     float x, t = 0.0f;
     if (softcap > 0.0f) {
-        t = tanhf(raw * (scale / softcap));
+        t = 1.0f - 2.0f / (__expf(2.0f * raw * (scale / softcap)) + 1.0f);
         x = softcap * t;
     } else {
         x = raw * scale;
@@ -250,8 +252,8 @@ __device__ __forceinline__ float masked_score(const AttnParams& p, const QSeg& s
     return x;
 }
 
-// The score of (row, col) for kernels without a mask when a soft cap or ALiBi is on: the band
-// inline, the rest out of line (see extras_score); (-inf, 0) outside the band.
+// The score of (row, col) for kernels without a mask when a soft cap or ALiBi is on (the mask
+// lookups of masked_score left out); (-inf, 0) outside the band.
 __device__ __forceinline__ float2 band_score(const AttnParams& p, const QSeg& s, float raw, int row, int col, int lk) {
     if (row >= s.len || col >= lk || !in_band(s, row, col)) return make_float2(-INFINITY, 0.0f);
     return extras_score(raw, p.scale, p.softcap, s.slope, (float)((long long)row + s.diag - col));
