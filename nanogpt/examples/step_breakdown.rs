@@ -44,6 +44,7 @@ fn breakdown() -> Result<()> {
     let model = Gpt::new(
         &model_cfg,
         VarBuilder::from_varmap(&varmap, DType::F32, &dev),
+        true,
     )?;
     let mut rng = Rng::new(1337, 0);
     init_weights(&varmap, cfg.n_layer, &mut rng)?;

@@ -12,22 +12,15 @@
 
 #![warn(missing_docs)]
 
-pub mod attention;
 pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
-mod cpu_data;
 pub mod data;
 pub mod device;
-pub mod embedding;
 pub mod files;
-pub mod gelu;
+pub mod fused;
 pub mod interrupt;
-pub mod layer_norm;
-pub mod linear;
-pub mod loss;
-mod matmul;
 pub mod memory;
 pub mod model;
 pub mod optim;

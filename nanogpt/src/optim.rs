@@ -9,7 +9,7 @@ use candle_nn::VarMap;
 use rayon::prelude::*;
 
 use crate::config::TrainConfig;
-use crate::cpu_data::{with_data, with_data_mut};
+use crate::fused::{with_data, with_data_mut};
 
 /// One parameter and its Adam moments.
 struct Param {

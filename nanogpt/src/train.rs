@@ -105,6 +105,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let model = Gpt::new(
         &model_cfg,
         VarBuilder::from_varmap(&varmap, DType::F32, device),
+        cfg.fused,
     )?;
     let mut opt = AdamW::new(&varmap, cfg)?;
     let (mut rng, start, mut best_val_loss, eval_pending) = match &resume {
