@@ -488,3 +488,132 @@ pub fn init_weights(varmap: &VarMap, n_layer: usize, rng: &mut Rng) -> Result<()
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    use crate::config::{TrainConfig, CPU_RECIPE};
+    use crate::optim::AdamW;
+    use crate::test_util::{assert_gradients_match_finite_differences, set_random};
+
+    /// LayerNorm's gradients (input, weight, bias) match central finite differences (f64).
+    #[test]
+    fn layer_norm_gradients_match_finite_differences() -> Result<()> {
+        let dev = Device::Cpu;
+        let map = VarMap::new();
+        let ln = LayerNorm::new(5, true, VarBuilder::from_varmap(&map, DType::F64, &dev))?;
+        let mut rng = Rng::new(3, 0);
+        set_random(&map, &mut rng, 1.0)?;
+        let f64s = |v: Vec<f32>| v.into_iter().map(f64::from).collect::<Vec<_>>();
+        let x = Var::from_vec(f64s(rng.normal_vec(15, 1.0)), (3, 5), &dev)?;
+        let probe = Tensor::from_vec(f64s(rng.normal_vec(15, 1.0)), (3, 5), &dev)?;
+        assert_gradients_match_finite_differences(&map, &x, || {
+            (ln.forward(&x)? * &probe)?.sum_all()
+        })
+    }
+
+    /// The MLP's gradients (with biases) match central finite differences (f64).
+    #[test]
+    fn mlp_gradients_match_finite_differences() -> Result<()> {
+        let dev = Device::Cpu;
+        let map = VarMap::new();
+        let mlp = Mlp::new(
+            3,
+            true,
+            0.0,
+            VarBuilder::from_varmap(&map, DType::F64, &dev),
+        )?;
+        let mut rng = Rng::new(13, 0);
+        set_random(&map, &mut rng, 0.7)?;
+        let f64s = |v: Vec<f32>| v.into_iter().map(f64::from).collect::<Vec<_>>();
+        let x = Var::from_vec(f64s(rng.normal_vec(12, 1.0)), (4, 3), &dev)?;
+        let probe = Tensor::from_vec(f64s(rng.normal_vec(12, 1.0)), (4, 3), &dev)?;
+        assert_gradients_match_finite_differences(&map, &x, || {
+            (mlp.forward(&x, None)? * &probe)?.sum_all()
+        })
+    }
+
+    #[test]
+    fn layer_norm_normalises_rows() -> Result<()> {
+        let dev = Device::Cpu;
+        let ln = LayerNorm {
+            weight: Tensor::ones(4, DType::F32, &dev)?,
+            bias: None,
+        };
+        let x = Tensor::new(&[[1f32, 2., 3., 4.], [10., 10., 10., 14.]], &dev)?;
+        let y = ln.forward(&x)?;
+        let mean = y.mean_keepdim(1)?.flatten_all()?.to_vec1::<f32>()?;
+        let var = y.sqr()?.mean_keepdim(1)?.flatten_all()?.to_vec1::<f32>()?;
+        assert!(mean.iter().all(|m| m.abs() < 1e-5), "{mean:?}");
+        assert!(var.iter().all(|v| (v - 1.0).abs() < 1e-3), "{var:?}");
+        Ok(())
+    }
+
+    /// The plain model and the fused one, from the same weights and seeds, train alike: the
+    /// same losses over a few AdamW steps with dropout, and the same weights after them.
+    #[test]
+    fn plain_and_fused_models_train_alike() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut cfg = TrainConfig::from_toml(CPU_RECIPE).map_err(candle_core::Error::wrap)?;
+        (
+            cfg.n_layer,
+            cfg.n_head,
+            cfg.n_embd,
+            cfg.block_size,
+            cfg.dropout,
+        ) = (2, 2, 32, 16, 0.1);
+        let model_cfg = ModelConfig::from_train(&cfg, 20);
+        let ids: Vec<u32> = (0..4 * 17).map(|i| (i * 7 % 20) as u32).collect();
+        let batch = Tensor::from_vec(ids, (4, 17), &dev)?;
+        let (x, y) = (batch.narrow(1, 0, 16)?, batch.narrow(1, 1, 16)?);
+        let run = |fused: bool| -> Result<(Vec<f32>, Vec<f32>)> {
+            let map = VarMap::new();
+            let gpt = Gpt::new(
+                &model_cfg,
+                VarBuilder::from_varmap(&map, DType::F32, &dev),
+                fused,
+            )?;
+            assert_eq!(gpt.runs_fused(DType::F32), fused);
+            init_weights(&map, model_cfg.n_layer, &mut Rng::new(1, 0))?;
+            let mut opt = AdamW::new(&map, &cfg).map_err(candle_core::Error::wrap)?;
+            let mut rng = Rng::new(2, 0);
+            let mut losses = Vec::new();
+            for _ in 0..4 {
+                let loss = gpt.loss(&x, &y, DType::F32, Some(&mut rng))?;
+                losses.push(loss.to_scalar::<f32>()?);
+                let grads = opt
+                    .grads(&loss.backward()?)
+                    .map_err(candle_core::Error::wrap)?;
+                opt.step(&grads, 1e-2).map_err(candle_core::Error::wrap)?;
+            }
+            let data = map.data().lock().expect("varmap lock");
+            let mut names: Vec<&String> = data.keys().collect();
+            names.sort();
+            let weights = names
+                .iter()
+                .map(|n| data[*n].flatten_all()?.to_vec1::<f32>())
+                .collect::<Result<Vec<_>>>()?;
+            Ok((losses, weights.concat()))
+        };
+        let (plain, fused) = (run(false)?, run(true)?);
+        for (a, b) in plain.0.iter().zip(&fused.0) {
+            assert!(
+                (a - b).abs() < 1e-4 * a.abs(),
+                "losses {:?} vs {:?}",
+                plain.0,
+                fused.0
+            );
+        }
+        assert!(plain.0[3] < plain.0[0], "it learns: {:?}", plain.0);
+        let worst = plain
+            .1
+            .iter()
+            .zip(&fused.1)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-4, "weights differ by {worst}");
+        Ok(())
+    }
+}
