@@ -5,7 +5,6 @@
 //! and an addition. `ln_2`'s weight is folded into `c_fc`'s ([`super::scale_columns`]). The
 //! products run by blocks of rows on rayon's pool (see [`super::matmul`]).
 
-use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
@@ -33,9 +32,8 @@ pub(crate) fn mlp_residual(
         &w_fc,
         c_proj,
         MlpOp {
-            normed_residual: true,
             keep,
-            ..MlpOp::default()
+            saved: OnceLock::new(),
         },
     )
 }
@@ -43,18 +41,16 @@ pub(crate) fn mlp_residual(
 // ---------------------------------------------------------------------------------------------
 // The MLP op.
 
-/// `gelu(x · W_fcᵀ) · W_projᵀ`, or with `normed_residual` `x + gelu(x̂ · W_fcᵀ) · W_projᵀ` where
-/// `x̂` is `x` normalised row by row (a pre-LayerNorm block's MLP with the LayerNorm weight
-/// folded into `W_fc`). Keeps what the backward pass needs from the forward pass.
-#[derive(Default)]
+/// `x + gelu(x̂ · W_fcᵀ) · W_projᵀ` where `x̂` is `x` normalised row by row (a pre-LayerNorm
+/// block's MLP with the LayerNorm weight folded into `W_fc`). Keeps what the backward pass
+/// needs from the forward pass.
 struct MlpOp {
-    normed_residual: bool,
-    /// With `normed_residual`: dropout multipliers of the MLP's output, `x + keep ⊙ mlp(x̂)`.
+    /// Dropout multipliers of the MLP's output, `x + keep ⊙ mlp(x̂)`.
     keep: Option<Vec<f32>>,
     saved: OnceLock<MlpSaved>,
 }
 
-/// The pre-activation `u = x · W_fcᵀ`, and with `normed_residual` `x̂` and each row's `rstd`.
+/// The pre-activation `u = x̂ · W_fcᵀ`, `x̂` and each row's `rstd`.
 struct MlpSaved {
     u: Vec<f32>,
     xhat: Vec<f32>,
@@ -63,11 +59,7 @@ struct MlpSaved {
 
 impl CustomOp3 for MlpOp {
     fn name(&self) -> &'static str {
-        if self.normed_residual {
-            "nanogpt-residual-mlp"
-        } else {
-            "nanogpt-mlp"
-        }
+        "nanogpt-residual-mlp"
     }
 
     fn cpu_fwd(
@@ -88,7 +80,7 @@ impl CustomOp3 for MlpOp {
         let (n, c) = dims2(l1, "mlp input")?;
         let (hidden, fc_in) = dims2(l2, "mlp c_fc weight")?;
         let (proj_out, proj_in) = dims2(l3, "mlp c_proj weight")?;
-        if fc_in != c || proj_in != hidden || (self.normed_residual && proj_out != c) {
+        if fc_in != c || proj_in != hidden || proj_out != c {
             candle_core::bail!(
                 "mlp: input {:?}, c_fc weight {:?} and c_proj weight {:?} do not chain",
                 l1.dims(),
@@ -96,66 +88,47 @@ impl CustomOp3 for MlpOp {
                 l3.dims()
             );
         }
-        if self
-            .keep
-            .as_ref()
-            .is_some_and(|k| !self.normed_residual || k.len() != n * c)
-        {
-            candle_core::bail!("mlp: dropout multipliers need the residual MLP and one per output");
+        if self.keep.as_ref().is_some_and(|k| k.len() != n * c) {
+            candle_core::bail!("mlp: dropout multipliers need one per output");
         }
-        let (normed, keep) = (self.normed_residual, self.keep.as_deref());
-        let xv = View::row_major(x, n, c)?;
+        let keep = self.keep.as_deref();
         let w_fc_t = View::row_major(w_fc, hidden, c)?.t();
         let w_proj_t = View::row_major(w_proj, proj_out, hidden)?.t();
         let mut u = Unwritten::new(n * hidden);
         let mut y = Unwritten::new(n * proj_out);
-        let (xhat_len, rstd_len) = if normed { (n * c, n) } else { (0, 0) };
-        let (mut xhat, mut rstd) = (Unwritten::new(xhat_len), Unwritten::new(rstd_len));
-        // Blocks of rows: (x̂ =) normalise(x), u = x W_fcᵀ, h = gelu(u), y = (x +) h W_projᵀ,
-        // each block on one thread.
+        let (mut xhat, mut rstd) = (Unwritten::new(n * c), Unwritten::new(n));
+        // Blocks of rows: x̂ = normalise(x), u = x̂ W_fcᵀ, h = gelu(u), y = x + h W_projᵀ, each
+        // block on one thread.
         let block = row_blocks(n);
         let jobs = u
             .slots()
             .chunks_mut((block * hidden).max(1))
             .zip(y.slots().chunks_mut((block * proj_out).max(1)))
-            .zip(chunks_or_empty(xhat.slots(), block * c))
-            .zip(chunks_or_empty(rstd.slots(), block))
+            .zip(xhat.slots().chunks_mut((block * c).max(1)))
+            .zip(rstd.slots().chunks_mut(block.max(1)))
             .enumerate()
             .map(|(i, (((u, y), xhat), rstd))| {
                 Box::new(move || {
                     let rows = u.len() / hidden.max(1);
                     let first = i * block;
-                    let input = if normed {
-                        super::normalize::normalize_rows(
-                            &x[first * c..(first + rows) * c],
-                            c,
-                            xhat,
-                            rstd,
-                        );
-                        // SAFETY: `normalize_rows` wrote all `rows` rows of both.
-                        View::row_major(unsafe { assume_written(xhat) }, rows, c)?
-                    } else {
-                        xv.rows(first, rows)?
-                    };
-                    let u = matmul_to(u, input, w_fc_t)?;
+                    let span = first * c..(first + rows) * c;
+                    super::normalize::normalize_rows(&x[span.clone()], c, xhat, rstd);
+                    // SAFETY: `normalize_rows` wrote all `rows` rows of both.
+                    let xhat = View::row_major(unsafe { assume_written(xhat) }, rows, c)?;
+                    let u = matmul_to(u, xhat, w_fc_t)?;
                     let mut h = Unwritten::new(u.len());
                     super::gelu::forward(u, h.slots());
                     // SAFETY: `gelu::forward` writes every element of `h`, as long as `u`.
                     let h = unsafe { h.assume_written() };
                     let h = View::row_major(&h, rows, hidden)?;
-                    if normed {
-                        // The residual: y = x + (keep ⊙) h W_projᵀ.
-                        let span = first * c..(first + rows) * c;
-                        let keep = keep.map(|k| &k[span.clone()]);
-                        residual_matmul(y, &x[span], h, w_proj_t, keep)
-                    } else {
-                        matmul_to(y, h, w_proj_t).map(drop)
-                    }
+                    // The residual: y = x + (keep ⊙) h W_projᵀ.
+                    let keep = keep.map(|k| &k[span.clone()]);
+                    residual_matmul(y, &x[span], h, w_proj_t, keep)
                 }) as Box<dyn FnOnce() -> Result<()> + Send>
             })
             .collect();
         run_jobs(jobs)?;
-        // SAFETY: the blocks cover `u`, `y` (and `xhat`, `rstd`), and each job wrote its rows of
+        // SAFETY: the blocks cover `u`, `y`, `xhat` and `rstd`, and each job wrote its rows of
         // all of them (all returned `Ok`).
         let (u, y, xhat, rstd) = unsafe {
             (
@@ -183,14 +156,13 @@ impl CustomOp3 for MlpOp {
         let Some(MlpSaved { u, xhat, rstd }) = self.saved.get() else {
             candle_core::bail!("mlp backward: the forward pass did not run on the CPU");
         };
-        let normed = self.normed_residual;
         let g = grad.contiguous()?;
         let (n, c) = x.dims2()?;
         let (hidden, _) = w_fc.dims2()?;
         let (out, _) = w_proj.dims2()?;
         let (dx, dw_fc, dw_proj) = with_data(&[x, w_fc, w_proj, &g], "mlp backward", |d| {
-            // The product's input: x, or x̂ with `normed_residual`.
-            let input = View::row_major(if normed { xhat } else { d[0] }, n, c)?;
+            // The product's input.
+            let xhat_v = View::row_major(xhat, n, c)?;
             let w_fc = View::row_major(d[1], hidden, c)?;
             let w_proj = View::row_major(d[2], out, hidden)?;
             // The gradient of the MLP's output: g, times the dropout multipliers if any.
@@ -200,7 +172,7 @@ impl CustomOp3 for MlpOp {
             let mut du = Unwritten::new(n * hidden);
             let mut dx = Unwritten::new(n * c);
             // Blocks of rows: dh = g W_proj, du = dh ⊙ gelu'(u) (and h = gelu(u) for dW_proj),
-            // d(input) = du W_fc; with `normed_residual`, dx = g + the normalisation's backward.
+            // dx̂ = du W_fc, dx = g + the normalisation's backward of dx̂.
             let block = row_blocks(n);
             let jobs = h
                 .slots()
@@ -216,16 +188,14 @@ impl CustomOp3 for MlpOp {
                         let du = matmul_to(du, gv.rows(first, rows)?, w_proj)?;
                         super::gelu::forward_backward_in_place(u, h, du);
                         let dx = matmul_to(dx, View::row_major(du, rows, hidden)?, w_fc)?;
-                        if normed {
-                            let rows = first..first + rows;
-                            super::normalize::normalize_backward_rows(
-                                &xhat[rows.start * c..rows.end * c],
-                                &rstd[rows.clone()],
-                                Some(&d[3][rows.start * c..rows.end * c]),
-                                c,
-                                dx,
-                            );
-                        }
+                        let rows = first..first + rows;
+                        super::normalize::normalize_backward_rows(
+                            &xhat[rows.start * c..rows.end * c],
+                            &rstd[rows.clone()],
+                            Some(&d[3][rows.start * c..rows.end * c]),
+                            c,
+                            dx,
+                        );
                         Ok(())
                     }) as Box<dyn FnOnce() -> Result<()> + Send>
                 })
@@ -235,14 +205,14 @@ impl CustomOp3 for MlpOp {
             // (`forward_backward_in_place` writes every element of `h`; all returned `Ok`).
             let (h, du, dx) =
                 unsafe { (h.assume_written(), du.assume_written(), dx.assume_written()) };
-            // dW_proj = gᵀ h and dW_fc = duᵀ · input, cut by rows of their outputs.
+            // dW_proj = gᵀ h and dW_fc = duᵀ x̂, cut by rows of their outputs.
             let mut dw_proj = Unwritten::new(out * hidden);
             let mut dw_fc = Unwritten::new(hidden * c);
             let mut jobs = product_jobs(dw_proj.slots(), gv.t(), View::row_major(&h, n, hidden)?);
             jobs.extend(product_jobs(
                 dw_fc.slots(),
                 View::row_major(&du, n, hidden)?.t(),
-                input,
+                xhat_v,
             ));
             run_jobs(jobs)?;
             // SAFETY: the product jobs wrote all of both (they all returned `Ok`).
@@ -255,18 +225,6 @@ impl CustomOp3 for MlpOp {
             Some(Tensor::from_vec(dw_proj, (out, hidden), dev)?),
         ))
     }
-}
-
-/// `slots` in chunks of `size`, or endless empty chunks when `slots` is empty (an optional
-/// buffer zipped with the others).
-fn chunks_or_empty(
-    slots: &mut [MaybeUninit<f32>],
-    size: usize,
-) -> impl Iterator<Item = &mut [MaybeUninit<f32>]> {
-    let empty = slots.is_empty();
-    slots
-        .chunks_mut(size.max(1))
-        .chain(std::iter::repeat_with(|| &mut [][..]).take_while(move |_| empty))
 }
 
 #[cfg(test)]

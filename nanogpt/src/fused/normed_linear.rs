@@ -10,8 +10,8 @@ use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-use super::cpu_data::{assume_written, dims2, f32_slice, with_data, Unwritten};
-use super::matmul::{for_row_blocks, matmul_add, matmul_to, product_jobs, run_jobs, View};
+use super::cpu_data::{dims2, f32_slice, with_data, Unwritten};
+use super::matmul::{for_row_blocks, matmul_to, product_jobs, run_jobs, View};
 use super::scale_columns::ScaleColumns;
 
 /// `ln(x) · wᵀ` for the rows of `x` `(N, C)`, `ln` a LayerNorm without bias of weight
@@ -21,80 +21,45 @@ pub(crate) fn normed_linear(x: &Tensor, ln_weight: &Tensor, w: &Tensor) -> Resul
     x.contiguous()?.apply_op2(&w, NormedLinearOp::default())
 }
 
-/// The products of a Linear layer without the op around them.
-pub(super) struct LinearOp;
+/// `y = x · Wᵀ` for `x` `(n, d_in)` and `W` `(d_out, d_in)`, row-major, by blocks of rows.
+fn linear_forward(
+    x: &[f32],
+    w: &[f32],
+    (n, d_in, d_out): (usize, usize, usize),
+) -> Result<Vec<f32>> {
+    let (xv, wt) = (
+        View::row_major(x, n, d_in)?,
+        View::row_major(w, d_out, d_in)?.t(),
+    );
+    let mut y = Unwritten::new(n * d_out);
+    for_row_blocks(y.slots(), d_out, |first, rows| {
+        matmul_to(rows, xv.rows(first, rows.len() / d_out)?, wt).map(drop)
+    })?;
+    // SAFETY: the row blocks cover `y`, and each wrote its rows (all returned `Ok`).
+    Ok(unsafe { y.assume_written() })
+}
 
-impl LinearOp {
-    pub(super) fn forward(
-        x: &[f32],
-        lx: &Layout,
-        w: &[f32],
-        lw: &Layout,
-        b: Option<&[f32]>,
-    ) -> Result<Vec<f32>> {
-        let (n, d_in) = dims2(lx, "linear input")?;
-        let (d_out, w_in) = dims2(lw, "linear weight")?;
-        if w_in != d_in || b.is_some_and(|b| b.len() != d_out) {
-            candle_core::bail!(
-                "linear: input {:?}, weight {:?} and bias of {:?} elements do not match",
-                lx.dims(),
-                lw.dims(),
-                b.map(<[f32]>::len)
-            );
-        }
-        let (xv, wt) = (
-            View::row_major(x, n, d_in)?,
-            View::row_major(w, d_out, d_in)?.t(),
-        );
-        let mut y = Unwritten::new(n * d_out);
-        for_row_blocks(y.slots(), d_out, |first, rows| {
-            let x_rows = xv.rows(first, rows.len() / d_out)?;
-            match b {
-                None => matmul_to(rows, x_rows, wt).map(drop),
-                Some(b) => {
-                    for (slot, &v) in rows.iter_mut().zip(b.iter().cycle()) {
-                        slot.write(v);
-                    }
-                    // SAFETY: the loop wrote every element (`rows` is whole rows of `d_out`).
-                    matmul_add(unsafe { assume_written(rows) }, x_rows, wt)
-                }
-            }
-        })?;
-        // SAFETY: the row blocks cover `y`, and each wrote its rows (all returned `Ok`).
-        Ok(unsafe { y.assume_written() })
-    }
-
-    /// `(dx, dW, db)` of `y = x · Wᵀ (+ b)` for the output gradient `g`, all row-major slices of
-    /// the shapes `(n, d_in, d_out)` say; `db` is empty without `bias`.
-    pub(super) fn backward_rows(
-        x: &[f32],
-        w: &[f32],
-        g: &[f32],
-        (n, d_in, d_out): (usize, usize, usize),
-        bias: bool,
-    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-        let (xv, wv, gv) = (
-            View::row_major(x, n, d_in)?,
-            View::row_major(w, d_out, d_in)?,
-            View::row_major(g, n, d_out)?,
-        );
-        let mut dx = Unwritten::new(n * d_in);
-        let mut dw = Unwritten::new(d_out * d_in);
-        let mut db = vec![0f32; if bias { d_out } else { 0 }];
-        // dx = g · W and dW = gᵀ · x, cut by rows of their outputs; db = Σ_rows g.
-        let mut jobs = product_jobs(dx.slots(), gv, wv);
-        jobs.extend(product_jobs(dw.slots(), gv.t(), xv));
-        if bias {
-            let db = &mut db;
-            jobs.push(Box::new(move || {
-                column_sums(g, d_out, db);
-                Ok(())
-            }));
-        }
-        run_jobs(jobs)?;
-        // SAFETY: the product jobs wrote all of `dx` and `dw` (they all returned `Ok`).
-        Ok(unsafe { (dx.assume_written(), dw.assume_written(), db) })
-    }
+/// `(dx, dW)` of `y = x · Wᵀ` for the output gradient `g`, all row-major slices of the shapes
+/// `(n, d_in, d_out)` say.
+fn linear_backward(
+    x: &[f32],
+    w: &[f32],
+    g: &[f32],
+    (n, d_in, d_out): (usize, usize, usize),
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (xv, wv, gv) = (
+        View::row_major(x, n, d_in)?,
+        View::row_major(w, d_out, d_in)?,
+        View::row_major(g, n, d_out)?,
+    );
+    let mut dx = Unwritten::new(n * d_in);
+    let mut dw = Unwritten::new(d_out * d_in);
+    // dx = g · W and dW = gᵀ · x, cut by rows of their outputs.
+    let mut jobs = product_jobs(dx.slots(), gv, wv);
+    jobs.extend(product_jobs(dw.slots(), gv.t(), xv));
+    run_jobs(jobs)?;
+    // SAFETY: the product jobs wrote all of `dx` and `dw` (they all returned `Ok`).
+    Ok(unsafe { (dx.assume_written(), dw.assume_written()) })
 }
 
 /// `x̂ · Wᵀ`, `x̂` the rows of `x` normalised ([`normed_linear`]'s op). Keeps `x̂` and each
@@ -118,14 +83,22 @@ impl CustomOp2 for NormedLinearOp {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, w) = (f32_slice(s1, l1, "linear")?, f32_slice(s2, l2, "linear")?);
         let (n, c) = dims2(l1, "linear input")?;
+        let (d_out, w_in) = dims2(l2, "linear weight")?;
+        if w_in != c {
+            candle_core::bail!(
+                "linear: input {:?} and weight {:?} do not match",
+                l1.dims(),
+                l2.dims()
+            );
+        }
         let mut xhat = Unwritten::new(n * c);
         let mut rstd = Unwritten::new(n);
         super::normalize::normalize(x, c, xhat.slots(), rstd.slots());
         // SAFETY: `x` is `n` rows of `c`, so `normalize` wrote every element of both.
         let (xhat, rstd) = unsafe { (xhat.assume_written(), rstd.assume_written()) };
-        let y = LinearOp::forward(&xhat, l1, w, l2, None)?;
+        let y = linear_forward(&xhat, w, (n, c, d_out))?;
         let _ = self.saved.set((xhat, rstd));
-        Ok((CpuStorage::F32(y), Shape::from((n, l2.dims()[0]))))
+        Ok((CpuStorage::F32(y), Shape::from((n, d_out))))
     }
 
     fn bwd(
@@ -142,8 +115,8 @@ impl CustomOp2 for NormedLinearOp {
         let g = grad.contiguous()?;
         let (n, c) = x.dims2()?;
         let (d_out, _) = w.dims2()?;
-        let (mut dx, dw, _) = with_data(&[w, &g], "linear backward", |d| {
-            LinearOp::backward_rows(xhat, d[0], d[1], (n, c, d_out), false)
+        let (mut dx, dw) = with_data(&[w, &g], "linear backward", |d| {
+            linear_backward(xhat, d[0], d[1], (n, c, d_out))
         })?;
         // dx holds dL/dx̂; the normalisation's backward makes it dL/dx.
         super::normalize::normalize_backward(xhat, rstd, None, c, &mut dx);
@@ -152,16 +125,6 @@ impl CustomOp2 for NormedLinearOp {
             Some(Tensor::from_vec(dx, (n, c), dev)?),
             Some(Tensor::from_vec(dw, (d_out, c), dev)?),
         ))
-    }
-}
-
-/// `out[j] = Σ_i m[i·out.len() + j]`, rows added in order.
-fn column_sums(m: &[f32], width: usize, out: &mut [f32]) {
-    out.fill(0.0);
-    for row in m.chunks_exact(width) {
-        for (o, v) in out.iter_mut().zip(row) {
-            *o += v;
-        }
     }
 }
 
