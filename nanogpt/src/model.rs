@@ -261,7 +261,8 @@ pub struct Gpt {
     blocks: Vec<Block>,
     ln_f: LayerNorm,
     cfg: ModelConfig,
-    /// Whether f32 forward passes without a KV cache run on [`crate::fused`].
+    /// Whether the run takes the CPU fast path (the `fused` setting, on the CPU): the model's
+    /// f32 passes without bias or KV cache ([`Self::runs_fused`]) and the optimizer's update.
     fused: bool,
 }
 
@@ -269,8 +270,8 @@ impl Gpt {
     /// Builds the model with its parameters under `vb`, named as nanoGPT's state dict
     /// (`transformer.h.0.attn.c_attn.weight`, ...). Their values are whatever `vb` holds: call
     /// [`init_weights`] for a fresh model. With `fused` (the `fused` setting), a model on the
-    /// CPU without biases runs its f32 forward passes on the fast path of [`crate::fused`]:
-    /// this is the one place that decides.
+    /// CPU runs on the fast path of [`crate::fused`] where it can ([`Self::runs_fused`]) and its
+    /// optimizer takes the in-place update ([`Self::fused`]): this is the one place that decides.
     pub fn new(cfg: &ModelConfig, vb: VarBuilder, fused: bool) -> Result<Self> {
         if cfg.n_head == 0 || !cfg.n_embd.is_multiple_of(cfg.n_head) {
             candle_core::bail!(
@@ -279,7 +280,7 @@ impl Gpt {
                 cfg.n_head
             );
         }
-        let fused = fused && vb.device().is_cpu() && !cfg.bias;
+        let fused = fused && vb.device().is_cpu();
         let vb = vb.pp("transformer");
         Ok(Self {
             wte: vb.get((cfg.vocab_size, cfg.n_embd), "wte.weight")?,
@@ -298,9 +299,16 @@ impl Gpt {
         &self.cfg
     }
 
-    /// Whether a pass in `dtype` runs on [`crate::fused`].
+    /// Whether the run takes the CPU fast path: what [`AdamW::new`](crate::optim::AdamW::new)
+    /// is given for its update.
+    pub fn fused(&self) -> bool {
+        self.fused
+    }
+
+    /// Whether a pass in `dtype` runs on [`crate::fused`] (whose ops are f32 and take no
+    /// biases).
     pub fn runs_fused(&self, dtype: DType) -> bool {
-        self.fused && dtype == DType::F32
+        self.fused && !self.cfg.bias && dtype == DType::F32
     }
 
     /// Logits `(B·T, vocab)` (row `b·T + t` for sequence `b`, position `t`) for token ids `idx`
@@ -577,7 +585,7 @@ mod tests {
             )?;
             assert_eq!(gpt.runs_fused(DType::F32), fused);
             init_weights(&map, model_cfg.n_layer, &mut Rng::new(1, 0))?;
-            let mut opt = AdamW::new(&map, &cfg).map_err(candle_core::Error::wrap)?;
+            let mut opt = AdamW::new(&map, &cfg, gpt.fused()).map_err(candle_core::Error::wrap)?;
             let mut rng = Rng::new(2, 0);
             let mut losses = Vec::new();
             for _ in 0..4 {
