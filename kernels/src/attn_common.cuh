@@ -12,7 +12,7 @@
 #define ATTN_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 #endif
 
-// Scalar launch parameters. Mirrors `KernelParams` in attn-op/src/cuda/params.rs field by field
+// Scalar launch parameters. Mirrors `KernelParams` in attn-op/src/kernel_plan.rs field by field
 // (#[repr(C)]; 8-byte fields first so both sides agree without padding).
 struct AttnParams {
     long long q_rs, k_rs, v_rs;  // row strides of q, k, v in elements (last dim has stride 1)

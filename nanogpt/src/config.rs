@@ -61,7 +61,8 @@ pub struct TrainConfig {
     /// Biases in the Linear and LayerNorm layers.
     pub bias: bool,
     /// Whether the CPU fast path ([`crate::fused`]) may run the model; `false` runs the plain
-    /// model of [`crate::model`] everywhere. Only f32 models without biases on the CPU fuse.
+    /// model of [`crate::model`] everywhere. It holds on the CPU only: for the model's f32
+    /// passes without biases, and for the AdamW update.
     #[serde(default = "fused_by_default")]
     pub fused: bool,
     /// Peak learning rate.

@@ -169,7 +169,7 @@ impl CustomOp3 for AttentionOp {
         // SAFETY: the blocks cover `out`, and each job wrote all its rows (all returned `Ok`).
         let out = unsafe { out.assume_written() };
         // Only the first forward of this op object stores its results; a second one cannot
-        // happen (each call of `Attention::forward_residual` makes a new op).
+        // happen (each call of `attention_residual` makes a new op).
         let _ = self.saved.set(Saved {
             xhat,
             rstd,

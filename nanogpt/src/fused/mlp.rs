@@ -139,7 +139,7 @@ impl CustomOp3 for MlpOp {
             )
         };
         // Only the first forward of this op object stores its results; a second one cannot
-        // happen (each call of `Mlp::forward` makes a new op).
+        // happen (each call of `mlp_residual` makes a new op).
         let _ = self.saved.set(MlpSaved { u, xhat, rstd });
         Ok((CpuStorage::F32(y), Shape::from((n, proj_out))))
     }
