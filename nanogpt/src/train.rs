@@ -279,8 +279,9 @@ impl<'a> Run<'a> {
     /// Whether `iter` evaluates: every `eval-interval` and at the end, except where a resumed
     /// run's checkpoint already did.
     fn eval_due(&self, iter: usize) -> bool {
-        let due = iter % self.cfg.eval_interval == 0 || iter == self.cfg.max_iters;
-        due && !(iter == self.start && !self.eval_pending)
+        let due = iter.is_multiple_of(self.cfg.eval_interval) || iter == self.cfg.max_iters;
+        let done_before = iter == self.start && !self.eval_pending;
+        due && !done_before
     }
 
     /// Estimates the train and val losses, logs them, and saves a checkpoint when the val loss
@@ -431,7 +432,7 @@ impl<'a> Run<'a> {
         self.bar.set_message(format!(
             "loss {loss:.4} | {ms:.1} ms/iter | {tok_s:.0} tok/s | MFU {mfu}"
         ));
-        if self.bar.is_hidden() && iter % self.cfg.log_interval == 0 {
+        if self.bar.is_hidden() && iter.is_multiple_of(self.cfg.log_interval) {
             println!("iter {iter}: loss {loss:.4}, time {ms:.2}ms, {tok_s:.0} tok/s, mfu {mfu}");
         }
         Ok(())
