@@ -18,6 +18,7 @@
 
 #![warn(missing_docs)]
 
+#[cfg(feature = "bench")]
 pub mod bench;
 mod config;
 mod cpu;
@@ -36,7 +37,14 @@ mod ops;
 mod options;
 pub mod philox;
 pub mod profile;
+#[cfg(feature = "profile")]
+mod profiler;
+// The packed-rows attention is what the layer runs on the CPU; the feature makes it public.
+#[cfg(feature = "rows")]
 pub mod rows;
+#[cfg(not(feature = "rows"))]
+#[allow(dead_code, unreachable_pub)]
+mod rows;
 mod sdpa;
 mod validate;
 pub mod varlen;

@@ -181,6 +181,16 @@ pub struct CausalSelfAttention {
     seeds: AtomicU64,
 }
 
+/// The dropout seeds of one training forward pass of a [`CausalSelfAttention`], drawn by
+/// [`CausalSelfAttention::draw_training_seeds`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TrainingSeeds {
+    /// The attention weights' mask (drawn whatever the dropout probability).
+    pub attention: u64,
+    /// The output's mask, drawn second; `None` when the layer has no dropout.
+    pub output: Option<u64>,
+}
+
 /// SplitMix64: the next seed of a sequence.
 fn splitmix64(state: &AtomicU64) -> u64 {
     let mut z = state
@@ -257,12 +267,14 @@ impl CausalSelfAttention {
         &self.cfg
     }
 
-    /// Draws the next seed of the layer's dropout sequence, as its own forward passes draw them
-    /// in training (one for the attention weights, then one for the output when dropout > 0):
-    /// for callers that fuse the layer's work into an op of their own ([`crate::rows::QkvRows`],
-    /// [`dropout_multipliers`]) and must draw the same masks as the layer would.
-    pub fn draw_seed(&self) -> u64 {
-        splitmix64(&self.seeds)
+    /// Draws the dropout seeds of one training forward pass, in the order the layer's own
+    /// forward passes draw them: for callers that fuse the layer's work into an op of their
+    /// own ([`crate::rows::QkvRows`], [`dropout_multipliers`]) and must draw the same masks as
+    /// the layer would. Every training forward of the layer draws its seeds here.
+    pub fn draw_training_seeds(&self) -> TrainingSeeds {
+        let attention = splitmix64(&self.seeds);
+        let output = (self.cfg.dropout > 0.0).then(|| splitmix64(&self.seeds));
+        TrainingSeeds { attention, output }
     }
 
     /// State of the dropout seed sequence (save it with a checkpoint).
@@ -310,15 +322,17 @@ impl CausalSelfAttention {
         ))
     }
 
-    /// `c_proj` and residual dropout of the attention output `(B, T, H, D)`, as `(B, T, C)`.
-    fn project(&self, y: &Tensor, train: bool) -> Result<Tensor> {
+    /// `c_proj` and residual dropout (seeded by `dropout_seed`, none without) of the attention
+    /// output `(B, T, H, D)`, as `(B, T, C)`.
+    fn project(&self, y: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
         let (b, t, _, _) = y.dims4()?;
-        self.project_rows(&y.reshape((b * t, self.cfg.n_embd))?, train)?
+        self.project_rows(&y.reshape((b * t, self.cfg.n_embd))?, dropout_seed)?
             .reshape((b, t, self.cfg.n_embd))
     }
 
-    /// `c_proj` and residual dropout of attention output rows `(N, C)`.
-    fn project_rows(&self, y: &Tensor, train: bool) -> Result<Tensor> {
+    /// `c_proj` and residual dropout (seeded by `dropout_seed`, none without) of attention
+    /// output rows `(N, C)`.
+    fn project_rows(&self, y: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
         let y = self.c_proj.forward(y)?;
         let width = y.dim(D::Minus1)?;
         if width != self.cfg.n_embd {
@@ -327,10 +341,9 @@ impl CausalSelfAttention {
                 self.cfg.n_embd
             );
         }
-        if train && self.cfg.dropout > 0.0 {
-            dropout(&y, self.cfg.dropout, splitmix64(&self.seeds))
-        } else {
-            Ok(y)
+        match dropout_seed {
+            Some(seed) => dropout(&y, self.cfg.dropout, seed),
+            None => Ok(y),
         }
     }
 
@@ -371,12 +384,13 @@ impl CausalSelfAttention {
         x.dims2()?;
         // A 2-D product: no reshape nodes.
         let qkv = self.qkv(x)?;
+        let seeds = train.then(|| self.draw_training_seeds());
         let (q, k, v) = self.heads(&qkv.reshape((b, t, 3 * c))?)?;
         let (q, k, v) = (q.transpose(1, 2)?, k.transpose(1, 2)?, v.transpose(1, 2)?);
         let opts = SdpaOptions {
             is_causal: self.causal(train),
             dropout_p: if train { self.cfg.dropout } else { 0.0 },
-            seed: train.then(|| splitmix64(&self.seeds)),
+            seed: seeds.map(|s| s.attention),
             ..Default::default()
         };
         let backend = select_backend(&q, &k, &v, &opts)?.backend;
@@ -393,7 +407,7 @@ impl CausalSelfAttention {
                 .transpose(1, 2)?
                 .reshape((b * t, c))?
         };
-        self.project_rows(&y, train)
+        self.project_rows(&y, seeds.and_then(|s| s.output))
     }
 
     fn causal(&self, train: bool) -> bool {
@@ -439,7 +453,7 @@ impl CausalSelfAttention {
         )?
         .transpose(1, 2)?;
         cache.kv = Some((k, v));
-        self.project(&y, false)
+        self.project(&y, None)
     }
 
     /// Packed variable-length sequences: `x` `(total, C)` holds the sequences one after the
@@ -467,8 +481,9 @@ impl CausalSelfAttention {
             scale,
             self.causal(train).then_some(CausalAlign::BottomRight),
         );
-        if train {
-            cfg.dropout = Dropout::new(self.cfg.dropout, splitmix64(&self.seeds));
+        let seeds = train.then(|| self.draw_training_seeds());
+        if let Some(seeds) = seeds {
+            cfg.dropout = Dropout::new(self.cfg.dropout, seeds.attention);
         }
         let varlen = Varlen {
             cu_q: cu.clone(),
@@ -498,8 +513,11 @@ impl CausalSelfAttention {
             ),
             Err(e) => bail!("{what}: {e}"),
         };
-        self.project(&y.transpose(0, 1)?.unsqueeze(0)?, train)?
-            .squeeze(0)
+        self.project(
+            &y.transpose(0, 1)?.unsqueeze(0)?,
+            seeds.and_then(|s| s.output),
+        )?
+        .squeeze(0)
     }
 }
 

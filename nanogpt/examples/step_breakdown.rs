@@ -44,10 +44,11 @@ fn breakdown() -> Result<()> {
     let model = Gpt::new(
         &model_cfg,
         VarBuilder::from_varmap(&varmap, DType::F32, &dev),
+        true,
     )?;
     let mut rng = Rng::new(1337, 0);
     init_weights(&varmap, cfg.n_layer, &mut rng)?;
-    let mut opt = AdamW::new(&varmap, &cfg)?;
+    let mut opt = AdamW::new(&varmap, &cfg, model.fused())?;
     let n_tok = cfg.batch_size * cfg.block_size;
     let phases = ["forward + loss", "backward", "grad clip", "AdamW", "step"];
     let mut wall = vec![Vec::new(); phases.len()];

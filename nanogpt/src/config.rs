@@ -60,6 +60,11 @@ pub struct TrainConfig {
     pub dropout: f64,
     /// Biases in the Linear and LayerNorm layers.
     pub bias: bool,
+    /// Whether the CPU fast path ([`crate::fused`]) may run the model; `false` runs the plain
+    /// model of [`crate::model`] everywhere. It holds on the CPU only: for the model's f32
+    /// passes without biases, and for the AdamW update.
+    #[serde(default = "fused_by_default")]
+    pub fused: bool,
     /// Peak learning rate.
     pub learning_rate: f64,
     /// Total optimizer steps.
@@ -142,6 +147,9 @@ pub struct ConfigOverrides {
     #[arg(long, help = "Biases in Linear and LayerNorm layers")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bias: Option<bool>,
+    #[arg(long, help = "The CPU fast path (false: the plain model everywhere)")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fused: Option<bool>,
     #[arg(long, help = "Peak learning rate")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub learning_rate: Option<f64>,
@@ -172,6 +180,11 @@ pub struct ConfigOverrides {
     #[arg(long, help = "Final learning rate")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub min_lr: Option<f64>,
+}
+
+/// `fused` when a configuration leaves it out (the recipes before the key existed).
+fn fused_by_default() -> bool {
+    true
 }
 
 impl TrainConfig {

@@ -217,6 +217,7 @@ mod tests {
             crate::model::Gpt::new(
                 &cfg,
                 VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+                true,
             )
             .unwrap();
             let real: usize = varmap.all_vars().iter().map(|v| v.elem_count()).sum();

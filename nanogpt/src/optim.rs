@@ -9,7 +9,7 @@ use candle_nn::VarMap;
 use rayon::prelude::*;
 
 use crate::config::TrainConfig;
-use crate::cpu_data::{with_data, with_data_mut};
+use crate::fused::{with_data, with_data_mut};
 
 /// One parameter and its Adam moments.
 struct Param {
@@ -27,9 +27,9 @@ pub struct AdamW {
     beta1: f64,
     beta2: f64,
     weight_decay: f64,
-    /// Whether CPU f32 parameters take the fused in-place update (off only to test it against
-    /// the composed one).
-    fused_cpu: bool,
+    /// Whether the update runs fused, in place on the CPU's f32 data, rather than as composed
+    /// Candle ops (the same bits).
+    fused: bool,
 }
 
 const EPS: f64 = 1e-8;
@@ -41,7 +41,9 @@ const CHUNK: usize = 1 << 14;
 impl AdamW {
     /// An optimizer over every variable of `varmap`, in name order. Tensors of rank >= 2
     /// (matmul weights and embeddings) are decayed; biases and LayerNorm weights are not.
-    pub fn new(varmap: &VarMap, cfg: &TrainConfig) -> Result<Self> {
+    /// `fused` is the model's decision ([`crate::model::Gpt::fused`]): it holds only for f32
+    /// parameters on the CPU.
+    pub fn new(varmap: &VarMap, cfg: &TrainConfig, fused: bool) -> Result<Self> {
         let data = varmap.data().lock().expect("varmap lock");
         let mut params = data
             .iter()
@@ -62,7 +64,7 @@ impl AdamW {
             beta1: cfg.beta1,
             beta2: cfg.beta2,
             weight_decay: cfg.weight_decay,
-            fused_cpu: true,
+            fused,
         })
     }
 
@@ -106,8 +108,9 @@ impl AdamW {
             } else {
                 1.0
             };
-            if self.fused_cpu && fused(p, g) {
+            if self.fused {
                 // Same arithmetic as below, element by element, in place, in one pass.
+                let g = &g.contiguous()?;
                 let update = Update {
                     b1: b1 as f32,
                     r1: (1.0 - b1) as f32,
@@ -182,16 +185,6 @@ impl AdamW {
         self.step = step;
         Ok(())
     }
-}
-
-/// Whether [`AdamW::step`] updates `p` with the fused in-place CPU ops: f32 CPU tensors, all
-/// contiguous.
-fn fused(p: &Param, g: &Tensor) -> bool {
-    let t = p.var.as_tensor();
-    t.device().is_cpu()
-        && [t, g, &p.m, &p.v]
-            .iter()
-            .all(|x| x.dtype() == DType::F32 && x.is_contiguous() && x.shape() == t.shape())
 }
 
 /// One AdamW update of a parameter `w` and its moments `m`, `v` from its gradient `g`, in
@@ -396,14 +389,20 @@ mod tests {
                 &dev,
             )?)?;
             map.data().lock().unwrap()["b"].set(&Tensor::from_vec(init_b.clone(), 37, &dev)?)?;
-            let mut opt = AdamW::new(&map, &cfg)?;
+            let mut opt = AdamW::new(&map, &cfg, fused)?;
             let mut grng = crate::rng::Rng::new(6, 0);
             for step in 0..5 {
+                let w_grad = grng.normal_vec(37 * COLS, 1.0);
+                // A Linear weight's gradient can arrive transposed (not contiguous).
+                let w_grad = if step == 3 {
+                    Tensor::from_vec(w_grad, (COLS, 37), &dev)?.t()?
+                } else {
+                    Tensor::from_vec(w_grad, (37, COLS), &dev)?
+                };
                 let grads = [
                     Tensor::from_vec(grng.normal_vec(37, 1.0), 37, &dev)?,
-                    Tensor::from_vec(grng.normal_vec(37 * COLS, 1.0), (37, COLS), &dev)?,
+                    w_grad,
                 ];
-                opt.fused_cpu = fused;
                 // Clipped (scaled) steps and unclipped ones.
                 let scale = if step % 2 == 0 { 0.37 } else { 1.0 };
                 opt.step_scaled(&grads, 1e-2 * (step + 1) as f64, scale)?;
@@ -425,9 +424,17 @@ mod tests {
         Ok(())
     }
 
-    /// One step against PyTorch's formula, for a decayed matrix and an undecayed vector.
+    /// One step against PyTorch's formula, for a decayed matrix and an undecayed vector, composed
+    /// and fused.
     #[test]
     fn adamw_matches_the_reference_formula() -> Result<()> {
+        for fused in [false, true] {
+            adamw_step_matches_the_reference_formula(fused)?;
+        }
+        Ok(())
+    }
+
+    fn adamw_step_matches_the_reference_formula(fused: bool) -> Result<()> {
         let dev = Device::Cpu;
         let map = VarMap::new();
         let vb = candle_nn::VarBuilder::from_varmap(&map, DType::F32, &dev);
@@ -435,7 +442,7 @@ mod tests {
         vb.get_with_hints(1, "b", candle_nn::Init::Const(1.0))?;
         let mut cfg = TrainConfig::from_toml(CPU_RECIPE).unwrap();
         cfg.weight_decay = 0.5;
-        let mut opt = AdamW::new(&map, &cfg)?;
+        let mut opt = AdamW::new(&map, &cfg, fused)?;
         assert_eq!(opt.group_sizes(), [(1, 2), (1, 1)]);
         // Order is by name: b, then w.
         let grads = [

@@ -42,6 +42,7 @@ impl Generator {
         let model = Gpt::new(
             &ckpt.meta.model_config,
             VarBuilder::from_varmap(&varmap, DType::F32, device),
+            true,
         )?;
         ckpt.restore_params(&varmap)?;
         Ok(Self {

@@ -1,7 +1,9 @@
 //! The training loop of nanoGPT's `train.py`: evaluate and checkpoint every `eval-interval`
 //! iterations, accumulate gradients over micro-batches, clip, step AdamW on a warmup + cosine
-//! schedule, and report loss, ms/iter, tokens/s and MFU.
+//! schedule, and report loss, ms/iter, tokens/s and MFU. [`train`] reads top to bottom as the
+//! loop; each step it calls is a method of [`Run`] below it.
 
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -61,7 +63,46 @@ pub struct TrainSummary {
 /// Trains as `opts` says; see the module docs.
 pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let cfg = &opts.config;
-    let (device, dtype) = (&opts.device, opts.dtype);
+    let (dataset, model_cfg) = load_data(opts)?;
+    // The out-dir is this run's until it returns.
+    let _lock = OutDirLock::acquire(&cfg.out_dir)?;
+    let mut run = Run::init_or_resume(opts, dataset, model_cfg)?;
+    // On the CPU the pool's workers spin between parallel pieces; on CUDA they would only burn
+    // cores while the GPU works.
+    let _awake = opts
+        .device
+        .is_cpu()
+        .then(crate::runtime::WorkersAwake::start);
+    for iter in run.start..=cfg.max_iters {
+        run.summary.iter = iter;
+        run.stop_if_interrupted(iter)?;
+        if run.eval_due(iter) {
+            run.evaluate_and_checkpoint(iter)?;
+        }
+        if iter == cfg.max_iters {
+            break;
+        }
+
+        // One optimizer step over gradient-accumulation-steps micro-batches.
+        let t0 = Instant::now();
+        let step_span = tracing::debug_span!("train_step", iter).entered();
+        let lr = learning_rate(iter, cfg);
+        let (loss, grads) = run.forward_backward()?;
+        let grad_scale = run.clip(&grads)?;
+        run.optimizer_step(&grads, lr, grad_scale)?;
+        drop(step_span);
+        if !loss.is_finite() {
+            bail!("the loss became {loss} at iteration {iter}; try a lower learning-rate or a grad-clip");
+        }
+        run.log_step(iter, loss, lr, t0.elapsed().as_secs_f64() * 1e3)?;
+    }
+    run.finish()
+}
+
+/// Checks the configuration and the memory it needs, prepares the data folder when it is not
+/// yet, and loads it; returns it with the model's shape (its vocabulary is the data's).
+fn load_data(opts: &TrainOptions) -> Result<(Dataset, ModelConfig)> {
+    let cfg = &opts.config;
     cfg.validate()?;
     // Before preparing data: a run too large even for a one-token vocabulary stops here.
     check_memory(&ModelConfig::from_train(cfg, 1), cfg, opts)?;
@@ -79,186 +120,251 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         eprintln!("{summary}");
     }
     let dataset = Dataset::load(&cfg.data_dir, cfg.block_size)?;
-    let tokenizer_json = dataset.tokenizer.to_json()?;
     let model_cfg = ModelConfig::from_train(cfg, dataset.tokenizer.vocab_size());
     check_memory(&model_cfg, cfg, opts)?;
+    Ok((dataset, model_cfg))
+}
 
-    // The out-dir is this run's until it returns.
-    let _lock = OutDirLock::acquire(&cfg.out_dir)?;
-    let ckpt_path = checkpoint::path_in(&cfg.out_dir);
-    let resume = match cfg.init_from {
-        InitFrom::Scratch => {
-            if out_dir::prepare_fresh(&cfg.out_dir, opts.overwrite)? {
-                eprintln!(
-                    "--overwrite: replacing the earlier run in {}",
-                    cfg.out_dir.display()
-                );
+/// A training run in progress: the model, its optimizer, the generator, and what is logged.
+struct Run<'a> {
+    cfg: &'a TrainConfig,
+    device: &'a Device,
+    dtype: DType,
+    dataset: Dataset,
+    tokenizer_json: String,
+    model_cfg: ModelConfig,
+    varmap: VarMap,
+    model: Gpt,
+    opt: AdamW,
+    /// The training batches' and dropout's generator.
+    rng: Rng,
+    ckpt_path: PathBuf,
+    /// The first iteration of this run (the checkpoint's when resuming).
+    start: usize,
+    best_val_loss: f64,
+    /// Whether the evaluation at `start` is still to do (a resumed run's checkpoint was saved
+    /// after it unless the run was interrupted before it).
+    eval_pending: bool,
+    log: LossLog,
+    bar: ProgressBar,
+    flops_per_iter: f64,
+    peak_flops: f64,
+    step_ms: Vec<f64>,
+    /// Smoothed model-FLOPs utilisation; negative until the first 5 iterations are behind.
+    running_mfu: f64,
+    summary: TrainSummary,
+}
+
+impl<'a> Run<'a> {
+    /// Builds the model and its optimizer, then initialises them from the seed or, with
+    /// `init-from = resume`, restores them from the out-dir's checkpoint.
+    fn init_or_resume(
+        opts: &'a TrainOptions,
+        dataset: Dataset,
+        model_cfg: ModelConfig,
+    ) -> Result<Self> {
+        let (cfg, device) = (&opts.config, &opts.device);
+        let tokenizer_json = dataset.tokenizer.to_json()?;
+        let ckpt_path = checkpoint::path_in(&cfg.out_dir);
+        let resume = match cfg.init_from {
+            InitFrom::Scratch => {
+                if out_dir::prepare_fresh(&cfg.out_dir, opts.overwrite)? {
+                    eprintln!(
+                        "--overwrite: replacing the earlier run in {}",
+                        cfg.out_dir.display()
+                    );
+                }
+                None
             }
-            None
-        }
-        InitFrom::Resume => Some(checkpoint::load(&ckpt_path, device)?),
-    };
-    if let Some(ckpt) = &resume {
-        check_compatible(ckpt, &model_cfg, &tokenizer_json)?;
-    }
-    let varmap = VarMap::new();
-    let model = Gpt::new(
-        &model_cfg,
-        VarBuilder::from_varmap(&varmap, DType::F32, device),
-    )?;
-    let mut opt = AdamW::new(&varmap, cfg)?;
-    let (mut rng, start, mut best_val_loss, eval_pending) = match &resume {
-        None => {
-            let mut init_rng = Rng::new(cfg.seed, INIT_STREAM);
-            init_weights(&varmap, cfg.n_layer, &mut init_rng)?;
-            let seeds: Vec<u64> = (0..cfg.n_layer).map(|_| init_rng.next_u64()).collect();
-            model.set_attn_seed_states(&seeds)?;
-            (Rng::new(cfg.seed, TRAIN_STREAM), 0, f64::INFINITY, true)
-        }
-        Some(ckpt) => {
-            ckpt.restore_params(&varmap)?;
-            opt.load_state(&ckpt.optimizer_tensors(&varmap)?, ckpt.meta.optim_step)?;
-            model
-                .set_attn_seed_states(&ckpt.meta.attn_seeds)
-                .with_context(|| format!("{} has bad attention seeds", ckpt_path.display()))?;
-            let rng = Rng::from_state_string(&ckpt.meta.rng_state)
-                .with_context(|| format!("{} has a bad generator state", ckpt_path.display()))?;
-            (
-                rng,
-                ckpt.meta.iter_num,
-                ckpt.meta.best_val_loss,
-                ckpt.meta.eval_pending,
-            )
-        }
-    };
-    let num_params = model.num_params(&varmap);
-    let [(nd, pd), (nn, pn)] = opt.group_sizes();
-    eprintln!("number of parameters: {:.2}M", num_params as f64 / 1e6);
-    eprintln!("decayed parameter tensors: {nd}, with {pd} parameters; non-decayed: {nn}, with {pn} parameters");
-    if let Some(ckpt) = &resume {
-        eprintln!(
-            "resuming from {} at iteration {}",
-            ckpt_path.display(),
-            ckpt.meta.iter_num
-        );
-    }
-    drop(resume);
-
-    let mut log = match cfg.init_from {
-        InitFrom::Scratch => LossLog::create(&cfg.out_dir)?,
-        InitFrom::Resume => LossLog::resume(&cfg.out_dir, start, !eval_pending)?,
-    };
-    let flops_per_iter = model.flops_per_token(num_params) * cfg.tokens_per_iter() as f64;
-    let peak = crate::device::peak_flops(device, dtype);
-    let bar = progress_bar(opts.progress, cfg.max_iters, start);
-    let say = |line: String| {
-        if bar.is_hidden() {
-            println!("{line}")
-        } else {
-            bar.println(line)
-        }
-    };
-
-    let mut summary = TrainSummary {
-        iter: start,
-        evals: Vec::new(),
-        batch_losses: Vec::new(),
-        best_val_loss,
-        median_ms: f64::NAN,
-    };
-    let mut step_ms = Vec::new();
-    let mut running_mfu = -1.0;
-    // On the CPU the pool's workers spin between parallel pieces; on CUDA they would only burn
-    // cores while the GPU works.
-    let _awake = device.is_cpu().then(crate::runtime::WorkersAwake::start);
-    let save = |iter: usize,
-                best_val_loss: f64,
-                eval_pending: bool,
-                opt: &AdamW,
-                rng: &Rng|
-     -> Result<()> {
-        let meta = Meta {
-            train_config: cfg.clone(),
-            model_config: model_cfg.clone(),
-            iter_num: iter,
-            best_val_loss,
-            optim_step: opt.step_count(),
-            rng_state: rng.to_state_string(),
-            attn_seeds: model.attn_seed_states(),
-            tokenizer: tokenizer_json.clone(),
-            eval_pending,
+            InitFrom::Resume => Some(checkpoint::load(&ckpt_path, device)?),
         };
-        let _span = tracing::debug_span!("checkpoint").entered();
-        checkpoint::save(&ckpt_path, &varmap, opt.state()?, &meta)
-    };
-    for iter in start..=cfg.max_iters {
-        summary.iter = iter;
-        let eval_due = iter % cfg.eval_interval == 0 || iter == cfg.max_iters;
-        // A resumed run starts where its checkpoint was saved, after that iteration's
-        // evaluation unless the run was interrupted before it.
-        let skip_eval = iter == start && !eval_pending;
-        if let Some(signal) = crate::interrupt::received() {
-            // Stop before this iteration's evaluation; save unless nothing changed since start.
-            bar.finish_and_clear();
-            let saved = iter > start;
-            if saved {
-                save(iter, best_val_loss, eval_due, &opt, &rng)?;
-            }
-            return Err(Interrupted::at(signal, iter, saved.then_some(&ckpt_path), cfg).into());
+        if let Some(ckpt) = &resume {
+            check_compatible(ckpt, &model_cfg, &tokenizer_json)?;
         }
-        if eval_due && !skip_eval {
-            let (train_loss, val_loss) = {
-                let _span = tracing::debug_span!("eval").entered();
-                estimate_loss(&model, &dataset, cfg, iter, device, dtype)?
-            };
-            say(format!(
-                "step {iter}: train loss {train_loss:.4}, val loss {val_loss:.4}"
-            ));
-            log.push(eval_record(iter, "train", train_loss))?;
-            log.push(eval_record(iter, "val", val_loss))?;
-            summary.evals.push((iter, train_loss, val_loss));
-            if val_loss < best_val_loss || cfg.always_save_checkpoint {
-                best_val_loss = best_val_loss.min(val_loss);
-                if iter > 0 {
-                    save(iter, best_val_loss, false, &opt, &rng)?;
-                    say(format!("saving checkpoint to {}", ckpt_path.display()));
-                    // A signal during the save: that save is the one to stop with.
-                    if let Some(signal) = crate::interrupt::received() {
-                        bar.finish_and_clear();
-                        let at = Interrupted::at(signal, iter, Some(&ckpt_path), cfg);
-                        return Err(at.into());
-                    }
+        let varmap = VarMap::new();
+        let model = Gpt::new(
+            &model_cfg,
+            VarBuilder::from_varmap(&varmap, DType::F32, device),
+            cfg.fused,
+        )?;
+        let mut opt = AdamW::new(&varmap, cfg, model.fused())?;
+        let (rng, start, best_val_loss, eval_pending) = match &resume {
+            None => {
+                let mut init_rng = Rng::new(cfg.seed, INIT_STREAM);
+                init_weights(&varmap, cfg.n_layer, &mut init_rng)?;
+                let seeds: Vec<u64> = (0..cfg.n_layer).map(|_| init_rng.next_u64()).collect();
+                model.set_attn_seed_states(&seeds)?;
+                (Rng::new(cfg.seed, TRAIN_STREAM), 0, f64::INFINITY, true)
+            }
+            Some(ckpt) => {
+                ckpt.restore_params(&varmap)?;
+                opt.load_state(&ckpt.optimizer_tensors(&varmap)?, ckpt.meta.optim_step)?;
+                model
+                    .set_attn_seed_states(&ckpt.meta.attn_seeds)
+                    .with_context(|| format!("{} has bad attention seeds", ckpt_path.display()))?;
+                let rng = Rng::from_state_string(&ckpt.meta.rng_state).with_context(|| {
+                    format!("{} has a bad generator state", ckpt_path.display())
+                })?;
+                (
+                    rng,
+                    ckpt.meta.iter_num,
+                    ckpt.meta.best_val_loss,
+                    ckpt.meta.eval_pending,
+                )
+            }
+        };
+        let num_params = model.num_params(&varmap);
+        let [(nd, pd), (nn, pn)] = opt.group_sizes();
+        eprintln!("number of parameters: {:.2}M", num_params as f64 / 1e6);
+        eprintln!("decayed parameter tensors: {nd}, with {pd} parameters; non-decayed: {nn}, with {pn} parameters");
+        if let Some(ckpt) = &resume {
+            eprintln!(
+                "resuming from {} at iteration {}",
+                ckpt_path.display(),
+                ckpt.meta.iter_num
+            );
+        }
+        drop(resume);
+
+        let log = match cfg.init_from {
+            InitFrom::Scratch => LossLog::create(&cfg.out_dir)?,
+            InitFrom::Resume => LossLog::resume(&cfg.out_dir, start, !eval_pending)?,
+        };
+        Ok(Self {
+            flops_per_iter: model.flops_per_token(num_params) * cfg.tokens_per_iter() as f64,
+            peak_flops: crate::device::peak_flops(device, opts.dtype),
+            bar: progress_bar(opts.progress, cfg.max_iters, start),
+            summary: TrainSummary {
+                iter: start,
+                evals: Vec::new(),
+                batch_losses: Vec::new(),
+                best_val_loss,
+                median_ms: f64::NAN,
+            },
+            cfg,
+            device,
+            dtype: opts.dtype,
+            dataset,
+            tokenizer_json,
+            model_cfg,
+            varmap,
+            model,
+            opt,
+            rng,
+            ckpt_path,
+            start,
+            best_val_loss,
+            eval_pending,
+            log,
+            step_ms: Vec::new(),
+            running_mfu: -1.0,
+        })
+    }
+
+    /// After SIGINT/SIGTERM: stops before `iter`'s evaluation, saving a checkpoint unless
+    /// nothing changed since the start.
+    fn stop_if_interrupted(&mut self, iter: usize) -> Result<()> {
+        let Some(signal) = crate::interrupt::received() else {
+            return Ok(());
+        };
+        self.bar.finish_and_clear();
+        let saved = iter > self.start;
+        if saved {
+            self.checkpoint(iter, self.eval_due(iter))?;
+        }
+        let at = Interrupted::at(signal, iter, saved.then_some(&self.ckpt_path), self.cfg);
+        Err(at.into())
+    }
+
+    /// Whether `iter` evaluates: every `eval-interval` and at the end, except where a resumed
+    /// run's checkpoint already did.
+    fn eval_due(&self, iter: usize) -> bool {
+        let due = iter.is_multiple_of(self.cfg.eval_interval) || iter == self.cfg.max_iters;
+        let done_before = iter == self.start && !self.eval_pending;
+        due && !done_before
+    }
+
+    /// Estimates the train and val losses, logs them, and saves a checkpoint when the val loss
+    /// is the best so far (or always, with `always-save-checkpoint`).
+    fn evaluate_and_checkpoint(&mut self, iter: usize) -> Result<()> {
+        let (train_loss, val_loss) = {
+            let _span = tracing::debug_span!("eval").entered();
+            estimate_loss(
+                &self.model,
+                &self.dataset,
+                self.cfg,
+                iter,
+                self.device,
+                self.dtype,
+            )?
+        };
+        self.say(format!(
+            "step {iter}: train loss {train_loss:.4}, val loss {val_loss:.4}"
+        ));
+        self.log.push(eval_record(iter, "train", train_loss))?;
+        self.log.push(eval_record(iter, "val", val_loss))?;
+        self.summary.evals.push((iter, train_loss, val_loss));
+        if val_loss < self.best_val_loss || self.cfg.always_save_checkpoint {
+            self.best_val_loss = self.best_val_loss.min(val_loss);
+            if iter > 0 {
+                self.checkpoint(iter, false)?;
+                self.say(format!("saving checkpoint to {}", self.ckpt_path.display()));
+                // A signal during the save: that save is the one to stop with.
+                if let Some(signal) = crate::interrupt::received() {
+                    self.bar.finish_and_clear();
+                    let at = Interrupted::at(signal, iter, Some(&self.ckpt_path), self.cfg);
+                    return Err(at.into());
                 }
             }
         }
-        if iter == cfg.max_iters {
-            break;
-        }
+        Ok(())
+    }
 
-        // One optimizer step over gradient-accumulation-steps micro-batches.
-        let t0 = Instant::now();
-        let step_span = tracing::debug_span!("train_step", iter).entered();
-        let lr = learning_rate(iter, cfg);
-        let micro = cfg.gradient_accumulation_steps;
+    /// Saves the model, the optimizer and the generator at `iter`; `eval_pending` says whether
+    /// `iter`'s evaluation is still to do when resuming.
+    fn checkpoint(&self, iter: usize, eval_pending: bool) -> Result<()> {
+        let meta = Meta {
+            train_config: self.cfg.clone(),
+            model_config: self.model_cfg.clone(),
+            iter_num: iter,
+            best_val_loss: self.best_val_loss,
+            optim_step: self.opt.step_count(),
+            rng_state: self.rng.to_state_string(),
+            attn_seeds: self.model.attn_seed_states(),
+            tokenizer: self.tokenizer_json.clone(),
+            eval_pending,
+        };
+        let _span = tracing::debug_span!("checkpoint").entered();
+        checkpoint::save(&self.ckpt_path, &self.varmap, self.opt.state()?, &meta)
+    }
+
+    /// The next training batch (nanoGPT's `get_batch('train')`).
+    fn get_batch(&mut self) -> Result<(Tensor, Tensor)> {
+        let _span = tracing::debug_span!("get_batch").entered();
+        let cfg = self.cfg;
+        self.dataset.batch(
+            Split::Train,
+            cfg.batch_size,
+            cfg.block_size,
+            &mut self.rng,
+            self.device,
+        )
+    }
+
+    /// Forward and backward over `gradient-accumulation-steps` micro-batches: the mean loss, and
+    /// the gradients of the mean, in the optimizer's order.
+    fn forward_backward(&mut self) -> Result<(f32, Vec<Tensor>)> {
+        let micro = self.cfg.gradient_accumulation_steps;
         let mut grads: Option<Vec<Tensor>> = None;
         let mut loss_sum = 0f32;
         for _ in 0..micro {
-            let (x, y) = {
-                let _span = tracing::debug_span!("get_batch").entered();
-                dataset.batch(
-                    Split::Train,
-                    cfg.batch_size,
-                    cfg.block_size,
-                    &mut rng,
-                    device,
-                )?
-            };
-            let loss = model.loss(&x, &y, dtype, Some(&mut rng))?;
+            let (x, y) = self.get_batch()?;
+            let loss = self.model.loss(&x, &y, self.dtype, Some(&mut self.rng))?;
             loss_sum += loss.to_scalar::<f32>()?;
             let g = {
                 let _span = tracing::debug_span!("backward").entered();
-                let g = opt.grads(&(loss / micro as f64)?.backward()?)?;
-                sync_if_profiling(device)?;
+                let g = self.opt.grads(&(loss / micro as f64)?.backward()?)?;
+                sync_if_profiling(self.device)?;
                 g
             };
             grads = Some(match grads {
@@ -271,73 +377,96 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             });
         }
         let grads = grads.expect("at least one micro-batch");
-        let grad_scale = if cfg.grad_clip > 0.0 {
-            let _span = tracing::debug_span!("clip_grad_norm").entered();
-            let (_, scale) = clip_factor(&grads, cfg.grad_clip)?;
-            sync_if_profiling(device)?;
-            scale
-        } else {
-            1.0
-        };
-        {
-            let _span = tracing::debug_span!("optimizer_step").entered();
-            opt.step_scaled(&grads, lr, grad_scale)?;
-            sync_if_profiling(device)?;
-        }
-        drop(step_span);
-        let loss = loss_sum / micro as f32;
-        if !loss.is_finite() {
-            bail!("the loss became {loss} at iteration {iter}; try a lower learning-rate or a grad-clip");
-        }
-        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        Ok((loss_sum / micro as f32, grads))
+    }
 
-        step_ms.push(ms);
-        summary.batch_losses.push(loss);
-        log.push(Record {
+    /// The factor that clips the gradients' global norm to `grad-clip` (1 without clipping); the
+    /// optimizer step applies it.
+    fn clip(&self, grads: &[Tensor]) -> Result<f64> {
+        if self.cfg.grad_clip <= 0.0 {
+            return Ok(1.0);
+        }
+        let _span = tracing::debug_span!("clip_grad_norm").entered();
+        let (_, scale) = clip_factor(grads, self.cfg.grad_clip)?;
+        sync_if_profiling(self.device)?;
+        Ok(scale)
+    }
+
+    /// One AdamW step at learning rate `lr` on the gradients times `grad_scale`.
+    fn optimizer_step(&mut self, grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<()> {
+        let _span = tracing::debug_span!("optimizer_step").entered();
+        self.opt.step_scaled(grads, lr, grad_scale)?;
+        sync_if_profiling(self.device)?;
+        Ok(())
+    }
+
+    /// Records iteration `iter` (its loss, learning rate and `ms`) in loss.csv and the
+    /// summary, and reports it with tokens/s and MFU on the progress bar or, every
+    /// `log-interval`, as a line.
+    fn log_step(&mut self, iter: usize, loss: f32, lr: f64, ms: f64) -> Result<()> {
+        self.step_ms.push(ms);
+        self.summary.batch_losses.push(loss);
+        self.log.push(Record {
             iter,
             split: "batch".into(),
             loss: loss as f64,
             lr: Some(lr),
             ms: Some(ms),
         })?;
-        if step_ms.len() >= 5 {
-            let mfu = flops_per_iter / (ms / 1e3) / peak;
-            running_mfu = if running_mfu < 0.0 {
+        // The first iterations include warm-up (allocations, the pool starting).
+        if self.step_ms.len() >= 5 {
+            let mfu = self.flops_per_iter / (ms / 1e3) / self.peak_flops;
+            self.running_mfu = if self.running_mfu < 0.0 {
                 mfu
             } else {
-                0.9 * running_mfu + 0.1 * mfu
+                0.9 * self.running_mfu + 0.1 * mfu
             };
         }
-        let tok_s = cfg.tokens_per_iter() as f64 / (ms / 1e3);
-        let mfu = if running_mfu < 0.0 {
+        let tok_s = self.cfg.tokens_per_iter() as f64 / (ms / 1e3);
+        let mfu = if self.running_mfu < 0.0 {
             "-".to_string()
         } else {
-            format!("{:.2}%", running_mfu * 100.0)
+            format!("{:.2}%", self.running_mfu * 100.0)
         };
-        bar.set_position(iter as u64 + 1);
-        bar.set_message(format!(
+        self.bar.set_position(iter as u64 + 1);
+        self.bar.set_message(format!(
             "loss {loss:.4} | {ms:.1} ms/iter | {tok_s:.0} tok/s | MFU {mfu}"
         ));
-        if bar.is_hidden() && iter % cfg.log_interval == 0 {
+        if self.bar.is_hidden() && iter.is_multiple_of(self.cfg.log_interval) {
             println!("iter {iter}: loss {loss:.4}, time {ms:.2}ms, {tok_s:.0} tok/s, mfu {mfu}");
         }
+        Ok(())
     }
-    bar.finish_and_clear();
 
-    summary.best_val_loss = best_val_loss;
-    summary.median_ms = median(&mut step_ms);
-    let png = crate::plot::plot(log.records(), &cfg.out_dir.join("loss.png"))?;
-    println!(
-        "done at iteration {}: median {:.1} ms/iter over {} iterations ({:.0} tok/s), best val loss {:.4}; losses in {} and {}",
-        summary.iter,
-        summary.median_ms,
-        step_ms.len(),
-        cfg.tokens_per_iter() as f64 / (summary.median_ms / 1e3),
-        best_val_loss,
-        cfg.out_dir.join("loss.csv").display(),
-        png.display()
-    );
-    Ok(summary)
+    /// Prints `line` above the progress bar, or on stdout without one.
+    fn say(&self, line: String) {
+        if self.bar.is_hidden() {
+            println!("{line}")
+        } else {
+            self.bar.println(line)
+        }
+    }
+
+    /// Plots the losses and reports the run.
+    fn finish(mut self) -> Result<TrainSummary> {
+        self.bar.finish_and_clear();
+        let cfg = self.cfg;
+        let mut summary = self.summary;
+        summary.best_val_loss = self.best_val_loss;
+        summary.median_ms = median(&mut self.step_ms);
+        let png = crate::plot::plot(self.log.records(), &cfg.out_dir.join("loss.png"))?;
+        println!(
+            "done at iteration {}: median {:.1} ms/iter over {} iterations ({:.0} tok/s), best val loss {:.4}; losses in {} and {}",
+            summary.iter,
+            summary.median_ms,
+            self.step_ms.len(),
+            cfg.tokens_per_iter() as f64 / (summary.median_ms / 1e3),
+            summary.best_val_loss,
+            cfg.out_dir.join("loss.csv").display(),
+            png.display()
+        );
+        Ok(summary)
+    }
 }
 
 /// Errors when training `model` as `cfg` says would need more memory than the machine has

@@ -15,6 +15,7 @@ fn tiny_model(varmap: &VarMap, cfg: &ModelConfig) -> Gpt {
     let model = Gpt::new(
         cfg,
         VarBuilder::from_varmap(varmap, DType::F32, &Device::Cpu),
+        true,
     )
     .unwrap();
     init_weights(varmap, cfg.n_layer, &mut Rng::new(9, 0)).unwrap();

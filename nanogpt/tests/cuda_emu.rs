@@ -29,6 +29,7 @@ fn model(bias: bool) -> Result<(VarMap, Gpt)> {
     let gpt = Gpt::new(
         &cfg,
         VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu),
+        true,
     )?;
     let mut rng = Rng::new(11, 0);
     init_weights(&map, cfg.n_layer, &mut rng)?;

@@ -10,7 +10,7 @@ use candle_core::Result;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use crate::cpu_data::assume_written;
+use super::cpu_data::assume_written;
 
 /// A strided `rows × cols` matrix in a slice: element `(i, j)` is `data[i·rs + j·cs]`. Every
 /// constructor checks that the last element lies inside `data`, which is what makes the `gemm`

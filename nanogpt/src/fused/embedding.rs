@@ -6,7 +6,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
-use crate::cpu_data::{f32_slice, with_data, Unwritten};
+use super::cpu_data::{f32_slice, with_data, Unwritten};
 
 /// `wte[ids[i]] + wpe[positions[i]]` for every row `i`: `(ids.len(), C)` from the tables
 /// `wte` `(vocab, C)` and `wpe` `(block_size, C)`.
@@ -17,7 +17,7 @@ use crate::cpu_data::{f32_slice, with_data, Unwritten};
 /// let wte = Tensor::new(&[[1f32, 2.], [3., 4.], [5., 6.]], &dev)?;
 /// let wpe = Tensor::new(&[[10f32, 20.], [30., 40.]], &dev)?;
 /// let ids = Tensor::new(&[[2u32, 0]], &dev)?;
-/// let x = nanogpt::embedding::embed(&wte, &wpe, &ids, 0)?;
+/// let x = nanogpt::fused::embed(&wte, &wpe, &ids, 0)?;
 /// assert_eq!(x.to_vec2::<f32>()?, [[15., 26.], [31., 42.]]);
 /// # Ok::<(), candle_core::Error>(())
 /// ```
@@ -27,14 +27,6 @@ use crate::cpu_data::{f32_slice, with_data, Unwritten};
 pub fn embed(wte: &Tensor, wpe: &Tensor, ids: &Tensor, pos: usize) -> Result<Tensor> {
     let (b, t) = ids.dims2()?;
     let positions: Vec<u32> = (0..b).flat_map(|_| pos as u32..(pos + t) as u32).collect();
-    let fused = [wte, wpe]
-        .iter()
-        .all(|w| w.device().is_cpu() && w.dtype() == DType::F32);
-    if !fused {
-        let positions = Tensor::from_vec(positions, b * t, ids.device())?;
-        let tok = wte.index_select(&ids.flatten_all()?, 0)?;
-        return tok + wpe.index_select(&positions, 0)?;
-    }
     let ids = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
     wte.contiguous()?
         .apply_op2(&wpe.contiguous()?, Embedding { ids, positions })

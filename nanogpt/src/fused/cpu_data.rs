@@ -138,3 +138,10 @@ pub(crate) fn through_dropout<'a>(g: &'a [f32], keep: Option<&[f32]>) -> Cow<'a,
         None => Cow::Borrowed(g),
     }
 }
+/// `(rows, cols)` of a matrix layout.
+pub(crate) fn dims2(l: &Layout, what: &str) -> Result<(usize, usize)> {
+    match l.dims() {
+        &[r, c] => Ok((r, c)),
+        d => candle_core::bail!("{what}: expected a matrix, got shape {d:?}"),
+    }
+}

@@ -10,7 +10,7 @@ use std::mem::MaybeUninit;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use multiversion::multiversion;
 
-use crate::cpu_data::{f32_slice, with_data, Unwritten};
+use super::cpu_data::{f32_slice, with_data, Unwritten};
 
 /// Mean over rows of `logsumexp(logits_i) - logits_i[targets_i]`, a scalar; `logits` `(N, V)`,
 /// `targets` `(N)` of ids below `V`.
@@ -20,15 +20,12 @@ use crate::cpu_data::{f32_slice, with_data, Unwritten};
 /// let dev = Device::Cpu;
 /// let logits = Tensor::new(&[[0f32, 0.], [2., 0.]], &dev)?;
 /// let targets = Tensor::new(&[1u32, 0], &dev)?;
-/// let loss = nanogpt::loss::cross_entropy(&logits, &targets)?.to_scalar::<f32>()?;
+/// let loss = nanogpt::fused::cross_entropy(&logits, &targets)?.to_scalar::<f32>()?;
 /// let want = (2f32.ln() + (1.0 + (-2f32).exp()).ln()) / 2.0;
 /// assert!((loss - want).abs() < 1e-6);
 /// # Ok::<(), candle_core::Error>(())
 /// ```
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    if !(logits.device().is_cpu() && logits.dtype() == DType::F32) {
-        return candle_nn::loss::cross_entropy(logits, targets);
-    }
     let targets = targets.to_dtype(DType::U32)?.to_vec1::<u32>()?;
     logits.contiguous()?.apply_op1(CrossEntropy {
         targets,
@@ -71,7 +68,7 @@ impl CrossEntropy {
 fn logsumexp(row: &[f32], exps: &mut [f32]) -> f32 {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     for (e, &v) in exps.iter_mut().zip(row) {
-        *e = crate::gelu::exp_neg(v - max);
+        *e = super::exp::exp_neg(v - max);
     }
     max + exps.iter().sum::<f32>().ln()
 }
@@ -80,7 +77,7 @@ fn logsumexp(row: &[f32], exps: &mut [f32]) -> f32 {
 #[multiversion(targets("x86_64+avx512f+avx512vl+fma", "x86_64+avx2+fma"))]
 fn softmax_rows(row: &[f32], lse: f32, scale: f32, d: &mut [MaybeUninit<f32>]) {
     for (slot, &x) in d.iter_mut().zip(row) {
-        slot.write(crate::gelu::exp_neg(x - lse) * scale);
+        slot.write(super::exp::exp_neg(x - lse) * scale);
     }
 }
 
@@ -126,7 +123,7 @@ impl CustomOp1 for CrossEntropy {
                 softmax_rows(row, l, scale, drow);
                 // The target's element: (p - 1) · scale.
                 let t = t as usize;
-                drow[t].write((crate::gelu::exp_neg(row[t] - l) - 1.0) * scale);
+                drow[t].write((super::exp::exp_neg(row[t] - l) - 1.0) * scale);
             }
             // SAFETY: `check` made `x` `n` rows of `v` with one target each, so the loops
             // wrote all `n · v` elements.
