@@ -24,7 +24,6 @@
 #define __global__
 #define __host__
 #define __forceinline__ inline
-#define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 // Static shared arrays: an OS thread runs one block at a time, so a function-static,
@@ -44,10 +43,6 @@ struct uint4 {
 };
 inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
-struct float2 {
-    float x, y;
-};
-inline float2 make_float2(float x, float y) { return {x, y}; }
 
 template <typename A, typename B>
 inline auto min(A a, B b) -> decltype(a + b) {
@@ -145,8 +140,6 @@ inline unsigned short f32_to_f16(float f) {
 
 inline unsigned __float_as_uint(float x) { return emu::f32_bits(x); }
 inline float __uint_as_float(unsigned u) { return emu::bits_f32(u); }
-// The fast exponential (ex2.approx on a GPU, about 2 ulp there), exact here.
-inline float __expf(float x) { return expf(x); }
 
 struct __half {
     unsigned short bits;

@@ -27,11 +27,11 @@ struct AttnParams {
     unsigned int threshold;      // keep iff philox word >= threshold
     int dropout;                 // 1 when dropout is on
     int vec_ok;                  // 1 when every row start is 16-byte aligned (cp.async / vector loads)
-    float softcap;               // logit soft cap c (scores c tanh(x / c)); 0 for none
+    int pad_;
 };
 
 // Query segment table: QSEG_FIELDS int64 per segment.
-#define QSEG_FIELDS 12
+#define QSEG_FIELDS 8
 #define QS_Q 0       // element offset of row 0 in q
 #define QS_ROW0 1    // first row in the contiguous output row space (o, lse, dq, delta, dout)
 #define QS_LEN 2     // rows
@@ -40,10 +40,6 @@ struct AttnParams {
 #define QS_MASK 5    // element offset of the mask block
 #define QS_COFF 6    // causal offset: key j visible from row i iff j <= i + off
 #define QS_CAUSAL 7  // 1 when causal
-#define QS_LO 8      // window's left side: key j visible from row i only if j >= i + lo
-#define QS_WINDOW 9  // 1 when QS_LO applies
-#define QS_SLOPE 10  // ALiBi slope (f32 bits in the low 32 bits; 0 for none)
-#define QS_DIAG 11   // ALiBi diagonal: -slope |i + diag - j| is added to the score
 // Key/value segment table: KVSEG_FIELDS int64 per segment.
 #define KVSEG_FIELDS 6
 #define KS_K 0
@@ -56,9 +52,8 @@ struct AttnParams {
 struct QSeg {
     long long q, row0, mask;
     int len, kv, stream;
-    long long coff, lo, diag;
-    float slope;
-    bool causal, windowed;
+    long long coff;
+    bool causal;
 };
 
 struct KvSeg {
@@ -77,10 +72,6 @@ __device__ __forceinline__ QSeg load_qseg(const long long* t, int i) {
     r.mask = s[QS_MASK];
     r.coff = s[QS_COFF];
     r.causal = s[QS_CAUSAL] != 0;
-    r.lo = s[QS_LO];
-    r.windowed = s[QS_WINDOW] != 0;
-    r.slope = __uint_as_float((unsigned)(s[QS_SLOPE] & 0xffffffffll));
-    r.diag = s[QS_DIAG];
     return r;
 }
 
@@ -96,53 +87,29 @@ __device__ __forceinline__ KvSeg load_kvseg(const long long* t, int i) {
     return r;
 }
 
-// Keys [first_key, visible_keys) are visible from query row `row` (both clamped to [0, lk]); the
-// CPU's `Bounds::keys`.
+// Number of keys visible from query row `row` (clamped to [0, lk]); the CPU's `visible_keys`.
 __device__ __forceinline__ int visible_keys(const QSeg& s, int row, int lk) {
     if (!s.causal) return lk;
     long long v = (long long)row + s.coff + 1;
     return (int)(v < 0 ? 0 : (v > lk ? lk : v));
 }
-__device__ __forceinline__ int first_key(const QSeg& s, int row, int lk) {
-    if (!s.windowed) return 0;
-    long long v = (long long)row + s.lo;
-    return (int)(v < 0 ? 0 : (v > lk ? lk : v));
-}
 
-// Whether row `row` sees key `col` (the band only; tails are the caller's).
-__device__ __forceinline__ bool in_band(const QSeg& s, int row, int col) {
-    return (!s.causal || (long long)col <= (long long)row + s.coff) &&
-           (!s.windowed || (long long)col >= (long long)row + s.lo);
-}
-
-// Whether the band cuts the tile of rows [r0, r1] x keys [c0, c1] (inclusive; tile-uniform).
-__device__ __forceinline__ bool band_cuts(const QSeg& s, int r0, int r1, int c0, int c1) {
-    return (s.causal && (long long)c1 > (long long)r0 + s.coff) ||
-           (s.windowed && (long long)c0 < (long long)r1 + s.lo);
-}
-
-// Query rows [first_row_seeing(s, c0), row_end_seeing(s, c1)) of segment s see some key of
-// [c0, c1] (clamped to [0, len]); the CPU's `Bounds::rows`.
+// First query row that sees key `col` under the causal mask (clamped to [0, len]).
 __device__ __forceinline__ int first_row_seeing(const QSeg& s, int col) {
     if (!s.causal) return 0;
     long long r = (long long)col - s.coff;
     return (int)(r < 0 ? 0 : (r > s.len ? s.len : r));
 }
-__device__ __forceinline__ int row_end_seeing(const QSeg& s, int col) {
-    if (!s.windowed) return s.len;
-    long long r = (long long)col - s.lo + 1;
-    return (int)(r < 0 ? 0 : (r > s.len ? s.len : r));
-}
 
 // The backward blocks' walk over query tiles: every member query segment [mi, mem1) of the
-// block's key/value segment, from the first row that sees the block's first key k0 to the last
-// row that sees its last key k1, a tile at a time. Moves (mi, r0) to the first tile with rows at
-// or after it that see a key (r0 < 0: the start of segment mi); mi == mem1 once none is left.
-__device__ __forceinline__ void settle_qtile(const long long* qsegs, int mem1, int k0, int k1, int& mi, int& r0) {
+// block's key/value segment, from the first row that sees the block's first key k0, a tile at a
+// time. Moves (mi, r0) to the first tile with rows at or after it (r0 < 0: the start of segment
+// mi); mi == mem1 once no tile is left.
+__device__ __forceinline__ void settle_qtile(const long long* qsegs, int mem1, int k0, int& mi, int& r0) {
     for (; mi < mem1; ++mi, r0 = -1) {
         const QSeg s = load_qseg(qsegs, mi);
         if (r0 < 0) r0 = first_row_seeing(s, k0);
-        if (r0 < row_end_seeing(s, k1)) return;
+        if (r0 < s.len) return;
     }
 }
 
@@ -213,54 +180,11 @@ __device__ __forceinline__ float mask_term(const AttnParams& p, const float* bia
     return 0.0f;
 }
 
-// Whether scores need more than the scale: a soft cap or ALiBi (block-uniform).
-__device__ __forceinline__ bool transformed(const AttnParams& p, const QSeg& s) {
-    return p.softcap > 0.0f || s.slope != 0.0f;
-}
-
-// The soft cap and the ALiBi bias of a raw score: (the score, the soft cap's tanh or 0). The
-// score paths are unrolled over every fragment element: libdevice's tanhf inlined there made
-// nvcc take over 15x as long on flash_fwd.cu (35 s -> more than 9 min, sm_80), and an out-of-line
-// call made ptxas spill around it; tanh(y) = 1 - 2 / (e^(2y) + 1) on the fast exponential is a few
-// instructions (absolute error about 1e-7, which the cap multiplies; ±1 at ±inf).
-__device__ __forceinline__ float2 extras_score(float raw, float scale, float softcap, float slope, float dist) {
-    float x, t = 0.0f;
-    if (softcap > 0.0f) {
-        t = 1.0f - 2.0f / (__expf(2.0f * raw * (scale / softcap)) + 1.0f);
-        x = softcap * t;
-    } else {
-        x = raw * scale;
-    }
-    return make_float2(x - slope * fabsf(dist), t);
-}
-
-// Scaled, masked score of (row, col) of segment `s` (-inf where masked, outside the band or out
-// of range): scale, soft cap, ALiBi, then the mask, in the CPU's order (cpu::prepare_scores).
-// `t` receives the soft cap's tanh (for the backward's 1 - t^2), 0 without one.
-__device__ __forceinline__ float masked_score(const AttnParams& p, const QSeg& s, const float* bias,
-                                              const unsigned char* boolm, float raw, int row, int col, int lk,
-                                              float& t) {
-    t = 0.0f;
-    if (row >= s.len || col >= lk || !in_band(s, row, col)) return -INFINITY;
-    float x = raw * p.scale;
-    if (transformed(p, s)) {
-        const float2 r = extras_score(raw, p.scale, p.softcap, s.slope, (float)((long long)row + s.diag - col));
-        x = r.x;
-        t = r.y;
-    }
-    if (p.mask_kind != 0) x += mask_term(p, bias, boolm, s.mask + (long long)row * p.mask_rs + (long long)col * p.mask_cs);
-    return x;
-}
-
-// The score of (row, col) for kernels without a mask when a soft cap or ALiBi is on (the mask
-// lookups of masked_score left out); (-inf, 0) outside the band.
-__device__ __forceinline__ float2 band_score(const AttnParams& p, const QSeg& s, float raw, int row, int col, int lk) {
-    if (row >= s.len || col >= lk || !in_band(s, row, col)) return make_float2(-INFINITY, 0.0f);
-    return extras_score(raw, p.scale, p.softcap, s.slope, (float)((long long)row + s.diag - col));
-}
-
+// Scaled, masked score of (row, col) of segment `s` (-inf where masked, causal or out of range).
 __device__ __forceinline__ float masked_score(const AttnParams& p, const QSeg& s, const float* bias,
                                               const unsigned char* boolm, float raw, int row, int col, int lk) {
-    float t;
-    return masked_score(p, s, bias, boolm, raw, row, col, lk, t);
+    if (row >= s.len || col >= lk || col >= visible_keys(s, row, lk)) return -INFINITY;
+    float x = raw * p.scale;
+    if (p.mask_kind != 0) x += mask_term(p, bias, boolm, s.mask + (long long)row * p.mask_rs + (long long)col * p.mask_cs);
+    return x;
 }

@@ -1,7 +1,6 @@
 // Memory-efficient attention (xformers-style) without tensor-core instructions: f32, f16 and bf16
-// inputs, f32 arithmetic, additive or boolean masks, any head dim up to 256, causal masks and
-// sliding windows with tile skipping, ALiBi, logit soft-capping, dropout, GQA, strided and packed
-// inputs. Runs on every architecture the toolkit targets.
+// inputs, f32 arithmetic, additive or boolean masks, any head dim up to 256, causal with tile
+// skipping, dropout, GQA, strided and packed inputs. Runs on every architecture the toolkit targets.
 //
 // Kernels (DT in f32/f16/bf16, DMAX in 64/128/256: the head dims rounded up):
 //   eff_fwd_DT_DMAX   one block per (32 query rows, query segment): output and row logsumexp
@@ -72,15 +71,14 @@ __device__ void eff_fwd(const T* __restrict__ q, const T* __restrict__ k, const 
     const int row = threadIdx.x >> 2, c4 = threadIdx.x & 3;
     const int grow = r0 + row;
     const int rows = min(EF_ROWS, s.len - r0);
-    // Keys [kbeg, kend) are all any row of the tile sees (a window starts past key 0).
-    const int kbeg = first_key(s, r0, kv.len), kend = visible_keys(s, r0 + rows - 1, kv.len);
+    const int kend = visible_keys(s, r0 + rows - 1, kv.len);
     constexpr int NJ = DMAX / 4;
     float acc[NJ];
 #pragma unroll
     for (int j = 0; j < NJ; ++j) acc[j] = 0.0f;
     float m = -INFINITY, l = 0.0f;
 
-    for (int k0 = kbeg < kend ? kbeg / EF_ROWS * EF_ROWS : kend; k0 < kend; k0 += EF_ROWS) {
+    for (int k0 = 0; k0 < kend; k0 += EF_ROWS) {
         float sc[8];
         tile_dots<T>(sc, As, Bs, q, s.q, p.q_rs, r0, s.len, k, kv.k, p.k_rs, k0, kv.len, p.e, row, c4);
         float tmax = -INFINITY;
@@ -174,8 +172,7 @@ __device__ __forceinline__ void probs_and_grads(float (&pz)[8], float (&ds)[8], 
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
         int row = r0 + c4 + 4 * i;
-        float t;
-        float x = masked_score(p, s, bias, boolm, sc[i], row, col, kv.len, t);
+        float x = masked_score(p, s, bias, boolm, sc[i], row, col, kv.len);
         float pr = 0.0f, dd = 0.0f;
         if (x != -INFINITY) {
             pr = expf(x - lse[s.row0 + row]);
@@ -183,7 +180,7 @@ __device__ __forceinline__ void probs_and_grads(float (&pz)[8], float (&ds)[8], 
         }
         float z = (p.dropout && pr != 0.0f) ? dropout_factor(p, s.stream, row, col) : 1.0f;
         pz[i] = pr * z;
-        ds[i] = pr * (dp[i] * z - dd) * (1.0f - t * t);  // through the soft cap (t = 0 without)
+        ds[i] = pr * (dp[i] * z - dd);
     }
 }
 
@@ -209,9 +206,7 @@ __device__ void eff_bwd(const T* __restrict__ q, const T* __restrict__ k, const 
 
     for (int mi = kv.mem0; mi < kv.mem1; ++mi) {
         const QSeg s = load_qseg(qsegs, mi);
-        // Query tiles with rows that see a key of [k0, min(k0 + EF_ROWS, lk)).
-        const int rend = row_end_seeing(s, min(k0 + EF_ROWS, kv.len) - 1);
-        for (int r0 = first_row_seeing(s, k0); r0 < rend; r0 += EF_ROWS) {
+        for (int r0 = first_row_seeing(s, k0); r0 < s.len; r0 += EF_ROWS) {
             float pz[8], ds[8];
             probs_and_grads<T>(pz, ds, As, Bs, q, k, v, dout, bias, boolm, lse, delta, s, kv, k0, r0, p, kr, c4);
             __syncthreads();
@@ -301,7 +296,7 @@ __device__ void eff_dq(const T* __restrict__ q, const T* __restrict__ k, const T
     const KvSeg kv = load_kvseg(kvsegs, s.kv);
     const int row = threadIdx.x >> 2, c4 = threadIdx.x & 3;
     const int grow = r0 + row;
-    const int kbeg = first_key(s, r0, kv.len), kend = visible_keys(s, min(r0 + EF_ROWS, s.len) - 1, kv.len);
+    const int kend = visible_keys(s, min(r0 + EF_ROWS, s.len) - 1, kv.len);
     constexpr int NJ = DMAX / 4;
     float acc[NJ];
 #pragma unroll
@@ -309,7 +304,7 @@ __device__ void eff_dq(const T* __restrict__ q, const T* __restrict__ k, const T
     const float lse_r = grow < s.len ? lse[s.row0 + grow] : INFINITY;
     const float d_r = grow < s.len ? delta[s.row0 + grow] : 0.0f;
 
-    for (int k0 = kbeg < kend ? kbeg / EF_ROWS * EF_ROWS : kend; k0 < kend; k0 += EF_ROWS) {
+    for (int k0 = 0; k0 < kend; k0 += EF_ROWS) {
         float sc[8], dp[8];
         tile_dots<T>(sc, As, Bs, q, s.q, p.q_rs, r0, s.len, k, kv.k, p.k_rs, k0, kv.len, p.e, row, c4);
         tile_dots<T>(dp, As, Bs, dout, s.row0 * p.ev, p.ev, r0, s.len, v, kv.v, p.v_rs, k0, kv.len, p.ev, row, c4);
@@ -317,11 +312,10 @@ __device__ void eff_dq(const T* __restrict__ q, const T* __restrict__ k, const T
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
             int col = k0 + c4 + 4 * i;
-            float t;
-            float x = masked_score(p, s, bias, boolm, sc[i], grow, col, kv.len, t);
+            float x = masked_score(p, s, bias, boolm, sc[i], grow, col, kv.len);
             float pr = x == -INFINITY ? 0.0f : expf(x - lse_r);
             float z = (p.dropout && pr != 0.0f) ? dropout_factor(p, s.stream, grow, col) : 1.0f;
-            DSs[row * (EF_ROWS + 1) + c4 + 4 * i] = pr * (dp[i] * z - d_r) * (1.0f - t * t);
+            DSs[row * (EF_ROWS + 1) + c4 + 4 * i] = pr * (dp[i] * z - d_r);
         }
 #pragma unroll
         for (int cb = 0; cb < DMAX / EF_CH; ++cb) {

@@ -8,8 +8,7 @@
 // a * b runs as a_big * b_big + a_big * b_small + a_small * b_big on mma.sync m16n8k8 tf32, with
 // big and small the two tf32 halves of x (split_tf32), which keeps f32's accuracy (the dropped
 // a_small * b_small term is about 2^-22 of the product) at tensor-core speed. Same problems as
-// eff_fwd_f32 in efficient.cu (additive or boolean masks, causal masks and sliding windows with
-// tile skipping, ALiBi, soft-capping, dropout,
+// eff_fwd_f32 in efficient.cu (additive or boolean masks, causal with tile skipping, dropout,
 // GQA, strided and packed inputs, q/k and v head dims up to the bucket), same outputs (output
 // rows and natural-log row logsumexp), so the efficient backward reads either forward's result.
 //
@@ -117,12 +116,9 @@ __device__ void eff_tc_fwd(const float* __restrict__ q, const float* __restrict_
     const KvSeg kv = load_kvseg(kvsegs, s.kv);
     const int lk = kv.len;
     const int rows = min(BQ, s.len - r0);
-    // Key tiles [j0, ntiles): the keys [kbeg, kend) some row of the tile sees (as flash_fwd).
-    const int kbeg = first_key(s, r0, lk), kend = visible_keys(s, r0 + rows - 1, lk);
-    const int j0 = kbeg < kend ? kbeg / BK : 0;
-    const int ntiles = kbeg < kend ? (kend + BK - 1) / BK : 0;
+    const int kend = visible_keys(s, r0 + rows - 1, lk);
+    const int ntiles = (kend + BK - 1) / BK;
     const bool vec = p.vec_ok != 0;
-    const bool xform = transformed(p, s);
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane >> 2, tq = lane & 3;
@@ -130,9 +126,9 @@ __device__ void eff_tc_fwd(const float* __restrict__ q, const float* __restrict_
     const float log2e = 1.4426950408889634f;
 
     load_tile<float, BQ, D, LDS, ET_THREADS>(Qs, q, s.q, p.q_rs, r0, s.len, p.e, vec);
-    if (j0 < ntiles) {
-        load_tile<float, BK, D, LDS, ET_THREADS>(Ks, k, kv.k, p.k_rs, j0 * BK, lk, p.e, vec);
-        if (STAGES == 2) load_tile<float, BK, D, LDS, ET_THREADS>(Vs, v, kv.v, p.v_rs, j0 * BK, lk, p.ev, vec);
+    if (ntiles > 0) {
+        load_tile<float, BK, D, LDS, ET_THREADS>(Ks, k, kv.k, p.k_rs, 0, lk, p.e, vec);
+        if (STAGES == 2) load_tile<float, BK, D, LDS, ET_THREADS>(Vs, v, kv.v, p.v_rs, 0, lk, p.ev, vec);
     }
     cp_async_commit();
 
@@ -140,10 +136,9 @@ __device__ void eff_tc_fwd(const float* __restrict__ q, const float* __restrict_
     init_rows(oacc, m, l);
     const float* qa = Qs + (warp * 16 + g) * LDS + tq;  // A fragment of k-step kk, m-tile i: qa[(64 i) LDS + 8 kk]
 
-    for (int j = j0; j < ntiles; ++j) {
+    for (int j = 0; j < ntiles; ++j) {
         const int k0 = j * BK;
-        const int st =
-            kv_tile_start<float, BK, D, LDS, ET_THREADS, STAGES>(Ks, Vs, k, v, kv, p, j, j0, ntiles, vec);
+        const int st = kv_tile_start<float, BK, D, LDS, ET_THREADS, STAGES>(Ks, Vs, k, v, kv, p, j, ntiles, vec);
         const float* Kt = Ks + st * BK * LDS;
         const float* Vt = Vs + st * BK * LDS;
 
@@ -168,8 +163,8 @@ __device__ void eff_tc_fwd(const float* __restrict__ q, const float* __restrict_
         }
 
         // Scale and mask (natural-log units as efficient.cu), then to base 2 for exp2f.
-        const bool need_mask = p.mask_kind != 0 || xform || (k0 + BK > lk) ||
-                               band_cuts(s, r0, r0 + BQ - 1, k0, k0 + BK - 1);
+        const bool need_mask = p.mask_kind != 0 || (k0 + BK > lk) ||
+                               (s.causal && (long long)k0 + BK - 1 > (long long)r0 + s.coff);
 #pragma unroll
         for (int i = 0; i < MT; ++i) {
 #pragma unroll
@@ -282,16 +277,14 @@ __device__ void eff_tc_bwd(const float* __restrict__ q, const float* __restrict_
     // Query tiles (mi, r0), each prefetched into the other stage while the block works on the one
     // before it (as flash_bwd).
     int mi = kv.mem0, r0 = -1;
-    const int k1 = min(k0 + EB_BK, lk) - 1;  // the block's last key
-    load_qtile<float, BQ, D, LDS, ET_THREADS>(Qb, Ob, q, dout, lse, delta, qsegs, kv.mem1, k0, k1, p, vec, mi, r0);
+    load_qtile<float, BQ, D, LDS, ET_THREADS>(Qb, Ob, q, dout, lse, delta, qsegs, kv.mem1, k0, p, vec, mi, r0);
     for (int stage = 0; mi < kv.mem1; stage ^= 1) {
         cp_async_wait<0>();
         __syncthreads();  // this tile has landed, and every warp is done with the previous one
         const QSeg s = load_qseg(qsegs, mi);
         int next_mi = mi, next_r0 = r0 + BQ;
         load_qtile<float, BQ, D, LDS, ET_THREADS>(Qb + (stage ^ 1) * BQ * LDS, Ob + (stage ^ 1) * BQ * LDS, q,
-                                                  dout, lse, delta, qsegs, kv.mem1, k0, k1, p, vec, next_mi,
-                                                  next_r0);
+                                                  dout, lse, delta, qsegs, kv.mem1, k0, p, vec, next_mi, next_r0);
         float* Qs = Qb + stage * BQ * LDS;
         float* Os = Ob + stage * BQ * LDS;
         // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys x BQ queries.

@@ -1,7 +1,6 @@
 // FlashAttention-2 backward on tensor cores (sm80+): one block of 4 warps per (64 keys, key/value
 // segment); warp w owns keys 16w..16w+15 and keeps their dK and dV in registers, while the block
-// walks the query tiles of every query segment reading this key/value segment (GQA members too),
-// from the first row that sees the block's keys to the last (causal masks, sliding windows).
+// walks the query tiles of every query segment reading this key/value segment (GQA members too).
 // Per query tile it recomputes P^T = exp(scale K Q^T - lse) from the forward's logsumexp, then
 // dV += (P o Z)^T dO, dP^T = V dO^T, dS^T = P^T o (dP^T o Z - D), dK += scale dS^T Q, and
 // dQ += scale dS K through shared memory, added to an f32 buffer with atomics (with_dq = 1) or

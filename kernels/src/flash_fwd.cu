@@ -1,9 +1,7 @@
 // FlashAttention-2 forward on tensor cores (sm80+): one block of 4 warps per query tile of a query
 // segment; each warp owns 16 rows of every 64, keeps its output tiles and softmax statistics in
 // registers, and runs S = Q K^T and O += P V with mma.sync m16n8k16 (f32 accumulation). Q stays in
-// shared memory; K and V tiles arrive by cp.async (see flash_fwd.cuh for the pipelines). Causal
-// masks and sliding windows skip the key tiles no row of the query tile sees; ALiBi and the
-// logit soft cap take the full score path (masked_score) on the tiles they touch.
+// shared memory; K and V tiles arrive by cp.async (see flash_fwd.cuh for the pipelines).
 //
 // Kernels (the head dim rounded up; columns past the real head dim are zero-filled):
 //   flash_fwd_{f16,bf16}_{32,64,96,128,256}: 64-row query tiles (16 rows per warp), K and V

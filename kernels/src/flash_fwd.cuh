@@ -36,13 +36,9 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k, cons
     const KvSeg kv = load_kvseg(kvsegs, s.kv);
     const int lk = kv.len;
     const int rows = min(BQ, s.len - r0);
-    // Key tiles [j0, ntiles) hold the keys [kbeg, kend) some row of the tile sees (a window
-    // starts past key 0): time grows with the window, not with lk.
-    const int kbeg = first_key(s, r0, lk), kend = visible_keys(s, r0 + rows - 1, lk);
-    const int j0 = kbeg < kend ? kbeg / BK : 0;
-    const int ntiles = kbeg < kend ? (kend + BK - 1) / BK : 0;
+    const int kend = visible_keys(s, r0 + rows - 1, lk);
+    const int ntiles = (kend + BK - 1) / BK;
     const bool vec = p.vec_ok != 0;
-    const bool xform = transformed(p, s);
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane >> 2, tq = lane & 3;
@@ -51,18 +47,18 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k, cons
     const float sl2 = p.scale * 1.4426950408889634f;  // scale * log2(e): softmax in base 2
 
     load_tile<T, BQ, D, LDS, FF_THREADS>(Qs, q, s.q, p.q_rs, r0, s.len, p.e, vec);
-    if (j0 < ntiles) {
-        load_tile<T, BK, D, LDS, FF_THREADS>(Ks, k, kv.k, p.k_rs, j0 * BK, lk, p.e, vec);
-        if (STAGES == 2) load_tile<T, BK, D, LDS, FF_THREADS>(Vs, v, kv.v, p.v_rs, j0 * BK, lk, p.ev, vec);
+    if (ntiles > 0) {
+        load_tile<T, BK, D, LDS, FF_THREADS>(Ks, k, kv.k, p.k_rs, 0, lk, p.e, vec);
+        if (STAGES == 2) load_tile<T, BK, D, LDS, FF_THREADS>(Vs, v, kv.v, p.v_rs, 0, lk, p.ev, vec);
     }
     cp_async_commit();
 
     float oacc[MT][ND][4], m[MT][2], l[MT][2];
     init_rows(oacc, m, l);
 
-    for (int j = j0; j < ntiles; ++j) {
+    for (int j = 0; j < ntiles; ++j) {
         const int k0 = j * BK;
-        const int st = kv_tile_start<T, BK, D, LDS, FF_THREADS, STAGES>(Ks, Vs, k, v, kv, p, j, j0, ntiles, vec);
+        const int st = kv_tile_start<T, BK, D, LDS, FF_THREADS, STAGES>(Ks, Vs, k, v, kv, p, j, ntiles, vec);
         const T* Kt = Ks + st * BK * LDS;
         const T* Vt = Vs + st * BK * LDS;
 
@@ -90,10 +86,9 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k, cons
             }
         }
 
-        // Scale to base 2, mask the tail and the band's edges (tile-uniform test first); the soft
-        // cap and ALiBi take the full score path.
-        const bool need_mask = (MASK && p.mask_kind != 0) || xform || (k0 + BK > lk) ||
-                               band_cuts(s, r0, r0 + BQ - 1, k0, k0 + BK - 1);
+        // Scale to base 2, mask the tail and the causal diagonal (tile-uniform test first).
+        const bool need_mask = (MASK && p.mask_kind != 0) || (k0 + BK > lk) ||
+                               (s.causal && (long long)k0 + BK - 1 > (long long)r0 + s.coff);
 #pragma unroll
         for (int i = 0; i < MT; ++i) {
 #pragma unroll
@@ -106,9 +101,7 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k, cons
                         int row = row_a + i * 64 + (e < 2 ? 0 : 8);
                         if (MASK) {
                             x = masked_score(p, s, bias, boolm, sacc[i][nb][e], row, col, lk) * 1.4426950408889634f;
-                        } else if (xform) {
-                            x = band_score(p, s, sacc[i][nb][e], row, col, lk).x * 1.4426950408889634f;
-                        } else if (col >= lk || !in_band(s, row, col)) {
+                        } else if (col >= lk || (s.causal && (long long)col > (long long)row + s.coff)) {
                             x = -INFINITY;
                         }
                     }

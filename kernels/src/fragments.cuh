@@ -118,17 +118,15 @@ __device__ __forceinline__ void write_rows(T* __restrict__ o, float* __restrict_
 
 // Backward, transposed tile (rows: the warp's keys key_a and key_b; columns: queries r0 + 8 n +
 // 2 t + (e & 1) of segment s): the raw scores `st` and dP^T = V dO^T in `dp` become P o Z and
-// dS = P o (dP o Z - D) (o (1 - tanh^2) through a soft cap), from the row logsumexp (natural
-// log) and D of query tile row i at lse_s[i RS] and dl_s[i RS]. With MASK the efficient
-// backend's masks apply, and with a soft cap or ALiBi the whole score (masked_score); otherwise
-// only the band and the tails.
+// dS = P o (dP o Z - D), from the row logsumexp (natural log) and D of query tile row i at
+// lse_s[i RS] and dl_s[i RS]. With MASK the efficient backend's masks apply (masked_score);
+// without, only causality and the tails.
 template <int NQ, bool MASK, int RS>
 __device__ __forceinline__ void probs_and_grads(float (&st)[NQ][4], float (&dp)[NQ][4], const float* lse_s,
                                                 const float* dl_s, const AttnParams& p, const QSeg& s,
                                                 const float* __restrict__ bias, const unsigned char* __restrict__ boolm,
                                                 int r0, int key_a, int key_b, int tq, int lk) {
     const float log2e = 1.4426950408889634f;
-    const bool xform = transformed(p, s);
 #pragma unroll
     for (int nb = 0; nb < NQ; ++nb) {
 #pragma unroll
@@ -136,27 +134,18 @@ __device__ __forceinline__ void probs_and_grads(float (&st)[NQ][4], float (&dp)[
             const int qi = nb * 8 + 2 * tq + (e & 1);
             const int row = r0 + qi;
             const int key = e < 2 ? key_a : key_b;
-            float pr, t = 0.0f;
-            if (MASK || xform) {
-                float x;
-                if (MASK) {
-                    x = masked_score(p, s, bias, boolm, st[nb][e], row, key, lk, t);
-                } else {
-                    const float2 r = band_score(p, s, st[nb][e], row, key, lk);
-                    x = r.x;
-                    t = r.y;
-                }
+            float pr;
+            if (MASK) {
+                const float x = masked_score(p, s, bias, boolm, st[nb][e], row, key, lk);
                 pr = x == -INFINITY ? 0.0f : exp2f((x - lse_s[qi * RS]) * log2e);
             } else {
-                const bool ok = row < s.len && key < lk && in_band(s, row, key);
+                const bool ok = row < s.len && key < lk && (!s.causal || (long long)key <= (long long)row + s.coff);
                 pr = ok ? exp2f(fmaf(st[nb][e], p.scale, -lse_s[qi * RS]) * log2e) : 0.0f;
             }
             float z = 1.0f;
             if (p.dropout && pr != 0.0f) z = dropout_factor(p, s.stream, row, key);
             st[nb][e] = pr * z;
-            float ds = pr * (dp[nb][e] * z - dl_s[qi * RS]);
-            if (xform) ds *= 1.0f - t * t;  // t = 0 without a soft cap
-            dp[nb][e] = ds;
+            dp[nb][e] = pr * (dp[nb][e] * z - dl_s[qi * RS]);
         }
     }
 }
