@@ -1,7 +1,7 @@
 //! The training loop of nanoGPT's `train.py`: evaluate and checkpoint every `eval-interval`
 //! iterations, accumulate gradients over micro-batches, clip, step AdamW on a warmup + cosine
 //! schedule, and report loss, ms/iter, tokens/s and MFU. [`train`] reads top to bottom as the
-//! loop; each step it calls is a method of [`Run`] below it.
+//! loop; each step it calls is a method of `Run` below it.
 
 use std::path::PathBuf;
 use std::time::Instant;

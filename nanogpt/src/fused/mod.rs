@@ -4,12 +4,12 @@
 //!
 //! Why: every node of Candle's autograd graph costs its backward pass a zero-filled gradient
 //! buffer and an addition as large as its output, and the plain model has dozens per block.
-//! Here each half of a block is one node ([`attention`], [`mlp`]), and so are the embedding
-//! ([`embedding`]), the lm_head with `ln_f` folded in ([`normed_linear`]) and the loss
-//! ([`loss`]). Each file holds one op, its forward, its backward and a test against the plain
-//! layers (values and gradients). [`matmul`] cuts their products into blocks of rows for
-//! rayon's pool, [`normalize`] is LayerNorm's normalisation row by row, [`gelu`] and [`exp`]
-//! the element-wise functions, and [`cpu_data`] reads and writes Candle's CPU storage.
+//! Here each half of a block is one node (`attention.rs`, `mlp.rs`), and so are the embedding
+//! (`embedding.rs`), the lm_head with `ln_f` folded in (`normed_linear.rs`) and the loss
+//! (`loss.rs`). Each file holds one op, its forward, its backward and a test against the plain
+//! layers (values and gradients). `matmul.rs` cuts their products into blocks of rows for
+//! rayon's pool, `normalize.rs` is LayerNorm's normalisation row by row, `gelu.rs` and `exp.rs`
+//! the element-wise functions, and `cpu_data.rs` reads and writes Candle's CPU storage.
 
 mod attention;
 mod cpu_data;
