@@ -146,8 +146,8 @@ pub fn flash_attn_varlen_paged_windowed(
     }
     let cu_k = cumulative(api, "seqlens_k", seqlens_k, usize::MAX, max_seqlen_k)?;
     let table = block_rows(api, block_table, cu_k.len() - 1)?;
-    // Physical row (block · page + offset) of every key, sequence after sequence.
-    let mut rows = Vec::with_capacity(cu_k[cu_k.len() - 1]);
+    // Each sequence's blocks, as many as its keys fill, checked against the cache.
+    let mut used: Vec<Vec<usize>> = Vec::with_capacity(table.len());
     for (b, (w, blocks_of)) in cu_k.windows(2).zip(&table).enumerate() {
         let len = w[1] - w[0];
         if len.div_ceil(page) > blocks_of.len() {
@@ -156,14 +156,14 @@ pub fn flash_attn_varlen_paged_windowed(
                 blocks_of.len()
             );
         }
+        let mut mine = Vec::with_capacity(len.div_ceil(page));
         for (i, &block) in blocks_of.iter().enumerate().take(len.div_ceil(page)) {
             if block < 0 || block as u64 >= blocks as u64 {
                 bail!("{api}: block_table[{b}, {i}] = {block} is outside the {blocks} blocks of k and v");
             }
+            mine.push(block as usize);
         }
-        for t in 0..len {
-            rows.push(blocks_of[t / page] * page as i64 + (t % page) as i64);
-        }
+        used.push(mine);
     }
     let mut extras = Extras::window(window_size_left, window_size_right);
     if let Some(c) = softcap {
@@ -174,16 +174,6 @@ pub fn flash_attn_varlen_paged_windowed(
     // keys are gathered into packed rows, which the CUDA kernels and autograd both take.
     let tracked = q.track_op() || k.track_op() || v.track_op();
     if q.device().is_cpu() && !tracked && !emulating() && blocks > 0 {
-        let used: Vec<Vec<usize>> = cu_k
-            .windows(2)
-            .zip(&table)
-            .map(|(w, t)| {
-                t[..(w[1] - w[0]).div_ceil(page)]
-                    .iter()
-                    .map(|&b| b as usize)
-                    .collect()
-            })
-            .collect();
         return in_place(
             api,
             (q, k, v),
@@ -194,6 +184,14 @@ pub fn flash_attn_varlen_paged_windowed(
             used,
         );
     }
+    // Physical row (block · page + offset) of every key, sequence after sequence.
+    let rows: Vec<i64> = cu_k
+        .windows(2)
+        .zip(&used)
+        .flat_map(|(w, mine)| {
+            (0..w[1] - w[0]).map(move |t| (mine[t / page] * page + t % page) as i64)
+        })
+        .collect();
     let rows = Tensor::new(rows, k.device())?;
     let gather = |t: &Tensor| -> Result<Tensor> {
         let (_, _, h, d) = t.dims4()?;
