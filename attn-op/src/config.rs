@@ -125,7 +125,7 @@ pub(crate) struct AttnConfig {
     /// Logit soft-capping (Gemma 2): scores become `c·tanh(scale·q·k / c)`, `c > 0`.
     pub softcap: Option<f32>,
     /// With `varlen`: keys and values in the blocks of a paged cache, each sequence's blocks in
-    /// order (CPU forward only).
+    /// order (CPU only).
     pub pages: Option<Vec<Vec<usize>>>,
 }
 

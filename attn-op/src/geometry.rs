@@ -75,7 +75,8 @@ pub(crate) struct Geometry {
     /// Rows of the contiguous q-shaped (o, dq) and k-shaped (dk, dv) spaces.
     pub q_rows: usize,
     pub kv_rows: usize,
-    /// Keys and values in the blocks of a paged cache (forward only).
+    /// Keys and values in the blocks of a paged cache (the forward reads them there; the backward
+    /// gathers them into packed rows, see `Fused::paged_backward`).
     pub pages: Option<Pages>,
 }
 

@@ -1,6 +1,6 @@
 //! candle-flash-attn's eleven entry points with its signatures and semantics, on our flash op:
 //! dense ([`dense`]), packed variable-length ([`varlen`]) and paged-KV ([`paged`]) inputs, with
-//! causal masks, sliding windows, ALiBi and logit soft-capping; differentiable (except paged), on
+//! causal masks, sliding windows, ALiBi and logit soft-capping; differentiable, on
 //! the CPU in every float dtype.
 //!
 //! Windows are aligned bottom-right as in FlashAttention-2: query `i` sees key `j` when

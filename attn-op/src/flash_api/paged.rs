@@ -18,7 +18,7 @@ fn emulating() -> bool {
     false
 }
 
-/// The paged call on the CPU kernels, reading each block where it is (forward only).
+/// The paged call on the CPU kernels, reading each block where it is.
 fn in_place(
     api: &str,
     (q, k, v): (&Tensor, &Tensor, &Tensor),
@@ -83,8 +83,8 @@ fn block_rows(api: &str, table: &Tensor, batch: usize) -> Result<Vec<Vec<i64>>> 
 /// key `t` of sequence `b` is row `t % page_block_size` of block `block_table[b, t /
 /// page_block_size]`; `seqlens_k` holds the cumulative key lengths. Windows and the soft cap
 /// as in [`crate::flash_attn_varlen_alibi_windowed_softcap`] (`softcap = None`: no cap).
-/// Differentiable: keys and values are gathered from their blocks, and the gather's gradient
-/// flows back into k and v. `mm_prefix_ranges` (ranges that bypass the mask) is not supported:
+/// Differentiable: the gradients of k and v have the cache's shape (a block several sequences
+/// share gets the sum of theirs, an unused block zeros). `mm_prefix_ranges` (ranges that bypass the mask) is not supported:
 /// passing it is an error.
 ///
 /// ```
@@ -170,10 +170,9 @@ pub fn flash_attn_varlen_paged_windowed(
         extras = extras.with_softcap(c);
     }
     let (sq, sk) = (seqlens_q, seqlens_k);
-    // On the CPU without gradients the kernels read the blocks where they are; otherwise the
-    // keys are gathered into packed rows, which the CUDA kernels and autograd both take.
-    let tracked = q.track_op() || k.track_op() || v.track_op();
-    if q.device().is_cpu() && !tracked && !emulating() && blocks > 0 {
+    // On the CPU the kernels read the blocks where they are (the backward gathers them); the
+    // CUDA kernels take the keys gathered into packed rows.
+    if q.device().is_cpu() && !emulating() && blocks > 0 {
         return in_place(
             api,
             (q, k, v),

@@ -46,8 +46,7 @@ impl FlashAttention {
         self
     }
 
-    /// Packed queries against a paged cache: `blocks[s]` lists sequence `s`'s blocks (forward
-    /// only).
+    /// Packed queries against a paged cache: `blocks[s]` lists sequence `s`'s blocks (CPU).
     pub(crate) fn paged(mut self, varlen: Varlen, blocks: Vec<Vec<usize>>) -> Self {
         self.0.cfg.varlen = Some(varlen);
         self.0.cfg.pages = Some(blocks);

@@ -59,6 +59,17 @@ fn zeroed_halves<T: Half16>(n: usize) -> Vec<T> {
     unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<T>(), v.len(), v.capacity()) }
 }
 
+/// A CPU tensor of `like`'s shape and dtype holding `data` (contiguous, untracked).
+fn plain_tensor(data: Vec<f32>, like: &Tensor) -> Result<Tensor> {
+    let storage = Storage::Cpu(to_storage(data, like.dtype())?);
+    Ok(Tensor::from_storage(
+        storage,
+        like.shape(),
+        BackpropOp::none(),
+        false,
+    ))
+}
+
 fn cpu<'a>(s: &'a Storage, name: &str) -> Result<&'a CpuStorage> {
     match s {
         Storage::Cpu(c) => Ok(c),
@@ -317,10 +328,11 @@ impl Fused {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        if self.cfg.pages.is_some() {
-            bail!("attention backward: the paged-cache op is forward only (flash_attn_varlen_paged_windowed gathers the blocks when gradients are tracked)");
-        }
         let lse = self.lse(backend, q, k, v)?;
+        if let Some(blocks) = &self.cfg.pages {
+            let (dq, dk, dv) = self.paged_backward(q, k, v, res, grad, &lse, blocks)?;
+            return Ok((Some(dq), Some(dk), Some(dv)));
+        }
         let grads = match q.device() {
             #[cfg(feature = "cuda-emu")]
             Device::Cpu if crate::emu::is_emulating() => {
@@ -349,16 +361,69 @@ impl Fused {
         lse: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let grads = self.cpu_backward_rows(q, k, v, res, grad, lse)?;
-        let t = |data: Vec<f32>, like: &Tensor| -> Result<Tensor> {
-            let storage = Storage::Cpu(to_storage(data, like.dtype())?);
-            Ok(Tensor::from_storage(
-                storage,
-                like.shape(),
-                BackpropOp::none(),
-                false,
-            ))
+        Ok((
+            plain_tensor(grads.dq, q)?,
+            plain_tensor(grads.dk, k)?,
+            plain_tensor(grads.dv, v)?,
+        ))
+    }
+
+    /// The paged op's gradients (CPU): the blocks' keys and values gathered into packed rows,
+    /// the packed backward on them, and dK, dV added back into the blocks they came from (a
+    /// block that several sequences share gets the sum; a block none uses, zeros).
+    #[allow(clippy::too_many_arguments)]
+    fn paged_backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+        lse: &Tensor,
+        blocks: &[Vec<usize>],
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let Some(varlen) = &self.cfg.varlen else {
+            bail!("attention backward: a paged cache without sequence lengths");
         };
-        Ok((t(grads.dq, q)?, t(grads.dk, k)?, t(grads.dv, v)?))
+        let page = k.dims4()?.1;
+        // Physical row (block · page + offset) of every key, sequence after sequence.
+        let rows: Vec<usize> = varlen
+            .cu_k
+            .windows(2)
+            .zip(blocks)
+            .flat_map(|(w, mine)| (0..w[1] - w[0]).map(move |t| mine[t / page] * page + t % page))
+            .collect();
+        let ids: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+        let ids = Tensor::new(ids, &Device::Cpu)?;
+        let gather = |t: &Tensor| -> Result<Tensor> {
+            let (n, page, h, d) = t.dims4()?;
+            t.detach()
+                .reshape((n * page, h, d))?
+                .index_select(&ids, 0)?
+                .transpose(0, 1)
+        };
+        let (kp, vp) = (gather(k)?, gather(v)?);
+        let packed = Fused::new(AttnConfig {
+            pages: None,
+            ..self.cfg.clone()
+        });
+        let g = packed.cpu_backward_rows(q, &kp, &vp, res, grad, lse)?;
+        // `d` holds (heads, packed rows, dim) in order; the result has the cache's shape.
+        let scatter = |d: Vec<f32>, cache: &Tensor| -> Result<Tensor> {
+            let (n, page, h, e) = cache.dims4()?;
+            let mut out = vec![0f32; n * page * h * e];
+            for (i, &r) in rows.iter().enumerate() {
+                for head in 0..h {
+                    let src = &d[(head * rows.len() + i) * e..][..e];
+                    let dst = &mut out[(r * h + head) * e..][..e];
+                    for (o, x) in dst.iter_mut().zip(src) {
+                        *o += x;
+                    }
+                }
+            }
+            plain_tensor(out, cache)
+        };
+        Ok((plain_tensor(g.dq, q)?, scatter(g.dk, k)?, scatter(g.dv, v)?))
     }
 
     /// [`Fused::cpu_backward`]'s gradients as f32 rows in q's, k's and v's contiguous order,
