@@ -5,7 +5,8 @@
 # crate rather than the crates.io one, and runs candle-transformers' llama with `use_flash_attn`
 # against llama's own attention on the CPU. Needs scripts/setup-cuda.sh's toolkit (the
 # `flash-attn` feature builds Candle for CUDA), no GPU. Builds into $CARGO_TARGET_DIR (default
-# target/cuda, as scripts/ci-cuda.sh), so what that script built is reused.
+# target/cuda, as scripts/ci-cuda.sh, whose build-script outputs such as Candle's CUDA kernels it
+# can then reuse).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
