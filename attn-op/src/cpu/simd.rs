@@ -204,54 +204,38 @@ fn exp_affine_sum_of(x: &mut [f32], a: f32, b: f32, fma: bool) -> f32 {
     sum
 }
 
-/// Numerator of [`tanh`]'s rational function in `x²` (times `x`), highest degree first.
-pub(super) const TANH_P: [f32; 7] = [
-    -8.489_59e-14,
-    5.278_298_6e-11,
-    -2.022_596_8e-8,
-    1.115_449_5e-5,
-    3.103_974_3e-3,
-    1.308_402_6e-1,
-    1.0,
-];
-/// Denominator of [`tanh`]'s rational function in `x²`, highest degree first.
-pub(super) const TANH_Q: [f32; 4] = [2.546_171_3e-4, 2.449_525e-2, 4.641_735_3e-1, 1.0];
-/// Beyond `±TANH_CLAMP`, `tanh` rounds to ±1 in f32.
-pub(super) const TANH_CLAMP: f32 = 9.0;
-
 /// `tanh(x)` to 3 ulp (relative error 3e-7), written so that loops over it vectorise: the
 /// rational function `x·p(x²) / q(x²)` (degrees 13 and 6, fitted to `tanh` on `[0, 9]` by
 /// iteratively reweighted least squares in float64) with `x` clamped to `[-9, 9]`, beyond which
 /// `tanh` rounds to ±1 in f32. Eleven multiply-adds and one division, no exponential.
 #[inline(always)]
 pub(crate) fn tanh(x: f32, fma: bool) -> f32 {
-    let x = x.clamp(-TANH_CLAMP, TANH_CLAMP);
+    const P: [f32; 7] = [
+        -8.489_59e-14,
+        5.278_298_6e-11,
+        -2.022_596_8e-8,
+        1.115_449_5e-5,
+        3.103_974_3e-3,
+        1.308_402_6e-1,
+        1.0,
+    ];
+    const Q: [f32; 4] = [2.546_171_3e-4, 2.449_525e-2, 4.641_735_3e-1, 1.0];
+    let x = x.clamp(-9.0, 9.0);
     let z = x * x;
-    let mut p = TANH_P[0];
-    for c in &TANH_P[1..] {
+    let mut p = P[0];
+    for c in &P[1..] {
         p = madd(p, z, *c, fma);
     }
-    let mut q = TANH_Q[0];
-    for c in &TANH_Q[1..] {
+    let mut q = Q[0];
+    for c in &Q[1..] {
         q = madd(q, z, *c, fma);
     }
     x * p / q
 }
 
-/// Logit soft-capping of a row: `x = cap·tanh(a·x)`, storing `tanh(a·x)` in `t` when given
-/// (as long as `x`). AVX-512 intrinsics where the CPU has them, else [`softcap_portable`].
-pub(crate) fn softcap(x: &mut [f32], a: f32, cap: f32, t: Option<&mut [f32]>) {
-    #[cfg(target_arch = "x86_64")]
-    if super::use_avx512() {
-        // SAFETY: the CPU has AVX-512F.
-        return unsafe { super::softcap_avx512::softcap(x, a, cap, t) };
-    }
-    softcap_portable(x, a, cap, t)
-}
-
-/// [`softcap`] in portable code, vectorised by the compiler.
+/// Logit soft-capping of a row: `x = cap·tanh(a·x)`, storing `tanh(a·x)` in `t` when given.
 #[multiversion(targets("x86_64+avx2+fma+avx512f+avx512vl", "x86_64+avx2+fma"))]
-pub(crate) fn softcap_portable(x: &mut [f32], a: f32, cap: f32, t: Option<&mut [f32]>) {
+pub(crate) fn softcap(x: &mut [f32], a: f32, cap: f32, t: Option<&mut [f32]>) {
     let fma = target_cfg_f!(target_feature = "fma");
     match t {
         Some(t) => {

@@ -41,7 +41,7 @@ fn exp16(y: __m512) -> __m512 {
 
 /// The mask of the first `n` (at most 16) lanes.
 #[inline]
-pub(super) fn lanes(n: usize) -> __mmask16 {
+fn lanes(n: usize) -> __mmask16 {
     ((1u32 << n.min(16)) - 1) as __mmask16
 }
 
