@@ -1,6 +1,7 @@
 // Memory-efficient attention (xformers-style) without tensor-core instructions: f32, f16 and bf16
-// inputs, f32 arithmetic, additive or boolean masks, any head dim up to 256, causal with tile
-// skipping, dropout, GQA, strided and packed inputs. Runs on every architecture the toolkit targets.
+// inputs, f32 arithmetic, additive or boolean masks, any head dim up to 256, causal masks and
+// sliding windows with tile skipping, ALiBi, logit soft-capping, dropout, GQA, strided and packed
+// inputs. Runs on every architecture the toolkit targets.
 //
 // Kernels (DT in f32/f16/bf16, DMAX in 64/128/256: the head dims rounded up):
 //   eff_fwd_DT_DMAX   one block per (32 query rows, query segment): output and row logsumexp
@@ -71,20 +72,25 @@ __device__ void eff_fwd(const T* __restrict__ q, const T* __restrict__ k, const 
     const int row = threadIdx.x >> 2, c4 = threadIdx.x & 3;
     const int grow = r0 + row;
     const int rows = min(EF_ROWS, s.len - r0);
-    const int kend = visible_keys(s, r0 + rows - 1, kv.len);
+    // The tile's rows see keys [kbeg, kend) (a window starts past key 0).
+    const int kbeg = first_key(s, r0, kv.len), kend = key_end(s, r0 + rows - 1, kv.len);
+    const bool xform = has_extras(p, s);
     constexpr int NJ = DMAX / 4;
     float acc[NJ];
 #pragma unroll
     for (int j = 0; j < NJ; ++j) acc[j] = 0.0f;
     float m = -INFINITY, l = 0.0f;
 
-    for (int k0 = 0; k0 < kend; k0 += EF_ROWS) {
+    for (int k0 = kbeg < kend ? kbeg / EF_ROWS * EF_ROWS : kend; k0 < kend; k0 += EF_ROWS) {
         float sc[8];
         tile_dots<T>(sc, As, Bs, q, s.q, p.q_rs, r0, s.len, k, kv.k, p.k_rs, k0, kv.len, p.e, row, c4);
+        const Span keys = row_span(s, grow, kv.len, k0 + c4);  // element i is key k0 + c4 + 4 i
+        if (xform) extras_pass(sc, p, s, grow + s.diag - k0 - c4, 4);
+        const float mul = xform ? 1.0f : p.scale;
         float tmax = -INFINITY;
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
-            sc[i] = masked_score(p, s, bias, boolm, sc[i], grow, k0 + c4 + 4 * i, kv.len);
+            sc[i] = masked_score(p, s, bias, boolm, sc[i], mul, grow, k0 + c4 + 4 * i, keys.has(4 * i));
             tmax = fmaxf(tmax, sc[i]);
         }
         tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
@@ -169,10 +175,15 @@ __device__ __forceinline__ void probs_and_grads(float (&pz)[8], float (&ds)[8], 
     // dP^T = V dO^T; dO is contiguous in the row space (row stride ev).
     tile_dots<T>(dp, As, Bs, v, kv.v, p.v_rs, k0, kv.len, dout, s.row0 * p.ev, p.ev, r0, s.len, p.ev, kr, c4);
     const int col = k0 + kr;
+    const Span rows = key_span(s, col, kv.len, r0 + c4);  // element i is query r0 + c4 + 4 i
+    const bool xform = has_extras(p, s);
+    float g[8];
+    if (xform) extras_pass(sc, g, p, s, r0 + c4 + s.diag - col, -4);
+    const float mul = xform ? 1.0f : p.scale;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
         int row = r0 + c4 + 4 * i;
-        float x = masked_score(p, s, bias, boolm, sc[i], row, col, kv.len);
+        float x = masked_score(p, s, bias, boolm, sc[i], mul, row, col, rows.has(4 * i));
         float pr = 0.0f, dd = 0.0f;
         if (x != -INFINITY) {
             pr = expf(x - lse[s.row0 + row]);
@@ -181,6 +192,7 @@ __device__ __forceinline__ void probs_and_grads(float (&pz)[8], float (&ds)[8], 
         float z = (p.dropout && pr != 0.0f) ? dropout_factor(p, s.stream, row, col) : 1.0f;
         pz[i] = pr * z;
         ds[i] = pr * (dp[i] * z - dd);
+        if (xform) ds[i] *= g[i];  // through the soft cap
     }
 }
 
@@ -206,7 +218,9 @@ __device__ void eff_bwd(const T* __restrict__ q, const T* __restrict__ k, const 
 
     for (int mi = kv.mem0; mi < kv.mem1; ++mi) {
         const QSeg s = load_qseg(qsegs, mi);
-        for (int r0 = first_row_seeing(s, k0); r0 < s.len; r0 += EF_ROWS) {
+        // Query tiles with rows that see a key of [k0, min(k0 + EF_ROWS, lk)).
+        const int rend = row_end_seeing(s, min(k0 + EF_ROWS, kv.len) - 1);
+        for (int r0 = first_row_seeing(s, k0); r0 < rend; r0 += EF_ROWS) {
             float pz[8], ds[8];
             probs_and_grads<T>(pz, ds, As, Bs, q, k, v, dout, bias, boolm, lse, delta, s, kv, k0, r0, p, kr, c4);
             __syncthreads();
@@ -296,7 +310,9 @@ __device__ void eff_dq(const T* __restrict__ q, const T* __restrict__ k, const T
     const KvSeg kv = load_kvseg(kvsegs, s.kv);
     const int row = threadIdx.x >> 2, c4 = threadIdx.x & 3;
     const int grow = r0 + row;
-    const int kend = visible_keys(s, min(r0 + EF_ROWS, s.len) - 1, kv.len);
+    const int last = min(r0 + EF_ROWS, s.len) - 1;
+    const int kbeg = first_key(s, r0, kv.len), kend = key_end(s, last, kv.len);
+    const bool xform = has_extras(p, s);
     constexpr int NJ = DMAX / 4;
     float acc[NJ];
 #pragma unroll
@@ -304,18 +320,24 @@ __device__ void eff_dq(const T* __restrict__ q, const T* __restrict__ k, const T
     const float lse_r = grow < s.len ? lse[s.row0 + grow] : INFINITY;
     const float d_r = grow < s.len ? delta[s.row0 + grow] : 0.0f;
 
-    for (int k0 = 0; k0 < kend; k0 += EF_ROWS) {
+    for (int k0 = kbeg < kend ? kbeg / EF_ROWS * EF_ROWS : kend; k0 < kend; k0 += EF_ROWS) {
         float sc[8], dp[8];
         tile_dots<T>(sc, As, Bs, q, s.q, p.q_rs, r0, s.len, k, kv.k, p.k_rs, k0, kv.len, p.e, row, c4);
         tile_dots<T>(dp, As, Bs, dout, s.row0 * p.ev, p.ev, r0, s.len, v, kv.v, p.v_rs, k0, kv.len, p.ev, row, c4);
         __syncthreads();
+        const Span keys = row_span(s, grow, kv.len, k0 + c4);  // element i is key k0 + c4 + 4 i
+        float g[8];
+        if (xform) extras_pass(sc, g, p, s, grow + s.diag - k0 - c4, 4);
+        const float mul = xform ? 1.0f : p.scale;
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
             int col = k0 + c4 + 4 * i;
-            float x = masked_score(p, s, bias, boolm, sc[i], grow, col, kv.len);
+            float x = masked_score(p, s, bias, boolm, sc[i], mul, grow, col, keys.has(4 * i));
             float pr = x == -INFINITY ? 0.0f : expf(x - lse_r);
             float z = (p.dropout && pr != 0.0f) ? dropout_factor(p, s.stream, grow, col) : 1.0f;
-            DSs[row * (EF_ROWS + 1) + c4 + 4 * i] = pr * (dp[i] * z - d_r);
+            float ds = pr * (dp[i] * z - d_r);
+            if (xform) ds *= g[i];  // through the soft cap
+            DSs[row * (EF_ROWS + 1) + c4 + 4 * i] = ds;
         }
 #pragma unroll
         for (int cb = 0; cb < DMAX / EF_CH; ++cb) {
