@@ -198,11 +198,15 @@ pub(crate) struct KernelParams {
     pub threshold: u32,
     pub dropout: i32,
     pub vec_ok: i32,
-    /// Logit soft cap, 0 for none.
+    /// Logit soft cap `c`, 0 for none.
     pub softcap: f32,
+    /// `2 log2(e) scale / c`, 0 without a soft cap.
+    pub cap_u2: f32,
+    /// The scale without a soft cap, 0 with one.
+    pub cap_lin: f32,
 }
 
-const _: () = assert!(std::mem::size_of::<KernelParams>() == 96);
+const _: () = assert!(std::mem::size_of::<KernelParams>() == 104);
 
 /// How the kernels read the mask.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -334,6 +338,14 @@ fn kernel_params(cfg: &AttnConfig, g: &Geometry, mask: MaskKind) -> Result<Kerne
         dropout: i32::from(cfg.dropout.is_some()),
         vec_ok: i32::from(rows_aligned(g)),
         softcap: cfg.softcap.unwrap_or(0.0),
+        cap_u2: cfg.softcap.map_or(0.0, |c| {
+            (2.0 * std::f64::consts::LOG2_E * f64::from(cfg.scale) / f64::from(c)) as f32
+        }),
+        cap_lin: if cfg.softcap.is_some() {
+            0.0
+        } else {
+            cfg.scale
+        },
     })
 }
 
@@ -819,11 +831,11 @@ mod tests {
         );
         assert_eq!((p.e, p.ev, p.n_qseg, p.n_kvseg, p.vec_ok), (8, 8, 8, 4, 1));
         assert_eq!(p.softcap, 0.0);
+        assert_eq!((p.cap_u2, p.cap_lin), (0.0, 0.5));
         cfg.softcap = Some(30.0);
-        assert_eq!(
-            kernel_params(&cfg, &g, MaskKind::None).unwrap().softcap,
-            30.0
-        );
+        let p = kernel_params(&cfg, &g, MaskKind::None).unwrap();
+        assert_eq!((p.softcap, p.cap_lin), (30.0, 0.0));
+        assert!((p.cap_u2 - 2.0 * 0.5 / 30.0 / std::f32::consts::LN_2).abs() < 1e-7);
     }
 
     #[test]

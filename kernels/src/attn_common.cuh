@@ -27,7 +27,9 @@ struct AttnParams {
     unsigned int threshold;      // keep iff philox word >= threshold
     int dropout;                 // 1 when dropout is on
     int vec_ok;                  // 1 when every row start is 16-byte aligned (cp.async / vector loads)
-    float softcap;               // logit soft cap c (scores c tanh(x / c)); 0 for none
+    float softcap;               // logit soft cap c (scores c tanh(scale x / c)); 0 for none
+    float cap_u2;                // 2 log2(e) scale / c, 0 without a cap (see extras_score)
+    float cap_lin;               // scale without a cap, 0 with one
 };
 
 // Query segment table: QSEG_FIELDS int64 per segment.
@@ -221,44 +223,30 @@ __device__ __forceinline__ float mask_term(const AttnParams& p, const float* bia
     return 0.0f;
 }
 
-// The soft cap and ALiBi of one score, branch-free so that the unrolled loops over fragments
-// carry one copy: y = c tanh(scale raw / c) with a cap, scale raw without, minus slope |dist|
-// (slope 0 without ALiBi), and t = that tanh (0 without a cap, so 1 - t^2 = 1). tanh(u) is
-// 1 - 2 / (e^(2u) + 1) on the hardware exponential (a few instructions; absolute error about
-// 1e-7, +-1 at +-inf): libdevice's tanhf inlined in every fragment loop multiplies nvcc's time.
-struct Extras {
-    float u2;     // 2 log2(e) scale / c (0 without a cap): e^(2u) = exp2(raw u2)
-    float cap;    // c (0 without a cap)
-    float lin;    // scale without a cap, 0 with one
-    float slope;  // ALiBi slope
-};
-__device__ __forceinline__ Extras extras_of(const AttnParams& p, const QSeg& s) {
-    const bool capped = p.softcap > 0.0f;
-    Extras x;
-    x.u2 = capped ? 2.8853900817779268f * p.scale / p.softcap : 0.0f;
-    x.cap = capped ? p.softcap : 0.0f;
-    x.lin = capped ? 0.0f : p.scale;
-    x.slope = s.slope;
-    return x;
-}
-// Whether scores need more than the scale (block-uniform).
+// Whether scores need more than the scale: a soft cap or ALiBi (block-uniform).
 __device__ __forceinline__ bool has_extras(const AttnParams& p, const QSeg& s) {
     return p.softcap > 0.0f || s.slope != 0.0f;
 }
-__device__ __forceinline__ float extras_score(const Extras& x, float raw, float dist, float& t) {
-    t = 1.0f - __fdividef(2.0f, exp2f(raw * x.u2) + 1.0f);
-    return fmaf(raw, x.lin, x.cap * t) - x.slope * fabsf(dist);
+
+// The soft cap and ALiBi of one raw score, branch-free so that the unrolled loops over fragments
+// carry one copy: c tanh(scale raw / c) with a cap, scale raw without, minus slope |dist|; t gets
+// the tanh (0 without a cap, so that 1 - t^2 = 1). tanh(u) is 1 - 2 / (e^(2u) + 1) on the
+// hardware exponential, a few instructions (absolute error about 1e-7, +-1 at +-inf): libdevice's
+// tanhf inlined in every fragment loop multiplies nvcc's time. The cap's constants come from the
+// parameter block (host-computed), which costs the tensor-core backward no registers.
+__device__ __forceinline__ float extras_score(const AttnParams& p, float slope, float raw, float dist, float& t) {
+    t = 1.0f - __fdividef(2.0f, exp2f(raw * p.cap_u2) + 1.0f);
+    return fmaf(raw, p.cap_lin, p.softcap * t) - slope * fabsf(dist);
 }
 
 // The soft cap and ALiBi of a SIMT thread's 8 scores (efficient.cu): element i at distance
 // dist0 - step i from the diagonal (row + diag - col) becomes the scaled score; g[i] = 1 - t^2.
 __device__ __forceinline__ void extras_pass(float (&sc)[8], float (&g)[8], const AttnParams& p, const QSeg& s,
                                             int dist0, int step) {
-    const Extras x = extras_of(p, s);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
         float t;
-        sc[i] = extras_score(x, sc[i], (float)(dist0 - step * i), t);
+        sc[i] = extras_score(p, s.slope, sc[i], (float)(dist0 - step * i), t);
         g[i] = 1.0f - t * t;
     }
 }

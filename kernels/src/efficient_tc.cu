@@ -127,8 +127,9 @@ __device__ void eff_tc_fwd(const float* __restrict__ q, const float* __restrict_
 
     load_tile<float, BQ, D, LDS, ET_THREADS>(Qs, q, s.q, p.q_rs, r0, s.len, p.e, vec);
     if (j0 < ntiles) {
-        load_tile<float, BK, D, LDS, ET_THREADS>(Ks, k, kv.k, p.k_rs, j0 * BK, lk, p.e, vec);
-        if (STAGES == 2) load_tile<float, BK, D, LDS, ET_THREADS>(Vs, v, kv.v, p.v_rs, j0 * BK, lk, p.ev, vec);
+        const int st = kv_stage<BK, LDS, STAGES>(j0);
+        load_tile<float, BK, D, LDS, ET_THREADS>(Ks + st, k, kv.k, p.k_rs, j0 * BK, lk, p.e, vec);
+        if (STAGES == 2) load_tile<float, BK, D, LDS, ET_THREADS>(Vs + st, v, kv.v, p.v_rs, j0 * BK, lk, p.ev, vec);
     }
     cp_async_commit();
 
@@ -139,7 +140,7 @@ __device__ void eff_tc_fwd(const float* __restrict__ q, const float* __restrict_
     for (int j = j0; j < ntiles; ++j) {
         const int k0 = j * BK;
         const int st =
-            kv_tile_start<float, BK, D, LDS, ET_THREADS, STAGES>(Ks, Vs, k, v, kv, p, j, j0, ntiles, vec);
+            kv_tile_start<float, BK, D, LDS, ET_THREADS, STAGES>(Ks, Vs, k, v, kv, p, j, ntiles, vec);
         const float* Kt = Ks + st * BK * LDS;
         const float* Vt = Vs + st * BK * LDS;
 

@@ -50,8 +50,9 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k, cons
 
     load_tile<T, BQ, D, LDS, FF_THREADS>(Qs, q, s.q, p.q_rs, r0, s.len, p.e, vec);
     if (j0 < ntiles) {
-        load_tile<T, BK, D, LDS, FF_THREADS>(Ks, k, kv.k, p.k_rs, j0 * BK, lk, p.e, vec);
-        if (STAGES == 2) load_tile<T, BK, D, LDS, FF_THREADS>(Vs, v, kv.v, p.v_rs, j0 * BK, lk, p.ev, vec);
+        const int st = kv_stage<BK, LDS, STAGES>(j0);
+        load_tile<T, BK, D, LDS, FF_THREADS>(Ks + st, k, kv.k, p.k_rs, j0 * BK, lk, p.e, vec);
+        if (STAGES == 2) load_tile<T, BK, D, LDS, FF_THREADS>(Vs + st, v, kv.v, p.v_rs, j0 * BK, lk, p.ev, vec);
     }
     cp_async_commit();
 
@@ -60,7 +61,7 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k, cons
 
     for (int j = j0; j < ntiles; ++j) {
         const int k0 = j * BK;
-        const int st = kv_tile_start<T, BK, D, LDS, FF_THREADS, STAGES>(Ks, Vs, k, v, kv, p, j, j0, ntiles, vec);
+        const int st = kv_tile_start<T, BK, D, LDS, FF_THREADS, STAGES>(Ks, Vs, k, v, kv, p, j, ntiles, vec);
         const T* Kt = Ks + st * BK * LDS;
         const T* Vt = Vs + st * BK * LDS;
 

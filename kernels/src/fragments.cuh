@@ -18,7 +18,6 @@ __device__ __forceinline__ void finish_scores(float (&sacc)[MT][NB][4], const At
     const float log2e = 1.4426950408889634f;
     const int c0 = k0 + 2 * tq;  // element (nb, e) is column c0 + 8 nb + (e & 1)
     if (xform) {
-        const Extras x = extras_of(p, s);
 #pragma unroll
         for (int i = 0; i < MT; ++i) {
 #pragma unroll
@@ -29,7 +28,7 @@ __device__ __forceinline__ void finish_scores(float (&sacc)[MT][NB][4], const At
 #pragma unroll
                     for (int e = 2 * h; e < 2 * h + 2; ++e) {
                         float t;
-                        sacc[i][nb][e] = extras_score(x, sacc[i][nb][e], dist - (float)(nb * 8 + (e & 1)), t);
+                        sacc[i][nb][e] = extras_score(p, s.slope, sacc[i][nb][e], dist - (float)(nb * 8 + (e & 1)), t);
                     }
                 }
             }
@@ -203,8 +202,9 @@ __device__ __forceinline__ unsigned dropout_bits(const AttnParams& p, const QSeg
     return keep;
 }
 
-// probs_and_grads' per-element loop; XFORM: with the soft cap and ALiBi (extras_score), whose
-// tanh also scales dS by 1 - t^2.
+// probs_and_grads' per-element loop. XFORM: with the soft cap and ALiBi, done first in place
+// (so that no value lives from one loop to the other): the scores become extras_score's, and
+// dp the soft cap's 1 - t^2 times dP o Z - D, which the main loop then only multiplies by P.
 template <int NQ, bool MASK, int RS, bool XFORM>
 __device__ __forceinline__ void probs_and_grads_loop(float (&st)[NQ][4], float (&dp)[NQ][4], const float* lse_s,
                                                      const float* dl_s, const AttnParams& p, const QSeg& s,
@@ -213,8 +213,21 @@ __device__ __forceinline__ void probs_and_grads_loop(float (&st)[NQ][4], float (
                                                      int key_b, int tq, const Span (&rows)[2], unsigned keep) {
     const float log2e = 1.4426950408889634f;
     const float zk = p.dropout ? p.keep_scale : 1.0f;
-    const Extras x = extras_of(p, s);
     const int c0 = r0 + 2 * tq;  // element (nb, e) is query c0 + 8 nb + (e & 1)
+    if (XFORM) {
+#pragma unroll
+        for (int nb = 0; nb < NQ; ++nb) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int c = nb * 8 + (e & 1);
+                const int key = e < 2 ? key_a : key_b;
+                const float z = (keep >> (nb * 4 + e)) & 1u ? zk : 0.0f;
+                float t;
+                st[nb][e] = extras_score(p, s.slope, st[nb][e], (float)(c0 + c + s.diag - key), t);
+                dp[nb][e] = (dp[nb][e] * z - dl_s[(2 * tq + c) * RS]) * (1.0f - t * t);
+            }
+        }
+    }
 #pragma unroll
     for (int nb = 0; nb < NQ; ++nb) {
 #pragma unroll
@@ -223,16 +236,13 @@ __device__ __forceinline__ void probs_and_grads_loop(float (&st)[NQ][4], float (
             const int qi = 2 * tq + c;
             const int key = e < 2 ? key_a : key_b;
             const bool in = rows[e >> 1].has(c);
-            float y = st[nb][e] * p.scale, t = 0.0f;
-            if (XFORM) y = extras_score(x, st[nb][e], (float)(c0 + c + s.diag - key), t);
+            float y = XFORM ? st[nb][e] : st[nb][e] * p.scale;
             if (MASK && in && p.mask_kind != 0)
                 y += mask_term(p, bias, boolm, s.mask + (long long)(c0 + c) * p.mask_rs + (long long)key * p.mask_cs);
             const float pr = in ? exp2f((y - lse_s[qi * RS]) * log2e) : 0.0f;
             const float z = (keep >> (nb * 4 + e)) & 1u ? zk : 0.0f;
             st[nb][e] = pr * z;
-            float ds = pr * (dp[nb][e] * z - dl_s[qi * RS]);
-            if (XFORM) ds *= 1.0f - t * t;
-            dp[nb][e] = ds;
+            dp[nb][e] = XFORM ? pr * dp[nb][e] : pr * (dp[nb][e] * z - dl_s[qi * RS]);
         }
     }
 }

@@ -156,14 +156,13 @@ __device__ __forceinline__ void load_tile(T* dst, const T* __restrict__ src, lon
 // tile j is used, and the caller synchronizes after its P V; STAGES 1: one K and one V tile, V of
 // tile j lands during Q K^T and K of tile j + 1 during the softmax and P V (kv_tile_mid).
 // kv_tile_start runs at the top of iteration j of tiles [j0, ntiles) (the prologue loaded K of
-// tile j0, and its V with two stages, into stage 0) and returns the stage to read.
+// tile j0, and its V with two stages, into stage j0 & 1: kv_stage) and returns the stage to read.
 template <typename T, int BK, int D, int LDS, int THREADS, int STAGES>
 __device__ __forceinline__ int kv_tile_start(T* Ks, T* Vs, const T* __restrict__ k, const T* __restrict__ v,
-                                             const KvSeg& kv, const AttnParams& p, int j, int j0, int ntiles,
-                                             bool vec) {
+                                             const KvSeg& kv, const AttnParams& p, int j, int ntiles, bool vec) {
     const int k0 = j * BK;
     if (STAGES == 2) {
-        const int st = (j - j0) & 1;
+        const int st = j & 1;
         if (j + 1 < ntiles) {
             load_tile<T, BK, D, LDS, THREADS>(Ks + (st ^ 1) * BK * LDS, k, kv.k, p.k_rs, k0 + BK, kv.len, p.e, vec);
             load_tile<T, BK, D, LDS, THREADS>(Vs + (st ^ 1) * BK * LDS, v, kv.v, p.v_rs, k0 + BK, kv.len, p.ev, vec);
@@ -180,6 +179,13 @@ __device__ __forceinline__ int kv_tile_start(T* Ks, T* Vs, const T* __restrict__
     load_tile<T, BK, D, LDS, THREADS>(Vs, v, kv.v, p.v_rs, k0, kv.len, p.ev, vec);
     cp_async_commit();
     return 0;
+}
+
+// Offset of key tile j's stage in the K and V tiles. Stages follow the tile's parity rather than
+// counting from the first tile, which costs ptxas some 25 registers in the 64-row flash forward.
+template <int BK, int LDS, int STAGES>
+__device__ __forceinline__ int kv_stage(int j) {
+    return STAGES == 2 ? (j & 1) * BK * LDS : 0;
 }
 
 // With one stage, between Q K^T and the softmax of tile j: waits for V of tile j and starts K of
