@@ -8,9 +8,10 @@
 // a * b runs as a_big * b_big + a_big * b_small + a_small * b_big on mma.sync m16n8k8 tf32, with
 // big and small the two tf32 halves of x (split_tf32), which keeps f32's accuracy (the dropped
 // a_small * b_small term is about 2^-22 of the product) at tensor-core speed. Same problems as
-// eff_fwd_f32 in efficient.cu (additive or boolean masks, causal with tile skipping, dropout,
-// GQA, strided and packed inputs, q/k and v head dims up to the bucket), same outputs (output
-// rows and natural-log row logsumexp), so the efficient backward reads either forward's result.
+// eff_fwd_f32 in efficient.cu (additive or boolean masks, causal masks and windows with tile
+// skipping, ALiBi, soft cap, dropout, GQA, strided and packed inputs, q/k and v head dims up to
+// the bucket), same outputs (output rows and natural-log row logsumexp), so the efficient
+// backward reads either forward's result.
 //
 // Kernels (D = max(e, ev) rounded up; columns past the real head dims are zero-filled):
 //   eff_tc_fwd_f32_{64,128,256}  as flash_fwd: one block of 4 warps per (64 query rows, query
@@ -363,8 +364,8 @@ EFF_TC_BWD(128, 16)
 
 // ---- f16 / bf16: the flash kernels with masks ------------------------------------------------
 
-#define EFF_TC_HALF_FWD(KERNEL, T, D, BK, MT, STAGES)                                                           \
-    extern "C" __global__ void __launch_bounds__(FF_THREADS)                                                    \
+#define EFF_TC_HALF_FWD(KERNEL, T, D, BK, MT, STAGES, BOUNDS)                                                   \
+    extern "C" __global__ void __launch_bounds__ BOUNDS                                                         \
         KERNEL(const T* q, const T* k, const T* v, const float* bias, const unsigned char* bm, T* o, float* lse, \
                const long long* qs, const long long* ks, const AttnParams p) {                                  \
         flash_fwd<T, D, BK, MT, STAGES, true>(q, k, v, bias, bm, o, lse, qs, ks, p);                            \
@@ -377,14 +378,16 @@ EFF_TC_BWD(128, 16)
         flash_bwd<T, D, BQ, true>(q, k, v, bias, bm, dout, lse, delta, dq, dk, dv, qs, ks, p, with_dq);         \
     }
 // Tile sizes as the flash kernels' buckets of the same head dim (flash_fwd.cu, flash_bwd.cu),
-// both forward tilings up to head dim 128.
-#define EFF_TC_HALF(NAME, T)                                                \
-    EFF_TC_HALF_FWD(eff_tc_fwd_##NAME##_64, T, 64, 64, 1, 2)                \
-    EFF_TC_HALF_FWD(eff_tc_fwd_##NAME##_128, T, 128, 64, 1, 2)              \
-    EFF_TC_HALF_FWD(eff_tc_fwd_##NAME##_256, T, 256, 32, 1, 2)              \
-    EFF_TC_HALF_FWD(eff_tc_fwd_r128_##NAME##_64, T, 64, 64, 2, 1)           \
-    EFF_TC_HALF_FWD(eff_tc_fwd_r128_##NAME##_128, T, 128, 32, 2, 1)         \
-    EFF_TC_HALF_BWD(NAME, T, 64, 64)                                        \
+// both forward tilings up to head dim 128. The 64-row ones at head dims 64 and 128 are held to
+// 3 and 2 blocks per SM, what they ran at before windows and the soft cap (at 128 shared memory
+// allows no more on sm_90): ptxas otherwise aims higher on sm_90 and spills.
+#define EFF_TC_HALF(NAME, T)                                                                 \
+    EFF_TC_HALF_FWD(eff_tc_fwd_##NAME##_64, T, 64, 64, 1, 2, (FF_THREADS, 3))                \
+    EFF_TC_HALF_FWD(eff_tc_fwd_##NAME##_128, T, 128, 64, 1, 2, (FF_THREADS, 2))              \
+    EFF_TC_HALF_FWD(eff_tc_fwd_##NAME##_256, T, 256, 32, 1, 2, (FF_THREADS))                 \
+    EFF_TC_HALF_FWD(eff_tc_fwd_r128_##NAME##_64, T, 64, 64, 2, 1, (FF_THREADS))              \
+    EFF_TC_HALF_FWD(eff_tc_fwd_r128_##NAME##_128, T, 128, 32, 2, 1, (FF_THREADS))            \
+    EFF_TC_HALF_BWD(NAME, T, 64, 64)                                                         \
     EFF_TC_HALF_BWD(NAME, T, 128, 32)
 
 EFF_TC_HALF(f16, __half)
