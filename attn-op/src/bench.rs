@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{Device, Result, Tensor};
 
-use crate::dispatch::{refusal, select, Needs};
+use crate::dispatch::{refusal, select};
 use crate::validate::check_sdpa;
 use crate::{scaled_dot_product_attention, sdpa_kernel, Backend, SdpaOptions};
 
@@ -157,7 +157,7 @@ pub fn sweep_rows(
             Some(backend) => SweepRow {
                 backend: Some(backend),
                 ran: Some(backend),
-                result: match refusal(backend, &p, Needs::of(opts), q.device()) {
+                result: match refusal(backend, &p, opts.attn_mask.is_some(), q.device()) {
                     Some(reason) => Err(reason),
                     None => {
                         let _only = sdpa_kernel(&[backend]);

@@ -75,33 +75,13 @@ pub struct Selection {
     pub refused: Vec<(Backend, String)>,
 }
 
-/// What a call asks of a backend beyond q, k and v.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct Needs {
-    /// An `attn_mask`.
-    pub mask: bool,
-    /// A window's left side, ALiBi or a soft cap (which only the CUDA kernels lack).
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    pub extras: bool,
-}
-
-impl Needs {
-    pub fn of(opts: &SdpaOptions) -> Self {
-        Self {
-            mask: opts.attn_mask.is_some(),
-            extras: opts.window_left.is_some() || opts.softcap.is_some(),
-        }
-    }
-}
-
 /// Why `backend` cannot run this problem (ignoring `sdpa_kernel`), or `None` if it can.
 pub(crate) fn refusal(
     backend: Backend,
     p: &Problem,
-    needs: Needs,
+    has_mask: bool,
     device: &Device,
 ) -> Option<String> {
-    let has_mask = needs.mask;
     if backend == Backend::Math {
         return None;
     }
@@ -126,15 +106,7 @@ pub(crate) fn refusal(
             None
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(dev) => {
-            if needs.extras {
-                return Some(
-                    "sliding windows (left side), ALiBi and softcap are not in the CUDA kernels yet"
-                        .into(),
-                );
-            }
-            crate::cuda::refusal(backend, p.dtype, p.e, p.ev, has_mask, dev)
-        }
+        Device::Cuda(dev) => crate::cuda::refusal(backend, p.dtype, p.e, p.ev, has_mask, dev),
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(_) => {
             Some("this build has no CUDA kernels (enable attn-op's `cuda` feature)".into())
@@ -148,7 +120,7 @@ pub(crate) fn select(p: &Problem, opts: &SdpaOptions, device: &Device) -> Result
     let mut refused = Vec::new();
     for backend in Backend::ALL {
         let reason = if enabled[index(backend)] {
-            refusal(backend, p, Needs::of(opts), device)
+            refusal(backend, p, opts.attn_mask.is_some(), device)
         } else {
             Some("disabled by sdpa_kernel".to_string())
         };

@@ -198,10 +198,15 @@ pub(crate) struct KernelParams {
     pub threshold: u32,
     pub dropout: i32,
     pub vec_ok: i32,
-    pub pad: i32,
+    /// Logit soft cap `c`, 0 for none.
+    pub softcap: f32,
+    /// `2 log2(e) scale / c`, 0 without a soft cap.
+    pub cap_u2: f32,
+    /// The scale without a soft cap, 0 with one.
+    pub cap_lin: f32,
 }
 
-const _: () = assert!(std::mem::size_of::<KernelParams>() == 96);
+const _: () = assert!(std::mem::size_of::<KernelParams>() == 104);
 
 /// How the kernels read the mask.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -211,8 +216,10 @@ pub(crate) enum MaskKind {
     Bool = 2,
 }
 
-/// Int64 fields per query segment (`QSEG_FIELDS` in the kernels).
-const QSEG_FIELDS: usize = 8;
+/// Int64 fields per query segment (`QSEG_FIELDS` in the kernels): offsets of q, the output rows
+/// and the mask, length, key/value segment, dropout stream, the band (`lo`, `hi`: row `i` sees
+/// key `j` iff `i + lo <= j <= i + hi`), the ALiBi slope (f32 bits) and diagonal.
+const QSEG_FIELDS: usize = 10;
 /// Int64 fields per key/value segment (`KVSEG_FIELDS` in the kernels).
 const KVSEG_FIELDS: usize = 6;
 /// The largest grid.y the kernels are launched with.
@@ -238,21 +245,28 @@ pub(crate) fn segment_tables(g: &Geometry) -> Result<(Vec<i64>, Vec<i64>)> {
     }
     let mut qs = Vec::with_capacity(g.q_segs.len() * QSEG_FIELDS);
     for s in &g.q_segs {
-        i32_of("query length", s.len)?;
         i32_of("dropout stream", s.stream)?;
-        if s.band.lo.is_some() || s.slope != 0.0 {
-            bail!("attention (CUDA): sliding windows and ALiBi are not in the CUDA kernels yet (the CPU runs them)");
-        }
-        let coff = s.band.hi.unwrap_or(0);
+        let lk = g.kv_segs.get(s.kv).map_or(0, |kv| kv.len);
+        // The kernels' band arithmetic (row ± offset, in int) stays within len + lk + 1.
+        i32_of(
+            "query length + key length",
+            s.len.saturating_add(lk).saturating_add(1),
+        )?;
+        let (len, lk) = (s.len as i64, lk as i64);
+        // An unlimited side, or one past every key, is the bound that covers every key.
+        let lo = s.band.lo.map_or(-len, |lo| (lo as i64).clamp(-len, lk));
+        let hi = s.band.hi.map_or(lk, |hi| (hi as i64).clamp(-len - 1, lk));
         qs.extend_from_slice(&[
             i64_of(s.q)?,
             i64_of(s.row0)?,
-            i64_of(s.len)?,
+            len,
             i64_of(s.kv)?,
             i64_of(s.stream)?,
             i64_of(s.mask)?,
-            coff as i64,
-            i64::from(s.band.hi.is_some()),
+            lo,
+            hi,
+            i64::from(s.slope.to_bits()),
+            s.diag as i64,
         ]);
     }
     let mut ks = Vec::with_capacity(g.kv_segs.len() * KVSEG_FIELDS);
@@ -297,8 +311,8 @@ fn rows_aligned(g: &Geometry) -> bool {
 
 /// The parameter block of one call; `tiles` is set per launch.
 fn kernel_params(cfg: &AttnConfig, g: &Geometry, mask: MaskKind) -> Result<KernelParams> {
-    if cfg.softcap.is_some() {
-        bail!("attention (CUDA): softcap is not in the CUDA kernels yet (the CPU runs it)");
+    if let Some(c) = cfg.softcap.filter(|c| !(c.is_finite() && *c > 0.0)) {
+        bail!("attention (CUDA): softcap = {c} must be finite and positive");
     }
     let (seed, threshold, keep_scale) = match &cfg.dropout {
         Some(d) => (d.mask.key(), d.mask.threshold(), d.keep_scale()),
@@ -323,7 +337,15 @@ fn kernel_params(cfg: &AttnConfig, g: &Geometry, mask: MaskKind) -> Result<Kerne
         threshold,
         dropout: i32::from(cfg.dropout.is_some()),
         vec_ok: i32::from(rows_aligned(g)),
-        pad: 0,
+        softcap: cfg.softcap.unwrap_or(0.0),
+        cap_u2: cfg.softcap.map_or(0.0, |c| {
+            (2.0 * std::f64::consts::LOG2_E * f64::from(cfg.scale) / f64::from(c)) as f32
+        }),
+        cap_lin: if cfg.softcap.is_some() {
+            0.0
+        } else {
+            cfg.scale
+        },
     })
 }
 
@@ -775,11 +797,29 @@ mod tests {
         let (qs, ks) = segment_tables(&g).unwrap();
         assert_eq!(qs.len(), 8 * QSEG_FIELDS);
         assert_eq!(ks.len(), 4 * KVSEG_FIELDS);
-        // batch 1, head 3: reads key/value segment 3, causal offset 3 - 5.
+        // batch 1, head 3: reads key/value segment 3; causal, so the band is (unlimited: -5,
+        // the diagonal 3 - 5), no ALiBi.
         assert_eq!(
             &qs[7 * QSEG_FIELDS..8 * QSEG_FIELDS],
-            &[7 * 40, 35, 5, 3, 7, 0, -2, 1]
+            &[7 * 40, 35, 5, 3, 7, 0, -5, -2, 0, -2]
         );
+        // A window of 2 keys back and 1 ahead, ALiBi slopes per query head; a right side past
+        // every key reads as unlimited (3 keys).
+        let window = |right| Band {
+            align: CausalAlign::BottomRight,
+            left: Some(2),
+            right: Some(right),
+        };
+        let slopes = [0.5, 0.25, -1.5, 2.0];
+        let g = Geometry::dense(&q, &k, &k, None, Some(window(1)), Some(&slopes)).unwrap();
+        let (qs, _) = segment_tables(&g).unwrap();
+        assert_eq!(
+            &qs[7 * QSEG_FIELDS + 6..8 * QSEG_FIELDS],
+            &[-4, -1, i64::from(2.0f32.to_bits()), -2]
+        );
+        let g = Geometry::dense(&q, &k, &k, None, Some(window(100)), None).unwrap();
+        let (qs, _) = segment_tables(&g).unwrap();
+        assert_eq!(&qs[7 * QSEG_FIELDS + 6..7 * QSEG_FIELDS + 8], &[-4, 3]);
         assert_eq!(&ks[3 * KVSEG_FIELDS..], &[72, 72, 9, 3, 6, 8]);
         assert!(rows_aligned(&g));
         let mut cfg = AttnConfig::new(0.5, None);
@@ -790,6 +830,12 @@ mod tests {
             (0x9abc_def0, 0x1234_5678, 1 << 30, 1)
         );
         assert_eq!((p.e, p.ev, p.n_qseg, p.n_kvseg, p.vec_ok), (8, 8, 8, 4, 1));
+        assert_eq!(p.softcap, 0.0);
+        assert_eq!((p.cap_u2, p.cap_lin), (0.0, 0.5));
+        cfg.softcap = Some(30.0);
+        let p = kernel_params(&cfg, &g, MaskKind::None).unwrap();
+        assert_eq!((p.softcap, p.cap_lin), (30.0, 0.0));
+        assert!((p.cap_u2 - 2.0 * 0.5 / 30.0 / std::f32::consts::LN_2).abs() < 1e-7);
     }
 
     #[test]

@@ -533,3 +533,331 @@ fn refused_problems_are_errors() -> Result<()> {
     assert!(why.contains("head dim 300 is above 256"), "{why}");
     Ok(())
 }
+
+/// A problem with windows, ALiBi or a soft cap for the fused ops: lengths, head dim, the window
+/// (bottom-right aligned unless `top_left`), the soft cap, ALiBi (slopes per query head, one of
+/// them zero), dropout and, for the efficient op, a mask.
+#[derive(Clone, Copy, Debug)]
+struct Extras {
+    lq: usize,
+    lk: usize,
+    d: usize,
+    left: Option<usize>,
+    right: Option<usize>,
+    top_left: bool,
+    softcap: Option<f32>,
+    alibi: bool,
+    dropout: f64,
+    mask: Mask,
+}
+
+const EXTRAS: Extras = Extras {
+    lq: 0,
+    lk: 0,
+    d: 0,
+    left: None,
+    right: None,
+    top_left: false,
+    softcap: None,
+    alibi: false,
+    dropout: 0.0,
+    mask: Mask::None,
+};
+
+/// ALiBi slopes of `hq` heads: large enough to matter over tens of keys; head 2 has none, so a
+/// call mixes heads with and without extras when there is no soft cap.
+fn slopes(hq: usize) -> Vec<f32> {
+    (0..hq).map(|h| [0.2, 0.05, 0.0, 0.5][h % 4]).collect()
+}
+
+/// Runs case `c` through `backend`'s op (FlashAttention or EfficientAttention) on the CPU and
+/// on the kernels' target, q `(1, 4, lq, d)` against k, v of 2 heads (GQA), and compares values
+/// and gradients.
+fn check_extras(backend: Backend, dtype: DType, c: Extras, target: &Target) -> Result<()> {
+    use attn_op::{CausalAlign, EfficientAttention, FlashAttention};
+    let (hq, hkv) = (4, 2);
+    let q = input(1, hq, c.lq, c.d, dtype, false)?;
+    let k = input(1, hkv, c.lk, c.d, dtype, false)?;
+    let v = input(1, hkv, c.lk, c.d, dtype, false)?;
+    let mask = match c.mask {
+        Mask::None => None,
+        Mask::Bool => Some(Tensor::rand(0f32, 1., (hq, c.lq, c.lk), &Device::Cpu)?.ge(0.2)?),
+        Mask::Bias => Some(Tensor::randn(0f32, 1., (1, c.lq, c.lk), &Device::Cpu)?),
+    };
+    let dout = Tensor::randn(0f32, 1., (1, hq, c.lq, c.d), &Device::Cpu)?;
+    // A larger scale than 1/sqrt(d), so that the soft cap bends most scores.
+    let scale = 3.0 / (c.d as f32).sqrt();
+    let align = if c.top_left {
+        CausalAlign::TopLeft
+    } else {
+        CausalAlign::BottomRight
+    };
+    let windowed = c.left.is_some() || c.right.is_some();
+    let f = |q: &Tensor, k: &Tensor, v: &Tensor| {
+        let seed = 0x5eed;
+        if backend == Backend::Flash {
+            let mut op = FlashAttention::new(scale, None);
+            if windowed {
+                op = op.with_window(align, c.left, c.right);
+            }
+            if let Some(cap) = c.softcap {
+                op = op.with_softcap(cap)?;
+            }
+            if c.alibi {
+                op = op.with_alibi(&slopes(hq))?;
+            }
+            if c.dropout > 0.0 {
+                op = op.with_dropout(c.dropout, seed)?;
+            }
+            q.apply_op3(k, v, op)
+        } else {
+            let mut op = EfficientAttention::new(scale, None);
+            if windowed {
+                op = op.with_window(align, c.left, c.right);
+            }
+            if let Some(cap) = c.softcap {
+                op = op.with_softcap(cap)?;
+            }
+            if c.alibi {
+                op = op.with_alibi(&slopes(hq))?;
+            }
+            if c.dropout > 0.0 {
+                op = op.with_dropout(c.dropout, seed)?;
+            }
+            if let Some(m) = &mask {
+                op = op.with_mask(&m.to_device(q.device())?)?;
+            }
+            q.apply_op3(k, v, op)
+        }
+    };
+    let cpu = value_and_grads(f, [&q, &k, &v], &dout, None)?;
+    let kernels = value_and_grads(f, [&q, &k, &v], &dout, Some(target))?;
+    compare(
+        &format!("{backend:?} {dtype:?} {c:?}"),
+        dtype,
+        &kernels,
+        &cpu,
+    )
+}
+
+/// Windows, ALiBi and the soft cap on the flash kernels, forward and backward, against the CPU:
+/// windows that cut the key tiles (64 keys, 32 at head dims 96 to 256 in the 128-row tiling) on
+/// both sides, start past the first key tiles (skipped), leave rows that see nothing (Lq > Lk,
+/// the window ending on the diagonal), either alignment, Lq != Lk, GQA, dropout, both forward
+/// tilings (64 and 128 query rows) and head dim 256 (whose backward is the CUDA-core one).
+#[test]
+fn flash_windows_alibi_softcap_match_cpu() -> Result<()> {
+    let Some(target) = Target::get() else {
+        return Ok(());
+    };
+    let e = EXTRAS;
+    let cases = [
+        Extras {
+            lq: 150,
+            lk: 150,
+            d: 64,
+            left: Some(40),
+            right: Some(0),
+            alibi: true,
+            ..e
+        },
+        Extras {
+            lq: 70,
+            lk: 130,
+            d: 32,
+            left: Some(20),
+            right: Some(10),
+            softcap: Some(2.0),
+            dropout: 0.2,
+            ..e
+        },
+        Extras {
+            lq: 100,
+            lk: 40,
+            d: 128,
+            left: Some(5),
+            right: Some(0),
+            softcap: Some(3.0),
+            alibi: true,
+            ..e
+        },
+        Extras {
+            lq: 60,
+            lk: 97,
+            d: 64,
+            right: Some(3),
+            alibi: true,
+            ..e
+        },
+        Extras {
+            lq: 50,
+            lk: 90,
+            d: 96,
+            left: Some(3),
+            right: Some(0),
+            top_left: true,
+            softcap: Some(1.5),
+            ..e
+        },
+        Extras {
+            lq: 65,
+            lk: 70,
+            d: 256,
+            left: Some(30),
+            right: Some(30),
+            softcap: Some(2.0),
+            alibi: true,
+            ..e
+        },
+    ];
+    let mut failures = Vec::new();
+    for (i, c) in cases.into_iter().enumerate() {
+        let dtype = if i % 2 == 0 { DType::F16 } else { DType::BF16 };
+        if let Err(e) = check_extras(Backend::Flash, dtype, c, &target) {
+            failures.push(e.to_string());
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    Ok(())
+}
+
+/// The same on the efficient kernels, with and without masks: the tensor-core ones (f32 3xTF32,
+/// f16/bf16 the flash templates with masks), the CUDA-core backward at head dim 256 and, with
+/// `ATTN_OP_CUDA_EFFICIENT_SIMT`, the CUDA-core forward and backward (this is the only test that
+/// sets it: others running meanwhile get either kernel, which gives them the same results).
+#[test]
+fn efficient_windows_alibi_softcap_match_cpu() -> Result<()> {
+    let Some(target) = Target::get() else {
+        return Ok(());
+    };
+    let e = EXTRAS;
+    let cases = [
+        Extras {
+            lq: 100,
+            lk: 100,
+            d: 64,
+            left: Some(30),
+            softcap: Some(2.0),
+            ..e
+        },
+        Extras {
+            lq: 70,
+            lk: 130,
+            d: 32,
+            left: Some(20),
+            right: Some(40),
+            alibi: true,
+            dropout: 0.2,
+            mask: Mask::Bias,
+            ..e
+        },
+        Extras {
+            lq: 90,
+            lk: 40,
+            d: 128,
+            left: Some(30),
+            right: Some(3),
+            softcap: Some(5.0),
+            alibi: true,
+            mask: Mask::Bool,
+            ..e
+        },
+        Extras {
+            lq: 65,
+            lk: 97,
+            d: 256,
+            left: Some(9),
+            right: Some(0),
+            softcap: Some(3.0),
+            ..e
+        },
+        Extras {
+            lq: 40,
+            lk: 70,
+            d: 13,
+            right: Some(0),
+            top_left: true,
+            softcap: Some(4.0),
+            alibi: true,
+            mask: Mask::Bias,
+            ..e
+        },
+    ];
+    let mut failures = Vec::new();
+    for simt in [false, true] {
+        if simt {
+            std::env::set_var("ATTN_OP_CUDA_EFFICIENT_SIMT", "1");
+        }
+        for (i, &dtype) in [DType::F32, DType::F16, DType::BF16].iter().enumerate() {
+            for (j, &c) in cases.iter().enumerate() {
+                // The CUDA-core pass runs each case once, in one of the dtypes.
+                if simt && j % 3 != i {
+                    continue;
+                }
+                if let Err(e) = check_extras(Backend::Efficient, dtype, c, &target) {
+                    failures.push(format!("simt {simt}: {e}"));
+                }
+            }
+        }
+    }
+    std::env::remove_var("ATTN_OP_CUDA_EFFICIENT_SIMT");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    Ok(())
+}
+
+/// The varlen windowed and ALiBi/soft-cap functions on the flash kernels: packed sequences of 3,
+/// 90 and 1 queries against 5, 100 and 33 keys, windows across the key tiles.
+#[test]
+fn flash_varlen_windows_alibi_softcap_match_cpu() -> Result<()> {
+    let Some(target) = Target::get() else {
+        return Ok(());
+    };
+    let mut failures = Vec::new();
+    let (tq, tk, h, d) = (3 + 90 + 1, 5 + 100 + 33, 4, 32);
+    let (cu_q, cu_k) = ([0u32, 3, 93, 94], [0u32, 5, 105, 138]);
+    for (dtype, left, right, extras) in [
+        (DType::F16, Some(30), Some(0), true),
+        (DType::BF16, Some(10), Some(5), false),
+    ] {
+        let randn = |shape: &[usize]| Tensor::randn(0f32, 1., shape, &Device::Cpu)?.to_dtype(dtype);
+        let (q, k, v) = (
+            randn(&[tq, h, d])?,
+            randn(&[tk, h / 2, d])?,
+            randn(&[tk, h / 2, d])?,
+        );
+        let dout = Tensor::randn(0f32, 1., (tq, h, d), &Device::Cpu)?;
+        let run = |dev: &Device, q: &Tensor, k: &Tensor, v: &Tensor| {
+            let (cq, ck) = (Tensor::new(&cu_q, dev)?, Tensor::new(&cu_k, dev)?);
+            if extras {
+                let s = Tensor::new(slopes(h), dev)?;
+                attn_op::flash_attn_varlen_alibi_windowed_softcap(
+                    q,
+                    k,
+                    v,
+                    Some(&s),
+                    &cq,
+                    &ck,
+                    90,
+                    100,
+                    0.5,
+                    left,
+                    right,
+                    3.0,
+                )
+            } else {
+                attn_op::flash_attn_varlen_windowed(q, k, v, &cq, &ck, 90, 100, 0.5, left, right)
+            }
+        };
+        let dev = target.device();
+        let on_cpu = |q: &Tensor, k: &Tensor, v: &Tensor| run(&Device::Cpu, q, k, v);
+        let on_target = |q: &Tensor, k: &Tensor, v: &Tensor| run(&dev, q, k, v);
+        let cpu = value_and_grads(on_cpu, [&q, &k, &v], &dout, None)?;
+        let kernels = value_and_grads(on_target, [&q, &k, &v], &dout, Some(&target))?;
+        let what = format!("varlen {dtype:?} window ({left:?}, {right:?}) alibi+softcap {extras}");
+        if let Err(e) = compare(&what, dtype, &kernels, &cpu) {
+            failures.push(e.to_string());
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    Ok(())
+}

@@ -140,6 +140,9 @@ inline unsigned short f32_to_f16(float f) {
 
 inline unsigned __float_as_uint(float x) { return emu::f32_bits(x); }
 inline float __uint_as_float(unsigned u) { return emu::bits_f32(u); }
+// The fast division and logarithm (approximations on a GPU), exact here.
+inline float __fdividef(float a, float b) { return a / b; }
+inline float __logf(float x) { return logf(x); }
 
 struct __half {
     unsigned short bits;

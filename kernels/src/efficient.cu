@@ -1,6 +1,7 @@
 // Memory-efficient attention (xformers-style) without tensor-core instructions: f32, f16 and bf16
-// inputs, f32 arithmetic, additive or boolean masks, any head dim up to 256, causal with tile
-// skipping, dropout, GQA, strided and packed inputs. Runs on every architecture the toolkit targets.
+// inputs, f32 arithmetic, additive or boolean masks, any head dim up to 256, causal masks and
+// sliding windows with tile skipping, ALiBi, logit soft-capping, dropout, GQA, strided and packed
+// inputs. Runs on every architecture the toolkit targets.
 //
 // Kernels (DT in f32/f16/bf16, DMAX in 64/128/256: the head dims rounded up):
 //   eff_fwd_DT_DMAX   one block per (32 query rows, query segment): output and row logsumexp
@@ -71,20 +72,29 @@ __device__ void eff_fwd(const T* __restrict__ q, const T* __restrict__ k, const 
     const int row = threadIdx.x >> 2, c4 = threadIdx.x & 3;
     const int grow = r0 + row;
     const int rows = min(EF_ROWS, s.len - r0);
-    const int kend = visible_keys(s, r0 + rows - 1, kv.len);
+    // The tile's rows see keys [kbeg, kend) (a window starts past key 0; when some rows see none,
+    // kbeg may pass kend and the loop run over a tile no row sees, harmlessly). The tiles start
+    // on multiples of EF_ROWS, which ptxas needs to stay within 72 registers at head dim 64.
+    const int kbeg = first_key(s, r0, kv.len), kend = key_end(s, r0 + rows - 1, kv.len);
+    // This thread's row sees keys [kf, ke).
+    const int kf = first_key(s, grow, kv.len), ke = grow < s.len ? key_end(s, grow, kv.len) : 0;
+    const bool xform = has_extras(p, s);
     constexpr int NJ = DMAX / 4;
     float acc[NJ];
 #pragma unroll
     for (int j = 0; j < NJ; ++j) acc[j] = 0.0f;
     float m = -INFINITY, l = 0.0f;
 
-    for (int k0 = 0; k0 < kend; k0 += EF_ROWS) {
+    for (int k0 = kbeg / EF_ROWS * EF_ROWS; k0 < kend; k0 += EF_ROWS) {
         float sc[8];
         tile_dots<T>(sc, As, Bs, q, s.q, p.q_rs, r0, s.len, k, kv.k, p.k_rs, k0, kv.len, p.e, row, c4);
+        if (xform) extras_pass(sc, p, s, grow + s.diag - k0 - c4, 4);
+        const float mul = xform ? 1.0f : p.scale;
         float tmax = -INFINITY;
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
-            sc[i] = masked_score(p, s, bias, boolm, sc[i], grow, k0 + c4 + 4 * i, kv.len);
+            const int col = k0 + c4 + 4 * i;
+            sc[i] = masked_score(p, s, bias, boolm, sc[i], mul, grow, col, col >= kf && col < ke);
             tmax = fmaxf(tmax, sc[i]);
         }
         tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
@@ -162,17 +172,21 @@ __device__ __forceinline__ void probs_and_grads(float (&pz)[8], float (&ds)[8], 
                                                 const T* q, const T* k, const T* v, const T* dout,
                                                 const float* bias, const unsigned char* boolm, const float* lse,
                                                 const float* delta, const QSeg& s, const KvSeg& kv, int k0, int r0,
-                                                const AttnParams& p, int kr, int c4) {
+                                                int rf, int re, const AttnParams& p, int kr, int c4) {
     float sc[8], dp[8];
     // S^T: keys are the A rows, queries the B rows.
     tile_dots<T>(sc, As, Bs, k, kv.k, p.k_rs, k0, kv.len, q, s.q, p.q_rs, r0, s.len, p.e, kr, c4);
     // dP^T = V dO^T; dO is contiguous in the row space (row stride ev).
     tile_dots<T>(dp, As, Bs, v, kv.v, p.v_rs, k0, kv.len, dout, s.row0 * p.ev, p.ev, r0, s.len, p.ev, kr, c4);
     const int col = k0 + kr;
+    const bool xform = has_extras(p, s);
+    float g[8];
+    if (xform) extras_pass(sc, g, p, s, r0 + c4 + s.diag - col, -4);
+    const float mul = xform ? 1.0f : p.scale;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
         int row = r0 + c4 + 4 * i;
-        float x = masked_score(p, s, bias, boolm, sc[i], row, col, kv.len);
+        float x = masked_score(p, s, bias, boolm, sc[i], mul, row, col, row >= rf && row < re);
         float pr = 0.0f, dd = 0.0f;
         if (x != -INFINITY) {
             pr = expf(x - lse[s.row0 + row]);
@@ -181,6 +195,7 @@ __device__ __forceinline__ void probs_and_grads(float (&pz)[8], float (&ds)[8], 
         float z = (p.dropout && pr != 0.0f) ? dropout_factor(p, s.stream, row, col) : 1.0f;
         pz[i] = pr * z;
         ds[i] = pr * (dp[i] * z - dd);
+        if (xform) ds[i] *= g[i];  // through the soft cap
     }
 }
 
@@ -206,9 +221,14 @@ __device__ void eff_bwd(const T* __restrict__ q, const T* __restrict__ k, const 
 
     for (int mi = kv.mem0; mi < kv.mem1; ++mi) {
         const QSeg s = load_qseg(qsegs, mi);
-        for (int r0 = first_row_seeing(s, k0); r0 < s.len; r0 += EF_ROWS) {
+        // Query tiles with rows that see a key of [k0, min(k0 + EF_ROWS, lk)); rows [rf, re)
+        // see this thread's key.
+        const int rend = row_end_seeing(s, min(k0 + EF_ROWS, kv.len) - 1);
+        const int rf = first_row_seeing(s, k0 + kr), re = k0 + kr < kv.len ? row_end_seeing(s, k0 + kr) : 0;
+        for (int r0 = first_row_seeing(s, k0); r0 < rend; r0 += EF_ROWS) {
             float pz[8], ds[8];
-            probs_and_grads<T>(pz, ds, As, Bs, q, k, v, dout, bias, boolm, lse, delta, s, kv, k0, r0, p, kr, c4);
+            probs_and_grads<T>(pz, ds, As, Bs, q, k, v, dout, bias, boolm, lse, delta, s, kv, k0, r0, rf, re, p, kr,
+                               c4);
             __syncthreads();
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
@@ -296,7 +316,11 @@ __device__ void eff_dq(const T* __restrict__ q, const T* __restrict__ k, const T
     const KvSeg kv = load_kvseg(kvsegs, s.kv);
     const int row = threadIdx.x >> 2, c4 = threadIdx.x & 3;
     const int grow = r0 + row;
-    const int kend = visible_keys(s, min(r0 + EF_ROWS, s.len) - 1, kv.len);
+    const int last = min(r0 + EF_ROWS, s.len) - 1;
+    const int kbeg = first_key(s, r0, kv.len), kend = key_end(s, last, kv.len);
+    // This thread's row sees keys [kf, ke).
+    const int kf = first_key(s, grow, kv.len), ke = grow < s.len ? key_end(s, grow, kv.len) : 0;
+    const bool xform = has_extras(p, s);
     constexpr int NJ = DMAX / 4;
     float acc[NJ];
 #pragma unroll
@@ -304,15 +328,26 @@ __device__ void eff_dq(const T* __restrict__ q, const T* __restrict__ k, const T
     const float lse_r = grow < s.len ? lse[s.row0 + grow] : INFINITY;
     const float d_r = grow < s.len ? delta[s.row0 + grow] : 0.0f;
 
-    for (int k0 = 0; k0 < kend; k0 += EF_ROWS) {
+    for (int k0 = kbeg / EF_ROWS * EF_ROWS; k0 < kend; k0 += EF_ROWS) {
         float sc[8], dp[8];
         tile_dots<T>(sc, As, Bs, q, s.q, p.q_rs, r0, s.len, k, kv.k, p.k_rs, k0, kv.len, p.e, row, c4);
         tile_dots<T>(dp, As, Bs, dout, s.row0 * p.ev, p.ev, r0, s.len, v, kv.v, p.v_rs, k0, kv.len, p.ev, row, c4);
         __syncthreads();
+        if (xform) {
+            // Only dS = P (1 - t^2) (dP Z - D) is needed here, so the soft cap's 1 - t^2 goes
+            // into P's exponent instead of 8 more live registers.
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                float t;
+                sc[i] = extras_score(p, s.slope, sc[i], (float)(grow + s.diag - k0 - c4 - 4 * i), t);
+                sc[i] += __logf(1.0f - t * t);
+            }
+        }
+        const float mul = xform ? 1.0f : p.scale;
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
             int col = k0 + c4 + 4 * i;
-            float x = masked_score(p, s, bias, boolm, sc[i], grow, col, kv.len);
+            float x = masked_score(p, s, bias, boolm, sc[i], mul, grow, col, col >= kf && col < ke);
             float pr = x == -INFINITY ? 0.0f : expf(x - lse_r);
             float z = (p.dropout && pr != 0.0f) ? dropout_factor(p, s.stream, grow, col) : 1.0f;
             DSs[row * (EF_ROWS + 1) + c4 + 4 * i] = pr * (dp[i] * z - d_r);
@@ -357,8 +392,11 @@ __device__ void attn_delta(const T* __restrict__ o, const T* __restrict__ dout, 
     if (threadIdx.x % 32 == 0) delta[r] = x;
 }
 
-#define EFF_KERNELS(NAME, T, DMAX)                                                                              \
-    extern "C" __global__ void __launch_bounds__(EF_THREADS)                                                    \
+// FWD_BOUNDS: eff_fwd's launch bounds. At head dim 64 ptxas aims at the 7 blocks per SM that its
+// shared memory allows, in 72 registers, and spills around the soft cap / ALiBi pass; at 5 blocks
+// it takes 96 registers (what it chose before that pass existed) and does not spill.
+#define EFF_KERNELS(NAME, T, DMAX, FWD_BOUNDS)                                                                  \
+    extern "C" __global__ void __launch_bounds__ FWD_BOUNDS                                                     \
         eff_fwd_##NAME##_##DMAX(const T* q, const T* k, const T* v, const float* bias, const unsigned char* bm, \
                                 T* o, float* lse, const long long* qs, const long long* ks, const AttnParams p) { \
         eff_fwd<T, DMAX>(q, k, v, bias, bm, o, lse, qs, ks, p);                                                 \
@@ -377,9 +415,9 @@ __device__ void attn_delta(const T* __restrict__ o, const T* __restrict__ dout, 
     }
 
 #define EFF_DTYPE(NAME, T)                                                                                     \
-    EFF_KERNELS(NAME, T, 64)                                                                                   \
-    EFF_KERNELS(NAME, T, 128)                                                                                  \
-    EFF_KERNELS(NAME, T, 256)                                                                                  \
+    EFF_KERNELS(NAME, T, 64, (EF_THREADS, 5))                                                                  \
+    EFF_KERNELS(NAME, T, 128, (EF_THREADS))                                                                    \
+    EFF_KERNELS(NAME, T, 256, (EF_THREADS))                                                                    \
     extern "C" __global__ void attn_delta_##NAME(const T* o, const T* dout, float* delta, long long rows,      \
                                                  int ev) {                                                     \
         attn_delta<T>(o, dout, delta, rows, ev);                                                               \

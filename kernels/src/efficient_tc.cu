@@ -8,9 +8,10 @@
 // a * b runs as a_big * b_big + a_big * b_small + a_small * b_big on mma.sync m16n8k8 tf32, with
 // big and small the two tf32 halves of x (split_tf32), which keeps f32's accuracy (the dropped
 // a_small * b_small term is about 2^-22 of the product) at tensor-core speed. Same problems as
-// eff_fwd_f32 in efficient.cu (additive or boolean masks, causal with tile skipping, dropout,
-// GQA, strided and packed inputs, q/k and v head dims up to the bucket), same outputs (output
-// rows and natural-log row logsumexp), so the efficient backward reads either forward's result.
+// eff_fwd_f32 in efficient.cu (additive or boolean masks, causal masks and windows with tile
+// skipping, ALiBi, soft cap, dropout, GQA, strided and packed inputs, q/k and v head dims up to
+// the bucket), same outputs (output rows and natural-log row logsumexp), so the efficient
+// backward reads either forward's result.
 //
 // Kernels (D = max(e, ev) rounded up; columns past the real head dims are zero-filled):
 //   eff_tc_fwd_f32_{64,128,256}  as flash_fwd: one block of 4 warps per (64 query rows, query
@@ -116,19 +117,20 @@ __device__ void eff_tc_fwd(const float* __restrict__ q, const float* __restrict_
     const KvSeg kv = load_kvseg(kvsegs, s.kv);
     const int lk = kv.len;
     const int rows = min(BQ, s.len - r0);
-    const int kend = visible_keys(s, r0 + rows - 1, lk);
-    const int ntiles = (kend + BK - 1) / BK;
+    int j0, ntiles, kin0, kin1;  // key tiles [j0, ntiles); no mask inside [kin0, kin1) (as flash_fwd)
+    tile_bounds<BK>(s, r0, rows, lk, j0, ntiles, kin0, kin1);
     const bool vec = p.vec_ok != 0;
+    const bool xform = has_extras(p, s);
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane >> 2, tq = lane & 3;
     const int row_a = r0 + warp * 16 + g;  // this thread's rows in m-tile i: row_a + 64 i (+ 8)
-    const float log2e = 1.4426950408889634f;
 
     load_tile<float, BQ, D, LDS, ET_THREADS>(Qs, q, s.q, p.q_rs, r0, s.len, p.e, vec);
-    if (ntiles > 0) {
-        load_tile<float, BK, D, LDS, ET_THREADS>(Ks, k, kv.k, p.k_rs, 0, lk, p.e, vec);
-        if (STAGES == 2) load_tile<float, BK, D, LDS, ET_THREADS>(Vs, v, kv.v, p.v_rs, 0, lk, p.ev, vec);
+    if (j0 < ntiles) {
+        const int st = kv_stage<BK, LDS, STAGES>(j0);
+        load_tile<float, BK, D, LDS, ET_THREADS>(Ks + st, k, kv.k, p.k_rs, j0 * BK, lk, p.e, vec);
+        if (STAGES == 2) load_tile<float, BK, D, LDS, ET_THREADS>(Vs + st, v, kv.v, p.v_rs, j0 * BK, lk, p.ev, vec);
     }
     cp_async_commit();
 
@@ -136,9 +138,10 @@ __device__ void eff_tc_fwd(const float* __restrict__ q, const float* __restrict_
     init_rows(oacc, m, l);
     const float* qa = Qs + (warp * 16 + g) * LDS + tq;  // A fragment of k-step kk, m-tile i: qa[(64 i) LDS + 8 kk]
 
-    for (int j = 0; j < ntiles; ++j) {
+    for (int j = j0; j < ntiles; ++j) {
         const int k0 = j * BK;
-        const int st = kv_tile_start<float, BK, D, LDS, ET_THREADS, STAGES>(Ks, Vs, k, v, kv, p, j, ntiles, vec);
+        const int st =
+            kv_tile_start<float, BK, D, LDS, ET_THREADS, STAGES>(Ks, Vs, k, v, kv, p, j, ntiles, vec);
         const float* Kt = Ks + st * BK * LDS;
         const float* Vt = Vs + st * BK * LDS;
 
@@ -162,26 +165,8 @@ __device__ void eff_tc_fwd(const float* __restrict__ q, const float* __restrict_
             }
         }
 
-        // Scale and mask (natural-log units as efficient.cu), then to base 2 for exp2f.
-        const bool need_mask = p.mask_kind != 0 || (k0 + BK > lk) ||
-                               (s.causal && (long long)k0 + BK - 1 > (long long)r0 + s.coff);
-#pragma unroll
-        for (int i = 0; i < MT; ++i) {
-#pragma unroll
-            for (int nb = 0; nb < NB; ++nb) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    float x = sacc[i][nb][e];
-                    if (need_mask) {
-                        const int col = k0 + nb * 8 + 2 * tq + (e & 1);
-                        x = masked_score(p, s, bias, boolm, x, row_a + i * 64 + (e < 2 ? 0 : 8), col, lk);
-                    } else {
-                        x *= p.scale;
-                    }
-                    sacc[i][nb][e] = x * log2e;
-                }
-            }
-        }
+        const bool need_mask = p.mask_kind != 0 || k0 < kin0 || k0 + BK > kin1;
+        finish_scores<MT, NB, true>(sacc, p, s, bias, boolm, row_a, k0, tq, lk, need_mask, xform);
         kv_tile_mid<float, BK, D, LDS, ET_THREADS, STAGES>(Ks, k, kv, p, j, ntiles, vec);
         softmax_tiles(sacc, oacc, m, l, p, s, row_a, k0, tq, lk);
         // O += P V. The scores of key block kb sit in the C layout (row g / g + 8, keys 2t and
@@ -277,14 +262,16 @@ __device__ void eff_tc_bwd(const float* __restrict__ q, const float* __restrict_
     // Query tiles (mi, r0), each prefetched into the other stage while the block works on the one
     // before it (as flash_bwd).
     int mi = kv.mem0, r0 = -1;
-    load_qtile<float, BQ, D, LDS, ET_THREADS>(Qb, Ob, q, dout, lse, delta, qsegs, kv.mem1, k0, p, vec, mi, r0);
+    const int k1 = min(k0 + EB_BK, lk) - 1;  // the block's last key
+    load_qtile<float, BQ, D, LDS, ET_THREADS>(Qb, Ob, q, dout, lse, delta, qsegs, kv.mem1, k0, k1, p, vec, mi, r0);
     for (int stage = 0; mi < kv.mem1; stage ^= 1) {
         cp_async_wait<0>();
         __syncthreads();  // this tile has landed, and every warp is done with the previous one
         const QSeg s = load_qseg(qsegs, mi);
         int next_mi = mi, next_r0 = r0 + BQ;
         load_qtile<float, BQ, D, LDS, ET_THREADS>(Qb + (stage ^ 1) * BQ * LDS, Ob + (stage ^ 1) * BQ * LDS, q,
-                                                  dout, lse, delta, qsegs, kv.mem1, k0, p, vec, next_mi, next_r0);
+                                                  dout, lse, delta, qsegs, kv.mem1, k0, k1, p, vec, next_mi,
+                                                  next_r0);
         float* Qs = Qb + stage * BQ * LDS;
         float* Os = Ob + stage * BQ * LDS;
         // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys x BQ queries.
@@ -377,8 +364,8 @@ EFF_TC_BWD(128, 16)
 
 // ---- f16 / bf16: the flash kernels with masks ------------------------------------------------
 
-#define EFF_TC_HALF_FWD(KERNEL, T, D, BK, MT, STAGES)                                                           \
-    extern "C" __global__ void __launch_bounds__(FF_THREADS)                                                    \
+#define EFF_TC_HALF_FWD(KERNEL, T, D, BK, MT, STAGES, BOUNDS)                                                   \
+    extern "C" __global__ void __launch_bounds__ BOUNDS                                                         \
         KERNEL(const T* q, const T* k, const T* v, const float* bias, const unsigned char* bm, T* o, float* lse, \
                const long long* qs, const long long* ks, const AttnParams p) {                                  \
         flash_fwd<T, D, BK, MT, STAGES, true>(q, k, v, bias, bm, o, lse, qs, ks, p);                            \
@@ -391,14 +378,16 @@ EFF_TC_BWD(128, 16)
         flash_bwd<T, D, BQ, true>(q, k, v, bias, bm, dout, lse, delta, dq, dk, dv, qs, ks, p, with_dq);         \
     }
 // Tile sizes as the flash kernels' buckets of the same head dim (flash_fwd.cu, flash_bwd.cu),
-// both forward tilings up to head dim 128.
-#define EFF_TC_HALF(NAME, T)                                                \
-    EFF_TC_HALF_FWD(eff_tc_fwd_##NAME##_64, T, 64, 64, 1, 2)                \
-    EFF_TC_HALF_FWD(eff_tc_fwd_##NAME##_128, T, 128, 64, 1, 2)              \
-    EFF_TC_HALF_FWD(eff_tc_fwd_##NAME##_256, T, 256, 32, 1, 2)              \
-    EFF_TC_HALF_FWD(eff_tc_fwd_r128_##NAME##_64, T, 64, 64, 2, 1)           \
-    EFF_TC_HALF_FWD(eff_tc_fwd_r128_##NAME##_128, T, 128, 32, 2, 1)         \
-    EFF_TC_HALF_BWD(NAME, T, 64, 64)                                        \
+// both forward tilings up to head dim 128. The 64-row ones at head dims 64 and 128 are held to
+// 3 and 2 blocks per SM, what they ran at before windows and the soft cap (at 128 shared memory
+// allows no more on sm_90): ptxas otherwise aims higher on sm_90 and spills.
+#define EFF_TC_HALF(NAME, T)                                                                 \
+    EFF_TC_HALF_FWD(eff_tc_fwd_##NAME##_64, T, 64, 64, 1, 2, (FF_THREADS, 3))                \
+    EFF_TC_HALF_FWD(eff_tc_fwd_##NAME##_128, T, 128, 64, 1, 2, (FF_THREADS, 2))              \
+    EFF_TC_HALF_FWD(eff_tc_fwd_##NAME##_256, T, 256, 32, 1, 2, (FF_THREADS))                 \
+    EFF_TC_HALF_FWD(eff_tc_fwd_r128_##NAME##_64, T, 64, 64, 2, 1, (FF_THREADS))              \
+    EFF_TC_HALF_FWD(eff_tc_fwd_r128_##NAME##_128, T, 128, 32, 2, 1, (FF_THREADS))            \
+    EFF_TC_HALF_BWD(NAME, T, 64, 64)                                                         \
     EFF_TC_HALF_BWD(NAME, T, 128, 32)
 
 EFF_TC_HALF(f16, __half)

@@ -1,10 +1,11 @@
 // FlashAttention-2 backward on tensor cores (sm80+): one block of 4 warps per (64 keys, key/value
 // segment); warp w owns keys 16w..16w+15 and keeps their dK and dV in registers, while the block
-// walks the query tiles of every query segment reading this key/value segment (GQA members too).
-// Per query tile it recomputes P^T = exp(scale K Q^T - lse) from the forward's logsumexp, then
-// dV += (P o Z)^T dO, dP^T = V dO^T, dS^T = P^T o (dP^T o Z - D), dK += scale dS^T Q, and
-// dQ += scale dS K through shared memory, added to an f32 buffer with atomics (with_dq = 1) or
-// left to the deterministic eff_dq pass (with_dq = 0). The Q and dO tiles are double-buffered:
+// walks the query tiles of every query segment reading this key/value segment (GQA members too)
+// whose rows see one of its keys (causal masks, windows). Per query tile it recomputes
+// P^T = exp(scale K Q^T - lse) from the forward's logsumexp, then dV += (P o Z)^T dO,
+// dP^T = V dO^T, dS^T = P^T o (dP^T o Z - D) (o (1 - tanh^2) through a soft cap),
+// dK += scale dS^T Q, and dQ += scale dS K through shared memory, added to an f32 buffer with
+// atomics (with_dq = 1) or left to the deterministic eff_dq pass (with_dq = 0). The Q and dO tiles are double-buffered:
 // the next tile's cp.async copies (with each row's logsumexp and D, kept in the row's padding)
 // land while the block works on this one, so one barrier per tile orders it all (two with dQ).
 //

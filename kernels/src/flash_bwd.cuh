@@ -55,14 +55,15 @@ __device__ void flash_bwd(const T* __restrict__ q, const T* __restrict__ k, cons
     // Query tiles (mi, r0), each prefetched into the other stage while the block works on the one
     // before it.
     int mi = kv.mem0, r0 = -1;
-    load_qtile<T, BQ, D, LDS, FB_THREADS>(Qb, Ob, q, dout, lse, delta, qsegs, kv.mem1, k0, p, vec, mi, r0);
+    const int k1 = min(k0 + FB_BK, lk) - 1;  // the block's last key
+    load_qtile<T, BQ, D, LDS, FB_THREADS>(Qb, Ob, q, dout, lse, delta, qsegs, kv.mem1, k0, k1, p, vec, mi, r0);
     for (int stage = 0; mi < kv.mem1; stage ^= 1) {
         cp_async_wait<0>();
         __syncthreads();  // this tile has landed, and every warp is done with the previous one
         const QSeg s = load_qseg(qsegs, mi);
         int next_mi = mi, next_r0 = r0 + BQ;
         load_qtile<T, BQ, D, LDS, FB_THREADS>(Qb + (stage ^ 1) * BQ * LDS, Ob + (stage ^ 1) * BQ * LDS, q, dout,
-                                              lse, delta, qsegs, kv.mem1, k0, p, vec, next_mi, next_r0);
+                                              lse, delta, qsegs, kv.mem1, k0, k1, p, vec, next_mi, next_r0);
         T* Qs = Qb + stage * BQ * LDS;
         T* Os = Ob + stage * BQ * LDS;
         // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys x BQ queries.

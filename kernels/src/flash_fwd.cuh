@@ -36,27 +36,30 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k, cons
     const KvSeg kv = load_kvseg(kvsegs, s.kv);
     const int lk = kv.len;
     const int rows = min(BQ, s.len - r0);
-    const int kend = visible_keys(s, r0 + rows - 1, lk);
-    const int ntiles = (kend + BK - 1) / BK;
+    // The tile's rows see keys [kbeg, kend): key tiles [j0, ntiles). Every row sees [kin0, kin1),
+    // so a key tile inside it needs no mask (see tile_bounds).
+    int j0, ntiles, kin0, kin1;
+    tile_bounds<BK>(s, r0, rows, lk, j0, ntiles, kin0, kin1);
     const bool vec = p.vec_ok != 0;
+    const bool xform = has_extras(p, s);
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane >> 2, tq = lane & 3;
     // Rows of this thread in m-tile i: row_a + 64 i and row_a + 64 i + 8.
     const int row_a = r0 + warp * 16 + g;
-    const float sl2 = p.scale * 1.4426950408889634f;  // scale * log2(e): softmax in base 2
 
     load_tile<T, BQ, D, LDS, FF_THREADS>(Qs, q, s.q, p.q_rs, r0, s.len, p.e, vec);
-    if (ntiles > 0) {
-        load_tile<T, BK, D, LDS, FF_THREADS>(Ks, k, kv.k, p.k_rs, 0, lk, p.e, vec);
-        if (STAGES == 2) load_tile<T, BK, D, LDS, FF_THREADS>(Vs, v, kv.v, p.v_rs, 0, lk, p.ev, vec);
+    if (j0 < ntiles) {
+        const int st = kv_stage<BK, LDS, STAGES>(j0);
+        load_tile<T, BK, D, LDS, FF_THREADS>(Ks + st, k, kv.k, p.k_rs, j0 * BK, lk, p.e, vec);
+        if (STAGES == 2) load_tile<T, BK, D, LDS, FF_THREADS>(Vs + st, v, kv.v, p.v_rs, j0 * BK, lk, p.ev, vec);
     }
     cp_async_commit();
 
     float oacc[MT][ND][4], m[MT][2], l[MT][2];
     init_rows(oacc, m, l);
 
-    for (int j = 0; j < ntiles; ++j) {
+    for (int j = j0; j < ntiles; ++j) {
         const int k0 = j * BK;
         const int st = kv_tile_start<T, BK, D, LDS, FF_THREADS, STAGES>(Ks, Vs, k, v, kv, p, j, ntiles, vec);
         const T* Kt = Ks + st * BK * LDS;
@@ -86,29 +89,8 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k, cons
             }
         }
 
-        // Scale to base 2, mask the tail and the causal diagonal (tile-uniform test first).
-        const bool need_mask = (MASK && p.mask_kind != 0) || (k0 + BK > lk) ||
-                               (s.causal && (long long)k0 + BK - 1 > (long long)r0 + s.coff);
-#pragma unroll
-        for (int i = 0; i < MT; ++i) {
-#pragma unroll
-            for (int nb = 0; nb < NB; ++nb) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    float x = sacc[i][nb][e] * sl2;
-                    if (need_mask) {
-                        int col = k0 + nb * 8 + 2 * tq + (e & 1);
-                        int row = row_a + i * 64 + (e < 2 ? 0 : 8);
-                        if (MASK) {
-                            x = masked_score(p, s, bias, boolm, sacc[i][nb][e], row, col, lk) * 1.4426950408889634f;
-                        } else if (col >= lk || (s.causal && (long long)col > (long long)row + s.coff)) {
-                            x = -INFINITY;
-                        }
-                    }
-                    sacc[i][nb][e] = x;
-                }
-            }
-        }
+        const bool need_mask = (MASK && p.mask_kind != 0) || k0 < kin0 || k0 + BK > kin1;
+        finish_scores<MT, NB, MASK>(sacc, p, s, bias, boolm, row_a, k0, tq, lk, need_mask, xform);
         kv_tile_mid<T, BK, D, LDS, FF_THREADS, STAGES>(Ks, k, kv, p, j, ntiles, vec);
         softmax_tiles(sacc, oacc, m, l, p, s, row_a, k0, tq, lk);
         // O += P V: the score accumulators are the A fragments of the next product; each V

@@ -7,6 +7,68 @@
 
 #include "mma_sm80.cuh"
 
+// The scores of key tile k0 for a warp's MT m-tiles (rows row_a + 64 i and row_a + 64 i + 8 of
+// segment s), raw products in, base 2 out: scaled (with the soft cap and ALiBi when `xform`),
+// and with `need_mask` (tile-uniform: the tile is not inside every row's keys, or a mask is
+// on) -inf outside each row's keys and, with MASK, the efficient backend's mask added.
+template <int MT, int NB, bool MASK>
+__device__ __forceinline__ void finish_scores(float (&sacc)[MT][NB][4], const AttnParams& p, const QSeg& s,
+                                              const float* __restrict__ bias, const unsigned char* __restrict__ boolm,
+                                              int row_a, int k0, int tq, int lk, bool need_mask, bool xform) {
+    const float log2e = 1.4426950408889634f;
+    const int c0 = k0 + 2 * tq;  // element (nb, e) is column c0 + 8 nb + (e & 1)
+    if (xform) {
+#pragma unroll
+        for (int i = 0; i < MT; ++i) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const float dist = (float)(row_a + i * 64 + 8 * h + s.diag - c0);
+#pragma unroll
+                for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+                    for (int e = 2 * h; e < 2 * h + 2; ++e) {
+                        float t;
+                        sacc[i][nb][e] = extras_score(p, s.slope, sacc[i][nb][e], dist - (float)(nb * 8 + (e & 1)), t);
+                    }
+                }
+            }
+        }
+    }
+    const float mul = xform ? log2e : p.scale * log2e;
+    if (!need_mask) {
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+            for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) sacc[i][nb][e] *= mul;
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int row = row_a + i * 64 + 8 * h;
+            const Span keys = row_span(s, row, lk, c0);
+#pragma unroll
+            for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+                for (int e = 2 * h; e < 2 * h + 2; ++e) {
+                    const int c = nb * 8 + (e & 1);
+                    float x = sacc[i][nb][e] * mul;
+                    if (!keys.has(c)) {
+                        x = -INFINITY;
+                    } else if (MASK && p.mask_kind != 0) {
+                        const long long off = s.mask + (long long)row * p.mask_rs + (long long)(c0 + c) * p.mask_cs;
+                        x += mask_term(p, bias, boolm, off) * log2e;
+                    }
+                    sacc[i][nb][e] = x;
+                }
+            }
+        }
+    }
+}
+
 // Online softmax of one key tile: the scores of the warp's rows in `sacc` (base 2, -inf where
 // masked) become probabilities; the running maximum `m`, the per-thread partial sums `l` and
 // the output accumulators `oacc` of rows h = 0 (g) and h = 1 (g + 8) are rescaled. The 4 lanes
@@ -116,38 +178,93 @@ __device__ __forceinline__ void write_rows(T* __restrict__ o, float* __restrict_
     }
 }
 
+// The dropout decisions of the backward's transposed tile (see probs_and_grads): bit 4 nb + e
+// set when element (nb, e) is kept, for elements a key's `rows` span has (the others have no
+// probability). One pass shared by both of probs_and_grads' loops, so the Philox rounds are
+// compiled once.
+template <int NQ>
+__device__ __forceinline__ unsigned dropout_bits(const AttnParams& p, const QSeg& s, int r0, int key_a, int key_b,
+                                                 int tq, const Span (&rows)[2]) {
+    static_assert(NQ * 4 <= 32, "one bit per element");
+    unsigned keep = 0;
+#pragma unroll
+    for (int nb = 0; nb < NQ; ++nb) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int c = nb * 8 + (e & 1);
+            if (rows[e >> 1].has(c)) {
+                const int key = e < 2 ? key_a : key_b;
+                const unsigned w = word_of(dropout_block(p, s.stream, r0 + 2 * tq + c, key), key & 3);
+                keep |= (w >= p.threshold ? 1u : 0u) << (nb * 4 + e);
+            }
+        }
+    }
+    return keep;
+}
+
+// probs_and_grads' per-element loop. XFORM: with the soft cap and ALiBi, done first in place
+// (so that no value lives from one loop to the other): the scores become extras_score's, and
+// dp the soft cap's 1 - t^2 times dP o Z - D, which the main loop then only multiplies by P.
+template <int NQ, bool MASK, int RS, bool XFORM>
+__device__ __forceinline__ void probs_and_grads_loop(float (&st)[NQ][4], float (&dp)[NQ][4], const float* lse_s,
+                                                     const float* dl_s, const AttnParams& p, const QSeg& s,
+                                                     const float* __restrict__ bias,
+                                                     const unsigned char* __restrict__ boolm, int r0, int key_a,
+                                                     int key_b, int tq, const Span (&rows)[2], unsigned keep) {
+    const float log2e = 1.4426950408889634f;
+    const float zk = p.dropout ? p.keep_scale : 1.0f;
+    const int c0 = r0 + 2 * tq;  // element (nb, e) is query c0 + 8 nb + (e & 1)
+    if (XFORM) {
+#pragma unroll
+        for (int nb = 0; nb < NQ; ++nb) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int c = nb * 8 + (e & 1);
+                const int key = e < 2 ? key_a : key_b;
+                const float z = (keep >> (nb * 4 + e)) & 1u ? zk : 0.0f;
+                float t;
+                st[nb][e] = extras_score(p, s.slope, st[nb][e], (float)(c0 + c + s.diag - key), t);
+                dp[nb][e] = (dp[nb][e] * z - dl_s[(2 * tq + c) * RS]) * (1.0f - t * t);
+            }
+        }
+    }
+#pragma unroll
+    for (int nb = 0; nb < NQ; ++nb) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int c = nb * 8 + (e & 1);
+            const int qi = 2 * tq + c;
+            const int key = e < 2 ? key_a : key_b;
+            const bool in = rows[e >> 1].has(c);
+            float y = XFORM ? st[nb][e] : st[nb][e] * p.scale;
+            if (MASK && in && p.mask_kind != 0)
+                y += mask_term(p, bias, boolm, s.mask + (long long)(c0 + c) * p.mask_rs + (long long)key * p.mask_cs);
+            const float pr = in ? exp2f((y - lse_s[qi * RS]) * log2e) : 0.0f;
+            const float z = (keep >> (nb * 4 + e)) & 1u ? zk : 0.0f;
+            st[nb][e] = pr * z;
+            dp[nb][e] = XFORM ? pr * dp[nb][e] : pr * (dp[nb][e] * z - dl_s[qi * RS]);
+        }
+    }
+}
+
 // Backward, transposed tile (rows: the warp's keys key_a and key_b; columns: queries r0 + 8 n +
 // 2 t + (e & 1) of segment s): the raw scores `st` and dP^T = V dO^T in `dp` become P o Z and
-// dS = P o (dP o Z - D), from the row logsumexp (natural log) and D of query tile row i at
-// lse_s[i RS] and dl_s[i RS]. With MASK the efficient backend's masks apply (masked_score);
-// without, only causality and the tails.
+// dS = P o (dP o Z - D) (o (1 - tanh^2) through a soft cap), from the row logsumexp (natural
+// log) and D of query tile row i at lse_s[i RS] and dl_s[i RS]. Each key's visible queries are
+// found once (key_span); with MASK the efficient backend's masks apply too.
 template <int NQ, bool MASK, int RS>
 __device__ __forceinline__ void probs_and_grads(float (&st)[NQ][4], float (&dp)[NQ][4], const float* lse_s,
                                                 const float* dl_s, const AttnParams& p, const QSeg& s,
                                                 const float* __restrict__ bias, const unsigned char* __restrict__ boolm,
                                                 int r0, int key_a, int key_b, int tq, int lk) {
-    const float log2e = 1.4426950408889634f;
-#pragma unroll
-    for (int nb = 0; nb < NQ; ++nb) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int qi = nb * 8 + 2 * tq + (e & 1);
-            const int row = r0 + qi;
-            const int key = e < 2 ? key_a : key_b;
-            float pr;
-            if (MASK) {
-                const float x = masked_score(p, s, bias, boolm, st[nb][e], row, key, lk);
-                pr = x == -INFINITY ? 0.0f : exp2f((x - lse_s[qi * RS]) * log2e);
-            } else {
-                const bool ok = row < s.len && key < lk && (!s.causal || (long long)key <= (long long)row + s.coff);
-                pr = ok ? exp2f(fmaf(st[nb][e], p.scale, -lse_s[qi * RS]) * log2e) : 0.0f;
-            }
-            float z = 1.0f;
-            if (p.dropout && pr != 0.0f) z = dropout_factor(p, s.stream, row, key);
-            st[nb][e] = pr * z;
-            dp[nb][e] = pr * (dp[nb][e] * z - dl_s[qi * RS]);
-        }
-    }
+    const Span rows[2] = {key_span(s, key_a, lk, r0 + 2 * tq), key_span(s, key_b, lk, r0 + 2 * tq)};
+    const unsigned keep = p.dropout ? dropout_bits<NQ>(p, s, r0, key_a, key_b, tq, rows) : ~0u;
+    if (has_extras(p, s))
+        probs_and_grads_loop<NQ, MASK, RS, true>(st, dp, lse_s, dl_s, p, s, bias, boolm, r0, key_a, key_b, tq, rows,
+                                                 keep);
+    else
+        probs_and_grads_loop<NQ, MASK, RS, false>(st, dp, lse_s, dl_s, p, s, bias, boolm, r0, key_a, key_b, tq, rows,
+                                                  keep);
 }
 
 // dQ += scale acc for a 16-row block (rows qrow_a, qrow_a + 8 of segment s) and N n-blocks whose

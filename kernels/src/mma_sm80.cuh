@@ -155,8 +155,8 @@ __device__ __forceinline__ void load_tile(T* dst, const T* __restrict__ src, lon
 // rows of key/value segment kv. STAGES 2: tile j + 1 is prefetched into the other stage while
 // tile j is used, and the caller synchronizes after its P V; STAGES 1: one K and one V tile, V of
 // tile j lands during Q K^T and K of tile j + 1 during the softmax and P V (kv_tile_mid).
-// kv_tile_start runs at the top of iteration j (the prologue loaded K of tile 0, and its V with
-// two stages) and returns the stage to read.
+// kv_tile_start runs at the top of iteration j of tiles [j0, ntiles) (the prologue loaded K of
+// tile j0, and its V with two stages, into stage j0 & 1: kv_stage) and returns the stage to read.
 template <typename T, int BK, int D, int LDS, int THREADS, int STAGES>
 __device__ __forceinline__ int kv_tile_start(T* Ks, T* Vs, const T* __restrict__ k, const T* __restrict__ v,
                                              const KvSeg& kv, const AttnParams& p, int j, int ntiles, bool vec) {
@@ -179,6 +179,13 @@ __device__ __forceinline__ int kv_tile_start(T* Ks, T* Vs, const T* __restrict__
     load_tile<T, BK, D, LDS, THREADS>(Vs, v, kv.v, p.v_rs, k0, kv.len, p.ev, vec);
     cp_async_commit();
     return 0;
+}
+
+// Offset of key tile j's stage in the K and V tiles. Stages follow the tile's parity rather than
+// counting from the first tile, which costs ptxas some 25 registers in the 64-row flash forward.
+template <int BK, int LDS, int STAGES>
+__device__ __forceinline__ int kv_stage(int j) {
+    return STAGES == 2 ? (j & 1) * BK * LDS : 0;
 }
 
 // With one stage, between Q K^T and the softmax of tile j: waits for V of tile j and starts K of
@@ -204,19 +211,19 @@ __device__ __forceinline__ float* row_term(T* tile, int r) {
     return reinterpret_cast<float*>(tile + r * LDS + D);
 }
 
-// The backward's next query tile: moves (mi, r0) to the first tile with rows at or after it
-// (settle_qtile) and, if there is one, loads rows [r0, r0 + BQ) of query segment mi of Q (into
-// Qs) and of dO (into Os; dout holds contiguous rows of ev in the output row space), each row
-// with its row terms in its padding (row_term): the forward's logsumexp (natural log) beside the
-// Q row, D = rowsum(dO o O) beside the dO row; rows past the segment are zeros. Issues and
-// commits one cp.async group (element stores where rows are not 16-byte aligned); the caller
-// waits and synchronizes.
+// The backward's next query tile for the block's keys [k0, k1]: moves (mi, r0) to the first
+// tile with rows at or after it that see one of them (settle_qtile) and, if there is one, loads
+// rows [r0, r0 + BQ) of query segment mi of Q (into Qs) and of dO (into Os; dout holds
+// contiguous rows of ev in the output row space), each row with its row terms in its padding
+// (row_term): the forward's logsumexp (natural log) beside the Q row, D = rowsum(dO o O) beside
+// the dO row; rows past the segment are zeros. Issues and commits one cp.async group (element
+// stores where rows are not 16-byte aligned); the caller waits and synchronizes.
 template <typename T, int BQ, int D, int LDS, int THREADS>
 __device__ __forceinline__ void load_qtile(T* Qs, T* Os, const T* __restrict__ q, const T* __restrict__ dout,
                                            const float* __restrict__ lse, const float* __restrict__ delta,
-                                           const long long* qsegs, int mem1, int k0, const AttnParams& p, bool vec,
-                                           int& mi, int& r0) {
-    settle_qtile(qsegs, mem1, k0, mi, r0);
+                                           const long long* qsegs, int mem1, int k0, int k1, const AttnParams& p,
+                                           bool vec, int& mi, int& r0) {
+    settle_qtile(qsegs, mem1, k0, k1, mi, r0);
     if (mi >= mem1) return;
     const QSeg s = load_qseg(qsegs, mi);
     load_tile<T, BQ, D, LDS, THREADS>(Qs, q, s.q, p.q_rs, r0, s.len, p.e, vec);

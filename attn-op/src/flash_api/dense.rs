@@ -17,7 +17,7 @@ fn dense(
     let what = "(batch, seq, heads, head_dim)";
     check_rank(api, 4, what, [("q", q), ("k", k), ("v", v)])?;
     let (qt, kt, vt) = (q.transpose(1, 2)?, k.transpose(1, 2)?, v.transpose(1, 2)?);
-    let p = check_flash(api, (&qt, &kt, &vt), softmax_scale, &extras)?;
+    let p = check_flash(api, (&qt, &kt, &vt), softmax_scale)?;
     let cfg = extras.config(api, &p, p.lk, softmax_scale)?;
     if p.lq == 0 || p.lk == 0 {
         return Tensor::zeros(p.out_shape(), p.dtype, q.device())?.transpose(1, 2);

@@ -29,7 +29,7 @@ pub use varlen::{
 use candle_core::{bail, DType, Result, Tensor};
 
 use crate::config::{AttnConfig, Band, CausalAlign};
-use crate::dispatch::{refusal, Needs};
+use crate::dispatch::refusal;
 use crate::validate::{check_sdpa, check_softcap, Problem};
 use crate::{Backend, SdpaOptions};
 
@@ -93,13 +93,6 @@ impl<'a> Extras<'a> {
         cfg.alibi = self.alibi.map(|a| slopes(api, a, p.hq)).transpose()?;
         Ok(cfg)
     }
-
-    fn needs(&self) -> Needs {
-        Needs {
-            mask: false,
-            extras: self.left.is_some() || self.alibi.is_some() || self.softcap.is_some(),
-        }
-    }
 }
 
 /// Reads and checks ALiBi slopes: f32, shape `(num_heads_q,)`, finite.
@@ -123,7 +116,6 @@ fn check_flash(
     api: &str,
     (q, k, v): (&Tensor, &Tensor, &Tensor),
     softmax_scale: f32,
-    extras: &Extras,
 ) -> Result<Problem> {
     let opts = SdpaOptions {
         enable_gqa: true,
@@ -131,7 +123,7 @@ fn check_flash(
         ..Default::default()
     };
     let p = check_sdpa(api, q, k, v, &opts)?;
-    if let Some(reason) = refusal(Backend::Flash, &p, extras.needs(), q.device()) {
+    if let Some(reason) = refusal(Backend::Flash, &p, false, q.device()) {
         bail!("{api}: {reason}");
     }
     Ok(p)

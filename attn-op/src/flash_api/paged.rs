@@ -37,7 +37,7 @@ fn in_place(
     // Shapes, dtypes and devices are checked on views of the first block.
     let qt = q.transpose(0, 1)?;
     let (k0, v0) = (k.get(0)?.transpose(0, 1)?, v.get(0)?.transpose(0, 1)?);
-    let p = check_flash(api, (&qt, &k0, &v0), softmax_scale, &extras)?;
+    let p = check_flash(api, (&qt, &k0, &v0), softmax_scale)?;
     let varlen = lengths(
         api,
         (seqlens_q, p.lq, max_seqlen_q),

@@ -83,7 +83,7 @@ pub(super) fn packed(
     let what = "(total_tokens, heads, head_dim)";
     check_rank(api, 3, what, [("q", q), ("k", k), ("v", v)])?;
     let (qt, kt, vt) = (q.transpose(0, 1)?, k.transpose(0, 1)?, v.transpose(0, 1)?);
-    let p = check_flash(api, (&qt, &kt, &vt), softmax_scale, &extras)?;
+    let p = check_flash(api, (&qt, &kt, &vt), softmax_scale)?;
     let varlen = lengths(
         api,
         (seqlens_q, p.lq, max_seqlen_q),
