@@ -16,7 +16,7 @@ cargo test --release --workspace --no-default-features "$@"
 # The numeric tests once more on the portable (non-AVX-512) matrix kernel (same package set and
 # features as above, so nothing is rebuilt).
 ATTN_OP_PORTABLE=1 cargo test --release --workspace --no-default-features \
-    --test forward --test backward --test api "$@"
+    --test forward --test backward --test api --test flash_variants "$@"
 # The CUDA kernels' own code run on the CPU by attn-kernels' emulator (a C++17 compiler is all it
 # needs) and checked against the CPU implementation: the tests a GPU session runs, on fewer lengths.
 cargo test --release -p attn-op --features cuda-emu --lib --test cuda_kernels --test cuda_deterministic --test cuda_efficient_tc "$@"

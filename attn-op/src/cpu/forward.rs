@@ -75,26 +75,24 @@ pub(crate) fn prepare_scores(
     lk: usize,
     s: &mut [f32],
     cols: usize,
-    mut tanh: Option<&mut [f32]>,
+    tanh: Option<&mut [f32]>,
 ) -> f32 {
     let transform = src.mask.is_some() || p.softcap.is_some() || seg.slope != 0.0;
+    // Row `i`'s diagonal (ALiBi's zero) is key `diag0 + i` of the tile.
+    let diag0 = (row0 as isize + seg.diag - c0 as isize) as f32;
+    if let Some(cap) = p.softcap {
+        // The scale goes inside the cap, the bias after it.
+        let alibi = (seg.slope != 0.0).then_some((seg.slope, diag0));
+        simd::softcap_rows(s, cols, p.scale / cap, cap, tanh, alibi);
+    }
     for (i, s) in s.chunks_exact_mut(cols.max(1)).enumerate() {
         let row = row0 + i;
         if transform {
-            // The scale goes with the soft cap, or else with the ALiBi bias where there is one.
-            let mut scale = p.scale;
-            if let Some(cap) = p.softcap {
-                let t = tanh
-                    .as_deref_mut()
-                    .map(|t| &mut t[i * cols..(i + 1) * cols]);
-                simd::softcap(s, p.scale / cap, cap, t);
-                scale = 1.0;
-            }
-            if seg.slope != 0.0 {
-                let diag = row as isize + seg.diag - c0 as isize;
-                simd::alibi(s, scale, seg.slope, diag as f32);
-            } else if scale != 1.0 {
-                simd::scale(s, scale);
+            // (The soft cap scaled the scores and added the bias above.)
+            if p.softcap.is_none() && seg.slope != 0.0 {
+                simd::alibi(s, p.scale, seg.slope, diag0 + i as f32);
+            } else if p.softcap.is_none() && p.scale != 1.0 {
+                simd::scale(s, p.scale);
             }
             if let Some(mask) = &src.mask {
                 mask.apply(seg.mask + row * g.mask_rs + c0 * g.mask_cs, g.mask_cs, s);

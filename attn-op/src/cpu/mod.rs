@@ -6,6 +6,8 @@ pub(crate) mod forward;
 mod matmul;
 pub(crate) mod simd;
 #[cfg(target_arch = "x86_64")]
+pub(crate) mod softcap_avx512;
+#[cfg(target_arch = "x86_64")]
 mod softmax_avx512;
 
 use std::borrow::Cow;

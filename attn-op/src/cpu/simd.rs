@@ -204,49 +204,91 @@ fn exp_affine_sum_of(x: &mut [f32], a: f32, b: f32, fma: bool) -> f32 {
     sum
 }
 
-/// `tanh(x)` to 3 ulp (relative error 3e-7), written so that loops over it vectorise: the
-/// rational function `x·p(x²) / q(x²)` (degrees 13 and 6, fitted to `tanh` on `[0, 9]` by
-/// iteratively reweighted least squares in float64) with `x` clamped to `[-9, 9]`, beyond which
-/// `tanh` rounds to ±1 in f32. Eleven multiply-adds and one division, no exponential.
+/// Numerator and denominator of [`tanh`]'s rational function, polynomials in `x²`, highest
+/// degree first.
+pub(crate) const TANH_P: [f32; 5] = [
+    1.335_485_6e-8,
+    2.060_923_7e-5,
+    3.495_598_2e-3,
+    1.338_103_4e-1,
+    1.0,
+];
+pub(crate) const TANH_Q: [f32; 5] = [
+    7.776_642e-7,
+    3.285_650_7e-4,
+    2.587_702_1e-2,
+    4.671_435e-1,
+    1.0,
+];
+/// [`tanh`]'s argument is clamped to `[-TANH_CLAMP, TANH_CLAMP]`, beyond which `tanh` rounds to
+/// ±1 in f32.
+pub(crate) const TANH_CLAMP: f32 = 9.0;
+
+/// `tanh(x)` to 3 ulp (relative error 3.4e-7), written so that loops over it vectorise: the
+/// rational function `x·p(x²) / q(x²)` ([`TANH_P`], [`TANH_Q`]: degrees 9 and 8, fitted to
+/// `tanh` on `[0, 9]` by iteratively reweighted least squares in float64) with `x` clamped to
+/// `[-9, 9]`. Ten multiplications and multiply-adds and one division, no exponential.
 #[inline(always)]
 pub(crate) fn tanh(x: f32, fma: bool) -> f32 {
-    const P: [f32; 7] = [
-        -8.489_59e-14,
-        5.278_298_6e-11,
-        -2.022_596_8e-8,
-        1.115_449_5e-5,
-        3.103_974_3e-3,
-        1.308_402_6e-1,
-        1.0,
-    ];
-    const Q: [f32; 4] = [2.546_171_3e-4, 2.449_525e-2, 4.641_735_3e-1, 1.0];
-    let x = x.clamp(-9.0, 9.0);
+    let x = x.clamp(-TANH_CLAMP, TANH_CLAMP);
     let z = x * x;
-    let mut p = P[0];
-    for c in &P[1..] {
+    let mut p = TANH_P[0];
+    for c in &TANH_P[1..] {
         p = madd(p, z, *c, fma);
     }
-    let mut q = Q[0];
-    for c in &Q[1..] {
+    let mut q = TANH_Q[0];
+    for c in &TANH_Q[1..] {
         q = madd(q, z, *c, fma);
     }
     x * p / q
 }
 
-/// Logit soft-capping of a row: `x = cap·tanh(a·x)`, storing `tanh(a·x)` in `t` when given.
+/// Logit soft-capping of a tile of rows `cols` wide, `x[i][j] = cap·tanh(a·x[i][j])`, then the
+/// ALiBi bias `-slope·|diag0 + i - j|` when `alibi = Some((slope, diag0))`; stores
+/// `tanh(a·x[i][j])` in `t` (as long as `x`) when given (the backward's factor).
+pub(crate) fn softcap_rows(
+    x: &mut [f32],
+    cols: usize,
+    a: f32,
+    cap: f32,
+    t: Option<&mut [f32]>,
+    alibi: Option<(f32, f32)>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if super::use_avx512() {
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { super::softcap_avx512::softcap_rows(x, cols, a, cap, t, alibi) };
+    }
+    softcap_rows_portable(x, cols, a, cap, t, alibi)
+}
+
+/// [`softcap_rows`] in portable code, vectorised by the compiler.
 #[multiversion(targets("x86_64+avx2+fma+avx512f+avx512vl", "x86_64+avx2+fma"))]
-pub(crate) fn softcap(x: &mut [f32], a: f32, cap: f32, t: Option<&mut [f32]>) {
+pub(crate) fn softcap_rows_portable(
+    x: &mut [f32],
+    cols: usize,
+    a: f32,
+    cap: f32,
+    mut t: Option<&mut [f32]>,
+    alibi: Option<(f32, f32)>,
+) {
     let fma = target_cfg_f!(target_feature = "fma");
-    match t {
-        Some(t) => {
-            for (v, t) in x.iter_mut().zip(t) {
-                *t = tanh(a * *v, fma);
-                *v = cap * *t;
+    let (slope, diag0) = alibi.unwrap_or((0.0, 0.0));
+    for (i, x) in x.chunks_exact_mut(cols.max(1)).enumerate() {
+        let diag = diag0 + i as f32;
+        let bias = |j: usize| -slope * (diag - j as f32).abs();
+        match t.as_deref_mut() {
+            Some(t) => {
+                let t = &mut t[i * cols..(i + 1) * cols];
+                for (j, (v, t)) in x.iter_mut().zip(t).enumerate() {
+                    *t = tanh(a * *v, fma);
+                    *v = madd(cap, *t, bias(j), fma);
+                }
             }
-        }
-        None => {
-            for v in x {
-                *v = cap * tanh(a * *v, fma);
+            None => {
+                for (j, v) in x.iter_mut().enumerate() {
+                    *v = madd(cap, tanh(a * *v, fma), bias(j), fma);
+                }
             }
         }
     }
@@ -409,7 +451,7 @@ mod tests {
         // The soft cap and its gradient factor.
         let mut x = vec![-100.0f32, -1.0, 0.0, 0.5, 3.0];
         let mut t = vec![0f32; 5];
-        softcap(&mut x, 0.1, 10.0, Some(&mut t));
+        softcap_rows(&mut x, 5, 0.1, 10.0, Some(&mut t), None);
         for (i, v) in [-100.0f64, -1.0, 0.0, 0.5, 3.0].into_iter().enumerate() {
             assert!((x[i] as f64 - 10.0 * (0.1 * v).tanh()).abs() < 1e-5);
             assert!((t[i] as f64 - (0.1 * v).tanh()).abs() < 1e-7);
@@ -417,6 +459,61 @@ mod tests {
         let mut g = vec![2.0f32; 5];
         tanh_grad(&mut g, &t);
         assert!((g[4] as f64 - 2.0 * (1.0 - (0.3f64).tanh().powi(2))).abs() < 1e-6);
+    }
+
+    /// Every implementation of [`softcap_rows`] this CPU has, by name.
+    fn softcap_impls() -> Vec<(&'static str, SoftcapRows)> {
+        let mut impls: Vec<(&str, SoftcapRows)> = vec![("portable", softcap_rows_portable)];
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked above).
+            impls.push(("avx512", |x, c, a, cap, t, b| unsafe {
+                crate::cpu::softcap_avx512::softcap_rows(x, c, a, cap, t, b)
+            }));
+        }
+        impls
+    }
+
+    type SoftcapRows = fn(&mut [f32], usize, f32, f32, Option<&mut [f32]>, Option<(f32, f32)>);
+
+    #[test]
+    fn softcap_rows_match_f64() {
+        // Row widths around the 16 lanes (tails of every kind), with and without the bias and
+        // the stored tanh, against float64.
+        for (name, f) in softcap_impls() {
+            for cols in [1, 5, 16, 17, 37, 64] {
+                let rows = 3;
+                let x0: Vec<f32> = (0..rows * cols)
+                    .map(|i| ((i as f32 * 0.618).fract() - 0.5) * 400.0)
+                    .collect();
+                for alibi in [None, Some((0.25f32, 7.0f32))] {
+                    for with_t in [false, true] {
+                        let (mut x, mut t) = (x0.clone(), vec![f32::NAN; x0.len()]);
+                        f(&mut x, cols, 0.02, 30.0, with_t.then_some(&mut t), alibi);
+                        for (k, (&got, &x0)) in x.iter().zip(&x0).enumerate() {
+                            let (i, j) = (k / cols, k % cols);
+                            let th = (0.02 * x0 as f64).tanh();
+                            let bias = alibi.map_or(0.0, |(s, d)| {
+                                -(s as f64) * (d as f64 + i as f64 - j as f64).abs()
+                            });
+                            let want = 30.0 * th + bias;
+                            let err = (got as f64 - want).abs();
+                            assert!(err < 2e-5 * want.abs().max(1.0), "{name} {cols} {k}: {err}");
+                            if with_t {
+                                assert!((t[k] as f64 - th).abs() < 4e-7, "{name} tanh {k}");
+                            }
+                        }
+                        assert!(with_t || t.iter().all(|t| t.is_nan()), "{name} wrote t");
+                    }
+                }
+            }
+            let mut x = [f32::NAN, 1.0];
+            f(&mut x, 2, 1.0, 5.0, None, None);
+            assert!(
+                x[0].is_nan() && (x[1] - 5.0 * 1f32.tanh()).abs() < 1e-6,
+                "{name} NaN"
+            );
+        }
     }
 
     #[test]

@@ -1,0 +1,125 @@
+//! The soft cap of the tiled kernels' scores written with AVX-512 intrinsics, for CPUs that have
+//! AVX-512F (chosen at run time by [`super::simd::softcap`]). The same rational `tanh` as the
+//! portable code, but the division by `q(x²)` is `vrcp14ps` and one Newton step: `vdivps` on
+//! 512 bits issues once per ~10 cycles, and the compiled portable loop waited on it. The ALiBi
+//! bias is added in the same pass.
+
+use std::arch::x86_64::*;
+
+use super::simd::{TANH_CLAMP, TANH_P, TANH_Q};
+
+/// `c·tanh(x)` on 16 lanes, to the portable [`super::simd::tanh`]'s accuracy, with `pc` the
+/// numerator's coefficients times `c` (so the product by `c` costs nothing); NaN stays NaN.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn scaled_tanh16(x: __m512, pc: &[__m512; TANH_P.len()]) -> __m512 {
+    // `vmaxps`/`vminps` return their second operand when either is NaN: keep `x` there.
+    let x = _mm512_max_ps(_mm512_set1_ps(-TANH_CLAMP), x);
+    let x = _mm512_min_ps(_mm512_set1_ps(TANH_CLAMP), x);
+    let z = _mm512_mul_ps(x, x);
+    let mut p = pc[0];
+    for c in &pc[1..] {
+        p = _mm512_fmadd_ps(p, z, *c);
+    }
+    let mut q = _mm512_set1_ps(TANH_Q[0]);
+    for c in &TANH_Q[1..] {
+        q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(*c));
+    }
+    // q >= 1, so 1/q is finite: 14 bits from `vrcp14ps`, about 28 after one Newton step.
+    let r = _mm512_rcp14_ps(q);
+    let r = _mm512_fmadd_ps(r, _mm512_fnmadd_ps(q, r, _mm512_set1_ps(1.0)), r);
+    _mm512_mul_ps(_mm512_mul_ps(x, p), r)
+}
+
+/// The mask of the first `n` (at most 16) lanes.
+#[inline]
+fn lanes(n: usize) -> __mmask16 {
+    ((1u32 << n.min(16)) - 1) as __mmask16
+}
+
+/// [`super::simd::softcap_rows`]: `x[i][j] = cap·tanh(a·x[i][j]) - slope·|diag0 + i - j|` (no
+/// bias without `alibi`) for the rows of `x`, `cols` wide, `tanh(a·x[i][j])` stored in `t` when
+/// given.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn softcap_rows(
+    x: &mut [f32],
+    cols: usize,
+    a: f32,
+    cap: f32,
+    t: Option<&mut [f32]>,
+    alibi: Option<(f32, f32)>,
+) {
+    match (t, alibi) {
+        (Some(t), Some(b)) => tile::<true, true>(x, cols, a, cap, t, b),
+        (Some(t), None) => tile::<true, false>(x, cols, a, cap, t, (0.0, 0.0)),
+        (None, Some(b)) => tile::<false, true>(x, cols, a, cap, &mut [], b),
+        (None, None) => tile::<false, false>(x, cols, a, cap, &mut [], (0.0, 0.0)),
+    }
+}
+
+/// [`softcap_rows`] with the choices made at compile time: `T` stores `tanh` in `t` (as long as
+/// `x`), `B` adds the bias.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn tile<const T: bool, const B: bool>(
+    x: &mut [f32],
+    cols: usize,
+    a: f32,
+    cap: f32,
+    t: &mut [f32],
+    (slope, diag0): (f32, f32),
+) {
+    assert!(
+        !T || t.len() >= x.len(),
+        "tanh buffer shorter than the tile"
+    );
+    let (av, capv, nslope) = (
+        _mm512_set1_ps(a),
+        _mm512_set1_ps(cap),
+        _mm512_set1_ps(-slope),
+    );
+    // Storing `tanh`, the cap multiplies it afterwards; otherwise it goes into the numerator.
+    let pc = TANH_P.map(|c| _mm512_set1_ps(if T { c } else { c * cap }));
+    let iota = _mm512_setr_ps(
+        0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
+    );
+    let cols = cols.max(1);
+    for (i, row) in x.chunks_exact_mut(cols).enumerate() {
+        // `diag0 + i - j` for the 16 lanes, exact for the small integers of a tile.
+        let mut d = _mm512_sub_ps(_mm512_set1_ps(diag0 + i as f32), iota);
+        let t_row = if T {
+            &mut t[i * cols..(i + 1) * cols]
+        } else {
+            &mut [][..]
+        };
+        let mut j = 0;
+        // One step of 16 lanes (`m` masks the row's tail).
+        let mut step = |j: usize, m: __mmask16| {
+            // SAFETY: the mask covers only lanes `j..min(j + 16, cols)` of the row (and of its
+            // `tanh` row).
+            unsafe {
+                let u = _mm512_mul_ps(av, _mm512_maskz_loadu_ps(m, row.as_ptr().add(j)));
+                let mut y = scaled_tanh16(u, &pc);
+                if T {
+                    _mm512_mask_storeu_ps(t_row.as_mut_ptr().add(j), m, y);
+                    y = _mm512_mul_ps(capv, y);
+                }
+                if B {
+                    y = _mm512_fmadd_ps(nslope, _mm512_abs_ps(d), y);
+                    d = _mm512_sub_ps(d, _mm512_set1_ps(16.0));
+                }
+                _mm512_mask_storeu_ps(row.as_mut_ptr().add(j), m, y);
+            }
+        };
+        while j + 16 <= cols {
+            step(j, 0xffff);
+            j += 16;
+        }
+        if j < cols {
+            step(j, lanes(cols - j));
+        }
+    }
+}
