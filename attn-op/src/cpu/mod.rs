@@ -2,6 +2,8 @@
 //! forward and backward, parallel with rayon, f32 arithmetic whatever the input dtype.
 
 pub(crate) mod backward;
+#[cfg(target_arch = "x86_64")]
+mod decode_avx512;
 pub(crate) mod forward;
 mod matmul;
 pub(crate) mod simd;
@@ -18,14 +20,16 @@ use half::slice::HalfFloatSliceExt;
 
 use matmul::MatRef;
 
-/// Whether to use the AVX-512 kernels (products and softmax rows): the CPU has AVX-512F and
-/// `ATTN_OP_PORTABLE` is not set (that variable selects the portable code, so that it can be
+/// Whether to use the AVX-512 kernels (products, softmax rows, decoding): the CPU has AVX-512F,
+/// BW and VL (every AVX-512 CPU but the Xeon Phi) and `ATTN_OP_PORTABLE` is not set (that variable selects the portable code, so that it can be
 /// tested on any machine).
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn use_avx512() -> bool {
     static USE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *USE.get_or_init(|| {
         std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
             && std::env::var_os("ATTN_OP_PORTABLE").is_none()
     })
 }
@@ -150,6 +154,15 @@ impl Src<'_> {
     /// bf16 keys are widened as they are read; f16 keys are converted into `buf` first.
     pub fn dots(&self, off: usize, rs: usize, x: &[f32], out: &mut [f32], buf: &mut Vec<f32>) {
         let e = x.len();
+        #[cfg(target_arch = "x86_64")]
+        if use_avx512() {
+            // SAFETY: the CPU has AVX-512F, BW and VL.
+            match *self {
+                Src::F32(d) => return unsafe { decode_avx512::dots(x, d, off, rs, out) },
+                Src::BF16(d) => return unsafe { decode_avx512::dots(x, d, off, rs, out) },
+                Src::F16(_) => {}
+            }
+        }
         match *self {
             Src::F32(d) => {
                 for (j, o) in out.iter_mut().enumerate() {
@@ -175,6 +188,15 @@ impl Src<'_> {
     /// are widened as they are read; f32 and f16 go through the matrix kernel.
     pub fn accumulate(&self, off: usize, rs: usize, p: &[f32], y: &mut [f32], buf: &mut Vec<f32>) {
         let ev = y.len();
+        #[cfg(target_arch = "x86_64")]
+        if use_avx512() {
+            // SAFETY: the CPU has AVX-512F, BW and VL.
+            match *self {
+                Src::F32(d) => return unsafe { decode_avx512::accumulate(p, d, off, rs, y) },
+                Src::BF16(d) => return unsafe { decode_avx512::accumulate(p, d, off, rs, y) },
+                Src::F16(_) => {}
+            }
+        }
         if let Src::BF16(d) = *self {
             for (j, &pj) in p.iter().enumerate() {
                 simd::axpy_bf16(pj, &d[off + j * rs..][..ev], y);
