@@ -57,6 +57,13 @@ pub(crate) fn transpose_into<'a>(m: MatRef, out: &'a mut Vec<f32>) -> MatRef<'a>
         out.clear();
         out.resize(m.rows * m.cols, 0.0);
     }
+    #[cfg(target_arch = "x86_64")]
+    if m.cs == 1 && super::use_avx512() {
+        // SAFETY: the CPU has AVX-512F; `m` is in bounds (asserted) and `out` holds its
+        // transpose.
+        unsafe { avx512::transpose(m, out) };
+        return MatRef::rows(out, m.cols, m.rows, m.rows);
+    }
     for r in 0..m.rows {
         let dst = out[r..].iter_mut().step_by(m.rows);
         if m.cs == 1 {
@@ -153,6 +160,86 @@ mod avx512 {
     const MR: usize = 6;
     /// Columns per register block: four 16-lane vectors.
     const NR: usize = 64;
+
+    /// The mask of the first `n` (at most 16) lanes.
+    #[inline]
+    fn lanes(n: usize) -> __mmask16 {
+        ((1u32 << n.min(16)) - 1) as __mmask16
+    }
+
+    /// `out` (`m.cols × m.rows`, contiguous rows) = the transpose of `m`, by blocks of 16 × 16
+    /// transposed in registers (four rounds of shuffles) instead of one strided store per
+    /// element.
+    ///
+    /// # Safety
+    /// AVX-512F must be available; `m` must be in bounds with `m.cs == 1`, and `out` at least
+    /// `m.rows · m.cols` long.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn transpose(m: MatRef, out: &mut [f32]) {
+        assert!(m.cs == 1 && out.len() >= m.rows * m.cols);
+        let (src, dst) = (m.data.as_ptr(), out.as_mut_ptr());
+        for r0 in (0..m.rows).step_by(16) {
+            let nr = (m.rows - r0).min(16);
+            for c0 in (0..m.cols).step_by(16) {
+                let nc = (m.cols - c0).min(16);
+                let cm = lanes(nc);
+                // Rows past the matrix's end read as zeros and are never stored.
+                // SAFETY: lanes `c0..c0 + nc` of rows `r0..r0 + nr`, in bounds (the caller).
+                let r: [__m512; 16] = std::array::from_fn(|i| {
+                    if i < nr {
+                        unsafe { _mm512_maskz_loadu_ps(cm, src.add((r0 + i) * m.rs + c0)) }
+                    } else {
+                        _mm512_setzero_ps()
+                    }
+                });
+                // Pairs of rows interleaved by 32 and 64 bits: t[4g + c] holds rows 4g..4g+4
+                // of columns c, c + 4, c + 8, c + 12 (one per 128-bit lane).
+                let mut u = [_mm512_setzero_ps(); 16];
+                for g in 0..4 {
+                    let (a, b, c, d) = (r[4 * g], r[4 * g + 1], r[4 * g + 2], r[4 * g + 3]);
+                    let (lo0, hi0) = (_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+                    let (lo1, hi1) = (_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+                    let pd = |x: __m512, y: __m512, hi: bool| {
+                        let (x, y) = (_mm512_castps_pd(x), _mm512_castps_pd(y));
+                        _mm512_castpd_ps(if hi {
+                            _mm512_unpackhi_pd(x, y)
+                        } else {
+                            _mm512_unpacklo_pd(x, y)
+                        })
+                    };
+                    u[4 * g] = pd(lo0, lo1, false);
+                    u[4 * g + 1] = pd(lo0, lo1, true);
+                    u[4 * g + 2] = pd(hi0, hi1, false);
+                    u[4 * g + 3] = pd(hi0, hi1, true);
+                }
+                for c in 0..4 {
+                    // Lanes 0, 2 / 1, 3 of groups 0-1 and of groups 2-3, then those merged.
+                    let v0 = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
+                    let w0 = _mm512_shuffle_f32x4::<0xdd>(u[c], u[4 + c]);
+                    let v1 = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
+                    let w1 = _mm512_shuffle_f32x4::<0xdd>(u[8 + c], u[12 + c]);
+                    let cols = [
+                        (c, _mm512_shuffle_f32x4::<0x88>(v0, v1)),
+                        (c + 8, _mm512_shuffle_f32x4::<0xdd>(v0, v1)),
+                        (c + 4, _mm512_shuffle_f32x4::<0x88>(w0, w1)),
+                        (c + 12, _mm512_shuffle_f32x4::<0xdd>(w0, w1)),
+                    ];
+                    for (col, x) in cols {
+                        if col < nc {
+                            // SAFETY: output row `c0 + col`, lanes `r0..r0 + nr`, in `out`.
+                            unsafe {
+                                _mm512_mask_storeu_ps(
+                                    dst.add((c0 + col) * m.rows + r0),
+                                    lanes(nr),
+                                    x,
+                                )
+                            };
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     /// # Safety
     /// AVX-512F must be available; `lhs`, `rhs` and `dst` (with `dst_rs`) must cover the
@@ -352,6 +439,7 @@ mod tests {
             (64, 32),
             (9, 24),
             (64, 32),
+            (33, 40),
             (1, 1),
         ] {
             for (rs, cs) in [(cols + 3, 1), (1, rows + 2)] {
