@@ -145,6 +145,16 @@ impl AttnConfig {
     }
 }
 
+/// The physical row (`block · page + offset`) of every key of a paged cache, sequence after
+/// sequence: key `t` of sequence `b` (of `cu_k[b + 1] - cu_k[b]`) is row `t % page` of block
+/// `blocks[b][t / page]`.
+pub(crate) fn paged_rows(cu_k: &[usize], blocks: &[Vec<usize>], page: usize) -> Vec<usize> {
+    cu_k.windows(2)
+        .zip(blocks)
+        .flat_map(|(w, mine)| (0..w[1] - w[0]).map(move |t| mine[t / page] * page + t % page))
+        .collect()
+}
+
 /// Packed variable-length sequences: cumulative lengths, `cu[0] = 0`, `cu[b+1] - cu[b]` the
 /// length of sequence `b`.
 #[derive(Clone, Debug, PartialEq)]

@@ -8,12 +8,14 @@
 //! kernels in the CPU emulator (`attn_op::emu`; the test command does this, on fewer lengths).
 #![cfg(any(feature = "cuda", feature = "cuda-emu"))]
 
+mod common;
 mod kernel_target;
 
 use attn_op::{
     flash_attn, flash_attn_varlen, scaled_dot_product_attention, sdpa_kernel, Backend, SdpaOptions,
 };
 use candle_core::{DType, Device, Result, Tensor, Var};
+use common::Failures;
 use kernel_target::Target;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -210,7 +212,7 @@ fn check_all(
         }
         None => &[(1, 1), (7, 7), (65, 63), (130, 257), (257, 130), (64, 128)],
     };
-    let mut failures = Vec::new();
+    let mut failures = Failures::default();
     let mut n = 0;
     for &dtype in dtypes {
         for (di, &(e, ev)) in dims.iter().enumerate() {
@@ -230,9 +232,7 @@ fn check_all(
                     strided: i % 3 == 1,
                 };
                 n += 1;
-                if let Err(e) = check(backend, dtype, c, &target) {
-                    failures.push(e.to_string());
-                }
+                failures.check(check(backend, dtype, c, &target));
             }
         }
     }
@@ -240,12 +240,7 @@ fn check_all(
         "{backend:?}: {} of {n} cases agree with the CPU",
         n - failures.len()
     );
-    assert!(
-        failures.is_empty(),
-        "{} failures:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    failures.assert_none();
 }
 
 /// Both flash forward tilings, forced by `ATTN_OP_CUDA_FWD_ROWS`: 128-row query tiles (the
@@ -430,7 +425,7 @@ fn flash_attn_layouts_match_cpu() -> Result<()> {
     let randn = |shape: &[usize], dtype: DType| {
         Tensor::randn(0f32, 1., shape, &Device::Cpu)?.to_dtype(dtype)
     };
-    let mut failures = Vec::new();
+    let mut failures = Failures::default();
     for dtype in [DType::F16, DType::BF16] {
         for (sq, sk) in [(1, 9), (5, 77), (77, 5), (129, 129)] {
             let q = randn(&[2, sq, 4, 64], dtype)?;
@@ -441,9 +436,7 @@ fn flash_attn_layouts_match_cpu() -> Result<()> {
             let cpu = value_and_grads(f, [&q, &k, &v], &dout, None)?;
             let kernels = value_and_grads(f, [&q, &k, &v], &dout, Some(&target))?;
             let what = format!("flash_attn {dtype:?} ({sq}, {sk})");
-            if let Err(e) = compare(&what, dtype, &kernels, &cpu) {
-                failures.push(e.to_string());
-            }
+            failures.check(compare(&what, dtype, &kernels, &cpu));
         }
         // Three sequences of 3, 70 and 1 queries against 5, 64 and 33 keys, and one padding row.
         let (tq, tk) = (3 + 70 + 1 + 1, 5 + 64 + 33);
@@ -464,12 +457,10 @@ fn flash_attn_layouts_match_cpu() -> Result<()> {
             let cpu = value_and_grads(on_cpu, [&q, &k, &v], &dout, None)?;
             let kernels = value_and_grads(on_target, [&q, &k, &v], &dout, Some(&target))?;
             let what = format!("flash_attn_varlen {dtype:?} causal {causal}");
-            if let Err(e) = compare(&what, dtype, &kernels, &cpu) {
-                failures.push(e.to_string());
-            }
+            failures.check(compare(&what, dtype, &kernels, &cpu));
         }
     }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    failures.assert_none();
     Ok(())
 }
 
@@ -710,14 +701,12 @@ fn flash_windows_alibi_softcap_match_cpu() -> Result<()> {
             ..e
         },
     ];
-    let mut failures = Vec::new();
+    let mut failures = Failures::default();
     for (i, c) in cases.into_iter().enumerate() {
         let dtype = if i % 2 == 0 { DType::F16 } else { DType::BF16 };
-        if let Err(e) = check_extras(Backend::Flash, dtype, c, &target) {
-            failures.push(e.to_string());
-        }
+        failures.check(check_extras(Backend::Flash, dtype, c, &target));
     }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    failures.assert_none();
     Ok(())
 }
 
@@ -783,7 +772,7 @@ fn efficient_windows_alibi_softcap_match_cpu() -> Result<()> {
             ..e
         },
     ];
-    let mut failures = Vec::new();
+    let mut failures = Failures::default();
     for simt in [false, true] {
         if simt {
             std::env::set_var("ATTN_OP_CUDA_EFFICIENT_SIMT", "1");
@@ -801,7 +790,7 @@ fn efficient_windows_alibi_softcap_match_cpu() -> Result<()> {
         }
     }
     std::env::remove_var("ATTN_OP_CUDA_EFFICIENT_SIMT");
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    failures.assert_none();
     Ok(())
 }
 
@@ -812,7 +801,7 @@ fn flash_varlen_windows_alibi_softcap_match_cpu() -> Result<()> {
     let Some(target) = Target::get() else {
         return Ok(());
     };
-    let mut failures = Vec::new();
+    let mut failures = Failures::default();
     let (tq, tk, h, d) = (3 + 90 + 1, 5 + 100 + 33, 4, 32);
     let (cu_q, cu_k) = ([0u32, 3, 93, 94], [0u32, 5, 105, 138]);
     for (dtype, left, right, extras) in [
@@ -854,10 +843,8 @@ fn flash_varlen_windows_alibi_softcap_match_cpu() -> Result<()> {
         let cpu = value_and_grads(on_cpu, [&q, &k, &v], &dout, None)?;
         let kernels = value_and_grads(on_target, [&q, &k, &v], &dout, Some(&target))?;
         let what = format!("varlen {dtype:?} window ({left:?}, {right:?}) alibi+softcap {extras}");
-        if let Err(e) = compare(&what, dtype, &kernels, &cpu) {
-            failures.push(e.to_string());
-        }
+        failures.check(compare(&what, dtype, &kernels, &cpu));
     }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    failures.assert_none();
     Ok(())
 }

@@ -1,6 +1,6 @@
-//! One query row against keys and values read once (decoding against a KV cache), written with
-//! AVX-512 intrinsics for CPUs that have AVX-512F (chosen at run time by [`super::Src::dots`] and
-//! [`super::Src::accumulate`]). This work streams the cache from memory; the compiler's own
+//! One query row against keys and values read once (decoding against a KV cache), and the
+//! widening of f16/bf16 tiles, written with AVX-512 intrinsics for CPUs that have AVX-512F, BW
+//! and VL (chosen at run time by [`super::Src`]). This work streams the cache from memory; the compiler's own
 //! vectorisation of the portable loops used 128-bit loads and a product per key, so a core kept
 //! too few loads in flight. Here four keys share each load of the query, the output row stays
 //! in registers across a whole tile of values, and bf16 is widened as it is loaded.
@@ -37,6 +37,35 @@ impl Elem for half::bf16 {
         // SAFETY: the caller's contract (16-bit lanes of `m`).
         let h = unsafe { _mm256_maskz_loadu_epi16(m, p.cast()) };
         _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+    }
+}
+
+impl Elem for half::f16 {
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn load16(p: *const half::f16, m: __mmask16) -> __m512 {
+        // SAFETY: the caller's contract (16-bit lanes of `m`).
+        _mm512_cvtph_ps(unsafe { _mm256_maskz_loadu_epi16(m, p.cast()) })
+    }
+}
+
+/// `dst = src` widened to f32 (exactly), 16 elements per instruction.
+///
+/// # Safety
+/// The CPU must have AVX-512F, BW and VL.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) unsafe fn widen<T: Elem>(src: &[T], dst: &mut [f32]) {
+    let n = src.len().min(dst.len());
+    for c in (0..n).step_by(16) {
+        let m = lanes(n - c);
+        // SAFETY: lanes `c..min(c + 16, n)` of both slices.
+        unsafe {
+            _mm512_mask_storeu_ps(
+                dst.as_mut_ptr().add(c),
+                m,
+                T::load16(src.as_ptr().add(c), m),
+            )
+        };
     }
 }
 
@@ -167,20 +196,34 @@ mod tests {
                 let (off, rs) = (7, e + 5);
                 let data = values(off + n * rs, 0.3);
                 let bf: Vec<half::bf16> = data.iter().map(|&x| half::bf16::from_f32(x)).collect();
+                let hf: Vec<half::f16> = data.iter().map(|&x| half::f16::from_f32(x)).collect();
                 let wide: Vec<f32> = bf.iter().map(|b| b.to_f32()).collect();
+                let wide16: Vec<f32> = hf.iter().map(|b| b.to_f32()).collect();
+                // SAFETY (here and below): the CPU has AVX-512F, BW and VL (checked above).
+                let mut w = vec![f32::NAN; data.len()];
+                unsafe { widen(&hf, &mut w) };
+                assert_eq!(w, wide16, "widened f16");
+                unsafe { widen(&bf, &mut w) };
+                assert_eq!(w, wide, "widened bf16");
                 let x = values(e, 1.1);
                 let p = values(n, 2.2);
                 let y0 = values(e, 3.3);
-                for (name, rows) in [("f32", &data), ("bf16", &wide)] {
+                for (name, rows) in [("f32", &data), ("f16", &wide16), ("bf16", &wide)] {
                     let (mut out, mut y) = (vec![f32::NAN; n], y0.clone());
-                    // SAFETY: the CPU has AVX-512F, BW and VL (checked above).
                     unsafe {
-                        if name == "f32" {
-                            dots(&x, &data, off, rs, &mut out);
-                            accumulate(&p, &data, off, rs, &mut y);
-                        } else {
-                            dots(&x, &bf, off, rs, &mut out);
-                            accumulate(&p, &bf, off, rs, &mut y);
+                        match name {
+                            "f32" => {
+                                dots(&x, &data, off, rs, &mut out);
+                                accumulate(&p, &data, off, rs, &mut y);
+                            }
+                            "f16" => {
+                                dots(&x, &hf, off, rs, &mut out);
+                                accumulate(&p, &hf, off, rs, &mut y);
+                            }
+                            _ => {
+                                dots(&x, &bf, off, rs, &mut out);
+                                accumulate(&p, &bf, off, rs, &mut y);
+                            }
                         }
                     }
                     let row = |j: usize| &rows[off + j * rs..][..e];

@@ -34,6 +34,26 @@ pub(crate) fn use_avx512() -> bool {
     })
 }
 
+/// f16 widened to f32: AVX-512 where [`use_avx512`], else `half`'s conversion.
+fn widen_f16(src: &[half::f16], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if use_avx512() {
+        // SAFETY: the CPU has AVX-512F, BW and VL.
+        return unsafe { decode_avx512::widen(src, dst) };
+    }
+    src.convert_to_f32_slice(dst)
+}
+
+/// bf16 widened to f32: AVX-512 where [`use_avx512`], else the portable [`simd::bf16_to_f32`].
+fn widen_bf16(src: &[half::bf16], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if use_avx512() {
+        // SAFETY: the CPU has AVX-512F, BW and VL.
+        return unsafe { decode_avx512::widen(src, dst) };
+    }
+    simd::bf16_to_f32(src, dst)
+}
+
 /// A tensor's elements as f32, borrowed for f32 storage and converted whole for f16/bf16, for
 /// callers that need every element as f32 at once (masks, the backward's output rows).
 /// `at(off)` takes the storage offsets of the tensor's layout.
@@ -63,10 +83,14 @@ impl<'a> Whole<'a> {
         let (lo, hi) = span(l);
         let data = match s {
             CpuStorage::F32(v) => Cow::Borrowed(&v[lo..hi]),
-            CpuStorage::F16(v) => Cow::Owned(v[lo..hi].to_f32_vec()),
+            CpuStorage::F16(v) => {
+                let mut out = vec![0f32; hi - lo];
+                widen_f16(&v[lo..hi], &mut out);
+                Cow::Owned(out)
+            }
             CpuStorage::BF16(v) => {
                 let mut out = vec![0f32; hi - lo];
-                simd::bf16_to_f32(&v[lo..hi], &mut out);
+                widen_bf16(&v[lo..hi], &mut out);
                 Cow::Owned(out)
             }
             other => bail!("{}", unsupported(other.dtype())),
@@ -139,10 +163,8 @@ impl<'a> Src<'a> {
         }
         match *self {
             Src::F32(d) => return MatRef::rows(&d[off..], rows, cols, rs),
-            Src::F16(d) => convert(d, off, rows, cols, rs, buf, |s, o| {
-                s.convert_to_f32_slice(o)
-            }),
-            Src::BF16(d) => convert(d, off, rows, cols, rs, buf, simd::bf16_to_f32),
+            Src::F16(d) => convert(d, off, rows, cols, rs, buf, widen_f16),
+            Src::BF16(d) => convert(d, off, rows, cols, rs, buf, widen_bf16),
         }
         MatRef::rows(buf, rows, cols, cols)
     }
@@ -157,11 +179,11 @@ impl Src<'_> {
         #[cfg(target_arch = "x86_64")]
         if use_avx512() {
             // SAFETY: the CPU has AVX-512F, BW and VL.
-            match *self {
-                Src::F32(d) => return unsafe { decode_avx512::dots(x, d, off, rs, out) },
-                Src::BF16(d) => return unsafe { decode_avx512::dots(x, d, off, rs, out) },
-                Src::F16(_) => {}
-            }
+            return match *self {
+                Src::F32(d) => unsafe { decode_avx512::dots(x, d, off, rs, out) },
+                Src::F16(d) => unsafe { decode_avx512::dots(x, d, off, rs, out) },
+                Src::BF16(d) => unsafe { decode_avx512::dots(x, d, off, rs, out) },
+            };
         }
         match *self {
             Src::F32(d) => {
@@ -191,11 +213,11 @@ impl Src<'_> {
         #[cfg(target_arch = "x86_64")]
         if use_avx512() {
             // SAFETY: the CPU has AVX-512F, BW and VL.
-            match *self {
-                Src::F32(d) => return unsafe { decode_avx512::accumulate(p, d, off, rs, y) },
-                Src::BF16(d) => return unsafe { decode_avx512::accumulate(p, d, off, rs, y) },
-                Src::F16(_) => {}
-            }
+            return match *self {
+                Src::F32(d) => unsafe { decode_avx512::accumulate(p, d, off, rs, y) },
+                Src::F16(d) => unsafe { decode_avx512::accumulate(p, d, off, rs, y) },
+                Src::BF16(d) => unsafe { decode_avx512::accumulate(p, d, off, rs, y) },
+            };
         }
         if let Src::BF16(d) = *self {
             for (j, &pj) in p.iter().enumerate() {

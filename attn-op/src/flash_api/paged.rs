@@ -6,6 +6,7 @@ use candle_core::{bail, DType, Result, Tensor};
 
 use super::varlen::{cumulative, lengths, packed};
 use super::{check_flash, Extras};
+use crate::config::paged_rows;
 use crate::sdpa::unit_last_dim;
 use crate::FlashAttention;
 
@@ -183,13 +184,9 @@ pub fn flash_attn_varlen_paged_windowed(
             used,
         );
     }
-    // Physical row (block · page + offset) of every key, sequence after sequence.
-    let rows: Vec<i64> = cu_k
-        .windows(2)
-        .zip(&used)
-        .flat_map(|(w, mine)| {
-            (0..w[1] - w[0]).map(move |t| (mine[t / page] * page + t % page) as i64)
-        })
+    let rows: Vec<i64> = paged_rows(&cu_k, &used, page)
+        .into_iter()
+        .map(|r| r as i64)
         .collect();
     let rows = Tensor::new(rows, k.device())?;
     let gather = |t: &Tensor| -> Result<Tensor> {

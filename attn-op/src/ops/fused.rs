@@ -8,7 +8,7 @@ use candle_core::op::BackpropOp;
 use candle_core::{bail, CpuStorage, DType, Device, Layout, Result, Shape, Storage, Tensor};
 use half::slice::HalfFloatSliceExt;
 
-use crate::config::{AttnConfig, Band, CausalAlign, Dropout};
+use crate::config::{paged_rows, AttnConfig, Band, CausalAlign, Dropout};
 use crate::cpu::backward::{backward, Grads};
 use crate::cpu::forward::{forward, forward_into, Params, Sources};
 use crate::cpu::{unsupported, MaskSrc, Src, Whole};
@@ -386,13 +386,7 @@ impl Fused {
             bail!("attention backward: a paged cache without sequence lengths");
         };
         let page = k.dims4()?.1;
-        // Physical row (block · page + offset) of every key, sequence after sequence.
-        let rows: Vec<usize> = varlen
-            .cu_k
-            .windows(2)
-            .zip(blocks)
-            .flat_map(|(w, mine)| (0..w[1] - w[0]).map(move |t| mine[t / page] * page + t % page))
-            .collect();
+        let rows = paged_rows(&varlen.cu_k, blocks, page);
         let ids: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
         let ids = Tensor::new(ids, &Device::Cpu)?;
         let gather = |t: &Tensor| -> Result<Tensor> {

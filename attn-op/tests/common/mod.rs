@@ -251,3 +251,34 @@ pub fn tolerance(dtype: DType) -> f64 {
         _ => 1e-10,
     }
 }
+
+/// The failures of a test's cases, gathered so that one run reports every case that fails.
+#[derive(Default)]
+pub struct Failures(Vec<String>);
+
+impl Failures {
+    /// Records the error of `result`, if it is one.
+    pub fn check<E: std::fmt::Display>(&mut self, result: std::result::Result<(), E>) {
+        if let Err(e) = result {
+            self.0.push(e.to_string());
+        }
+    }
+
+    pub fn push(&mut self, failure: String) {
+        self.0.push(failure);
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Panics listing every failure, if there is one.
+    pub fn assert_none(&self) {
+        assert!(
+            self.0.is_empty(),
+            "{} failures:\n{}",
+            self.0.len(),
+            self.0.join("\n")
+        );
+    }
+}
