@@ -84,14 +84,14 @@ pub(crate) fn prepare_scores(
         // The scale goes inside the cap, the bias after it.
         let alibi = (seg.slope != 0.0).then_some((seg.slope, diag0));
         simd::softcap_rows(s, cols, p.scale / cap, cap, tanh, alibi);
+    } else if seg.slope != 0.0 {
+        simd::alibi_rows(s, cols, p.scale, seg.slope, diag0);
     }
     for (i, s) in s.chunks_exact_mut(cols.max(1)).enumerate() {
         let row = row0 + i;
         if transform {
-            // (The soft cap scaled the scores and added the bias above.)
-            if p.softcap.is_none() && seg.slope != 0.0 {
-                simd::alibi(s, p.scale, seg.slope, diag0 + i as f32);
-            } else if p.softcap.is_none() && p.scale != 1.0 {
+            // (The soft cap or the bias scaled the scores above.)
+            if p.softcap.is_none() && seg.slope == 0.0 && p.scale != 1.0 {
                 simd::scale(s, p.scale);
             }
             if let Some(mask) = &src.mask {

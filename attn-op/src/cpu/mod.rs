@@ -6,9 +6,9 @@ pub(crate) mod backward;
 mod decode_avx512;
 pub(crate) mod forward;
 mod matmul;
-pub(crate) mod simd;
 #[cfg(target_arch = "x86_64")]
-pub(crate) mod softcap_avx512;
+pub(crate) mod scores_avx512;
+pub(crate) mod simd;
 #[cfg(target_arch = "x86_64")]
 mod softmax_avx512;
 

@@ -257,7 +257,7 @@ pub(crate) fn softcap_rows(
     #[cfg(target_arch = "x86_64")]
     if super::use_avx512() {
         // SAFETY: the CPU has AVX-512F.
-        return unsafe { super::softcap_avx512::softcap_rows(x, cols, a, cap, t, alibi) };
+        return unsafe { super::scores_avx512::softcap_rows(x, cols, a, cap, t, alibi) };
     }
     softcap_rows_portable(x, cols, a, cap, t, alibi)
 }
@@ -294,12 +294,26 @@ pub(crate) fn softcap_rows_portable(
     }
 }
 
-/// A row scaled by `a` with the ALiBi bias: `x[j] = a·x[j] - slope·|diag - j|`.
+/// A tile of rows `cols` wide scaled by `a` with the ALiBi bias:
+/// `x[i][j] = a·x[i][j] - slope·|diag0 + i - j|`.
+pub(crate) fn alibi_rows(x: &mut [f32], cols: usize, a: f32, slope: f32, diag0: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if super::use_avx512() {
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { super::scores_avx512::alibi_rows(x, cols, a, slope, diag0) };
+    }
+    alibi_rows_portable(x, cols, a, slope, diag0)
+}
+
+/// [`alibi_rows`] in portable code, vectorised by the compiler.
 #[multiversion(targets("x86_64+avx2+fma+avx512f+avx512vl", "x86_64+avx2+fma"))]
-pub(crate) fn alibi(x: &mut [f32], a: f32, slope: f32, diag: f32) {
+pub(crate) fn alibi_rows_portable(x: &mut [f32], cols: usize, a: f32, slope: f32, diag0: f32) {
     let fma = target_cfg_f!(target_feature = "fma");
-    for (j, v) in x.iter_mut().enumerate() {
-        *v = madd(a, *v, -slope * (diag - j as f32).abs(), fma);
+    for (i, row) in x.chunks_exact_mut(cols.max(1)).enumerate() {
+        let diag = diag0 + i as f32;
+        for (j, v) in row.iter_mut().enumerate() {
+            *v = madd(a, *v, -slope * (diag - j as f32).abs(), fma);
+        }
     }
 }
 
@@ -468,7 +482,7 @@ mod tests {
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512F (checked above).
             impls.push(("avx512", |x, c, a, cap, t, b| unsafe {
-                crate::cpu::softcap_avx512::softcap_rows(x, c, a, cap, t, b)
+                crate::cpu::scores_avx512::softcap_rows(x, c, a, cap, t, b)
             }));
         }
         impls
@@ -513,6 +527,31 @@ mod tests {
                 x[0].is_nan() && (x[1] - 5.0 * 1f32.tanh()).abs() < 1e-6,
                 "{name} NaN"
             );
+        }
+    }
+
+    #[test]
+    fn alibi_rows_match_f64() {
+        type AlibiRows = fn(&mut [f32], usize, f32, f32, f32);
+        let mut impls: Vec<(&str, AlibiRows)> = vec![("portable", alibi_rows_portable)];
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked above).
+            impls.push(("avx512", |x, c, a, s, d| unsafe {
+                crate::cpu::scores_avx512::alibi_rows(x, c, a, s, d)
+            }));
+        }
+        for (name, f) in impls {
+            for cols in [1, 5, 16, 17, 37, 64] {
+                let x0: Vec<f32> = (0..3 * cols).map(|i| (i as f32 * 0.37).sin()).collect();
+                let mut x = x0.clone();
+                f(&mut x, cols, 0.5, 0.25, 20.0);
+                for (k, (&got, &x0)) in x.iter().zip(&x0).enumerate() {
+                    let (i, j) = ((k / cols) as f64, (k % cols) as f64);
+                    let want = 0.5 * x0 as f64 - 0.25 * (20.0 + i - j).abs();
+                    assert!((got as f64 - want).abs() < 1e-5, "{name} {cols} {k}");
+                }
+            }
         }
     }
 

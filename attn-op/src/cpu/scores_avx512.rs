@@ -1,8 +1,10 @@
-//! The soft cap of the tiled kernels' scores written with AVX-512 intrinsics, for CPUs that have
-//! AVX-512F (chosen at run time by [`super::simd::softcap`]). The same rational `tanh` as the
-//! portable code, but the division by `q(x²)` is `vrcp14ps` and one Newton step: `vdivps` on
-//! 512 bits issues once per ~10 cycles, and the compiled portable loop waited on it. The ALiBi
-//! bias is added in the same pass.
+//! The soft cap and the ALiBi bias of the tiled kernels' scores written with AVX-512 intrinsics,
+//! for CPUs that have AVX-512F (chosen at run time by [`super::simd::softcap_rows`] and
+//! [`super::simd::alibi_rows`]). The same rational `tanh` as the portable code, but the division
+//! by `q(x²)` is `vrcp14ps` and one Newton step: `vdivps` on 512 bits issues once per ~10
+//! cycles, and the compiled portable loop waited on it. The bias `-slope·|diag - j|` comes from
+//! a vector of `diag - j` stepped by 16, not from converting each `j`; with a soft cap it is added
+//! in the same pass.
 
 use std::arch::x86_64::*;
 
@@ -53,18 +55,28 @@ pub(crate) unsafe fn softcap_rows(
     alibi: Option<(f32, f32)>,
 ) {
     match (t, alibi) {
-        (Some(t), Some(b)) => tile::<true, true>(x, cols, a, cap, t, b),
-        (Some(t), None) => tile::<true, false>(x, cols, a, cap, t, (0.0, 0.0)),
-        (None, Some(b)) => tile::<false, true>(x, cols, a, cap, &mut [], b),
-        (None, None) => tile::<false, false>(x, cols, a, cap, &mut [], (0.0, 0.0)),
+        (Some(t), Some(b)) => tile::<true, true, true>(x, cols, a, cap, t, b),
+        (Some(t), None) => tile::<true, true, false>(x, cols, a, cap, t, (0.0, 0.0)),
+        (None, Some(b)) => tile::<true, false, true>(x, cols, a, cap, &mut [], b),
+        (None, None) => tile::<true, false, false>(x, cols, a, cap, &mut [], (0.0, 0.0)),
     }
 }
 
-/// [`softcap_rows`] with the choices made at compile time: `T` stores `tanh` in `t` (as long as
-/// `x`), `B` adds the bias.
+/// [`super::simd::alibi_rows`]: `x[i][j] = a·x[i][j] - slope·|diag0 + i - j|` for the rows of
+/// `x`, `cols` wide.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn alibi_rows(x: &mut [f32], cols: usize, a: f32, slope: f32, diag0: f32) {
+    tile::<false, false, true>(x, cols, a, 1.0, &mut [], (slope, diag0))
+}
+
+/// The scores' transforms with the choices made at compile time: `C` applies the soft cap
+/// (otherwise only the scale `a`), `T` stores `tanh` in `t` (as long as `x`), `B` adds the bias.
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn tile<const T: bool, const B: bool>(
+fn tile<const C: bool, const T: bool, const B: bool>(
     x: &mut [f32],
     cols: usize,
     a: f32,
@@ -102,7 +114,7 @@ fn tile<const T: bool, const B: bool>(
             // `tanh` row).
             unsafe {
                 let u = _mm512_mul_ps(av, _mm512_maskz_loadu_ps(m, row.as_ptr().add(j)));
-                let mut y = scaled_tanh16(u, &pc);
+                let mut y = if C { scaled_tanh16(u, &pc) } else { u };
                 if T {
                     _mm512_mask_storeu_ps(t_row.as_mut_ptr().add(j), m, y);
                     y = _mm512_mul_ps(capv, y);
