@@ -45,39 +45,6 @@ impl EfficientAttention {
         self.0.cfg.mask = Some(prepare_mask(mask)?);
         Ok(self)
     }
-
-    /// Sliding-window attention, replacing the causal setting: query `i` sees key `j` when
-    /// `i + off - left <= j <= i + off + right`, `off = align.offset(Lq, Lk)`, `None` unlimited
-    /// (`(None, Some(0))` is causal). A window wider than the keys sees them all.
-    pub fn with_window(
-        mut self,
-        align: CausalAlign,
-        left: Option<usize>,
-        right: Option<usize>,
-    ) -> Self {
-        self.0.set_window(align, left, right);
-        self
-    }
-
-    /// Gemma 2's logit soft cap: scaled scores `x` become `cap·tanh(x / cap)` (`cap` finite and
-    /// positive).
-    pub fn with_softcap(mut self, cap: f32) -> Result<Self> {
-        self.0.set_softcap(cap)?;
-        Ok(self)
-    }
-
-    /// ALiBi: `-slopes[h]·|i + Lk - Lq - j|` added to the scaled scores of query head `h` (one
-    /// finite slope per query head).
-    pub fn with_alibi(mut self, slopes: &[f32]) -> Result<Self> {
-        self.0.set_alibi(slopes)?;
-        Ok(self)
-    }
-
-    /// Drops attention weights with probability `p` (`0 <= p < 1`), the mask drawn from `seed`.
-    pub fn with_dropout(mut self, p: f64, seed: u64) -> Result<Self> {
-        self.0.set_dropout(p, seed)?;
-        Ok(self)
-    }
 }
 
 /// A mask as the fused kernels read it: u8 as is, float biases as f32 (no gradient).

@@ -1,7 +1,5 @@
 //! [`FlashAttention`]: FlashAttention-2 as a Candle op.
 
-use candle_core::Result;
-
 use super::fused::Fused;
 use crate::config::Varlen;
 use crate::config::{AttnConfig, CausalAlign};
@@ -51,39 +49,6 @@ impl FlashAttention {
         self.0.cfg.varlen = Some(varlen);
         self.0.cfg.pages = Some(blocks);
         self
-    }
-
-    /// Sliding-window attention, replacing the causal setting: query `i` sees key `j` when
-    /// `i + off - left <= j <= i + off + right`, `off = align.offset(Lq, Lk)`, `None` unlimited
-    /// (`(None, Some(0))` is causal). A window wider than the keys sees them all.
-    pub fn with_window(
-        mut self,
-        align: CausalAlign,
-        left: Option<usize>,
-        right: Option<usize>,
-    ) -> Self {
-        self.0.set_window(align, left, right);
-        self
-    }
-
-    /// Gemma 2's logit soft cap: scaled scores `x` become `cap·tanh(x / cap)` (`cap` finite and
-    /// positive).
-    pub fn with_softcap(mut self, cap: f32) -> Result<Self> {
-        self.0.set_softcap(cap)?;
-        Ok(self)
-    }
-
-    /// ALiBi: `-slopes[h]·|i + Lk - Lq - j|` added to the scaled scores of query head `h` (one
-    /// finite slope per query head).
-    pub fn with_alibi(mut self, slopes: &[f32]) -> Result<Self> {
-        self.0.set_alibi(slopes)?;
-        Ok(self)
-    }
-
-    /// Drops attention weights with probability `p` (`0 <= p < 1`), the mask drawn from `seed`.
-    pub fn with_dropout(mut self, p: f64, seed: u64) -> Result<Self> {
-        self.0.set_dropout(p, seed)?;
-        Ok(self)
     }
 }
 
