@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::forward::{prepare_scores, sub_block, Params, Sources, BK, BQ};
+use super::forward::{prepare_scores, product_scale, sub_block, Params, Sources, BK, BQ};
 use super::matmul::{gemm, transpose_into, MatRef};
 use super::{simd, split_rows};
 use crate::geometry::{Geometry, KvSeg};
@@ -233,7 +233,7 @@ fn key_range(
                 let (pd, z) = (&mut pd[..n_dropout], &mut z[..n_dropout]);
                 let tanh = &mut tanh[..n_cap];
                 // P = exp(scores - lse); Pd = P with dropout applied.
-                gemm(s, cols, q, k_packed, false, 1.0);
+                gemm(s, cols, q, k_packed, false, product_scale(p));
                 let t = p.softcap.is_some().then_some(&mut *tanh);
                 let mul = prepare_scores(g, seg, src, p, r0, k0, kv.len, s, cols, t);
                 simd::exp_rows(s, cols, mul, &lse[row0..row0 + rows]);

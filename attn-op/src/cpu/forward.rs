@@ -56,7 +56,14 @@ pub(crate) struct Params {
     pub dropout: Option<Dropout>,
 }
 
-/// Prepares a tile of rows of `q·kᵀ` for the softmax: `s` holds rows `row0, row0 + 1, ...` of
+/// What the products `q·kᵀ` of the score tiles are multiplied by as they are computed, before
+/// [`prepare_scores`]: the soft cap's `scale / cap`, so that its pass skips a multiply; 1
+/// otherwise (the softmax or the bias takes the scale).
+pub(crate) fn product_scale(p: &Params) -> f32 {
+    p.softcap.map_or(1.0, |cap| p.scale / cap)
+}
+
+/// Prepares a tile of rows of `q·kᵀ` (times [`product_scale`]) for the softmax: `s` holds rows `row0, row0 + 1, ...` of
 /// query segment `seg`, `cols` wide, keys from `c0` on. Sets the keys outside each row's band
 /// (causal mask, window) to `-inf`. With a soft cap, ALiBi or a mask, transforms the scores in
 /// place (soft cap or scale, then the ALiBi bias, then the mask) and returns 1; otherwise leaves
@@ -81,9 +88,10 @@ pub(crate) fn prepare_scores(
     // Row `i`'s diagonal (ALiBi's zero) is key `diag0 + i` of the tile.
     let diag0 = (row0 as isize + seg.diag - c0 as isize) as f32;
     if let Some(cap) = p.softcap {
-        // The scale goes inside the cap, the bias after it.
+        // The scale went inside the cap with the products; the bias comes after it.
         let alibi = (seg.slope != 0.0).then_some((seg.slope, diag0));
-        simd::softcap_rows(s, cols, p.scale / cap, cap, tanh, alibi);
+        let a = p.scale / cap / product_scale(p);
+        simd::softcap_rows(s, cols, a, cap, tanh, alibi);
     } else if seg.slope != 0.0 {
         simd::alibi_rows(s, cols, p.scale, seg.slope, diag0);
     }
@@ -270,12 +278,15 @@ fn forward_block<T: OutElem>(
                         cols: scols,
                         ..*kt
                     };
-                    gemm(s, scols, q, kt, false, 1.0)
+                    gemm(s, scols, q, kt, false, product_scale(p))
                 }
                 None => {
                     for (i, s_row) in s.chunks_exact_mut(scols).enumerate() {
                         let q_row = &q.data[i * q.rs..i * q.rs + e];
                         src.k.dots(k_off, g.k_rs, q_row, s_row, few_rows);
+                        if product_scale(p) != 1.0 {
+                            simd::scale(s_row, product_scale(p));
+                        }
                     }
                 }
             }

@@ -20,9 +20,9 @@ use half::slice::HalfFloatSliceExt;
 
 use matmul::MatRef;
 
-/// Whether to use the AVX-512 kernels (products, softmax rows, decoding): the CPU has AVX-512F,
-/// BW and VL (every AVX-512 CPU but the Xeon Phi) and `ATTN_OP_PORTABLE` is not set (that variable selects the portable code, so that it can be
-/// tested on any machine).
+/// Whether to use the AVX-512 kernels (products, softmax rows, score transforms, decoding): the
+/// CPU has AVX-512F, BW and VL (every AVX-512 CPU but the Xeon Phi) and `ATTN_OP_PORTABLE` is not
+/// set (that variable selects the portable code, so that it can be tested on any machine).
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn use_avx512() -> bool {
     static USE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();

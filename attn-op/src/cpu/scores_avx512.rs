@@ -74,9 +74,28 @@ pub(crate) unsafe fn alibi_rows(x: &mut [f32], cols: usize, a: f32, slope: f32, 
 
 /// The scores' transforms with the choices made at compile time: `C` applies the soft cap
 /// (otherwise only the scale `a`), `T` stores `tanh` in `t` (as long as `x`), `B` adds the bias.
+/// A scale of 1 (the soft cap's, already applied by the products) costs no multiply.
 #[inline]
 #[target_feature(enable = "avx512f")]
 fn tile<const C: bool, const T: bool, const B: bool>(
+    x: &mut [f32],
+    cols: usize,
+    a: f32,
+    cap: f32,
+    t: &mut [f32],
+    bias: (f32, f32),
+) {
+    if a == 1.0 {
+        rows::<C, T, B, false>(x, cols, a, cap, t, bias)
+    } else {
+        rows::<C, T, B, true>(x, cols, a, cap, t, bias)
+    }
+}
+
+/// [`tile`], `M` multiplying by `a`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn rows<const C: bool, const T: bool, const B: bool, const M: bool>(
     x: &mut [f32],
     cols: usize,
     a: f32,
@@ -113,7 +132,10 @@ fn tile<const C: bool, const T: bool, const B: bool>(
             // SAFETY: the mask covers only lanes `j..min(j + 16, cols)` of the row (and of its
             // `tanh` row).
             unsafe {
-                let u = _mm512_mul_ps(av, _mm512_maskz_loadu_ps(m, row.as_ptr().add(j)));
+                let mut u = _mm512_maskz_loadu_ps(m, row.as_ptr().add(j));
+                if M {
+                    u = _mm512_mul_ps(av, u);
+                }
                 let mut y = if C { scaled_tanh16(u, &pc) } else { u };
                 if T {
                     _mm512_mask_storeu_ps(t_row.as_mut_ptr().add(j), m, y);

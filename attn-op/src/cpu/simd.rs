@@ -479,7 +479,7 @@ mod tests {
     fn softcap_impls() -> Vec<(&'static str, SoftcapRows)> {
         let mut impls: Vec<(&str, SoftcapRows)> = vec![("portable", softcap_rows_portable)];
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if super::super::use_avx512() {
             // SAFETY: the CPU has AVX-512F (checked above).
             impls.push(("avx512", |x, c, a, cap, t, b| unsafe {
                 crate::cpu::scores_avx512::softcap_rows(x, c, a, cap, t, b)
@@ -535,7 +535,7 @@ mod tests {
         type AlibiRows = fn(&mut [f32], usize, f32, f32, f32);
         let mut impls: Vec<(&str, AlibiRows)> = vec![("portable", alibi_rows_portable)];
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if super::super::use_avx512() {
             // SAFETY: the CPU has AVX-512F (checked above).
             impls.push(("avx512", |x, c, a, s, d| unsafe {
                 crate::cpu::scores_avx512::alibi_rows(x, c, a, s, d)
