@@ -47,6 +47,30 @@ pub(crate) struct KvSeg {
     pub pages: Option<Range<usize>>,
 }
 
+/// The query segments of packed sequence `s`, one per query head: queries `[q0, q0 + lq)` of q
+/// `(hq, total_q, E)` against the sequence's `lk` keys (kv heads `hkv`), as the packed and paged
+/// layouts both lay them out.
+fn packed_q_segs<'a>(
+    q: &'a Layout,
+    (hq, hkv, total_q): (usize, usize, usize),
+    (s, q0, lq, lk): (usize, usize, usize, usize),
+    band: Option<Band>,
+    alibi: Option<&'a [f32]>,
+) -> impl Iterator<Item = QSeg> + 'a {
+    let group = hq / hkv;
+    (0..hq).map(move |h| QSeg {
+        q: q.start_offset() + h * q.stride()[0] + q0 * q.stride()[1],
+        row0: h * total_q + q0,
+        len: lq,
+        kv: s * hkv + h / group,
+        stream: s * hq + h,
+        mask: 0,
+        band: band.map_or_else(Bounds::default, |b| b.offsets(lq, lk)),
+        slope: alibi.map_or(0.0, |a| a[h]),
+        diag: lk as isize - lq as isize,
+    })
+}
+
 /// Keys and values in fixed-size blocks of a cache (paged KV): key `t` of a segment is row
 /// `t % page` of block `blocks[pages.start + t / page]`.
 #[derive(Clone, Debug, PartialEq)]
@@ -225,19 +249,13 @@ impl Geometry {
         for s in 0..b {
             let (q0, lq) = (cu_q[s], cu_q[s + 1] - cu_q[s]);
             let (k0, lk) = (cu_k[s], cu_k[s + 1] - cu_k[s]);
-            for h in 0..hq {
-                q_segs.push(QSeg {
-                    q: q.start_offset() + h * q.stride()[0] + q0 * q.stride()[1],
-                    row0: h * total_q + q0,
-                    len: lq,
-                    kv: s * hkv + h / group,
-                    stream: s * hq + h,
-                    mask: 0,
-                    band: band.map_or_else(Bounds::default, |b| b.offsets(lq, lk)),
-                    slope: alibi.map_or(0.0, |a| a[h]),
-                    diag: lk as isize - lq as isize,
-                });
-            }
+            q_segs.extend(packed_q_segs(
+                q,
+                (hq, hkv, total_q),
+                (s, q0, lq, lk),
+                band,
+                alibi,
+            ));
             for h in 0..hkv {
                 kv_segs.push(KvSeg {
                     k: k.start_offset() + h * k.stride()[0] + k0 * k.stride()[1],
@@ -311,19 +329,13 @@ impl Geometry {
             }
             let pages = table.len()..table.len() + used.len();
             table.extend_from_slice(used);
-            for h in 0..hq {
-                q_segs.push(QSeg {
-                    q: q.start_offset() + h * q.stride()[0] + q0 * q.stride()[1],
-                    row0: h * total_q + q0,
-                    len: lq,
-                    kv: s * hkv + h / group,
-                    stream: s * hq + h,
-                    mask: 0,
-                    band: band.map_or_else(Bounds::default, |b| b.offsets(lq, lk)),
-                    slope: alibi.map_or(0.0, |a| a[h]),
-                    diag: lk as isize - lq as isize,
-                });
-            }
+            q_segs.extend(packed_q_segs(
+                q,
+                (hq, hkv, total_q),
+                (s, q0, lq, lk),
+                band,
+                alibi,
+            ));
             for h in 0..hkv {
                 kv_segs.push(KvSeg {
                     k: k.start_offset() + h * k.stride()[2],
