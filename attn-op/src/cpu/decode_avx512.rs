@@ -1,17 +1,13 @@
 //! One query row against keys and values read once (decoding against a KV cache), and the
 //! widening of f16/bf16 tiles, written with AVX-512 intrinsics for CPUs that have AVX-512F, BW
-//! and VL (chosen at run time by [`super::Src`]). This work streams the cache from memory; the compiler's own
-//! vectorisation of the portable loops used 128-bit loads and a product per key, so a core kept
-//! too few loads in flight. Here four keys share each load of the query, the output row stays
+//! and VL (chosen at run time by [`super::Src`]). This work streams the cache from memory; the
+//! compiler's own vectorisation of the portable loops used 128-bit loads and a product per key,
+//! so a core kept too few loads in flight. Here four keys share each load of the query, the output row stays
 //! in registers across a whole tile of values, and bf16 is widened as it is loaded.
 
 use std::arch::x86_64::*;
 
-/// The mask of the first `n` (at most 16) lanes.
-#[inline]
-fn lanes(n: usize) -> __mmask16 {
-    ((1u32 << n.min(16)) - 1) as __mmask16
-}
+use super::lanes;
 
 /// An element type of the cache: 16 of them from `p` (lanes outside `m` read as 0) as f32.
 pub(crate) trait Elem: Copy {

@@ -63,13 +63,13 @@ pub(crate) fn product_scale(p: &Params) -> f32 {
     p.softcap.map_or(1.0, |cap| p.scale / cap)
 }
 
-/// Prepares a tile of rows of `q·kᵀ` (times [`product_scale`]) for the softmax: `s` holds rows `row0, row0 + 1, ...` of
-/// query segment `seg`, `cols` wide, keys from `c0` on. Sets the keys outside each row's band
-/// (causal mask, window) to `-inf`. With a soft cap, ALiBi or a mask, transforms the scores in
-/// place (soft cap or scale, then the ALiBi bias, then the mask) and returns 1; otherwise leaves
-/// the scaling to the caller and returns the scale: the scores are `returned multiplier × s`,
-/// the same multiplier for every row. With a soft cap, `tanh` (when given, as long as `s`)
-/// receives each score's `tanh(scale·q·k / c)`, which the backward needs.
+/// Prepares a tile of rows of `q·kᵀ` (times [`product_scale`]) for the softmax: `s` holds rows
+/// `row0, row0 + 1, ...` of query segment `seg`, `cols` wide, keys from `c0` on. Sets the keys
+/// outside each row's band (causal mask, window) to `-inf`. With a soft cap, ALiBi or a mask,
+/// transforms the scores in place (soft cap or scale, then the ALiBi bias, then the mask) and
+/// returns 1; otherwise leaves the scaling to the caller and returns the scale: the scores are
+/// `returned multiplier × s`, the same multiplier for every row. With a soft cap, `tanh` (when
+/// given, as long as `s`) receives each score's `tanh(scale·q·k / c)`, which the backward needs.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 pub(crate) fn prepare_scores(
@@ -88,10 +88,9 @@ pub(crate) fn prepare_scores(
     // Row `i`'s diagonal (ALiBi's zero) is key `diag0 + i` of the tile.
     let diag0 = (row0 as isize + seg.diag - c0 as isize) as f32;
     if let Some(cap) = p.softcap {
-        // The scale went inside the cap with the products; the bias comes after it.
+        // The products applied `scale / cap` (`product_scale`); the bias comes after the cap.
         let alibi = (seg.slope != 0.0).then_some((seg.slope, diag0));
-        let a = p.scale / cap / product_scale(p);
-        simd::softcap_rows(s, cols, a, cap, tanh, alibi);
+        simd::softcap_rows(s, cols, cap, tanh, alibi);
     } else if seg.slope != 0.0 {
         simd::alibi_rows(s, cols, p.scale, seg.slope, diag0);
     }

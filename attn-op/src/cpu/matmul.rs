@@ -154,18 +154,13 @@ fn portable(dst: &mut [f32], dst_rs: usize, lhs: MatRef, rhs: MatRef, accumulate
 mod avx512 {
     use std::arch::x86_64::*;
 
+    use super::super::lanes;
     use super::MatRef;
 
     /// Rows per register block.
     const MR: usize = 6;
     /// Columns per register block: four 16-lane vectors.
     const NR: usize = 64;
-
-    /// The mask of the first `n` (at most 16) lanes.
-    #[inline]
-    fn lanes(n: usize) -> __mmask16 {
-        ((1u32 << n.min(16)) - 1) as __mmask16
-    }
 
     /// `out` (`m.cols × m.rows`, contiguous rows) = the transpose of `m`, by blocks of 16 × 16
     /// transposed in registers (four rounds of shuffles) instead of one strided store per

@@ -34,6 +34,13 @@ pub(crate) fn use_avx512() -> bool {
     })
 }
 
+/// The AVX-512 mask of the first `n` (at most 16) lanes, for the kernels' row tails.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn lanes(n: usize) -> std::arch::x86_64::__mmask16 {
+    ((1u32 << n.min(16)) - 1) as std::arch::x86_64::__mmask16
+}
+
 /// f16 widened to f32: AVX-512 where [`use_avx512`], else `half`'s conversion.
 fn widen_f16(src: &[half::f16], dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -173,7 +180,8 @@ impl<'a> Src<'a> {
 impl Src<'_> {
     /// `out[j] = x · k_j` for the rows `k_j` (`x.len()` elements from storage offset
     /// `off + j·rs`), `j < out.len()`: one query row against keys read once, as decoding does.
-    /// bf16 keys are widened as they are read; f16 keys are converted into `buf` first.
+    /// With AVX-512 every dtype is widened as it is read (`decode_avx512`); otherwise bf16 keys
+    /// are, and f16 keys are converted into `buf` first.
     pub fn dots(&self, off: usize, rs: usize, x: &[f32], out: &mut [f32], buf: &mut Vec<f32>) {
         let e = x.len();
         #[cfg(target_arch = "x86_64")]
@@ -206,8 +214,9 @@ impl Src<'_> {
     }
 
     /// `y += Σ_j p[j]·v_j` for the rows `v_j` (`y.len()` elements from storage offset
-    /// `off + j·rs`), `j < p.len()`: one row of probabilities times values read once. bf16 values
-    /// are widened as they are read; f32 and f16 go through the matrix kernel.
+    /// `off + j·rs`), `j < p.len()`: one row of probabilities times values read once. With
+    /// AVX-512 the output row stays in registers and every dtype is widened as it is read
+    /// (`decode_avx512`); otherwise bf16 values are, and f32 and f16 go through the matrix kernel.
     pub fn accumulate(&self, off: usize, rs: usize, p: &[f32], y: &mut [f32], buf: &mut Vec<f32>) {
         let ev = y.len();
         #[cfg(target_arch = "x86_64")]

@@ -8,6 +8,8 @@
 
 use std::arch::x86_64::*;
 
+use super::lanes;
+
 use super::simd::{TANH_CLAMP, TANH_P, TANH_Q};
 
 /// `c·tanh(x)` on 16 lanes, to the portable [`super::simd::tanh`]'s accuracy, with `pc` the
@@ -33,14 +35,8 @@ fn scaled_tanh16(x: __m512, pc: &[__m512; TANH_P.len()]) -> __m512 {
     _mm512_mul_ps(_mm512_mul_ps(x, p), r)
 }
 
-/// The mask of the first `n` (at most 16) lanes.
-#[inline]
-fn lanes(n: usize) -> __mmask16 {
-    ((1u32 << n.min(16)) - 1) as __mmask16
-}
-
-/// [`super::simd::softcap_rows`]: `x[i][j] = cap·tanh(a·x[i][j]) - slope·|diag0 + i - j|` (no
-/// bias without `alibi`) for the rows of `x`, `cols` wide, `tanh(a·x[i][j])` stored in `t` when
+/// [`super::simd::softcap_rows`]: `x[i][j] = cap·tanh(x[i][j]) - slope·|diag0 + i - j|` (no
+/// bias without `alibi`) for the rows of `x`, `cols` wide, `tanh(x[i][j])` stored in `t` when
 /// given.
 ///
 /// # Safety
@@ -49,16 +45,15 @@ fn lanes(n: usize) -> __mmask16 {
 pub(crate) unsafe fn softcap_rows(
     x: &mut [f32],
     cols: usize,
-    a: f32,
     cap: f32,
     t: Option<&mut [f32]>,
     alibi: Option<(f32, f32)>,
 ) {
     match (t, alibi) {
-        (Some(t), Some(b)) => tile::<true, true, true>(x, cols, a, cap, t, b),
-        (Some(t), None) => tile::<true, true, false>(x, cols, a, cap, t, (0.0, 0.0)),
-        (None, Some(b)) => tile::<true, false, true>(x, cols, a, cap, &mut [], b),
-        (None, None) => tile::<true, false, false>(x, cols, a, cap, &mut [], (0.0, 0.0)),
+        (Some(t), Some(b)) => tile::<true, true, true>(x, cols, cap, t, b),
+        (Some(t), None) => tile::<true, true, false>(x, cols, cap, t, (0.0, 0.0)),
+        (None, Some(b)) => tile::<true, false, true>(x, cols, cap, &mut [], b),
+        (None, None) => tile::<true, false, false>(x, cols, cap, &mut [], (0.0, 0.0)),
     }
 }
 
@@ -69,37 +64,18 @@ pub(crate) unsafe fn softcap_rows(
 /// The CPU must have AVX-512F.
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn alibi_rows(x: &mut [f32], cols: usize, a: f32, slope: f32, diag0: f32) {
-    tile::<false, false, true>(x, cols, a, 1.0, &mut [], (slope, diag0))
+    tile::<false, false, true>(x, cols, a, &mut [], (slope, diag0))
 }
 
-/// The scores' transforms with the choices made at compile time: `C` applies the soft cap
-/// (otherwise only the scale `a`), `T` stores `tanh` in `t` (as long as `x`), `B` adds the bias.
-/// A scale of 1 (the soft cap's, already applied by the products) costs no multiply.
+/// The scores' transforms with the choices made at compile time: `x = f·tanh(x)` (`C`, the soft
+/// cap, `f` the cap) or `x = f·x` (`f` the scale); `T` stores `tanh(x)` in `t` (as long as `x`),
+/// `B` adds the bias.
 #[inline]
 #[target_feature(enable = "avx512f")]
 fn tile<const C: bool, const T: bool, const B: bool>(
     x: &mut [f32],
     cols: usize,
-    a: f32,
-    cap: f32,
-    t: &mut [f32],
-    bias: (f32, f32),
-) {
-    if a == 1.0 {
-        rows::<C, T, B, false>(x, cols, a, cap, t, bias)
-    } else {
-        rows::<C, T, B, true>(x, cols, a, cap, t, bias)
-    }
-}
-
-/// [`tile`], `M` multiplying by `a`.
-#[inline]
-#[target_feature(enable = "avx512f")]
-fn rows<const C: bool, const T: bool, const B: bool, const M: bool>(
-    x: &mut [f32],
-    cols: usize,
-    a: f32,
-    cap: f32,
+    f: f32,
     t: &mut [f32],
     (slope, diag0): (f32, f32),
 ) {
@@ -107,13 +83,9 @@ fn rows<const C: bool, const T: bool, const B: bool, const M: bool>(
         !T || t.len() >= x.len(),
         "tanh buffer shorter than the tile"
     );
-    let (av, capv, nslope) = (
-        _mm512_set1_ps(a),
-        _mm512_set1_ps(cap),
-        _mm512_set1_ps(-slope),
-    );
+    let (fv, nslope) = (_mm512_set1_ps(f), _mm512_set1_ps(-slope));
     // Storing `tanh`, the cap multiplies it afterwards; otherwise it goes into the numerator.
-    let pc = TANH_P.map(|c| _mm512_set1_ps(if T { c } else { c * cap }));
+    let pc = TANH_P.map(|c| _mm512_set1_ps(if T { c } else { c * f }));
     let iota = _mm512_setr_ps(
         0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
     );
@@ -132,15 +104,16 @@ fn rows<const C: bool, const T: bool, const B: bool, const M: bool>(
             // SAFETY: the mask covers only lanes `j..min(j + 16, cols)` of the row (and of its
             // `tanh` row).
             unsafe {
-                let mut u = _mm512_maskz_loadu_ps(m, row.as_ptr().add(j));
-                if M {
-                    u = _mm512_mul_ps(av, u);
-                }
-                let mut y = if C { scaled_tanh16(u, &pc) } else { u };
-                if T {
-                    _mm512_mask_storeu_ps(t_row.as_mut_ptr().add(j), m, y);
-                    y = _mm512_mul_ps(capv, y);
-                }
+                let u = _mm512_maskz_loadu_ps(m, row.as_ptr().add(j));
+                let mut y = if C && !T {
+                    scaled_tanh16(u, &pc)
+                } else if C {
+                    let th = scaled_tanh16(u, &pc);
+                    _mm512_mask_storeu_ps(t_row.as_mut_ptr().add(j), m, th);
+                    _mm512_mul_ps(fv, th)
+                } else {
+                    _mm512_mul_ps(fv, u)
+                };
                 if B {
                     y = _mm512_fmadd_ps(nslope, _mm512_abs_ps(d), y);
                     d = _mm512_sub_ps(d, _mm512_set1_ps(16.0));

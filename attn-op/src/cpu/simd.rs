@@ -243,13 +243,13 @@ pub(crate) fn tanh(x: f32, fma: bool) -> f32 {
     x * p / q
 }
 
-/// Logit soft-capping of a tile of rows `cols` wide, `x[i][j] = cap·tanh(a·x[i][j])`, then the
-/// ALiBi bias `-slope·|diag0 + i - j|` when `alibi = Some((slope, diag0))`; stores
-/// `tanh(a·x[i][j])` in `t` (as long as `x`) when given (the backward's factor).
+/// Logit soft-capping of a tile of rows `cols` wide whose scores arrive divided by the cap (the
+/// products apply `scale / cap`, [`super::forward::product_scale`]): `x[i][j] = cap·tanh(x[i][j])`,
+/// then the ALiBi bias `-slope·|diag0 + i - j|` when `alibi = Some((slope, diag0))`; stores
+/// `tanh(x[i][j])` in `t` (as long as `x`) when given (the backward's factor).
 pub(crate) fn softcap_rows(
     x: &mut [f32],
     cols: usize,
-    a: f32,
     cap: f32,
     t: Option<&mut [f32]>,
     alibi: Option<(f32, f32)>,
@@ -257,9 +257,9 @@ pub(crate) fn softcap_rows(
     #[cfg(target_arch = "x86_64")]
     if super::use_avx512() {
         // SAFETY: the CPU has AVX-512F.
-        return unsafe { super::scores_avx512::softcap_rows(x, cols, a, cap, t, alibi) };
+        return unsafe { super::scores_avx512::softcap_rows(x, cols, cap, t, alibi) };
     }
-    softcap_rows_portable(x, cols, a, cap, t, alibi)
+    softcap_rows_portable(x, cols, cap, t, alibi)
 }
 
 /// [`softcap_rows`] in portable code, vectorised by the compiler.
@@ -267,7 +267,6 @@ pub(crate) fn softcap_rows(
 pub(crate) fn softcap_rows_portable(
     x: &mut [f32],
     cols: usize,
-    a: f32,
     cap: f32,
     mut t: Option<&mut [f32]>,
     alibi: Option<(f32, f32)>,
@@ -281,13 +280,13 @@ pub(crate) fn softcap_rows_portable(
             Some(t) => {
                 let t = &mut t[i * cols..(i + 1) * cols];
                 for (j, (v, t)) in x.iter_mut().zip(t).enumerate() {
-                    *t = tanh(a * *v, fma);
+                    *t = tanh(*v, fma);
                     *v = madd(cap, *t, bias(j), fma);
                 }
             }
             None => {
                 for (j, v) in x.iter_mut().enumerate() {
-                    *v = madd(cap, tanh(a * *v, fma), bias(j), fma);
+                    *v = madd(cap, tanh(*v, fma), bias(j), fma);
                 }
             }
         }
@@ -463,9 +462,10 @@ mod tests {
             assert!(tanh(f32::NAN, fma).is_nan());
         }
         // The soft cap and its gradient factor.
-        let mut x = vec![-100.0f32, -1.0, 0.0, 0.5, 3.0];
+        // Scores arrive divided by the cap: 0.1·v below.
+        let mut x = vec![-10.0f32, -0.1, 0.0, 0.05, 0.3];
         let mut t = vec![0f32; 5];
-        softcap_rows(&mut x, 5, 0.1, 10.0, Some(&mut t), None);
+        softcap_rows(&mut x, 5, 10.0, Some(&mut t), None);
         for (i, v) in [-100.0f64, -1.0, 0.0, 0.5, 3.0].into_iter().enumerate() {
             assert!((x[i] as f64 - 10.0 * (0.1 * v).tanh()).abs() < 1e-5);
             assert!((t[i] as f64 - (0.1 * v).tanh()).abs() < 1e-7);
@@ -481,14 +481,14 @@ mod tests {
         #[cfg(target_arch = "x86_64")]
         if super::super::use_avx512() {
             // SAFETY: the CPU has AVX-512F (checked above).
-            impls.push(("avx512", |x, c, a, cap, t, b| unsafe {
-                crate::cpu::scores_avx512::softcap_rows(x, c, a, cap, t, b)
+            impls.push(("avx512", |x, c, cap, t, b| unsafe {
+                crate::cpu::scores_avx512::softcap_rows(x, c, cap, t, b)
             }));
         }
         impls
     }
 
-    type SoftcapRows = fn(&mut [f32], usize, f32, f32, Option<&mut [f32]>, Option<(f32, f32)>);
+    type SoftcapRows = fn(&mut [f32], usize, f32, Option<&mut [f32]>, Option<(f32, f32)>);
 
     #[test]
     fn softcap_rows_match_f64() {
@@ -497,16 +497,17 @@ mod tests {
         for (name, f) in softcap_impls() {
             for cols in [1, 5, 16, 17, 37, 64] {
                 let rows = 3;
+                // Scores as they arrive, divided by the cap: up to ±4 here.
                 let x0: Vec<f32> = (0..rows * cols)
-                    .map(|i| ((i as f32 * 0.618).fract() - 0.5) * 400.0)
+                    .map(|i| ((i as f32 * 0.618).fract() - 0.5) * 8.0)
                     .collect();
                 for alibi in [None, Some((0.25f32, 7.0f32))] {
                     for with_t in [false, true] {
                         let (mut x, mut t) = (x0.clone(), vec![f32::NAN; x0.len()]);
-                        f(&mut x, cols, 0.02, 30.0, with_t.then_some(&mut t), alibi);
+                        f(&mut x, cols, 30.0, with_t.then_some(&mut t), alibi);
                         for (k, (&got, &x0)) in x.iter().zip(&x0).enumerate() {
                             let (i, j) = (k / cols, k % cols);
-                            let th = (0.02 * x0 as f64).tanh();
+                            let th = (x0 as f64).tanh();
                             let bias = alibi.map_or(0.0, |(s, d)| {
                                 -(s as f64) * (d as f64 + i as f64 - j as f64).abs()
                             });
@@ -522,7 +523,7 @@ mod tests {
                 }
             }
             let mut x = [f32::NAN, 1.0];
-            f(&mut x, 2, 1.0, 5.0, None, None);
+            f(&mut x, 2, 5.0, None, None);
             assert!(
                 x[0].is_nan() && (x[1] - 5.0 * 1f32.tanh()).abs() < 1e-6,
                 "{name} NaN"

@@ -6,6 +6,8 @@
 
 use std::arch::x86_64::*;
 
+use super::lanes;
+
 const LN2_HI: f32 = 0.693_359_4;
 const LN2_LO: f32 = -2.121_944_4e-4;
 /// A degree-5 fit of `e^r` on `[-ln 2 / 2, ln 2 / 2]` with constant term exactly 1, so `e^0 = 1`
@@ -37,12 +39,6 @@ fn exp16(y: __m512) -> __m512 {
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
     }
     _mm512_maskz_scalef_ps(keep, p, n)
-}
-
-/// The mask of the first `n` (at most 16) lanes.
-#[inline]
-fn lanes(n: usize) -> __mmask16 {
-    ((1u32 << n.min(16)) - 1) as __mmask16
 }
 
 /// Largest element of `x` (`-inf` when empty).
