@@ -10,7 +10,8 @@
 #
 # FLOPs: 4·B·H·Lq·Lk·E forward (a causal mask counts only the visible query/key pairs), 3.5x that
 # for forward + backward (FlashAttention's count). Peak: cores x the MHz /proc/cpuinfo reports x
-# 64 f32 FLOPs per cycle with AVX-512 (two 512-bit FMA units: 2 x 16 lanes x 2), 32 with AVX2;
+# 64 f32 FLOPs per cycle with AVX-512 (two 512-bit FMA units: 2 x 16 lanes x 2), 32 with AVX2 and
+# on AMD Zen 4 (AVX-512 on two 256-bit FMA pipes);
 # turbo clocks can exceed the reported MHz, so the share can be optimistic, never pessimistic.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,7 +44,13 @@ shapes=(
 
 cores=$(nproc)
 mhz=$(awk -F: '/^cpu MHz/ {print $2; exit}' /proc/cpuinfo)
-if grep -qw avx512f /proc/cpuinfo; then per_cycle=64; else per_cycle=32; fi
+family=$(awk -F: '/^cpu family/ {print $2 + 0; exit}' /proc/cpuinfo)
+if grep -qw avx512f /proc/cpuinfo && ! { grep -q AuthenticAMD /proc/cpuinfo && [ "$family" -eq 25 ]; }; then
+    per_cycle=64
+else
+    # AVX2 only, or AMD Zen 4 (family 25), whose two 256-bit FMA pipes run a 512-bit FMA as one.
+    per_cycle=32
+fi
 model=$(awk -F: '/^model name/ {print $2; exit}' /proc/cpuinfo)
 echo "machine:${model}, ${cores} cores at ${mhz} MHz, peak ${cores} x ${mhz} MHz x ${per_cycle} = $(python3 -c "print(f'{$cores * $mhz * $per_cycle / 1000:.0f}')") GFLOP/s f32; $(date -u '+%Y-%m-%d %H:%M UTC'); ${pairs} pairs, min time ${min_ms} ms"
 echo

@@ -4,6 +4,10 @@
 
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use super::bf16_pairs;
+#[cfg(target_arch = "x86_64")]
+use super::matmul::gemm_bf16_pairs;
 use super::matmul::{gemm, transpose_into, MatRef};
 use super::{simd, split_rows, MaskSrc, OutElem, Src};
 use crate::config::Dropout;
@@ -204,6 +208,37 @@ struct Scratch {
     keep: Vec<f32>,
     /// Each row's output rescaling of the current key tile.
     alpha: Vec<f32>,
+    /// The probabilities as bf16 pairs (bf16 products).
+    probs: Vec<f32>,
+}
+
+/// The key and value tiles of a task of more than a few rows: f32, or bf16 pairs for
+/// `gemm_bf16_pairs` (`bf16_pairs`: keys transposed by pairs along the head dimension, values by
+/// pairs of rows).
+enum Tiles<'a> {
+    F32 {
+        kt: MatRef<'a>,
+        v: MatRef<'a>,
+    },
+    #[cfg(target_arch = "x86_64")]
+    Bf16 {
+        kt: MatRef<'a>,
+        v: MatRef<'a>,
+    },
+}
+
+/// The bf16 storage of q, k and v when the products run on bf16 pairs: bf16 inputs and a CPU
+/// with AVX512_BF16 (`vdpbf16ps`: twice the f32 FMA's work per instruction). The probabilities
+/// are rounded to bf16 for `p·v`, as PyTorch's CPU kernel does for bf16 inputs.
+#[cfg(target_arch = "x86_64")]
+type Bf16Srcs<'a> = Option<(&'a [half::bf16], &'a [half::bf16], &'a [half::bf16])>;
+
+#[cfg(target_arch = "x86_64")]
+fn bf16_srcs<'a>(src: &Sources<'a>) -> Bf16Srcs<'a> {
+    match (src.q, src.k, src.v) {
+        (Src::BF16(q), Src::BF16(k), Src::BF16(v)) if bf16_pairs::available() => Some((q, k, v)),
+        _ => None,
+    }
 }
 
 /// Rows `[r0, r0 + lse.len())` of one query segment through every key tile they can see.
@@ -236,26 +271,44 @@ fn forward_block<T: OutElem>(
         few_rows,
         keep,
         alpha,
+        probs,
     } = scratch;
     scores.resize(FWD_ROWS.max(CAUSAL_ROWS) * BK, 0.0);
     keep.resize(BK, 0.0);
     alpha.resize(FWD_ROWS.max(CAUSAL_ROWS), 0.0);
     o.clear();
     o.resize(rows * ev, 0.0);
-    let q_task = src.q.rows(seg.q + r0 * g.q_rs, rows, e, g.q_rs, q);
     // A task of a few rows (decoding one token against a KV cache) reads each key once: dot
     // products with the key rows where they are cost less than transposing the key tile.
     let few = rows <= FEW_ROWS;
+    #[cfg(target_arch = "x86_64")]
+    let bf16 = bf16_srcs(src).filter(|_| !few);
+    #[cfg(not(target_arch = "x86_64"))]
+    let bf16: Option<()> = None;
+    let q_off = seg.q + r0 * g.q_rs;
+    let q_task = match bf16 {
+        #[cfg(target_arch = "x86_64")]
+        Some((qd, _, _)) => bf16_pairs::along_rows(qd, q_off, rows, e, g.q_rs, q),
+        _ => src.q.rows(q_off, rows, e, g.q_rs, q),
+    };
     let mut c0 = kstart;
     while c0 < kend {
         // A tile never crosses a block of a paged cache, so its rows are evenly strided.
         let cols = BK.min(kend - c0).min(g.run_end(kv, c0) - c0);
         let (k_tile, v_tile) = g.kv_row(kv, c0);
         // Few rows read keys and values where they are (`Src::dots`, `Src::accumulate`).
-        let tiles = (!few).then(|| {
-            let kt = transpose_into(src.k.rows(k_tile, cols, e, g.k_rs, k), kt);
-            (kt, src.v.rows(v_tile, cols, ev, g.v_rs, v))
-        });
+        let tiles = match bf16 {
+            _ if few => None,
+            #[cfg(target_arch = "x86_64")]
+            Some((_, kd, vd)) => Some(Tiles::Bf16 {
+                kt: bf16_pairs::keys_t(kd, k_tile, cols, e, g.k_rs, k, kt),
+                v: bf16_pairs::across_rows(vd, v_tile, cols, ev, g.v_rs, v),
+            }),
+            _ => Some(Tiles::F32 {
+                kt: transpose_into(src.k.rows(k_tile, cols, e, g.k_rs, k), kt),
+                v: src.v.rows(v_tile, cols, ev, g.v_rs, v),
+            }),
+        };
         let mut s0 = 0;
         while s0 < rows {
             // Blocks are FWD_ROWS long where every row sees the whole tile and short where the
@@ -268,17 +321,19 @@ fn forward_block<T: OutElem>(
                 continue;
             }
             let (k_off, v_off) = g.kv_row(kv, k0);
-            let q = MatRef::rows(&q_task.data[s0 * q_task.rs..], srows, e, q_task.rs);
+            let q = q_task.rows_from(s0, srows);
             let s = &mut scores[..srows * scols];
             match &tiles {
-                Some((kt, _)) => {
-                    let kt = MatRef {
-                        data: &kt.data[k0 - c0..],
-                        cols: scols,
-                        ..*kt
-                    };
+                Some(Tiles::F32 { kt, .. }) => {
+                    let kt = kt.cols_from(k0 - c0, scols);
                     gemm(s, scols, q, kt, false, product_scale(p))
                 }
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `Tiles::Bf16` is built only where `bf16_pairs::available`.
+                Some(Tiles::Bf16 { kt, .. }) => unsafe {
+                    let kt = kt.cols_from(k0 - c0, scols);
+                    gemm_bf16_pairs(s, scols, q, kt, false, product_scale(p))
+                },
                 None => {
                     for (i, s_row) in s.chunks_exact_mut(scols).enumerate() {
                         let q_row = &q.data[i * q.rs..i * q.rs + e];
@@ -304,20 +359,26 @@ fn forward_block<T: OutElem>(
             }
             let o_sub = &mut o[s0 * ev..(s0 + srows) * ev];
             match &tiles {
-                Some((_, vt)) => {
-                    let vt = MatRef {
-                        data: &vt.data[(k0 - c0) * vt.rs..],
-                        rows: scols,
-                        ..*vt
-                    };
+                Some(Tiles::F32 { v, .. }) => {
+                    let v = v.rows_from(k0 - c0, scols);
                     gemm(
                         o_sub,
                         ev,
                         MatRef::rows(s, srows, scols, scols),
-                        vt,
+                        v,
                         true,
                         1.0,
                     )
+                }
+                #[cfg(target_arch = "x86_64")]
+                Some(Tiles::Bf16 { v, .. }) => {
+                    // Value pairs start at an even key of the tile: an odd first key gets a
+                    // zero probability before it.
+                    let lead = (k0 - c0) % 2;
+                    let pw = bf16_pairs::probs(s, scols, lead, probs);
+                    let v = v.rows_from((k0 - c0) / 2, pw.cols);
+                    // SAFETY: `Tiles::Bf16` is built only where `bf16_pairs::available`.
+                    unsafe { gemm_bf16_pairs(o_sub, ev, pw, v, true, 1.0) }
                 }
                 None => {
                     for (p_row, o_row) in s.chunks_exact(scols).zip(o_sub.chunks_exact_mut(ev)) {

@@ -40,6 +40,24 @@ impl<'a> MatRef<'a> {
         }
     }
 
+    /// Columns `[c, c + n)` (no copy).
+    pub fn cols_from(self, c: usize, n: usize) -> Self {
+        Self {
+            data: &self.data[c * self.cs..],
+            cols: n,
+            ..self
+        }
+    }
+
+    /// Rows `[r, r + n)` (no copy).
+    pub fn rows_from(self, r: usize, n: usize) -> Self {
+        Self {
+            data: &self.data[r * self.rs..],
+            rows: n,
+            ..self
+        }
+    }
+
     fn in_bounds(&self) -> bool {
         self.rows == 0
             || self.cols == 0
@@ -90,13 +108,55 @@ pub(crate) fn gemm(
     accumulate: bool,
     beta: f32,
 ) {
+    if !checked(dst, dst_rs, lhs, rhs, accumulate) {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if rhs.cs == 1 && super::use_avx512() {
+        // SAFETY: the CPU has AVX-512F, and every index the kernel touches was checked against
+        // its slice above (masked loads and stores touch only the `n` columns).
+        unsafe { avx512::gemm(dst, dst_rs, lhs, rhs, accumulate, beta) };
+        return;
+    }
+    portable(dst, dst_rs, lhs, rhs, accumulate, beta);
+}
+
+/// [`gemm`] on bf16 pairs (`super::bf16_pairs`): each element of `lhs` and `rhs` holds two bf16,
+/// those of `lhs` consecutive along its rows and those of `rhs` along its columns, so the
+/// product runs over twice `lhs.cols` bf16 with f32 sums (AVX512_BF16's `vdpbf16ps`, which
+/// flushes subnormal inputs and results to zero).
+///
+/// # Safety
+/// The CPU must have AVX-512F and AVX512_BF16 ([`super::bf16_pairs::available`]).
+#[cfg(target_arch = "x86_64")]
+pub(crate) unsafe fn gemm_bf16_pairs(
+    dst: &mut [f32],
+    dst_rs: usize,
+    lhs: MatRef,
+    rhs: MatRef,
+    accumulate: bool,
+    beta: f32,
+) {
+    assert!(
+        rhs.cs == 1,
+        "gemm_bf16_pairs: right-hand rows must be contiguous"
+    );
+    if checked(dst, dst_rs, lhs, rhs, accumulate) {
+        // SAFETY: the caller vouches for the CPU; the indices were checked above.
+        unsafe { avx512::gemm_bf16_pairs(dst, dst_rs, lhs, rhs, accumulate, beta) };
+    }
+}
+
+/// Checks that the product's operands and destination cover its indices (panics otherwise) and
+/// handles the empty products: returns whether there is anything left to compute.
+fn checked(dst: &mut [f32], dst_rs: usize, lhs: MatRef, rhs: MatRef, accumulate: bool) -> bool {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     assert!(
         rhs.rows == k && lhs.in_bounds() && rhs.in_bounds(),
         "gemm: operand out of bounds"
     );
     if m == 0 || n == 0 {
-        return;
+        return false;
     }
     assert!(
         (m - 1) * dst_rs + n <= dst.len(),
@@ -108,16 +168,9 @@ pub(crate) fn gemm(
                 dst[r * dst_rs..r * dst_rs + n].fill(0.0);
             }
         }
-        return;
+        return false;
     }
-    #[cfg(target_arch = "x86_64")]
-    if rhs.cs == 1 && super::use_avx512() {
-        // SAFETY: the CPU has AVX-512F, and every index the kernel touches was checked against
-        // its slice above (masked loads and stores touch only the `n` columns).
-        unsafe { avx512::gemm(dst, dst_rs, lhs, rhs, accumulate, beta) };
-        return;
-    }
-    portable(dst, dst_rs, lhs, rhs, accumulate, beta);
+    true
 }
 
 /// The product by the `gemm` crate, for CPUs without AVX-512 (arguments checked by [`gemm`]).
@@ -236,71 +289,6 @@ mod avx512 {
         }
     }
 
-    /// # Safety
-    /// AVX-512F must be available; `lhs`, `rhs` and `dst` (with `dst_rs`) must cover the
-    /// product's indices and `rhs.cs == 1`.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn gemm(
-        dst: &mut [f32],
-        dst_rs: usize,
-        lhs: MatRef,
-        rhs: MatRef,
-        accumulate: bool,
-        beta: f32,
-    ) {
-        let (m, n) = (lhs.rows, rhs.cols);
-        let c = dst.as_mut_ptr();
-        let mut j = 0;
-        while j < n {
-            let nr = (n - j).min(NR);
-            let mut i = 0;
-            while i < m {
-                let mr = (m - i).min(MR);
-                let blk = Block {
-                    k: lhs.cols,
-                    a: lhs.data.as_ptr().add(i * lhs.rs),
-                    a_rs: lhs.rs,
-                    a_cs: lhs.cs,
-                    b: rhs.data.as_ptr().add(j),
-                    b_rs: rhs.rs,
-                    c: c.add(i * dst_rs + j),
-                    c_rs: dst_rs,
-                    nr,
-                    accumulate,
-                    beta,
-                };
-                match (mr, nr.div_ceil(16)) {
-                    (6, 4) => blk.run::<6, 4>(),
-                    (6, 3) => blk.run::<6, 3>(),
-                    (6, 2) => blk.run::<6, 2>(),
-                    (6, _) => blk.run::<6, 1>(),
-                    (5, 4) => blk.run::<5, 4>(),
-                    (5, 3) => blk.run::<5, 3>(),
-                    (5, 2) => blk.run::<5, 2>(),
-                    (5, _) => blk.run::<5, 1>(),
-                    (4, 4) => blk.run::<4, 4>(),
-                    (4, 3) => blk.run::<4, 3>(),
-                    (4, 2) => blk.run::<4, 2>(),
-                    (4, _) => blk.run::<4, 1>(),
-                    (3, 4) => blk.run::<3, 4>(),
-                    (3, 3) => blk.run::<3, 3>(),
-                    (3, 2) => blk.run::<3, 2>(),
-                    (3, _) => blk.run::<3, 1>(),
-                    (2, 4) => blk.run::<2, 4>(),
-                    (2, 3) => blk.run::<2, 3>(),
-                    (2, 2) => blk.run::<2, 2>(),
-                    (2, _) => blk.run::<2, 1>(),
-                    (_, 4) => blk.run::<1, 4>(),
-                    (_, 3) => blk.run::<1, 3>(),
-                    (_, 2) => blk.run::<1, 2>(),
-                    (_, _) => blk.run::<1, 1>(),
-                }
-                i += MR;
-            }
-            j += NR;
-        }
-    }
-
     /// One `R × (16·V)` block of the product (the last vector masked to `nr` columns).
     struct Block {
         k: usize,
@@ -316,47 +304,136 @@ mod avx512 {
         beta: f32,
     }
 
-    impl Block {
-        #[target_feature(enable = "avx512f")]
-        unsafe fn run<const R: usize, const V: usize>(&self) {
-            let mut mask = [0 as __mmask16; V];
-            for (v, m) in mask.iter_mut().enumerate() {
-                let lanes = self.nr.saturating_sub(16 * v).min(16);
-                *m = ((1u32 << lanes) - 1) as __mmask16;
-            }
-            let mut acc = [[_mm512_setzero_ps(); V]; R];
-            for p in 0..self.k {
-                let bp = self.b.add(p * self.b_rs);
-                let mut bv = [_mm512_setzero_ps(); V];
-                for v in 0..V {
-                    bv[v] = _mm512_maskz_loadu_ps(mask[v], bp.add(16 * v));
+    /// A blocked product kernel: `$gemm` splits the product into `Block`s of at most `MR × NR`,
+    /// `$run` computes one, with `$step(acc, a, b)` adding one broadcast left-hand element `a`
+    /// times one right-hand row vector `b` into `acc`. One body serves the f32 products and the
+    /// bf16-pair ones, whose functions need different target features.
+    macro_rules! blocked_kernel {
+        ($gemm:ident, $run:ident, $feat:literal, |$acc:ident, $a:ident, $b:ident| $step:expr) => {
+            /// # Safety
+            /// The CPU must have the function's target features; `lhs`, `rhs` and `dst` (with
+            /// `dst_rs`) must cover the product's indices and `rhs.cs == 1`.
+            #[target_feature(enable = $feat)]
+            pub(super) unsafe fn $gemm(
+                dst: &mut [f32],
+                dst_rs: usize,
+                lhs: MatRef,
+                rhs: MatRef,
+                accumulate: bool,
+                beta: f32,
+            ) {
+                let (m, n) = (lhs.rows, rhs.cols);
+                let c = dst.as_mut_ptr();
+                let mut j = 0;
+                while j < n {
+                    let nr = (n - j).min(NR);
+                    let mut i = 0;
+                    while i < m {
+                        let mr = (m - i).min(MR);
+                        let blk = Block {
+                            k: lhs.cols,
+                            a: lhs.data.as_ptr().add(i * lhs.rs),
+                            a_rs: lhs.rs,
+                            a_cs: lhs.cs,
+                            b: rhs.data.as_ptr().add(j),
+                            b_rs: rhs.rs,
+                            c: c.add(i * dst_rs + j),
+                            c_rs: dst_rs,
+                            nr,
+                            accumulate,
+                            beta,
+                        };
+                        match (mr, nr.div_ceil(16)) {
+                            (6, 4) => blk.$run::<6, 4>(),
+                            (6, 3) => blk.$run::<6, 3>(),
+                            (6, 2) => blk.$run::<6, 2>(),
+                            (6, _) => blk.$run::<6, 1>(),
+                            (5, 4) => blk.$run::<5, 4>(),
+                            (5, 3) => blk.$run::<5, 3>(),
+                            (5, 2) => blk.$run::<5, 2>(),
+                            (5, _) => blk.$run::<5, 1>(),
+                            (4, 4) => blk.$run::<4, 4>(),
+                            (4, 3) => blk.$run::<4, 3>(),
+                            (4, 2) => blk.$run::<4, 2>(),
+                            (4, _) => blk.$run::<4, 1>(),
+                            (3, 4) => blk.$run::<3, 4>(),
+                            (3, 3) => blk.$run::<3, 3>(),
+                            (3, 2) => blk.$run::<3, 2>(),
+                            (3, _) => blk.$run::<3, 1>(),
+                            (2, 4) => blk.$run::<2, 4>(),
+                            (2, 3) => blk.$run::<2, 3>(),
+                            (2, 2) => blk.$run::<2, 2>(),
+                            (2, _) => blk.$run::<2, 1>(),
+                            (_, 4) => blk.$run::<1, 4>(),
+                            (_, 3) => blk.$run::<1, 3>(),
+                            (_, 2) => blk.$run::<1, 2>(),
+                            (_, _) => blk.$run::<1, 1>(),
+                        }
+                        i += MR;
+                    }
+                    j += NR;
                 }
-                let ap = self.a.add(p * self.a_cs);
-                for (r, acc_r) in acc.iter_mut().enumerate() {
-                    let av = _mm512_set1_ps(*ap.add(r * self.a_rs));
-                    for v in 0..V {
-                        acc_r[v] = _mm512_fmadd_ps(av, bv[v], acc_r[v]);
+            }
+
+            impl Block {
+                #[target_feature(enable = $feat)]
+                unsafe fn $run<const R: usize, const V: usize>(&self) {
+                    let mut mask = [0 as __mmask16; V];
+                    for (v, m) in mask.iter_mut().enumerate() {
+                        let lanes = self.nr.saturating_sub(16 * v).min(16);
+                        *m = ((1u32 << lanes) - 1) as __mmask16;
+                    }
+                    let mut acc = [[_mm512_setzero_ps(); V]; R];
+                    for p in 0..self.k {
+                        let bp = self.b.add(p * self.b_rs);
+                        let mut bv = [_mm512_setzero_ps(); V];
+                        for v in 0..V {
+                            bv[v] = _mm512_maskz_loadu_ps(mask[v], bp.add(16 * v));
+                        }
+                        let ap = self.a.add(p * self.a_cs);
+                        for (r, acc_r) in acc.iter_mut().enumerate() {
+                            let av = _mm512_set1_ps(*ap.add(r * self.a_rs));
+                            for v in 0..V {
+                                let ($acc, $a, $b) = (acc_r[v], av, bv[v]);
+                                acc_r[v] = $step;
+                            }
+                        }
+                    }
+                    let beta = _mm512_set1_ps(self.beta);
+                    for (r, acc_r) in acc.iter().enumerate() {
+                        let cp = self.c.add(r * self.c_rs);
+                        for v in 0..V {
+                            let out = if self.accumulate {
+                                _mm512_fmadd_ps(
+                                    acc_r[v],
+                                    beta,
+                                    _mm512_maskz_loadu_ps(mask[v], cp.add(16 * v)),
+                                )
+                            } else {
+                                _mm512_mul_ps(acc_r[v], beta)
+                            };
+                            _mm512_mask_storeu_ps(cp.add(16 * v), mask[v], out);
+                        }
                     }
                 }
             }
-            let beta = _mm512_set1_ps(self.beta);
-            for (r, acc_r) in acc.iter().enumerate() {
-                let cp = self.c.add(r * self.c_rs);
-                for v in 0..V {
-                    let out = if self.accumulate {
-                        _mm512_fmadd_ps(
-                            acc_r[v],
-                            beta,
-                            _mm512_maskz_loadu_ps(mask[v], cp.add(16 * v)),
-                        )
-                    } else {
-                        _mm512_mul_ps(acc_r[v], beta)
-                    };
-                    _mm512_mask_storeu_ps(cp.add(16 * v), mask[v], out);
-                }
-            }
-        }
+        };
     }
+
+    blocked_kernel!(gemm, run, "avx512f", |acc, a, b| _mm512_fmadd_ps(a, b, acc));
+    // Each 32-bit element holds a pair of bf16 (the even index in the low half): `vdpbf16ps`
+    // adds both products of a pair into one f32 lane, twice the f32 FMA's work per instruction.
+    // (The pairs travel in `f32` bit patterns; loads, broadcasts and stores keep the bits.)
+    blocked_kernel!(
+        gemm_bf16_pairs,
+        run_bf16_pairs,
+        "avx512f,avx512bf16",
+        |acc, a, b| _mm512_dpbf16_ps(
+            acc,
+            std::mem::transmute::<__m512, __m512bh>(a),
+            std::mem::transmute::<__m512, __m512bh>(b)
+        )
+    );
 }
 
 #[cfg(test)]

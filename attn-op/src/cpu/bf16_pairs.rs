@@ -1,0 +1,208 @@
+//! bf16 tiles packed for the AVX512_BF16 products ([`super::matmul::gemm_bf16_pairs`]): each
+//! 32-bit word holds two bf16 that are consecutive along the product's inner dimension (the
+//! first in the low half), so one `vdpbf16ps` does two multiply-adds per f32 lane. The words
+//! travel as `f32` bit patterns (the transpose and the kernel only move them), with zeros where
+//! an odd length leaves a half empty.
+//!
+//! Only called where [`available`] says the CPU has AVX512_BF16 (so AVX-512F and BW as well).
+
+use std::arch::x86_64::*;
+
+use half::bf16;
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+
+use super::matmul::{transpose_into, MatRef};
+use super::simd;
+
+/// Whether the bf16 products can run: the AVX-512 kernels are in use ([`super::use_avx512`]),
+/// the CPU has AVX512_BF16, and `ATTN_OP_NO_BF16_PRODUCTS` is not set (it selects the kernels
+/// that widen bf16 to f32, so that they can be tested on such a CPU).
+pub(crate) fn available() -> bool {
+    static USE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *USE.get_or_init(|| {
+        super::use_avx512()
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+            && std::env::var_os("ATTN_OP_NO_BF16_PRODUCTS").is_none()
+    })
+}
+
+/// `buf`'s words as bf16 halves (two per word, the low half first).
+fn halves(buf: &mut [f32]) -> &mut [bf16] {
+    // SAFETY: an f32 is 4 bytes holding two aligned u16s, and every bit pattern is a valid f32
+    // and a valid u16; the borrow of `buf` covers the view's lifetime.
+    let u: &mut [u16] =
+        unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast(), buf.len() * 2) };
+    u.reinterpret_cast_mut()
+}
+
+/// `buf` resized to at least `n` words (contents left as they are: callers write every word).
+fn words(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if buf.len() < n {
+        buf.resize(n, 0.0);
+    }
+    &mut buf[..n]
+}
+
+/// `rows` rows of `cols` bf16 (row `r` from offset `off + r·rs` of `d`) as pair words along the
+/// rows: `rows × cols.div_ceil(2)`, word `(r, p)` holding elements `2p`, `2p + 1` of row `r`.
+pub(crate) fn along_rows<'b>(
+    d: &[bf16],
+    off: usize,
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    buf: &'b mut Vec<f32>,
+) -> MatRef<'b> {
+    let wc = cols.div_ceil(2);
+    let out = words(buf, rows * wc);
+    for (r, row) in out.chunks_exact_mut(wc.max(1)).take(rows).enumerate() {
+        let h = halves(row);
+        h[..cols].copy_from_slice(&d[off + r * rs..][..cols]);
+        h[cols..].fill(bf16::ZERO);
+    }
+    MatRef::rows(buf, rows, wc, wc)
+}
+
+/// Keys for `q·kᵀ`: `rows` key rows of `cols` bf16 (as [`along_rows`]) transposed to
+/// `cols.div_ceil(2) × rows` words, column `j` holding key `j` by pairs. `tmp` is scratch.
+pub(crate) fn keys_t<'b>(
+    d: &[bf16],
+    off: usize,
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    tmp: &mut Vec<f32>,
+    out: &'b mut Vec<f32>,
+) -> MatRef<'b> {
+    transpose_into(along_rows(d, off, rows, cols, rs, tmp), out)
+}
+
+/// Values for `p·v`: `rows` rows of `cols` bf16 as pair words across rows,
+/// `rows.div_ceil(2) × cols`, word `(p, c)` holding element `c` of rows `2p` and `2p + 1`
+/// (zero past the last row).
+pub(crate) fn across_rows<'b>(
+    d: &[bf16],
+    off: usize,
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    buf: &'b mut Vec<f32>,
+) -> MatRef<'b> {
+    let wr = rows.div_ceil(2);
+    let out = words(buf, wr * cols);
+    for (p, w) in out.chunks_exact_mut(cols.max(1)).take(wr).enumerate() {
+        let a = &d[off + 2 * p * rs..][..cols];
+        let b = (2 * p + 1 < rows).then(|| &d[off + (2 * p + 1) * rs..][..cols]);
+        // SAFETY: `available` (the callers' condition) implies AVX-512F and BW.
+        unsafe { interleave(a.reinterpret_cast(), b.map(|b| b.reinterpret_cast()), w) };
+    }
+    MatRef::rows(buf, wr, cols, cols)
+}
+
+/// `w[c] = a[c] | b[c] << 16` (`b` zero when `None`), sixteen words per step.
+///
+/// # Safety
+/// The CPU must have AVX-512F and BW; `a` (and `b`) at least `w.len()` long.
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn interleave(a: &[u16], b: Option<&[u16]>, w: &mut [f32]) {
+    let n = w.len();
+    assert!(a.len() >= n && b.is_none_or(|b| b.len() >= n));
+    for c0 in (0..n).step_by(16) {
+        let k = super::lanes(n - c0);
+        // SAFETY: lanes `c0..c0 + (n - c0).min(16)` of `a`, `b` and `w`, in bounds (asserted).
+        unsafe {
+            let lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, a.as_ptr().add(c0).cast()));
+            let word = match b {
+                Some(b) => {
+                    let hi = _mm256_maskz_loadu_epi16(k, b.as_ptr().add(c0).cast());
+                    _mm512_or_si512(lo, _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(hi)))
+                }
+                None => lo,
+            };
+            _mm512_mask_storeu_ps(w.as_mut_ptr().add(c0), k, _mm512_castsi512_ps(word));
+        }
+    }
+}
+
+/// Probabilities for `p·v`: each row of `s` (`cols` wide) rounded to bf16 after `lead` (0 or 1)
+/// zeros and padded with a zero to an even length, as pair words: `rows × (lead + cols).div_ceil(2)`.
+/// (`lead` aligns the row's first key with a value pair that starts one key earlier.)
+pub(crate) fn probs<'b>(s: &[f32], cols: usize, lead: usize, buf: &'b mut Vec<f32>) -> MatRef<'b> {
+    let rows = s.len() / cols.max(1);
+    let wc = (lead + cols).div_ceil(2);
+    let out = words(buf, rows * wc);
+    for (row, w) in s
+        .chunks_exact(cols.max(1))
+        .zip(out.chunks_exact_mut(wc.max(1)))
+    {
+        let h = halves(w);
+        h[..lead].fill(bf16::ZERO);
+        simd::f32_to_bf16(row, &mut h[lead..lead + cols]);
+        h[lead + cols..].fill(bf16::ZERO);
+    }
+    MatRef::rows(buf, rows, wc, wc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::matmul::gemm_bf16_pairs;
+    use super::*;
+
+    fn bf(x: f32) -> bf16 {
+        bf16::from_f32(x)
+    }
+
+    /// `q·kᵀ` then `p·v` through the packings and the pair kernel against f64 loops on the
+    /// same bf16-rounded inputs, at odd sizes, with a leading half-pair.
+    #[test]
+    fn packed_products_match_f64() {
+        if !available() {
+            return;
+        }
+        for &(rows, keys, e, lead) in
+            &[(7, 13, 5, 1), (6, 64, 32, 0), (13, 37, 64, 1), (1, 2, 3, 0)]
+        {
+            let rs = e + 3;
+            let q: Vec<bf16> = (0..rows * rs)
+                .map(|i| bf((i as f32 * 0.37).sin()))
+                .collect();
+            let k: Vec<bf16> = (0..keys * rs)
+                .map(|i| bf((i as f32 * 0.11).cos()))
+                .collect();
+            let v: Vec<bf16> = (0..(keys + lead) * rs)
+                .map(|i| bf((i as f32 * 0.23).sin()))
+                .collect();
+            let (mut qb, mut tmp, mut kb, mut s) = (vec![], vec![], vec![], vec![0.0; rows * keys]);
+            let qw = along_rows(&q, 1, rows, e, rs, &mut qb);
+            let kt = keys_t(&k, 2, keys, e, rs, &mut tmp, &mut kb);
+            // SAFETY: `available` implies AVX-512F and AVX512_BF16.
+            unsafe { gemm_bf16_pairs(&mut s, keys, qw, kt, false, 0.5) };
+            for i in 0..rows {
+                for j in 0..keys {
+                    let want: f64 = (0..e)
+                        .map(|c| q[1 + i * rs + c].to_f64() * k[2 + j * rs + c].to_f64())
+                        .sum::<f64>()
+                        * 0.5;
+                    assert!((s[i * keys + j] as f64 - want).abs() < 1e-4, "s ({i}, {j})");
+                }
+            }
+            // Values from row `lead` on; the pairs start one row earlier when `lead` is 1.
+            let (mut vb, mut pb) = (vec![], vec![]);
+            let vw = across_rows(&v, 0, keys + lead, e, rs, &mut vb);
+            let pw = probs(&s, keys, lead, &mut pb);
+            let mut o: Vec<f32> = (0..rows * e).map(|i| i as f32).collect();
+            let before = o.clone();
+            // SAFETY: as above.
+            unsafe { gemm_bf16_pairs(&mut o, e, pw, vw, true, 1.0) };
+            for i in 0..rows {
+                for c in 0..e {
+                    let want: f64 = before[i * e + c] as f64
+                        + (0..keys)
+                            .map(|j| bf(s[i * keys + j]).to_f64() * v[(j + lead) * rs + c].to_f64())
+                            .sum::<f64>();
+                    assert!((o[i * e + c] as f64 - want).abs() < 1e-4, "o ({i}, {c})");
+                }
+            }
+        }
+    }
+}
