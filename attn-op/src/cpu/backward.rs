@@ -5,7 +5,11 @@
 
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use super::bf16_pairs;
 use super::forward::{prepare_scores, product_scale, sub_block, Params, Sources, BK, BQ};
+#[cfg(target_arch = "x86_64")]
+use super::matmul::gemm_bf16_pairs;
 use super::matmul::{gemm, transpose_into, MatRef};
 use super::{simd, split_rows};
 use crate::geometry::{Geometry, KvSeg};
@@ -127,6 +131,32 @@ struct Scratch {
     k_rows: Vec<f32>,
     v_rows: Vec<f32>,
     q_rows: Vec<f32>,
+    /// bf16 pairs (`bf16_pairs`): the query block and dO paired across rows, dO along rows, and
+    /// one of P, dS paired for the product at hand.
+    q_across: Vec<f32>,
+    do_across: Vec<f32>,
+    do_along: Vec<f32>,
+    pairs: Vec<f32>,
+}
+
+/// A key tile ready for the products: f32 rows, or for bf16 inputs on a CPU with AVX512_BF16
+/// bf16 pairs (`bf16_pairs`; the products run on `vdpbf16ps`, P and dS rounded to bf16 as
+/// PyTorch's CPU kernel does for bf16 inputs).
+enum KeyTile<'a> {
+    /// K (keys × e), Kᵀ and Vᵀ.
+    F32 {
+        k: MatRef<'a>,
+        kt: MatRef<'a>,
+        vt: MatRef<'a>,
+    },
+    /// K paired across keys, Kᵀ and Vᵀ paired along the head dimension, and q's storage.
+    #[cfg(target_arch = "x86_64")]
+    Bf16 {
+        k: MatRef<'a>,
+        kt: MatRef<'a>,
+        vt: MatRef<'a>,
+        q: &'a [half::bf16],
+    },
 }
 
 /// Gradients from key rows `[c_start, c_end)`: fills the task's dK/dV rows and returns its dQ
@@ -166,7 +196,15 @@ fn key_range(
         k_rows,
         v_rows,
         q_rows,
+        q_across,
+        do_across,
+        do_along,
+        pairs,
     } = scratch;
+    #[cfg(target_arch = "x86_64")]
+    let bf16 = bf16_pairs::storage(src.q, src.k, src.v);
+    #[cfg(not(target_arch = "x86_64"))]
+    let bf16: Option<()> = None;
     for (buf, len) in [
         (&mut *s, tile),
         (&mut *dp, tile),
@@ -180,13 +218,26 @@ fn key_range(
     }
     for c0 in (t.c_start..t.c_end).step_by(BK) {
         let tile_cols = BK.min(t.c_end - c0);
-        let kt_tile = src.k.rows(kv.k + c0 * g.k_rs, tile_cols, e, g.k_rs, k_rows);
-        let vt = src
-            .v
-            .rows(kv.v + c0 * g.v_rs, tile_cols, ev, g.v_rs, v_rows);
-        // Kᵀ and Vᵀ with contiguous rows, the right-hand sides of S = QKᵀ and dP = dO Vᵀ.
-        let k_tile_t = transpose_into(kt_tile, k_buf);
-        let v_tile_t = transpose_into(vt, v_buf);
+        let (k_off, v_off) = (kv.k + c0 * g.k_rs, kv.v + c0 * g.v_rs);
+        let tile = match bf16 {
+            #[cfg(target_arch = "x86_64")]
+            Some((qd, kd, vd)) => KeyTile::Bf16 {
+                k: bf16_pairs::across_rows(kd, k_off, tile_cols, e, g.k_rs, k_rows),
+                kt: bf16_pairs::keys_t(kd, k_off, tile_cols, e, g.k_rs, v_rows, k_buf),
+                vt: bf16_pairs::keys_t(vd, v_off, tile_cols, ev, g.v_rs, v_rows, v_buf),
+                q: qd,
+            },
+            _ => {
+                let k = src.k.rows(k_off, tile_cols, e, g.k_rs, k_rows);
+                let v = src.v.rows(v_off, tile_cols, ev, g.v_rs, v_rows);
+                // Kᵀ and Vᵀ with contiguous rows, the right-hand sides of S = QKᵀ, dP = dO Vᵀ.
+                KeyTile::F32 {
+                    k,
+                    kt: transpose_into(k, k_buf),
+                    vt: transpose_into(v, v_buf),
+                }
+            }
+        };
         let dk_tile = &mut t.dk[(c0 - t.c_start) * e..(c0 - t.c_start + tile_cols) * e];
         let dv_tile = &mut t.dv[(c0 - t.c_start) * ev..(c0 - t.c_start + tile_cols) * ev];
         for (mi, seg) in members.iter().enumerate() {
@@ -206,24 +257,16 @@ fn key_range(
                     continue;
                 }
                 let at = k0 - c0;
-                let kt = MatRef {
-                    data: &kt_tile.data[at * kt_tile.rs..],
-                    rows: cols,
-                    ..kt_tile
-                };
-                let k_packed = MatRef {
-                    data: &k_tile_t.data[at..],
-                    cols,
-                    ..k_tile_t
-                };
-                let v_packed = MatRef {
-                    data: &v_tile_t.data[at..],
-                    cols,
-                    ..v_tile_t
-                };
                 let dk_t = &mut dk_tile[at * e..(at + cols) * e];
                 let dv_t = &mut dv_tile[at * ev..(at + cols) * ev];
-                let q = src.q.rows(seg.q + r0 * g.q_rs, rows, e, g.q_rs, q_rows);
+                let q_off = seg.q + r0 * g.q_rs;
+                let q = match tile {
+                    #[cfg(target_arch = "x86_64")]
+                    KeyTile::Bf16 { q: qd, .. } => {
+                        bf16_pairs::along_rows(qd, q_off, rows, e, g.q_rs, q_rows)
+                    }
+                    KeyTile::F32 { .. } => src.q.rows(q_off, rows, e, g.q_rs, q_rows),
+                };
                 let row0 = seg.row0 + r0;
                 let dot = MatRef::rows(&dout[row0 * ev..(row0 + rows) * ev], rows, ev, ev);
                 let n = rows * cols;
@@ -232,8 +275,30 @@ fn key_range(
                 let (s, dp) = (&mut s[..n], &mut dp[..n]);
                 let (pd, z) = (&mut pd[..n_dropout], &mut z[..n_dropout]);
                 let tanh = &mut tanh[..n_cap];
+                // dO paired along and across its rows for the bf16 products.
+                #[cfg(target_arch = "x86_64")]
+                let do_pairs = match tile {
+                    KeyTile::Bf16 { q: qd, .. } => Some((
+                        bf16_pairs::along_rows_f32(dot.data, ev, 0, do_along),
+                        bf16_pairs::across_rows_f32(dot.data, rows, ev, do_across),
+                        bf16_pairs::across_rows(qd, q_off, rows, e, g.q_rs, q_across),
+                    )),
+                    KeyTile::F32 { .. } => None,
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                let do_pairs: Option<()> = None;
                 // P = exp(scores - lse); Pd = P with dropout applied.
-                gemm(s, cols, q, k_packed, false, product_scale(p));
+                match tile {
+                    KeyTile::F32 { kt, .. } => {
+                        gemm(s, cols, q, kt.cols_from(at, cols), false, product_scale(p))
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `KeyTile::Bf16` is built only where `bf16_pairs::available`.
+                    KeyTile::Bf16 { kt, .. } => unsafe {
+                        let kt = kt.cols_from(at, cols);
+                        gemm_bf16_pairs(s, cols, q, kt, false, product_scale(p))
+                    },
+                }
                 let t = p.softcap.is_some().then_some(&mut *tanh);
                 let mul = prepare_scores(g, seg, src, p, r0, k0, kv.len, s, cols, t);
                 simd::exp_rows(s, cols, mul, &lse[row0..row0 + rows]);
@@ -249,16 +314,25 @@ fn key_range(
                 }
                 // dV += Pdᵀ dO (Pd = P without dropout)
                 let pd = if p.dropout.is_some() { &*pd } else { &*s };
-                gemm(
-                    dv_t,
-                    ev,
-                    MatRef::rows(pd, rows, cols, cols).t(),
-                    dot,
-                    true,
-                    1.0,
-                );
-                // dP = dO Vᵀ (∘ dropout), dS = P ∘ (dP - D)
-                gemm(dp, cols, dot, v_packed, false, 1.0);
+                match (&tile, &do_pairs) {
+                    (KeyTile::F32 { vt, .. }, _) => {
+                        let pd = MatRef::rows(pd, rows, cols, cols);
+                        gemm(dv_t, ev, pd.t(), dot, true, 1.0);
+                        // dP = dO Vᵀ
+                        gemm(dp, cols, dot, vt.cols_from(at, cols), false, 1.0);
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: as above.
+                    (KeyTile::Bf16 { vt, .. }, Some((do_along, do_across, _))) => unsafe {
+                        let pd = bf16_pairs::across_rows_f32(pd, rows, cols, pairs);
+                        gemm_bf16_pairs(dv_t, ev, pd.t(), *do_across, true, 1.0);
+                        let vt = vt.cols_from(at, cols);
+                        gemm_bf16_pairs(dp, cols, *do_along, vt, false, 1.0);
+                    },
+                    #[cfg(target_arch = "x86_64")]
+                    (KeyTile::Bf16 { .. }, None) => unreachable!("bf16 tiles come with dO pairs"),
+                }
+                // (∘ dropout), dS = P ∘ (dP - D)
                 if p.dropout.is_some() {
                     for (dp_row, z_row) in dp.chunks_exact_mut(cols).zip(z.chunks_exact(cols)) {
                         simd::mul(dp_row, z_row);
@@ -269,11 +343,28 @@ fn key_range(
                 if p.softcap.is_some() {
                     simd::tanh_grad(dp, tanh);
                 }
-                let ds = MatRef::rows(dp, rows, cols, cols);
-                // dK += scale · dSᵀ Q, dQ += scale · dS K
-                gemm(dk_t, e, ds.t(), q, true, p.scale);
                 let dq_rows = &mut dq[(mi * lq + r0) * e..(mi * lq + r0 + rows) * e];
-                gemm(dq_rows, e, ds, kt, true, p.scale);
+                // dK += scale · dSᵀ Q, dQ += scale · dS K
+                match (&tile, &do_pairs) {
+                    (KeyTile::F32 { k, .. }, _) => {
+                        let ds = MatRef::rows(dp, rows, cols, cols);
+                        gemm(dk_t, e, ds.t(), q, true, p.scale);
+                        gemm(dq_rows, e, ds, k.rows_from(at, cols), true, p.scale);
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: as above.
+                    (KeyTile::Bf16 { k, .. }, Some((_, _, q_across))) => unsafe {
+                        let ds = bf16_pairs::across_rows_f32(dp, rows, cols, pairs);
+                        gemm_bf16_pairs(dk_t, e, ds.t(), *q_across, true, p.scale);
+                        // Key pairs start at an even key of the tile: an odd first key gets a
+                        // zero before it.
+                        let ds = bf16_pairs::along_rows_f32(dp, cols, at % 2, pairs);
+                        let k = k.rows_from(at / 2, ds.cols);
+                        gemm_bf16_pairs(dq_rows, e, ds, k, true, p.scale);
+                    },
+                    #[cfg(target_arch = "x86_64")]
+                    (KeyTile::Bf16 { .. }, None) => unreachable!("bf16 tiles come with dO pairs"),
+                }
                 r0 = next;
             }
         }

@@ -12,7 +12,7 @@ use half::bf16;
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 
 use super::matmul::{transpose_into, MatRef};
-use super::simd;
+use super::{simd, Src};
 
 /// Whether the bf16 products can run: the AVX-512 kernels are in use ([`super::use_avx512`]),
 /// the CPU has AVX512_BF16, and `ATTN_OP_NO_BF16_PRODUCTS` is not set (it selects the kernels
@@ -24,6 +24,19 @@ pub(crate) fn available() -> bool {
             && std::arch::is_x86_feature_detected!("avx512bf16")
             && std::env::var_os("ATTN_OP_NO_BF16_PRODUCTS").is_none()
     })
+}
+
+/// The bf16 storage of q, k and v when the products run on bf16 pairs: all three are bf16 and
+/// the CPU can ([`available`]).
+pub(crate) fn storage<'a>(
+    q: Src<'a>,
+    k: Src<'a>,
+    v: Src<'a>,
+) -> Option<(&'a [bf16], &'a [bf16], &'a [bf16])> {
+    match (q, k, v) {
+        (Src::BF16(q), Src::BF16(k), Src::BF16(v)) if available() => Some((q, k, v)),
+        _ => None,
+    }
 }
 
 /// `buf`'s words as bf16 halves (two per word, the low half first).
@@ -124,10 +137,65 @@ unsafe fn interleave(a: &[u16], b: Option<&[u16]>, w: &mut [f32]) {
     }
 }
 
-/// Probabilities for `p·v`: each row of `s` (`cols` wide) rounded to bf16 after `lead` (0 or 1)
-/// zeros and padded with a zero to an even length, as pair words: `rows × (lead + cols).div_ceil(2)`.
-/// (`lead` aligns the row's first key with a value pair that starts one key earlier.)
-pub(crate) fn probs<'b>(s: &[f32], cols: usize, lead: usize, buf: &'b mut Vec<f32>) -> MatRef<'b> {
+/// f32 rows (`rows × cols`, contiguous) rounded to bf16 and paired across rows as
+/// [`across_rows`] does: `rows.div_ceil(2) × cols` words.
+pub(crate) fn across_rows_f32<'b>(
+    s: &[f32],
+    rows: usize,
+    cols: usize,
+    buf: &'b mut Vec<f32>,
+) -> MatRef<'b> {
+    let wr = rows.div_ceil(2);
+    let out = words(buf, wr * cols);
+    for (p, w) in out.chunks_exact_mut(cols.max(1)).take(wr).enumerate() {
+        let a = &s[2 * p * cols..][..cols];
+        let b = (2 * p + 1 < rows).then(|| &s[(2 * p + 1) * cols..][..cols]);
+        // SAFETY: `available` (the callers' condition) implies AVX-512F, BW and BF16.
+        unsafe { round_interleave(a, b, w) };
+    }
+    MatRef::rows(buf, wr, cols, cols)
+}
+
+/// `w[c]` = the bf16 of `a[c]` in the low half, of `b[c]` (0 when `None`) in the high half,
+/// rounded to nearest even, sixteen words per step.
+///
+/// # Safety
+/// The CPU must have AVX-512F, BW and BF16; `a` (and `b`) at least `w.len()` long.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn round_interleave(a: &[f32], b: Option<&[f32]>, w: &mut [f32]) {
+    let n = w.len();
+    assert!(a.len() >= n && b.is_none_or(|b| b.len() >= n));
+    // Halves 0..16 hold `a`, 16..32 hold `b`: word `i` takes halves `i` and `16 + i`.
+    let idx = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
+        19, 3, 18, 2, 17, 1, 16, 0,
+    );
+    for c0 in (0..n).step_by(16) {
+        let k = super::lanes(n - c0);
+        // SAFETY: lanes `c0..c0 + (n - c0).min(16)` of `a`, `b` and `w`, in bounds (asserted).
+        unsafe {
+            let lo = _mm512_maskz_loadu_ps(k, a.as_ptr().add(c0));
+            let hi = match b {
+                Some(b) => _mm512_maskz_loadu_ps(k, b.as_ptr().add(c0)),
+                None => _mm512_setzero_ps(),
+            };
+            let both: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+            let word = _mm512_permutexvar_epi16(idx, both);
+            _mm512_mask_storeu_ps(w.as_mut_ptr().add(c0), k, _mm512_castsi512_ps(word));
+        }
+    }
+}
+
+/// f32 rows (probabilities for `p·v`, say): each row of `s` (`cols` wide) rounded to bf16 after
+/// `lead` (0 or 1) zeros and padded with a zero to an even length, as pair words along the rows:
+/// `rows × (lead + cols).div_ceil(2)`. (`lead` aligns the row's first key with a value pair that
+/// starts one key earlier.)
+pub(crate) fn along_rows_f32<'b>(
+    s: &[f32],
+    cols: usize,
+    lead: usize,
+    buf: &'b mut Vec<f32>,
+) -> MatRef<'b> {
     let rows = s.len() / cols.max(1);
     let wc = (lead + cols).div_ceil(2);
     let out = words(buf, rows * wc);
@@ -189,7 +257,7 @@ mod tests {
             // Values from row `lead` on; the pairs start one row earlier when `lead` is 1.
             let (mut vb, mut pb) = (vec![], vec![]);
             let vw = across_rows(&v, 0, keys + lead, e, rs, &mut vb);
-            let pw = probs(&s, keys, lead, &mut pb);
+            let pw = along_rows_f32(&s, keys, lead, &mut pb);
             let mut o: Vec<f32> = (0..rows * e).map(|i| i as f32).collect();
             let before = o.clone();
             // SAFETY: as above.

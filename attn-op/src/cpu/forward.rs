@@ -227,20 +227,6 @@ enum Tiles<'a> {
     },
 }
 
-/// The bf16 storage of q, k and v when the products run on bf16 pairs: bf16 inputs and a CPU
-/// with AVX512_BF16 (`vdpbf16ps`: twice the f32 FMA's work per instruction). The probabilities
-/// are rounded to bf16 for `p·v`, as PyTorch's CPU kernel does for bf16 inputs.
-#[cfg(target_arch = "x86_64")]
-type Bf16Srcs<'a> = Option<(&'a [half::bf16], &'a [half::bf16], &'a [half::bf16])>;
-
-#[cfg(target_arch = "x86_64")]
-fn bf16_srcs<'a>(src: &Sources<'a>) -> Bf16Srcs<'a> {
-    match (src.q, src.k, src.v) {
-        (Src::BF16(q), Src::BF16(k), Src::BF16(v)) if bf16_pairs::available() => Some((q, k, v)),
-        _ => None,
-    }
-}
-
 /// Rows `[r0, r0 + lse.len())` of one query segment through every key tile they can see.
 #[allow(clippy::too_many_arguments)]
 fn forward_block<T: OutElem>(
@@ -281,8 +267,11 @@ fn forward_block<T: OutElem>(
     // A task of a few rows (decoding one token against a KV cache) reads each key once: dot
     // products with the key rows where they are cost less than transposing the key tile.
     let few = rows <= FEW_ROWS;
+    // bf16 inputs on a CPU with AVX512_BF16: products on bf16 pairs (`vdpbf16ps`, twice the f32
+    // FMA's work per instruction), the probabilities rounded to bf16 for `p·v` as PyTorch's CPU
+    // kernel does.
     #[cfg(target_arch = "x86_64")]
-    let bf16 = bf16_srcs(src).filter(|_| !few);
+    let bf16 = bf16_pairs::storage(src.q, src.k, src.v).filter(|_| !few);
     #[cfg(not(target_arch = "x86_64"))]
     let bf16: Option<()> = None;
     let q_off = seg.q + r0 * g.q_rs;
@@ -375,7 +364,7 @@ fn forward_block<T: OutElem>(
                     // Value pairs start at an even key of the tile: an odd first key gets a
                     // zero probability before it.
                     let lead = (k0 - c0) % 2;
-                    let pw = bf16_pairs::probs(s, scols, lead, probs);
+                    let pw = bf16_pairs::along_rows_f32(s, scols, lead, probs);
                     let v = v.rows_from((k0 - c0) / 2, pw.cols);
                     // SAFETY: `Tiles::Bf16` is built only where `bf16_pairs::available`.
                     unsafe { gemm_bf16_pairs(o_sub, ev, pw, v, true, 1.0) }
