@@ -17,10 +17,12 @@ cargo test --release --workspace --no-default-features "$@"
 # features as above, so nothing is rebuilt).
 ATTN_OP_PORTABLE=1 cargo test --release --workspace --no-default-features \
     --test forward --test backward --test api --test flash_variants "$@"
-# On a CPU with AVX512_BF16, bf16 inputs take the bf16-pair products; once more with bf16
-# widened to f32 as on other AVX-512 CPUs.
-ATTN_OP_NO_BF16_PRODUCTS=1 cargo test --release --workspace --no-default-features \
-    --test forward --test backward --test flash_variants "$@"
+# On a CPU with AVX512_BF16, bf16 inputs multiply bf16 pairs by default on AMD and are widened
+# to f32 elsewhere (attn-op's cpu/bf16_pairs.rs says why): both ways, forced, on any such CPU.
+for pairs in 1 0; do
+    ATTN_OP_BF16_PRODUCTS=$pairs cargo test --release --workspace --no-default-features \
+        --test forward --test backward --test flash_variants "$@"
+done
 # The CUDA kernels' own code run on the CPU by attn-kernels' emulator (a C++17 compiler is all it
 # needs) and checked against the CPU implementation: the tests a GPU session runs, on fewer lengths.
 cargo test --release -p attn-op --features cuda-emu --lib --test cuda_kernels --test cuda_deterministic --test cuda_efficient_tc "$@"

@@ -12,17 +12,26 @@ use half::bf16;
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 
 use super::matmul::{transpose_into, MatRef};
-use super::{simd, Src};
+use super::Src;
 
-/// Whether the bf16 products can run: the AVX-512 kernels are in use ([`super::use_avx512`]),
-/// the CPU has AVX512_BF16, and `ATTN_OP_NO_BF16_PRODUCTS` is not set (it selects the kernels
-/// that widen bf16 to f32, so that they can be tested on such a CPU).
+/// Whether the bf16 inputs' products run on bf16 pairs: the AVX-512 kernels are in use
+/// ([`super::use_avx512`]), the CPU has AVX512_BF16, and `ATTN_OP_BF16_PRODUCTS` is `1`, or is
+/// unset and the CPU is an AMD one. Zen 4 runs `vdpbf16ps` at its f32 FMA's rate, so twice the
+/// work per cycle; a Sapphire Rapids Xeon ran it at half its f32 FMA's FLOP rate (both measured:
+/// BENCHMARKS.md), so there bf16 is widened to f32 unless `ATTN_OP_BF16_PRODUCTS=1` asks (the
+/// tests do, to cover this path on every CPU that has it). `ATTN_OP_BF16_PRODUCTS=0` widens.
 pub(crate) fn available() -> bool {
     static USE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *USE.get_or_init(|| {
-        super::use_avx512()
-            && std::arch::is_x86_feature_detected!("avx512bf16")
-            && std::env::var_os("ATTN_OP_NO_BF16_PRODUCTS").is_none()
+        let wanted = match std::env::var("ATTN_OP_BF16_PRODUCTS").as_deref() {
+            Ok("1") => true,
+            Ok("0") => false,
+            _ => {
+                let v = __cpuid(0);
+                [v.ebx, v.edx, v.ecx].map(u32::to_le_bytes).concat() == b"AuthenticAMD"
+            }
+        };
+        wanted && super::use_avx512() && std::arch::is_x86_feature_detected!("avx512bf16")
     })
 }
 
@@ -186,6 +195,25 @@ unsafe fn round_interleave(a: &[f32], b: Option<&[f32]>, w: &mut [f32]) {
     }
 }
 
+/// `dst = src` rounded to bf16 (to nearest even, as `vcvtneps2bf16` does), sixteen at a time.
+///
+/// # Safety
+/// The CPU must have AVX-512F, BW and BF16; `dst` at least as long as `src`.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn round(src: &[f32], dst: &mut [bf16]) {
+    let n = src.len();
+    assert!(dst.len() >= n);
+    for c0 in (0..n).step_by(16) {
+        let k = super::lanes(n - c0);
+        // SAFETY: lanes `c0..c0 + (n - c0).min(16)` of `src` and `dst`, in bounds (asserted).
+        unsafe {
+            let h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(k, src.as_ptr().add(c0)));
+            let h: __m256i = std::mem::transmute(h);
+            _mm256_mask_storeu_epi16(dst.as_mut_ptr().add(c0).cast(), k, h);
+        }
+    }
+}
+
 /// f32 rows (probabilities for `p·v`, say): each row of `s` (`cols` wide) rounded to bf16 after
 /// `lead` (0 or 1) zeros and padded with a zero to an even length, as pair words along the rows:
 /// `rows × (lead + cols).div_ceil(2)`. (`lead` aligns the row's first key with a value pair that
@@ -205,7 +233,8 @@ pub(crate) fn along_rows_f32<'b>(
     {
         let h = halves(w);
         h[..lead].fill(bf16::ZERO);
-        simd::f32_to_bf16(row, &mut h[lead..lead + cols]);
+        // SAFETY: `available` (the callers' condition) implies AVX-512F, BW and BF16.
+        unsafe { round(row, &mut h[lead..lead + cols]) };
         h[lead + cols..].fill(bf16::ZERO);
     }
     MatRef::rows(buf, rows, wc, wc)
