@@ -9,10 +9,11 @@
 # Installs torch and numpy from PyPI into .venv-torch the first time, as scripts/vs-pytorch.sh.
 #
 # FLOPs: 4·B·H·Lq·Lk·E forward (a causal mask counts only the visible query/key pairs), 3.5x that
-# for forward + backward (FlashAttention's count). Peak: cores x the MHz /proc/cpuinfo reports x
-# 64 f32 FLOPs per cycle with AVX-512 (two 512-bit FMA units: 2 x 16 lanes x 2), 32 with AVX2 and
-# on AMD Zen 4 (AVX-512 on two 256-bit FMA pipes);
-# turbo clocks can exceed the reported MHz, so the share can be optimistic, never pessimistic.
+# for forward + backward (FlashAttention's count). Peak: measured by attn-op's `fma_peak` example
+# (every core running independent chains of its widest FMA at the clock it holds under that
+# load); the nominal figure (cores x the MHz /proc/cpuinfo reports x f32 FLOPs per cycle: 64 with
+# two 512-bit FMA units, 32 with AVX2 or on AMD Zen 4, which runs AVX-512 on 256-bit pipes) is
+# printed beside it, but misses turbo clocks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pairs=${1:-3}
@@ -52,7 +53,8 @@ else
     per_cycle=32
 fi
 model=$(awk -F: '/^model name/ {print $2; exit}' /proc/cpuinfo)
-echo "machine:${model}, ${cores} cores at ${mhz} MHz, peak ${cores} x ${mhz} MHz x ${per_cycle} = $(python3 -c "print(f'{$cores * $mhz * $per_cycle / 1000:.0f}')") GFLOP/s f32; $(date -u '+%Y-%m-%d %H:%M UTC'); ${pairs} pairs, min time ${min_ms} ms"
+peak=$(cargo run --release -q -p attn-op --example fma_peak | sed -n 's/^peak_gflops \([0-9.]*\).*/\1/p')
+echo "machine:${model}, ${cores} cores at ${mhz} MHz (nominal peak ${cores} x ${mhz} MHz x ${per_cycle} = $(python3 -c "print(f'{$cores * $mhz * $per_cycle / 1000:.0f}')") GFLOP/s f32); measured peak ${peak} GFLOP/s f32 (fma_peak); $(date -u '+%Y-%m-%d %H:%M UTC'); ${pairs} pairs, min time ${min_ms} ms"
 echo
 echo "| shape (B, H, Lq, Lk, E) | dtype | pass | attn-op | PyTorch | attn-op / PyTorch | attn-op GFLOP/s | % of peak |"
 echo "|---|---|---|---:|---:|---:|---:|---:|"
@@ -70,9 +72,9 @@ for entry in "${shapes[@]}"; do
             sed -n 's/^| default ([a-z]*) | \([0-9.]*\) |.*/\1/p')")
         theirs+=("$(.venv-torch/bin/python scripts/sdpa_torch.py "${args[@]}" | sed -n 's/^median_us //p')")
     done
-    python3 - "$label" "$dims" "$dtype" "$flags" "$cores" "$mhz" "$per_cycle" "${ours[*]}" "${theirs[*]}" <<'EOF'
+    python3 - "$label" "$dims" "$dtype" "$flags" "$peak" "${ours[*]}" "${theirs[*]}" <<'EOF'
 import statistics, sys
-label, dims, dtype, flags, cores, mhz, per_cycle, ours, theirs = sys.argv[1:]
+label, dims, dtype, flags, peak, ours, theirs = sys.argv[1:]
 b, h, lq, lk, e = map(int, dims.split())
 causal, backward = "--causal" in flags, "--backward" in flags
 pairs = sum(min(i + 1, lk) for i in range(lq)) if causal else lq * lk
@@ -80,7 +82,7 @@ flops = 4 * b * h * pairs * e * (3.5 if backward else 1.0)
 ours = statistics.median(float(x) for x in ours.split())
 theirs = statistics.median(float(x) for x in theirs.split())
 gflops = flops / ours / 1e3
-peak = int(cores) * float(mhz) * int(per_cycle) / 1e3
+peak = float(peak)
 fmt = lambda us: f"{us / 1e6:.3f} s" if us >= 1e6 else (f"{us / 1e3:.2f} ms" if us >= 1e3 else f"{us:.0f} us")
 name = f"({b}, {h}, {lq}, {lk}, {e}){' causal' if causal else ''} {label}"
 pas = "forward+backward" if backward else "forward"
