@@ -399,18 +399,23 @@ mod avx512 {
                             }
                         }
                     }
-                    let beta = _mm512_set1_ps(self.beta);
+                    // Without a multiplier the epilogue leaves the FMA pipes to the products.
+                    let (unit, beta) = (self.beta == 1.0, _mm512_set1_ps(self.beta));
                     for (r, acc_r) in acc.iter().enumerate() {
                         let cp = self.c.add(r * self.c_rs);
                         for v in 0..V {
-                            let out = if self.accumulate {
-                                _mm512_fmadd_ps(
+                            let out = match (self.accumulate, unit) {
+                                (true, true) => _mm512_add_ps(
+                                    acc_r[v],
+                                    _mm512_maskz_loadu_ps(mask[v], cp.add(16 * v)),
+                                ),
+                                (true, false) => _mm512_fmadd_ps(
                                     acc_r[v],
                                     beta,
                                     _mm512_maskz_loadu_ps(mask[v], cp.add(16 * v)),
-                                )
-                            } else {
-                                _mm512_mul_ps(acc_r[v], beta)
+                                ),
+                                (false, true) => acc_r[v],
+                                (false, false) => _mm512_mul_ps(acc_r[v], beta),
                             };
                             _mm512_mask_storeu_ps(cp.add(16 * v), mask[v], out);
                         }
