@@ -133,15 +133,24 @@ struct Scratch {
     q_rows: Vec<f32>,
     /// bf16 pairs (`bf16_pairs`): the query block and dO paired across rows, dO along rows, and
     /// one of P, dS paired for the product at hand.
+    #[cfg(target_arch = "x86_64")]
+    pairs: PairBufs,
+}
+
+/// The backward's bf16-pair scratch ([`Scratch::pairs`]).
+#[cfg(target_arch = "x86_64")]
+#[derive(Default)]
+struct PairBufs {
     q_across: Vec<f32>,
     do_across: Vec<f32>,
     do_along: Vec<f32>,
-    pairs: Vec<f32>,
+    ds: Vec<f32>,
 }
 
 /// A key tile ready for the products: f32 rows, or for bf16 inputs on a CPU with AVX512_BF16
 /// bf16 pairs (`bf16_pairs`; the products run on `vdpbf16ps`, P and dS rounded to bf16 as
 /// PyTorch's CPU kernel does for bf16 inputs).
+#[derive(Clone, Copy)]
 enum KeyTile<'a> {
     /// K (keys × e), Kᵀ and Vᵀ.
     F32 {
@@ -156,6 +165,28 @@ enum KeyTile<'a> {
         kt: MatRef<'a>,
         vt: MatRef<'a>,
         q: &'a [half::bf16],
+    },
+}
+
+/// The operands of one block's products: the key tile's, the block's query rows, and for bf16
+/// pairs the query rows and dO paired across rows and dO along them.
+#[derive(Clone, Copy)]
+enum Ops<'a> {
+    F32 {
+        q: MatRef<'a>,
+        k: MatRef<'a>,
+        kt: MatRef<'a>,
+        vt: MatRef<'a>,
+    },
+    #[cfg(target_arch = "x86_64")]
+    Bf16 {
+        q: MatRef<'a>,
+        q_across: MatRef<'a>,
+        do_along: MatRef<'a>,
+        do_across: MatRef<'a>,
+        k: MatRef<'a>,
+        kt: MatRef<'a>,
+        vt: MatRef<'a>,
     },
 }
 
@@ -196,9 +227,7 @@ fn key_range(
         k_rows,
         v_rows,
         q_rows,
-        q_across,
-        do_across,
-        do_along,
+        #[cfg(target_arch = "x86_64")]
         pairs,
     } = scratch;
     #[cfg(target_arch = "x86_64")]
@@ -260,41 +289,53 @@ fn key_range(
                 let dk_t = &mut dk_tile[at * e..(at + cols) * e];
                 let dv_t = &mut dv_tile[at * ev..(at + cols) * ev];
                 let q_off = seg.q + r0 * g.q_rs;
-                let q = match tile {
-                    #[cfg(target_arch = "x86_64")]
-                    KeyTile::Bf16 { q: qd, .. } => {
-                        bf16_pairs::along_rows(qd, q_off, rows, e, g.q_rs, q_rows)
-                    }
-                    KeyTile::F32 { .. } => src.q.rows(q_off, rows, e, g.q_rs, q_rows),
-                };
                 let row0 = seg.row0 + r0;
                 let dot = MatRef::rows(&dout[row0 * ev..(row0 + rows) * ev], rows, ev, ev);
+                let ops = match tile {
+                    KeyTile::F32 { k, kt, vt } => Ops::F32 {
+                        q: src.q.rows(q_off, rows, e, g.q_rs, q_rows),
+                        k,
+                        kt,
+                        vt,
+                    },
+                    #[cfg(target_arch = "x86_64")]
+                    KeyTile::Bf16 { k, kt, vt, q: qd } => Ops::Bf16 {
+                        q: bf16_pairs::along_rows(qd, q_off, rows, e, g.q_rs, q_rows),
+                        q_across: bf16_pairs::across_rows(
+                            qd,
+                            q_off,
+                            rows,
+                            e,
+                            g.q_rs,
+                            &mut pairs.q_across,
+                        ),
+                        do_along: bf16_pairs::along_rows_f32(dot.data, ev, 0, &mut pairs.do_along),
+                        do_across: bf16_pairs::across_rows_f32(
+                            dot.data,
+                            rows,
+                            ev,
+                            &mut pairs.do_across,
+                        ),
+                        k,
+                        kt,
+                        vt,
+                    },
+                };
                 let n = rows * cols;
                 let n_dropout = if p.dropout.is_some() { n } else { 0 };
                 let n_cap = if p.softcap.is_some() { n } else { 0 };
                 let (s, dp) = (&mut s[..n], &mut dp[..n]);
                 let (pd, z) = (&mut pd[..n_dropout], &mut z[..n_dropout]);
                 let tanh = &mut tanh[..n_cap];
-                // dO paired along and across its rows for the bf16 products.
-                #[cfg(target_arch = "x86_64")]
-                let do_pairs = match tile {
-                    KeyTile::Bf16 { q: qd, .. } => Some((
-                        bf16_pairs::along_rows_f32(dot.data, ev, 0, do_along),
-                        bf16_pairs::across_rows_f32(dot.data, rows, ev, do_across),
-                        bf16_pairs::across_rows(qd, q_off, rows, e, g.q_rs, q_across),
-                    )),
-                    KeyTile::F32 { .. } => None,
-                };
-                #[cfg(not(target_arch = "x86_64"))]
-                let do_pairs: Option<()> = None;
                 // P = exp(scores - lse); Pd = P with dropout applied.
-                match tile {
-                    KeyTile::F32 { kt, .. } => {
+                match ops {
+                    Ops::F32 { q, kt, .. } => {
                         gemm(s, cols, q, kt.cols_from(at, cols), false, product_scale(p))
                     }
                     #[cfg(target_arch = "x86_64")]
-                    // SAFETY: `KeyTile::Bf16` is built only where `bf16_pairs::available`.
-                    KeyTile::Bf16 { kt, .. } => unsafe {
+                    // SAFETY: `Ops::Bf16` comes from a `KeyTile::Bf16`, built only where
+                    // `bf16_pairs::available`.
+                    Ops::Bf16 { q, kt, .. } => unsafe {
                         let kt = kt.cols_from(at, cols);
                         gemm_bf16_pairs(s, cols, q, kt, false, product_scale(p))
                     },
@@ -314,8 +355,8 @@ fn key_range(
                 }
                 // dV += Pdᵀ dO (Pd = P without dropout)
                 let pd = if p.dropout.is_some() { &*pd } else { &*s };
-                match (&tile, &do_pairs) {
-                    (KeyTile::F32 { vt, .. }, _) => {
+                match ops {
+                    Ops::F32 { vt, .. } => {
                         let pd = MatRef::rows(pd, rows, cols, cols);
                         gemm(dv_t, ev, pd.t(), dot, true, 1.0);
                         // dP = dO Vᵀ
@@ -323,14 +364,17 @@ fn key_range(
                     }
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: as above.
-                    (KeyTile::Bf16 { vt, .. }, Some((do_along, do_across, _))) => unsafe {
-                        let pd = bf16_pairs::across_rows_f32(pd, rows, cols, pairs);
-                        gemm_bf16_pairs(dv_t, ev, pd.t(), *do_across, true, 1.0);
+                    Ops::Bf16 {
+                        vt,
+                        do_along,
+                        do_across,
+                        ..
+                    } => unsafe {
+                        let pd = bf16_pairs::across_rows_f32(pd, rows, cols, &mut pairs.ds);
+                        gemm_bf16_pairs(dv_t, ev, pd.t(), do_across, true, 1.0);
                         let vt = vt.cols_from(at, cols);
-                        gemm_bf16_pairs(dp, cols, *do_along, vt, false, 1.0);
+                        gemm_bf16_pairs(dp, cols, do_along, vt, false, 1.0);
                     },
-                    #[cfg(target_arch = "x86_64")]
-                    (KeyTile::Bf16 { .. }, None) => unreachable!("bf16 tiles come with dO pairs"),
                 }
                 // (∘ dropout), dS = P ∘ (dP - D)
                 if p.dropout.is_some() {
@@ -345,25 +389,23 @@ fn key_range(
                 }
                 let dq_rows = &mut dq[(mi * lq + r0) * e..(mi * lq + r0 + rows) * e];
                 // dK += scale · dSᵀ Q, dQ += scale · dS K
-                match (&tile, &do_pairs) {
-                    (KeyTile::F32 { k, .. }, _) => {
+                match ops {
+                    Ops::F32 { q, k, .. } => {
                         let ds = MatRef::rows(dp, rows, cols, cols);
                         gemm(dk_t, e, ds.t(), q, true, p.scale);
                         gemm(dq_rows, e, ds, k.rows_from(at, cols), true, p.scale);
                     }
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: as above.
-                    (KeyTile::Bf16 { k, .. }, Some((_, _, q_across))) => unsafe {
-                        let ds = bf16_pairs::across_rows_f32(dp, rows, cols, pairs);
-                        gemm_bf16_pairs(dk_t, e, ds.t(), *q_across, true, p.scale);
+                    Ops::Bf16 { q_across, k, .. } => unsafe {
+                        let ds = bf16_pairs::across_rows_f32(dp, rows, cols, &mut pairs.ds);
+                        gemm_bf16_pairs(dk_t, e, ds.t(), q_across, true, p.scale);
                         // Key pairs start at an even key of the tile: an odd first key gets a
                         // zero before it.
-                        let ds = bf16_pairs::along_rows_f32(dp, cols, at % 2, pairs);
+                        let ds = bf16_pairs::along_rows_f32(dp, cols, at % 2, &mut pairs.ds);
                         let k = k.rows_from(at / 2, ds.cols);
                         gemm_bf16_pairs(dq_rows, e, ds, k, true, p.scale);
                     },
-                    #[cfg(target_arch = "x86_64")]
-                    (KeyTile::Bf16 { .. }, None) => unreachable!("bf16 tiles come with dO pairs"),
                 }
                 r0 = next;
             }

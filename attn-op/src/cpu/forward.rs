@@ -209,6 +209,7 @@ struct Scratch {
     /// Each row's output rescaling of the current key tile.
     alpha: Vec<f32>,
     /// The probabilities as bf16 pairs (bf16 products).
+    #[cfg(target_arch = "x86_64")]
     probs: Vec<f32>,
 }
 
@@ -257,6 +258,7 @@ fn forward_block<T: OutElem>(
         few_rows,
         keep,
         alpha,
+        #[cfg(target_arch = "x86_64")]
         probs,
     } = scratch;
     scores.resize(FWD_ROWS.max(CAUSAL_ROWS) * BK, 0.0);
