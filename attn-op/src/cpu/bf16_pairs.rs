@@ -4,7 +4,8 @@
 //! travel as `f32` bit patterns (the transpose and the kernel only move them), with zeros where
 //! an odd length leaves a half empty.
 //!
-//! Only called where [`available`] says the CPU has AVX512_BF16 (so AVX-512F and BW as well).
+//! Only called where [`available`] says the CPU has AVX512_BF16 (so AVX-512F and BW as well);
+//! the functions with intrinsics inside assert it.
 
 use std::arch::x86_64::*;
 
@@ -110,12 +111,13 @@ pub(crate) fn across_rows<'b>(
     rs: usize,
     buf: &'b mut Vec<f32>,
 ) -> MatRef<'b> {
+    assert!(available(), "bf16 pairs: the CPU lacks AVX512_BF16");
     let wr = rows.div_ceil(2);
     let out = words(buf, wr * cols);
     for (p, w) in out.chunks_exact_mut(cols.max(1)).take(wr).enumerate() {
         let a = &d[off + 2 * p * rs..][..cols];
         let b = (2 * p + 1 < rows).then(|| &d[off + (2 * p + 1) * rs..][..cols]);
-        // SAFETY: `available` (the callers' condition) implies AVX-512F and BW.
+        // SAFETY: `available` (asserted above) implies AVX-512F and BW.
         unsafe { interleave(a.reinterpret_cast(), b.map(|b| b.reinterpret_cast()), w) };
     }
     MatRef::rows(buf, wr, cols, cols)
@@ -154,12 +156,13 @@ pub(crate) fn across_rows_f32<'b>(
     cols: usize,
     buf: &'b mut Vec<f32>,
 ) -> MatRef<'b> {
+    assert!(available(), "bf16 pairs: the CPU lacks AVX512_BF16");
     let wr = rows.div_ceil(2);
     let out = words(buf, wr * cols);
     for (p, w) in out.chunks_exact_mut(cols.max(1)).take(wr).enumerate() {
         let a = &s[2 * p * cols..][..cols];
         let b = (2 * p + 1 < rows).then(|| &s[(2 * p + 1) * cols..][..cols]);
-        // SAFETY: `available` (the callers' condition) implies AVX-512F, BW and BF16.
+        // SAFETY: `available` (asserted above) implies AVX-512F, BW and BF16.
         unsafe { round_interleave(a, b, w) };
     }
     MatRef::rows(buf, wr, cols, cols)
@@ -224,6 +227,7 @@ pub(crate) fn along_rows_f32<'b>(
     lead: usize,
     buf: &'b mut Vec<f32>,
 ) -> MatRef<'b> {
+    assert!(available(), "bf16 pairs: the CPU lacks AVX512_BF16");
     let rows = s.len() / cols.max(1);
     let wc = (lead + cols).div_ceil(2);
     let out = words(buf, rows * wc);
@@ -233,7 +237,7 @@ pub(crate) fn along_rows_f32<'b>(
     {
         let h = halves(w);
         h[..lead].fill(bf16::ZERO);
-        // SAFETY: `available` (the callers' condition) implies AVX-512F, BW and BF16.
+        // SAFETY: `available` (asserted above) implies AVX-512F, BW and BF16.
         unsafe { round(row, &mut h[lead..lead + cols]) };
         h[lead + cols..].fill(bf16::ZERO);
     }
