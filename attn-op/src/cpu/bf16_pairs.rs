@@ -112,13 +112,26 @@ pub(crate) fn across_rows<'b>(
     buf: &'b mut Vec<f32>,
 ) -> MatRef<'b> {
     assert!(available(), "bf16 pairs: the CPU lacks AVX512_BF16");
+    let row = |r: usize| d[off + r * rs..][..cols].reinterpret_cast();
+    // SAFETY: `available` (asserted above) implies AVX-512F and BW.
+    pair_rows(rows, cols, buf, row, |a, b, w| unsafe {
+        interleave(a, b, w)
+    })
+}
+
+/// The words of rows `2p` and `2p + 1` (`row(r)` is row `r`, `cols` long; the second `None` past
+/// the last row) made by `pair` into row `p` of `rows.div_ceil(2) × cols` words in `buf`.
+fn pair_rows<'b, 'd, T: 'd>(
+    rows: usize,
+    cols: usize,
+    buf: &'b mut Vec<f32>,
+    row: impl Fn(usize) -> &'d [T],
+    pair: impl Fn(&[T], Option<&[T]>, &mut [f32]),
+) -> MatRef<'b> {
     let wr = rows.div_ceil(2);
     let out = words(buf, wr * cols);
     for (p, w) in out.chunks_exact_mut(cols.max(1)).take(wr).enumerate() {
-        let a = &d[off + 2 * p * rs..][..cols];
-        let b = (2 * p + 1 < rows).then(|| &d[off + (2 * p + 1) * rs..][..cols]);
-        // SAFETY: `available` (asserted above) implies AVX-512F and BW.
-        unsafe { interleave(a.reinterpret_cast(), b.map(|b| b.reinterpret_cast()), w) };
+        pair(row(2 * p), (2 * p + 1 < rows).then(|| row(2 * p + 1)), w);
     }
     MatRef::rows(buf, wr, cols, cols)
 }
@@ -157,15 +170,11 @@ pub(crate) fn across_rows_f32<'b>(
     buf: &'b mut Vec<f32>,
 ) -> MatRef<'b> {
     assert!(available(), "bf16 pairs: the CPU lacks AVX512_BF16");
-    let wr = rows.div_ceil(2);
-    let out = words(buf, wr * cols);
-    for (p, w) in out.chunks_exact_mut(cols.max(1)).take(wr).enumerate() {
-        let a = &s[2 * p * cols..][..cols];
-        let b = (2 * p + 1 < rows).then(|| &s[(2 * p + 1) * cols..][..cols]);
-        // SAFETY: `available` (asserted above) implies AVX-512F, BW and BF16.
-        unsafe { round_interleave(a, b, w) };
-    }
-    MatRef::rows(buf, wr, cols, cols)
+    let row = |r: usize| &s[r * cols..][..cols];
+    // SAFETY: `available` (asserted above) implies AVX-512F, BW and BF16.
+    pair_rows(rows, cols, buf, row, |a, b, w| unsafe {
+        round_interleave(a, b, w)
+    })
 }
 
 /// `w[c]` = the bf16 of `a[c]` in the low half, of `b[c]` (0 when `None`) in the high half,
