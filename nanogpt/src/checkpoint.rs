@@ -94,7 +94,8 @@ pub fn save(path: &Path, varmap: &VarMap, extra: Vec<(String, Tensor)>, meta: &M
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    files::write_atomic(path, |tmp| {
+    // In a folder of its own: safetensors makes a temporary of its own beside `tmp`.
+    files::write_atomic_in_dir(path, |tmp| {
         safetensors::serialize_to_file(tensors, Some(metadata), tmp)
             .with_context(|| format!("cannot write checkpoint {}", tmp.display()))
     })

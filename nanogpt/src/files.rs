@@ -113,21 +113,35 @@ pub fn parent_of(path: &Path) -> &Path {
 /// then flushed and renamed over `dest`; the temporary is removed if anything fails.
 pub fn write_atomic(dest: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let tmp = temp_path(dest);
-    let result = write(&tmp)
-        .and_then(|()| {
-            File::open(&tmp)
-                .and_then(|f| f.sync_all())
-                .with_context(|| format!("cannot flush {}", tmp.display()))
-        })
-        .and_then(|()| {
-            std::fs::rename(&tmp, dest)
-                .with_context(|| format!("cannot move {} to {}", tmp.display(), dest.display()))
-        });
+    let result = write(&tmp).and_then(|()| flush_and_rename(&tmp, dest));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result?;
     sync_dir(parent_of(dest))
+}
+
+/// [`write_atomic`] for writers that make temporaries of their own beside the path they are
+/// given (safetensors' `serialize_to_file` writes a `.tmpXXXXXX` there and renames it): `write`
+/// gets a path inside a fresh folder named by [`temp_path`], so all a killed process can leave
+/// is that folder, which [`remove_stale_temps`] recognises and removes.
+pub fn write_atomic_in_dir(dest: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let dir = temp_path(dest);
+    std::fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let inner = dir.join(dest.file_name().unwrap_or_default());
+    let result = write(&inner).and_then(|()| flush_and_rename(&inner, dest));
+    let _ = std::fs::remove_dir_all(&dir);
+    result?;
+    sync_dir(parent_of(dest))
+}
+
+/// Flushes the written temporary `tmp` and renames it over `dest`.
+fn flush_and_rename(tmp: &Path, dest: &Path) -> Result<()> {
+    File::open(tmp)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("cannot flush {}", tmp.display()))?;
+    std::fs::rename(tmp, dest)
+        .with_context(|| format!("cannot move {} to {}", tmp.display(), dest.display()))
 }
 
 /// Writes `bytes` to `dest` atomically.
@@ -284,6 +298,48 @@ mod tests {
         );
         assert!(!a.exists() && dir.path().join("keep.tmp").exists());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+
+    /// A writer that, like safetensors, writes a temporary of its own beside its path: in a
+    /// temporary folder nothing of it is left, whether it succeeds or fails, and a folder a
+    /// killed writer left is cleaned as a stale temporary.
+    #[test]
+    fn writers_with_their_own_temporaries_leave_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("ckpt.safetensors");
+        let own_temp = |path: &Path, fail: bool| -> Result<()> {
+            let side = tempfile::NamedTempFile::new_in(parent_of(path))?;
+            std::fs::write(side.path(), b"new")?;
+            if fail {
+                bail!("failed mid-write");
+            }
+            side.persist(path)?;
+            Ok(())
+        };
+        write_atomic_in_dir(&dest, |p| own_temp(p, false)).unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), b"new");
+        assert!(write_atomic_in_dir(&dest, |p| own_temp(p, true)).is_err());
+        assert_eq!(std::fs::read(&dest).unwrap(), b"new");
+        let names = |d: &Path| {
+            let mut v: Vec<_> = std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names(dir.path()), ["ckpt.safetensors"]);
+        // What a writer killed mid-write leaves: the folder with its own temporary inside.
+        let killed = dir
+            .path()
+            .join(format!(".ckpt.safetensors.{}.0.tmp", u32::MAX));
+        std::fs::create_dir(&killed).unwrap();
+        std::fs::write(killed.join(".tmpabcdef"), b"x").unwrap();
+        assert_eq!(
+            remove_stale_temps(dir.path(), "ckpt.safetensors", false).unwrap(),
+            1
+        );
+        assert_eq!(names(dir.path()), ["ckpt.safetensors"]);
     }
 
     #[test]
