@@ -1,6 +1,6 @@
 //! The CPU implementation shared by the flash and efficient ops: FlashAttention-2's tiled
 //! forward and backward, parallel with rayon, f32 arithmetic whatever the input dtype, except the
-//! forward's two products for bf16 inputs on CPUs with AVX512_BF16 (bf16 pairs, f32 sums).
+//! matrix products of bf16 inputs where `bf16_pairs::available` (bf16 pairs, f32 sums).
 
 pub(crate) mod backward;
 #[cfg(target_arch = "x86_64")]

@@ -63,8 +63,7 @@ fn row_max(x: &[f32]) -> f32 {
 #[inline]
 #[target_feature(enable = "avx512f")]
 fn exp_affine_sum(x: &mut [f32], a: f32, b: f32) -> f32 {
-    let log2e = std::f32::consts::LOG2_E;
-    let (a, nb) = (_mm512_set1_ps(a * log2e), _mm512_set1_ps(-b * log2e));
+    let (a, nb) = (_mm512_set1_ps(a * LOG2_E), _mm512_set1_ps(-b * LOG2_E));
     let mut sum = _mm512_setzero_ps();
     let mut chunks = x.chunks_exact_mut(16);
     for c in &mut chunks {
