@@ -2,13 +2,15 @@
 //! key/value tiles it can see, with the online softmax, and never holds more than one
 //! `BQ × BK` tile of scores.
 
+use std::f32::consts::{LN_2, LOG2_E};
+
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 use super::bf16_pairs;
 #[cfg(target_arch = "x86_64")]
 use super::matmul::gemm_bf16_pairs;
-use super::matmul::{gemm, transpose_into, MatRef};
+use super::matmul::{gemm, transpose_scaled_into, MatRef};
 use super::{simd, split_rows, MaskSrc, OutElem, Src};
 use crate::config::Dropout;
 use crate::geometry::{Geometry, QSeg};
@@ -276,6 +278,10 @@ fn forward_block<T: OutElem>(
     let bf16 = bf16_pairs::storage(src.q, src.k, src.v).filter(|_| !few);
     #[cfg(not(target_arch = "x86_64"))]
     let bf16: Option<()> = None;
+    // Without a transform of the scores (soft cap, ALiBi, mask), the f32 path multiplies the
+    // key tile by `scale·log₂e` as it transposes it, so that the scores come out in the base-2
+    // units of the softmax, which then subtracts where it would multiply-add.
+    let plain = src.mask.is_none() && p.softcap.is_none() && seg.slope == 0.0;
     let q_off = seg.q + r0 * g.q_rs;
     let q_task = match bf16 {
         #[cfg(target_arch = "x86_64")]
@@ -296,7 +302,11 @@ fn forward_block<T: OutElem>(
                 v: bf16_pairs::across_rows(vd, v_tile, cols, ev, g.v_rs, v),
             }),
             _ => Some(Tiles::F32 {
-                kt: transpose_into(src.k.rows(k_tile, cols, e, g.k_rs, k), kt),
+                kt: transpose_scaled_into(
+                    src.k.rows(k_tile, cols, e, g.k_rs, k),
+                    if plain { p.scale * LOG2_E } else { 1.0 },
+                    kt,
+                ),
                 v: src.v.rows(v_tile, cols, ev, g.v_rs, v),
             }),
         };
@@ -335,7 +345,13 @@ fn forward_block<T: OutElem>(
                     }
                 }
             }
-            let mul = prepare_scores(g, seg, src, p, r0 + s0, k0, kv.len, s, scols, None);
+            let mul = match &tiles {
+                Some(Tiles::F32 { .. }) if plain => {
+                    prepare_scores(g, seg, src, p, r0 + s0, k0, kv.len, s, scols, None);
+                    1.0
+                }
+                _ => prepare_scores(g, seg, src, p, r0 + s0, k0, kv.len, s, scols, None) * LOG2_E,
+            };
             let sub = s0..s0 + srows;
             let alpha = &mut alpha[..srows];
             simd::online_softmax_rows(s, scols, mul, &mut m[sub.clone()], &mut l[sub], alpha);
@@ -385,7 +401,7 @@ fn forward_block<T: OutElem>(
         let row = &mut o[i * ev..(i + 1) * ev];
         if l[i] > 0.0 {
             simd::scale(row, 1.0 / l[i]);
-            lse[i] = m[i] + l[i].ln();
+            lse[i] = m[i] * LN_2 + l[i].ln();
         } else {
             row.fill(0.0);
             lse[i] = f32::INFINITY;

@@ -70,6 +70,16 @@ impl<'a> MatRef<'a> {
 /// scratch: it is resized (zero-filled) only when its length changes, since every element is
 /// overwritten.
 pub(crate) fn transpose_into<'a>(m: MatRef, out: &'a mut Vec<f32>) -> MatRef<'a> {
+    transpose_scaled_into(m, 1.0, out)
+}
+
+/// [`transpose_into`] with every element multiplied by `factor` on the way (a multiply per 16
+/// elements copied, where a product's epilogue would spend one per 16 of its outputs).
+pub(crate) fn transpose_scaled_into<'a>(
+    m: MatRef,
+    factor: f32,
+    out: &'a mut Vec<f32>,
+) -> MatRef<'a> {
     assert!(m.in_bounds(), "transpose: matrix out of bounds");
     if out.len() != m.rows * m.cols {
         out.clear();
@@ -79,7 +89,7 @@ pub(crate) fn transpose_into<'a>(m: MatRef, out: &'a mut Vec<f32>) -> MatRef<'a>
     if m.cs == 1 && super::use_avx512() {
         // SAFETY: the CPU has AVX-512F; `m` is in bounds (asserted) and `out` holds its
         // transpose.
-        unsafe { avx512::transpose(m, out) };
+        unsafe { avx512::transpose(m, factor, out) };
         return MatRef::rows(out, m.cols, m.rows, m.rows);
     }
     for r in 0..m.rows {
@@ -87,12 +97,12 @@ pub(crate) fn transpose_into<'a>(m: MatRef, out: &'a mut Vec<f32>) -> MatRef<'a>
         if m.cs == 1 {
             // Contiguous source rows: no index arithmetic or bounds check per element.
             let src = &m.data[r * m.rs..r * m.rs + m.cols];
-            dst.zip(src).for_each(|(o, &v)| *o = v);
+            dst.zip(src).for_each(|(o, &v)| *o = v * factor);
         } else {
             let src = &m.data[r * m.rs..];
             dst.zip(src.iter().step_by(m.cs))
                 .take(m.cols)
-                .for_each(|(o, &v)| *o = v);
+                .for_each(|(o, &v)| *o = v * factor);
         }
     }
     MatRef::rows(out, m.cols, m.rows, m.rows)
@@ -215,7 +225,7 @@ mod avx512 {
     /// Columns per register block: four 16-lane vectors.
     const NR: usize = 64;
 
-    /// `out` (`m.cols × m.rows`, contiguous rows) = the transpose of `m`, by blocks of 16 × 16
+    /// `out` (`m.cols × m.rows`, contiguous rows) = `factor` × the transpose of `m`, by blocks of 16 × 16
     /// transposed in registers (four rounds of shuffles) instead of one strided store per
     /// element.
     ///
@@ -223,7 +233,8 @@ mod avx512 {
     /// AVX-512F must be available; `m` must be in bounds with `m.cs == 1`, and `out` at least
     /// `m.rows · m.cols` long.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn transpose(m: MatRef, out: &mut [f32]) {
+    pub(super) unsafe fn transpose(m: MatRef, factor: f32, out: &mut [f32]) {
+        let f = _mm512_set1_ps(factor);
         assert!(m.cs == 1 && out.len() >= m.rows * m.cols);
         let (src, dst) = (m.data.as_ptr(), out.as_mut_ptr());
         for r0 in (0..m.rows).step_by(16) {
@@ -279,7 +290,7 @@ mod avx512 {
                                 _mm512_mask_storeu_ps(
                                     dst.add((c0 + col) * m.rows + r0),
                                     lanes(nr),
-                                    x,
+                                    _mm512_mul_ps(f, x),
                                 )
                             };
                         }
@@ -527,11 +538,14 @@ mod tests {
                     rs,
                     cs,
                 };
-                let t = transpose_into(m, &mut buf);
+                // Alternately plain and scaled (by a power of two: exact).
+                let factor = if (rows + cs) % 2 == 0 { 1.0 } else { 0.25 };
+                let t = transpose_scaled_into(m, factor, &mut buf);
                 assert_eq!((t.rows, t.cols, t.rs), (cols, rows, rows));
                 for r in 0..rows {
                     for c in 0..cols {
-                        assert_eq!(t.data[c * rows + r], a[r * rs + c * cs], "{rows}x{cols}");
+                        let want = factor * a[r * rs + c * cs];
+                        assert_eq!(t.data[c * rows + r], want, "{rows}x{cols}");
                     }
                 }
             }

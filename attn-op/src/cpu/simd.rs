@@ -1,6 +1,8 @@
 //! The element-wise row work of the tiled kernels, compiled for AVX-512 and AVX2 as well as the
 //! baseline and picked at run time (`multiversion`).
 
+use std::f32::consts::LN_2;
+
 use multiversion::multiversion;
 use multiversion::target::target_cfg_f;
 
@@ -107,11 +109,12 @@ pub(crate) fn exp_affine_sum(x: &mut [f32], a: f32, b: f32) -> f32 {
 
 /// The online-softmax step of a tile of score rows (AVX-512 intrinsics where the CPU has them,
 /// else [`online_softmax_rows_portable`]), `cols` wide, whose keys a row may not see
-/// are already `-inf`, with one multiplier `mul` for every score. For row `i`, with
-/// `m_new = max(m[i], mul·max(row))`: the row becomes `e^(mul·row - m_new)`,
-/// `alpha[i] = e^(m[i] - m_new)` (what the row's output so far must be scaled by),
-/// `l[i] = l[i]·alpha[i] + Σ row` and `m[i] = m_new`. A row that sees no key yet
-/// (`m_new = -inf`) becomes zeros and keeps its `m` and `l` (`alpha[i] = 1`).
+/// are already `-inf`, with one multiplier `mul > 0` for every score, in base 2 (`mul`
+/// includes `log₂ e` for natural units; a caller that folds it into the scores passes 1, which
+/// saves a multiply per score). For row `i`, with `m_new = max(m[i], mul·max(row))`: the row
+/// becomes `2^(mul·row - m_new)`, `alpha[i] = 2^(m[i] - m_new)` (what the row's output so far
+/// must be scaled by), `l[i] = l[i]·alpha[i] + Σ row` and `m[i] = m_new`. A row that sees no
+/// key yet (`m_new = -inf`) becomes zeros and keeps its `m` and `l` (`alpha[i] = 1`).
 pub(crate) fn online_softmax_rows(
     s: &mut [f32],
     cols: usize,
@@ -147,8 +150,8 @@ pub(crate) fn online_softmax_rows_portable(
             *alpha = 1.0;
             continue;
         }
-        *alpha = (*m - m_new).exp();
-        *l = *l * *alpha + exp_affine_sum_of(row, mul, m_new, fma);
+        *alpha = ((*m - m_new) * LN_2).exp();
+        *l = *l * *alpha + exp_affine_sum_of(row, mul * LN_2, m_new * LN_2, fma);
         *m = m_new;
     }
 }
@@ -440,6 +443,79 @@ mod tests {
             assert_eq!(exp(-1000.0, fma), 0.0);
             assert!(exp(f32::NAN, fma).is_nan());
             assert_eq!(exp(0.0, fma), 1.0);
+        }
+    }
+
+    /// The online softmax in base 2 against float64, through the dispatched kernel and the
+    /// portable one: 21 rows (a full group of 16 and a partial one) 37 wide (a masked tail),
+    /// multipliers 1 (the subtracting path) and not, rows that have seen no key, rows whose
+    /// scores are all `-inf`, and a row whose maximum rises.
+    #[test]
+    fn online_softmax_rows_match_f64() {
+        type Kernel = fn(&mut [f32], usize, f32, &mut [f32], &mut [f32], &mut [f32]);
+        let kernels: [(&str, Kernel); 2] = [
+            ("dispatched", online_softmax_rows),
+            ("portable", online_softmax_rows_portable),
+        ];
+        let (rows, cols) = (21, 37);
+        for (name, kernel) in kernels {
+            for mul in [1.0f32, 0.37] {
+                let mut x: Vec<f32> = (0..rows * cols)
+                    .map(|i| (i * 7919 % 1000) as f32 / 50.0 - 10.0)
+                    .collect();
+                x[3 * cols..4 * cols].fill(f32::NEG_INFINITY);
+                x[5 * cols + 2] = f32::NEG_INFINITY;
+                let m0: Vec<f32> = (0..rows)
+                    .map(|r| match r % 3 {
+                        0 => f32::NEG_INFINITY,
+                        1 => 2.5,
+                        _ => -30.0,
+                    })
+                    .collect();
+                let l0: Vec<f32> = (0..rows).map(|r| r as f32 * 0.5).collect();
+                let (mut s, mut m, mut l) = (x.clone(), m0.clone(), l0.clone());
+                let mut alpha = vec![f32::NAN; rows];
+                kernel(&mut s, cols, mul, &mut m, &mut l, &mut alpha);
+                for r in 0..rows {
+                    let row = &x[r * cols..(r + 1) * cols];
+                    let mx = row.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(v as f64));
+                    let m_new = (m0[r] as f64).max(mul as f64 * mx);
+                    if m_new == f64::NEG_INFINITY {
+                        assert!(s[r * cols..(r + 1) * cols].iter().all(|&v| v == 0.0));
+                        assert_eq!(
+                            (m[r], l[r], alpha[r]),
+                            (m0[r], l0[r], 1.0),
+                            "{name} row {r}"
+                        );
+                        continue;
+                    }
+                    let want_alpha = (m0[r] as f64 - m_new).exp2();
+                    // The exponent's rounding to f32 bounds the error: |t|·2⁻²⁴ of ln 2.
+                    // (`2^-inf` must be exactly 0.)
+                    let close = |got: f32, want: f64, t: f64| {
+                        if t == f64::NEG_INFINITY {
+                            got == 0.0
+                        } else {
+                            (got as f64 - want).abs() <= (1e-6 + t.abs() * 6e-8) * want
+                        }
+                    };
+                    let mut sum = 0f64;
+                    for (c, &v) in row.iter().enumerate() {
+                        let t = mul as f64 * v as f64 - m_new;
+                        let want = t.exp2();
+                        sum += want;
+                        assert!(close(s[r * cols + c], want, t), "{name} {mul} ({r}, {c})");
+                    }
+                    let want_l = l0[r] as f64 * want_alpha + sum;
+                    let t = m0[r] as f64 - m_new;
+                    assert!(close(alpha[r], want_alpha, t), "{name} alpha {r}");
+                    assert!(
+                        (l[r] as f64 - want_l).abs() <= 1e-6 * want_l,
+                        "{name} l {r}"
+                    );
+                    assert_eq!(m[r] as f64, m_new as f32 as f64, "{name} m {r}");
+                }
+            }
         }
     }
 

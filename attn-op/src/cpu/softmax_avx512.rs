@@ -5,7 +5,10 @@
 //! `2^n` rebuilt by `vscalefps`: seven multiply-class operations per 16 lanes. The products and
 //! these compete for the same FMA pipes, and at head dim 32 the exponentials cost about a
 //! fifth as much as the two products, so each one counts (base e took ten: the scale, the range
-//! reduction's product and its two-part `ln 2` correction).
+//! reduction's product and its two-part `ln 2` correction). Where the scores come already
+//! multiplied by `scale·log₂e` (the forward folds it into the key tile), the first multiply-add
+//! is a subtraction, which runs beside the FMAs instead of on them.
+//! The rows' maxima and sums are reduced sixteen rows at a time ([`reduce16`]).
 
 use std::arch::x86_64::*;
 
@@ -42,10 +45,49 @@ fn exp2_16(t: __m512) -> __m512 {
     _mm512_maskz_scalef_ps(keep, p, n)
 }
 
-/// Largest element of `x` (`-inf` when empty).
+/// Sixteen vectors reduced lane-wise by `op` (an associative, commutative vector operation):
+/// lane `i` of the result is `op` over the lanes of `v[i]`. Four rounds of shuffles between
+/// vector pairs and one permutation: ~3 operations per vector, where reducing each vector on
+/// its own takes ~8 and ends in a chain of dependent steps.
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn row_max(x: &[f32]) -> f32 {
+fn reduce16(v: &[__m512; 16], op: impl Fn(__m512, __m512) -> __m512) -> __m512 {
+    // 16 -> 8: lanes 0-7 of w[i] fold the 256-bit halves of v[2i], lanes 8-15 those of v[2i+1].
+    let w: [__m512; 8] = std::array::from_fn(|i| {
+        let (a, b) = (v[2 * i], v[2 * i + 1]);
+        op(
+            _mm512_shuffle_f32x4::<0x44>(a, b),
+            _mm512_shuffle_f32x4::<0xee>(a, b),
+        )
+    });
+    // 8 -> 4: 128-bit lane c of x[i] holds four partials of v[4i + c].
+    let x: [__m512; 4] = std::array::from_fn(|i| {
+        let (a, b) = (w[2 * i], w[2 * i + 1]);
+        op(
+            _mm512_shuffle_f32x4::<0x88>(a, b),
+            _mm512_shuffle_f32x4::<0xdd>(a, b),
+        )
+    });
+    // 4 -> 2 -> 1 inside the 128-bit lanes: lane 4c + k ends up with v[4k + c].
+    let y: [__m512; 2] = std::array::from_fn(|i| {
+        let (a, b) = (x[2 * i], x[2 * i + 1]);
+        op(
+            _mm512_shuffle_ps::<0x88>(a, b),
+            _mm512_shuffle_ps::<0xdd>(a, b),
+        )
+    });
+    let z = op(
+        _mm512_shuffle_ps::<0x88>(y[0], y[1]),
+        _mm512_shuffle_ps::<0xdd>(y[0], y[1]),
+    );
+    let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    _mm512_castsi512_ps(_mm512_permutexvar_epi32(order, _mm512_castps_si512(z)))
+}
+
+/// Lane-wise maximum of the elements of `x` (`-inf` lanes where it has none).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn max_lanes(x: &[f32]) -> __m512 {
     let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
     let mut acc = ninf;
     let chunks = x.chunks_exact(16);
@@ -56,20 +98,29 @@ fn row_max(x: &[f32]) -> f32 {
     }
     // SAFETY: the masked load reads only the tail's elements.
     let t = unsafe { _mm512_mask_loadu_ps(ninf, lanes(tail.len()), tail.as_ptr()) };
-    _mm512_reduce_max_ps(_mm512_max_ps(acc, t))
+    _mm512_max_ps(acc, t)
 }
 
-/// `x = e^(a·x - b)`, returning the sum of the new values.
+/// `x = 2^(a·x - b)` (`2^(x - b)` when `UNIT`, `a` then unused: a subtraction in place of a
+/// multiply-add, which leaves the FMA pipes one operation fewer per 16 lanes), returning the
+/// lane-wise sums of the new values.
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn exp_affine_sum(x: &mut [f32], a: f32, b: f32) -> f32 {
-    let (a, nb) = (_mm512_set1_ps(a * LOG2_E), _mm512_set1_ps(-b * LOG2_E));
+fn exp2_affine_lanes<const UNIT: bool>(x: &mut [f32], a: f32, b: f32) -> __m512 {
+    let (a, nb) = (_mm512_set1_ps(a), _mm512_set1_ps(-b));
+    let t = |v: __m512| {
+        if UNIT {
+            _mm512_add_ps(v, nb)
+        } else {
+            _mm512_fmadd_ps(a, v, nb)
+        }
+    };
     let mut sum = _mm512_setzero_ps();
     let mut chunks = x.chunks_exact_mut(16);
     for c in &mut chunks {
         // SAFETY: a chunk holds 16 elements.
         unsafe {
-            let e = exp2_16(_mm512_fmadd_ps(a, _mm512_loadu_ps(c.as_ptr()), nb));
+            let e = exp2_16(t(_mm512_loadu_ps(c.as_ptr())));
             _mm512_storeu_ps(c.as_mut_ptr(), e);
             sum = _mm512_add_ps(sum, e);
         }
@@ -79,16 +130,19 @@ fn exp_affine_sum(x: &mut [f32], a: f32, b: f32) -> f32 {
         let k = lanes(tail.len());
         // SAFETY: the masked load and store touch only the tail's elements.
         unsafe {
-            let e = exp2_16(_mm512_fmadd_ps(
-                a,
-                _mm512_maskz_loadu_ps(k, tail.as_ptr()),
-                nb,
-            ));
+            let e = exp2_16(t(_mm512_maskz_loadu_ps(k, tail.as_ptr())));
             _mm512_mask_storeu_ps(tail.as_mut_ptr(), k, e);
             sum = _mm512_mask_add_ps(sum, k, sum, e);
         }
     }
-    _mm512_reduce_add_ps(sum)
+    sum
+}
+
+/// `x = e^(a·x - b)`, returning the sum of the new values.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn exp_affine_sum(x: &mut [f32], a: f32, b: f32) -> f32 {
+    _mm512_reduce_add_ps(exp2_affine_lanes::<false>(x, a * LOG2_E, b * LOG2_E))
 }
 
 /// [`super::simd::online_softmax_rows`] (same contract).
@@ -103,36 +157,45 @@ pub(super) fn online_softmax_rows(
 ) {
     let cols = cols.max(1);
     let n = alpha.len().min(m.len()).min(l.len()).min(s.len() / cols);
-    // Sixteen rows at a time, so that their rescalings e^(m_old - m_new) are one vector exp.
+    let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+    // Sixteen rows at a time: their maxima, sums and rescalings are each one vector.
     for (g0, group) in (0..n).step_by(16).zip(s.chunks_mut(16 * cols)) {
-        let g = (n - g0).min(16);
-        let (mut expo, mut sums, mut maxes) = ([0f32; 16], [0f32; 16], [0f32; 16]);
-        // Every row's maximum first: their reductions are independent, so they overlap, where
-        // each row's exponentials would otherwise wait for its own.
-        for (mx, row) in maxes.iter_mut().zip(group.chunks_exact(cols)).take(g) {
-            *mx = row_max(row);
+        let k = lanes(n - g0);
+        let mut lanes16 = [ninf; 16];
+        for (v, row) in lanes16
+            .iter_mut()
+            .zip(group.chunks_exact(cols))
+            .take(n - g0)
+        {
+            *v = max_lanes(row);
         }
-        for (i, row) in group.chunks_exact_mut(cols).take(g).enumerate() {
-            let m = &mut m[g0 + i];
-            let m_new = m.max(mul * maxes[i]);
-            if m_new == f32::NEG_INFINITY {
-                // No key seen yet: zeros, and m, l unchanged (e^0 = 1, sum 0).
-                row.fill(0.0);
-                continue;
-            }
-            expo[i] = *m - m_new;
-            sums[i] = exp_affine_sum(row, mul, m_new);
-            *m = m_new;
-        }
-        let mut a = [0f32; 16];
-        // SAFETY: 16-element arrays, full-width loads and stores.
+        let row_max = reduce16(&lanes16, |a, b| _mm512_max_ps(a, b));
+        // SAFETY: the masked loads and stores touch only the group's rows of `m`, `l`, `alpha`.
         unsafe {
-            let t = _mm512_mul_ps(_mm512_loadu_ps(expo.as_ptr()), _mm512_set1_ps(LOG2_E));
-            _mm512_storeu_ps(a.as_mut_ptr(), exp2_16(t));
-        }
-        for i in 0..g {
-            alpha[g0 + i] = a[i];
-            l[g0 + i] = l[g0 + i] * a[i] + sums[i];
+            let m_old = _mm512_mask_loadu_ps(ninf, k, m.as_ptr().add(g0));
+            // `vmaxps` returns its second operand when either is NaN: a NaN row keeps its `m`.
+            let m_new = _mm512_max_ps(_mm512_mul_ps(_mm512_set1_ps(mul), row_max), m_old);
+            let mut m_rows = [0f32; 16];
+            _mm512_storeu_ps(m_rows.as_mut_ptr(), m_new);
+            lanes16 = [_mm512_setzero_ps(); 16];
+            let rows = group.chunks_exact_mut(cols).take(n - g0);
+            for ((v, row), &m_row) in lanes16.iter_mut().zip(rows).zip(&m_rows) {
+                if m_row == f32::NEG_INFINITY {
+                    // No key seen yet: zeros, and m, l unchanged (factor 1, sum 0).
+                    row.fill(0.0);
+                } else if mul == 1.0 {
+                    *v = exp2_affine_lanes::<true>(row, mul, m_row);
+                } else {
+                    *v = exp2_affine_lanes::<false>(row, mul, m_row);
+                }
+            }
+            let sums = reduce16(&lanes16, |a, b| _mm512_add_ps(a, b));
+            let seen = _mm512_cmp_ps_mask::<_CMP_NEQ_OQ>(m_new, ninf);
+            let a = exp2_16(_mm512_maskz_sub_ps(seen, m_old, m_new));
+            _mm512_mask_storeu_ps(alpha.as_mut_ptr().add(g0), k, a);
+            let l_old = _mm512_maskz_loadu_ps(k, l.as_ptr().add(g0));
+            _mm512_mask_storeu_ps(l.as_mut_ptr().add(g0), k, _mm512_fmadd_ps(l_old, a, sums));
+            _mm512_mask_storeu_ps(m.as_mut_ptr().add(g0), k, m_new);
         }
     }
 }
