@@ -278,10 +278,17 @@ fn forward_block<T: OutElem>(
     let bf16 = bf16_pairs::storage(src.q, src.k, src.v).filter(|_| !few);
     #[cfg(not(target_arch = "x86_64"))]
     let bf16: Option<()> = None;
-    // Without a transform of the scores (soft cap, ALiBi, mask), the f32 path multiplies the
-    // key tile by `scale·log₂e` as it transposes it, so that the scores come out in the base-2
-    // units of the softmax, which then subtracts where it would multiply-add.
+    // The f32 path multiplies the key tile as it transposes it, which spares the score tiles a
+    // multiply each. Without a transform of the scores (soft cap, ALiBi, mask), by `scale·log₂e`,
+    // so that the scores come out in the base-2 units of the softmax, which then subtracts where
+    // it would multiply-add; with the soft cap by its `product_scale`; with ALiBi or a mask by
+    // the scale, which their transform then leaves out (`p_f32`).
     let plain = src.mask.is_none() && p.softcap.is_none() && seg.slope == 0.0;
+    let (kt_factor, p_f32) = match p.softcap {
+        _ if plain => (p.scale * LOG2_E, *p),
+        Some(_) => (product_scale(p), *p),
+        None => (p.scale, Params { scale: 1.0, ..*p }),
+    };
     let q_off = seg.q + r0 * g.q_rs;
     let q_task = match bf16 {
         #[cfg(target_arch = "x86_64")]
@@ -302,11 +309,7 @@ fn forward_block<T: OutElem>(
                 v: bf16_pairs::across_rows(vd, v_tile, cols, ev, g.v_rs, v),
             }),
             _ => Some(Tiles::F32 {
-                kt: transpose_scaled_into(
-                    src.k.rows(k_tile, cols, e, g.k_rs, k),
-                    if plain { p.scale * LOG2_E } else { 1.0 },
-                    kt,
-                ),
+                kt: transpose_scaled_into(src.k.rows(k_tile, cols, e, g.k_rs, k), kt_factor, kt),
                 v: src.v.rows(v_tile, cols, ev, g.v_rs, v),
             }),
         };
@@ -326,8 +329,9 @@ fn forward_block<T: OutElem>(
             let s = &mut scores[..srows * scols];
             match &tiles {
                 Some(Tiles::F32 { kt, .. }) => {
+                    // (The key tile holds the multiplier.)
                     let kt = kt.cols_from(k0 - c0, scols);
-                    gemm(s, scols, q, kt, false, product_scale(p))
+                    gemm(s, scols, q, kt, false, 1.0)
                 }
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `Tiles::Bf16` is built only where `bf16_pairs::available`.
@@ -346,9 +350,14 @@ fn forward_block<T: OutElem>(
                 }
             }
             let mul = match &tiles {
-                Some(Tiles::F32 { .. }) if plain => {
-                    prepare_scores(g, seg, src, p, r0 + s0, k0, kv.len, s, scols, None);
-                    1.0
+                Some(Tiles::F32 { .. }) => {
+                    let mul =
+                        prepare_scores(g, seg, src, &p_f32, r0 + s0, k0, kv.len, s, scols, None);
+                    if plain {
+                        1.0
+                    } else {
+                        mul * LOG2_E
+                    }
                 }
                 _ => prepare_scores(g, seg, src, p, r0 + s0, k0, kv.len, s, scols, None) * LOG2_E,
             };

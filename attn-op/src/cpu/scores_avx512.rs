@@ -1,38 +1,40 @@
 //! The soft cap and the ALiBi bias of the tiled kernels' scores written with AVX-512 intrinsics,
 //! for CPUs that have AVX-512F (chosen at run time by [`super::simd::softcap_rows`] and
-//! [`super::simd::alibi_rows`]). The same rational `tanh` as the portable code, but the division
-//! by `q(x²)` is `vrcp14ps` and one Newton step: `vdivps` on 512 bits issues once per ~10
-//! cycles, and the compiled portable loop waited on it. The bias `-slope·|diag - j|` comes from
-//! a vector of `diag - j` stepped by 16, not from converting each `j`; with a soft cap it is added
-//! in the same pass.
+//! [`super::simd::alibi_rows`]). `tanh` comes from the softmax's base-2 exponential,
+//! `tanh|x| = 1 - 2/(e^(2|x|) + 1)` with `vrcp14ps` and one Newton step for the division: nine
+//! operations per 16 lanes on the FMA pipes, where the portable code's rational function
+//! ([`super::simd::tanh`]) takes thirteen and competes with the products for them. The bias
+//! `-slope·|diag - j|` comes from a vector of `diag - j` stepped by 16, not from converting each
+//! `j`; with a soft cap it is added in the same pass.
 
 use std::arch::x86_64::*;
+use std::f32::consts::LOG2_E;
 
 use super::lanes;
+use super::softmax_avx512::exp2_16_nonneg;
 
-use super::simd::{TANH_CLAMP, TANH_P, TANH_Q};
-
-/// `c·tanh(x)` on 16 lanes, to the portable [`super::simd::tanh`]'s accuracy, with `pc` the
-/// numerator's coefficients times `c` (so the product by `c` costs nothing); NaN stays NaN.
+/// `c·tanh(x)` on 16 lanes, `c > 0` and `c2 = 2c`, to an absolute error of about `3e-7·c`
+/// (the exponential's 1.1e-7 and the roundings): `±(c - 2c/(e^(2|x|) + 1))`, with `x`'s sign
+/// put back by a bitwise or. NaN stays NaN; `±inf` gives `±c`.
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn scaled_tanh16(x: __m512, pc: &[__m512; TANH_P.len()]) -> __m512 {
-    // `vmaxps`/`vminps` return their second operand when either is NaN: keep `x` there.
-    let x = _mm512_max_ps(_mm512_set1_ps(-TANH_CLAMP), x);
-    let x = _mm512_min_ps(_mm512_set1_ps(TANH_CLAMP), x);
-    let z = _mm512_mul_ps(x, x);
-    let mut p = pc[0];
-    for c in &pc[1..] {
-        p = _mm512_fmadd_ps(p, z, *c);
-    }
-    let mut q = _mm512_set1_ps(TANH_Q[0]);
-    for c in &TANH_Q[1..] {
-        q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(*c));
-    }
-    // q >= 1, so 1/q is finite: 14 bits from `vrcp14ps`, about 28 after one Newton step.
-    let r = _mm512_rcp14_ps(q);
-    let r = _mm512_fmadd_ps(r, _mm512_fnmadd_ps(q, r, _mm512_set1_ps(1.0)), r);
-    _mm512_mul_ps(_mm512_mul_ps(x, p), r)
+fn scaled_tanh16(x: __m512, c: __m512, c2: __m512) -> __m512 {
+    let sign = _mm512_set1_epi32(i32::MIN);
+    let a = _mm512_abs_ps(x);
+    // `2|x|·log₂e`, at most 64, past which `tanh` rounds to 1 and `e^(2|x|)` would overflow.
+    // (`vminps` returns its second operand when either is NaN: NaN stays NaN.)
+    let t = _mm512_min_ps(
+        _mm512_set1_ps(64.0),
+        _mm512_mul_ps(a, _mm512_set1_ps(2.0 * LOG2_E)),
+    );
+    let d = _mm512_add_ps(exp2_16_nonneg(t), _mm512_set1_ps(1.0));
+    // d >= 1, so 1/d is finite: 14 bits from `vrcp14ps`, about 28 after one Newton step.
+    let r = _mm512_rcp14_ps(d);
+    let r = _mm512_fmadd_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(1.0)), r);
+    // c - 2c·r >= 0: or-ing in x's sign bit gives c·tanh(x).
+    let m = _mm512_fnmadd_ps(c2, r, c);
+    let x_sign = _mm512_and_si512(_mm512_castps_si512(x), sign);
+    _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(m), x_sign))
 }
 
 /// [`super::simd::softcap_rows`]: `x[i][j] = cap·tanh(x[i][j]) - slope·|diag0 + i - j|` (no
@@ -84,8 +86,9 @@ fn tile<const C: bool, const T: bool, const B: bool>(
         "tanh buffer shorter than the tile"
     );
     let (fv, nslope) = (_mm512_set1_ps(f), _mm512_set1_ps(-slope));
-    // Storing `tanh`, the cap multiplies it afterwards; otherwise it goes into the numerator.
-    let pc = TANH_P.map(|c| _mm512_set1_ps(if T { c } else { c * f }));
+    // Storing `tanh`, the cap multiplies it afterwards; otherwise it goes into `scaled_tanh16`.
+    let c = if T { 1.0 } else { f };
+    let (cv, c2v) = (_mm512_set1_ps(c), _mm512_set1_ps(2.0 * c));
     let iota = _mm512_setr_ps(
         0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
     );
@@ -106,11 +109,14 @@ fn tile<const C: bool, const T: bool, const B: bool>(
             unsafe {
                 let u = _mm512_maskz_loadu_ps(m, row.as_ptr().add(j));
                 let mut y = if C && !T {
-                    scaled_tanh16(u, &pc)
+                    scaled_tanh16(u, cv, c2v)
                 } else if C {
-                    let th = scaled_tanh16(u, &pc);
+                    let th = scaled_tanh16(u, cv, c2v);
                     _mm512_mask_storeu_ps(t_row.as_mut_ptr().add(j), m, th);
                     _mm512_mul_ps(fv, th)
+                } else if f == 1.0 {
+                    // (The products took the scale: `forward_block`'s key tile.)
+                    u
                 } else {
                     _mm512_mul_ps(fv, u)
                 };

@@ -114,7 +114,9 @@ pub(crate) fn exp_affine_sum(x: &mut [f32], a: f32, b: f32) -> f32 {
 /// saves a multiply per score). For row `i`, with `m_new = max(m[i], mul·max(row))`: the row
 /// becomes `2^(mul·row - m_new)`, `alpha[i] = 2^(m[i] - m_new)` (what the row's output so far
 /// must be scaled by), `l[i] = l[i]·alpha[i] + Σ row` and `m[i] = m_new`. A row that sees no
-/// key yet (`m_new = -inf`) becomes zeros and keeps its `m` and `l` (`alpha[i] = 1`).
+/// key yet (`m_new = -inf`) becomes zeros and keeps its `m` and `l`. Where `m[i] = -inf`, the
+/// row has seen no key before, so its output and `l[i]` are still 0 and any factor leaves them
+/// so: `alpha[i] = 1` there, which [`scale_rows`] skips.
 pub(crate) fn online_softmax_rows(
     s: &mut [f32],
     cols: usize,
@@ -150,7 +152,11 @@ pub(crate) fn online_softmax_rows_portable(
             *alpha = 1.0;
             continue;
         }
-        *alpha = ((*m - m_new) * LN_2).exp();
+        *alpha = if *m == f32::NEG_INFINITY {
+            1.0
+        } else {
+            ((*m - m_new) * LN_2).exp()
+        };
         *l = *l * *alpha + exp_affine_sum_of(row, mul * LN_2, m_new * LN_2, fma);
         *m = m_new;
     }
@@ -209,14 +215,14 @@ fn exp_affine_sum_of(x: &mut [f32], a: f32, b: f32, fma: bool) -> f32 {
 
 /// Numerator and denominator of [`tanh`]'s rational function, polynomials in `x²`, highest
 /// degree first.
-pub(crate) const TANH_P: [f32; 5] = [
+const TANH_P: [f32; 5] = [
     1.335_485_6e-8,
     2.060_923_7e-5,
     3.495_598_2e-3,
     1.338_103_4e-1,
     1.0,
 ];
-pub(crate) const TANH_Q: [f32; 5] = [
+const TANH_Q: [f32; 5] = [
     7.776_642e-7,
     3.285_650_7e-4,
     2.587_702_1e-2,
@@ -225,7 +231,7 @@ pub(crate) const TANH_Q: [f32; 5] = [
 ];
 /// [`tanh`]'s argument is clamped to `[-TANH_CLAMP, TANH_CLAMP]`, beyond which `tanh` rounds to
 /// ±1 in f32.
-pub(crate) const TANH_CLAMP: f32 = 9.0;
+const TANH_CLAMP: f32 = 9.0;
 
 /// `tanh(x)` to 3 ulp (relative error 3.4e-7), written so that loops over it vectorise: the
 /// rational function `x·p(x²) / q(x²)` ([`TANH_P`], [`TANH_Q`]: degrees 9 and 8, fitted to
@@ -472,7 +478,10 @@ mod tests {
                         _ => -30.0,
                     })
                     .collect();
-                let l0: Vec<f32> = (0..rows).map(|r| r as f32 * 0.5).collect();
+                // (No key seen yet: l = 0.)
+                let l0: Vec<f32> = (0..rows)
+                    .map(|r| if r % 3 == 0 { 0.0 } else { r as f32 * 0.5 })
+                    .collect();
                 let (mut s, mut m, mut l) = (x.clone(), m0.clone(), l0.clone());
                 let mut alpha = vec![f32::NAN; rows];
                 kernel(&mut s, cols, mul, &mut m, &mut l, &mut alpha);
@@ -489,7 +498,11 @@ mod tests {
                         );
                         continue;
                     }
-                    let want_alpha = (m0[r] as f64 - m_new).exp2();
+                    let want_alpha = if m0[r] == f32::NEG_INFINITY {
+                        1.0
+                    } else {
+                        (m0[r] as f64 - m_new).exp2()
+                    };
                     // The exponent's rounding to f32 bounds the error: |t|·2⁻²⁴ of ln 2.
                     // (`2^-inf` must be exactly 0.)
                     let close = |got: f32, want: f64, t: f64| {
@@ -507,7 +520,7 @@ mod tests {
                         assert!(close(s[r * cols + c], want, t), "{name} {mul} ({r}, {c})");
                     }
                     let want_l = l0[r] as f64 * want_alpha + sum;
-                    let t = m0[r] as f64 - m_new;
+                    let t = want_alpha.log2();
                     assert!(close(alpha[r], want_alpha, t), "{name} alpha {r}");
                     assert!(
                         (l[r] as f64 - want_l).abs() <= 1e-6 * want_l,
@@ -565,6 +578,42 @@ mod tests {
     }
 
     type SoftcapRows = fn(&mut [f32], usize, f32, Option<&mut [f32]>, Option<(f32, f32)>);
+
+    /// Every soft cap implementation's `tanh` over the whole range (its argument past ±20,
+    /// where it rounds to ±1, tiny arguments, ±0, ±inf) to an absolute 4e-7 against float64.
+    #[test]
+    fn softcap_tanh_everywhere() {
+        let mut x0: Vec<f32> = (0..3650).map(|i| -25.0 + i as f32 * 0.0137).collect();
+        x0.extend([
+            1e-7,
+            -3e-5,
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1e30,
+        ]);
+        for (name, f) in softcap_impls() {
+            let (mut x, mut t) = (x0.clone(), vec![f32::NAN; x0.len()]);
+            f(&mut x, x0.len(), 2.0, Some(&mut t), None);
+            for ((&got_t, &got_x), &x0) in t.iter().zip(&x).zip(&x0) {
+                let want = (x0 as f64).tanh();
+                assert!(
+                    (got_t as f64 - want).abs() < 4e-7,
+                    "{name} tanh({x0}) = {got_t}"
+                );
+                assert!(
+                    (got_x as f64 - 2.0 * want).abs() < 8e-7,
+                    "{name} 2·tanh({x0})"
+                );
+                assert_eq!(
+                    got_t.is_sign_negative(),
+                    x0.is_sign_negative(),
+                    "{name} sign"
+                );
+            }
+        }
+    }
 
     #[test]
     fn softcap_rows_match_f64() {

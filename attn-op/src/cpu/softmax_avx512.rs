@@ -33,16 +33,32 @@ const POLY: [f32; 6] = [
 /// `vscalefps` building `2^n` and zeroing the lanes below -126 in one.
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn exp2_16(t: __m512) -> __m512 {
+pub(super) fn exp2_16(t: __m512) -> __m512 {
     // Lanes at or above -126, and NaN lanes (unordered compares are true), keep their value.
     let keep = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(t, _mm512_set1_ps(-126.0));
+    let (p, n) = exp2_parts(t);
+    _mm512_maskz_scalef_ps(keep, p, n)
+}
+
+/// [`exp2_16`] for `t >= 0` or NaN only (no compare, no mask).
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(super) fn exp2_16_nonneg(t: __m512) -> __m512 {
+    let (p, n) = exp2_parts(t);
+    _mm512_scalef_ps(p, n)
+}
+
+/// `(2^f, n)` with `n` the nearest integer to `t` and `f = t - n` (exact).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn exp2_parts(t: __m512) -> (__m512, __m512) {
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
     let f = _mm512_sub_ps(t, n);
     let mut p = _mm512_set1_ps(POLY[0]);
     for c in &POLY[1..] {
         p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(*c));
     }
-    _mm512_maskz_scalef_ps(keep, p, n)
+    (p, n)
 }
 
 /// Sixteen vectors reduced lane-wise by `op` (an associative, commutative vector operation):
@@ -190,7 +206,8 @@ pub(super) fn online_softmax_rows(
                 }
             }
             let sums = reduce16(&lanes16, |a, b| _mm512_add_ps(a, b));
-            let seen = _mm512_cmp_ps_mask::<_CMP_NEQ_OQ>(m_new, ninf);
+            // Rows that had seen no key (m_old = -inf) get the factor 1 (2^0).
+            let seen = _mm512_cmp_ps_mask::<_CMP_NEQ_OQ>(m_old, ninf);
             let a = exp2_16(_mm512_maskz_sub_ps(seen, m_old, m_new));
             _mm512_mask_storeu_ps(alpha.as_mut_ptr().add(g0), k, a);
             let l_old = _mm512_maskz_loadu_ps(k, l.as_ptr().add(g0));
