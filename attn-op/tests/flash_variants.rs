@@ -186,12 +186,15 @@ fn dense_variants_match_the_reference() -> Result<()> {
     let mut failures = Vec::new();
     let mut checked = 0;
     // (B, Sq, Sk, Hq, Hkv, D): odd lengths, Sq < Sk (some rows see nothing with right = 0
-    // only when Sq > Sk), Sq > Sk, grouped heads, lengths across several 128-key tiles, decoding.
+    // only when Sq > Sk), Sq > Sk, grouped heads, lengths across several 128-key tiles, decoding
+    // (with 128 query heads' rows, enough for the CPU forward to run the heads of a group
+    // together on up to 64 threads).
     let shapes = [
         (2, 37, 53, 4, 2, 16),
         (1, 53, 37, 2, 1, 32),
         (1, 300, 300, 2, 2, 32),
         (1, 1, 300, 4, 1, 64),
+        (8, 1, 300, 16, 4, 16),
     ];
     for (si, &(b, sq, sk, hq, hkv, d)) in shapes.iter().enumerate() {
         let slopes: Vec<f32> = (0..hq).map(|h| 0.3 / (h + 1) as f32).collect();

@@ -176,32 +176,73 @@ pub(crate) fn forward_into<T: OutElem>(
     let outs = split_rows(out, g.ev, &ranges);
     let lses = split_rows(&mut lse, 1, &ranges);
     let block = rows_per_task(g);
-    let mut tasks = Vec::new();
+    let mut tasks: Vec<Vec<QueryBlock<T>>> = Vec::new();
+    // Segments of a few rows (decoding) that share a key/value segment (grouped-query heads)
+    // go through it together, each key tile read from memory once for all of them, in groups
+    // small enough to leave every thread several tasks.
+    let few_segs = g.q_segs.iter().filter(|s| s.len <= FEW_ROWS).count();
+    let want = TASKS_PER_THREAD * rayon::current_num_threads();
+    let group = few_segs.div_ceil(want).max(1);
+    let mut open: Option<(usize, usize)> = None;
     for ((seg, mut o), mut l) in g.q_segs.iter().zip(outs).zip(lses) {
+        if seg.len <= FEW_ROWS {
+            let blk = QueryBlock {
+                seg,
+                r0: 0,
+                out: o,
+                lse: l,
+            };
+            match open {
+                Some((kv, n)) if kv == seg.kv && n < group => {
+                    tasks.last_mut().expect("an open task").push(blk);
+                    open = Some((kv, n + 1));
+                }
+                _ => {
+                    tasks.push(vec![blk]);
+                    open = Some((seg.kv, 1));
+                }
+            }
+            continue;
+        }
+        open = None;
         for r0 in (0..seg.len).step_by(block) {
             let rows = block.min(seg.len - r0);
             let (o_tile, o_rest) = o.split_at_mut(rows * g.ev);
             let (l_tile, l_rest) = l.split_at_mut(rows);
-            tasks.push((seg, r0, o_tile, l_tile));
+            tasks.push(vec![QueryBlock {
+                seg,
+                r0,
+                out: o_tile,
+                lse: l_tile,
+            }]);
             (o, l) = (o_rest, l_rest);
         }
     }
     tasks
         .into_par_iter()
-        .for_each_init(Scratch::default, |scratch, (seg, r0, o, l)| {
-            forward_block(g, src, p, seg, r0, o, l, scratch)
+        .for_each_init(Scratch::default, |scratch, blocks| {
+            forward_task(g, src, p, blocks, scratch)
         });
     lse
+}
+
+/// Rows `[r0, r0 + lse.len())` of query segment `seg`, with their output rows and logsumexps.
+struct QueryBlock<'a, T> {
+    seg: &'a QSeg,
+    r0: usize,
+    out: &'a mut [T],
+    lse: &'a mut [f32],
 }
 
 /// Buffers a forward task reuses.
 #[derive(Default)]
 struct Scratch {
     scores: Vec<f32>,
-    /// The task's output rows in f32, written to the output once at the end.
-    o: Vec<f32>,
-    /// The task's query rows, the key tile and the value tile, converted (f16, bf16 inputs).
-    q: Vec<f32>,
+    /// Each query block's output rows in f32, written to the output once at the end.
+    o: Vec<Vec<f32>>,
+    /// Each query block's rows, then the key tile and the value tile, converted (f16, bf16
+    /// inputs).
+    q: Vec<Vec<f32>>,
     k: Vec<f32>,
     v: Vec<f32>,
     kt: Vec<f32>,
@@ -230,26 +271,32 @@ enum Tiles<'a> {
     },
 }
 
-/// Rows `[r0, r0 + lse.len())` of one query segment through every key tile they can see.
-#[allow(clippy::too_many_arguments)]
-fn forward_block<T: OutElem>(
+/// Query blocks through every key tile they can see: one block of many rows, or several blocks
+/// of a few rows each that read the same key/value segment (decoding grouped-query heads), tile
+/// by tile so that each tile is read from memory once for all of them.
+fn forward_task<T: OutElem>(
     g: &Geometry,
     src: &Sources,
     p: &Params,
-    seg: &QSeg,
-    r0: usize,
-    out: &mut [T],
-    lse: &mut [f32],
+    mut blocks: Vec<QueryBlock<T>>,
     scratch: &mut Scratch,
 ) {
-    let rows = lse.len();
     let (e, ev) = (g.e, g.ev);
-    let kv = &g.kv_segs[seg.kv];
+    let kv = &g.kv_segs[blocks[0].seg.kv];
+    // A task of a few rows (decoding one token against a KV cache) reads each key once: dot
+    // products with the key rows where they are cost less than transposing the key tile.
+    let few = blocks.iter().all(|b| b.lse.len() <= FEW_ROWS);
+    assert!(
+        (few || blocks.len() == 1) && blocks.iter().all(|b| b.seg.kv == blocks[0].seg.kv),
+        "forward task: several blocks must be few-row blocks of one key/value segment"
+    );
     // The keys any row of the task sees: the band's bounds grow with the row.
-    let kstart = seg.band.keys(r0, kv.len).0;
-    let kend = seg.band.keys(r0 + rows - 1, kv.len).1;
-    let mut m = vec![f32::NEG_INFINITY; rows];
-    let mut l = vec![0f32; rows];
+    let kstart = blocks.iter().map(|b| b.seg.band.keys(b.r0, kv.len).0).min();
+    let kend = blocks
+        .iter()
+        .map(|b| b.seg.band.keys(b.r0 + b.lse.len() - 1, kv.len).1)
+        .max();
+    let (kstart, kend) = (kstart.unwrap_or(0), kend.unwrap_or(0));
     let Scratch {
         scores,
         o,
@@ -266,11 +313,8 @@ fn forward_block<T: OutElem>(
     scores.resize(FWD_ROWS.max(CAUSAL_ROWS) * BK, 0.0);
     keep.resize(BK, 0.0);
     alpha.resize(FWD_ROWS.max(CAUSAL_ROWS), 0.0);
-    o.clear();
-    o.resize(rows * ev, 0.0);
-    // A task of a few rows (decoding one token against a KV cache) reads each key once: dot
-    // products with the key rows where they are cost less than transposing the key tile.
-    let few = rows <= FEW_ROWS;
+    o.resize_with(blocks.len(), Vec::new);
+    q.resize_with(blocks.len(), Vec::new);
     // bf16 inputs on a CPU with AVX512_BF16: products on bf16 pairs (`vdpbf16ps`, twice the f32
     // FMA's work per instruction), the probabilities rounded to bf16 for `p·v` as PyTorch's CPU
     // kernel does.
@@ -282,19 +326,32 @@ fn forward_block<T: OutElem>(
     // multiply each. Without a transform of the scores (soft cap, ALiBi, mask), by `scale·log₂e`,
     // so that the scores come out in the base-2 units of the softmax, which then subtracts where
     // it would multiply-add; with the soft cap by its `product_scale`; with ALiBi or a mask by
-    // the scale, which their transform then leaves out (`p_f32`).
-    let plain = src.mask.is_none() && p.softcap.is_none() && seg.slope == 0.0;
+    // the scale, which their transform then leaves out (`p_f32`). (A task of several blocks is
+    // a few-row one, which builds no key tile.)
+    let plain = src.mask.is_none() && p.softcap.is_none() && blocks[0].seg.slope == 0.0;
     let (kt_factor, p_f32) = match p.softcap {
         _ if plain => (p.scale * LOG2_E, *p),
         Some(_) => (product_scale(p), *p),
         None => (p.scale, Params { scale: 1.0, ..*p }),
     };
-    let q_off = seg.q + r0 * g.q_rs;
-    let q_task = match bf16 {
-        #[cfg(target_arch = "x86_64")]
-        Some((qd, _, _)) => bf16_pairs::along_rows(qd, q_off, rows, e, g.q_rs, q),
-        _ => src.q.rows(q_off, rows, e, g.q_rs, q),
-    };
+    // Each block's running maxima and sums, output rows and query rows.
+    let mut state: Vec<_> = blocks
+        .iter()
+        .zip(o.iter_mut())
+        .zip(q.iter_mut())
+        .map(|((b, o), q)| {
+            let rows = b.lse.len();
+            o.clear();
+            o.resize(rows * ev, 0.0);
+            let q_off = b.seg.q + b.r0 * g.q_rs;
+            let q_rows = match bf16 {
+                #[cfg(target_arch = "x86_64")]
+                Some((qd, _, _)) => bf16_pairs::along_rows(qd, q_off, rows, e, g.q_rs, q),
+                _ => src.q.rows(q_off, rows, e, g.q_rs, q),
+            };
+            (vec![f32::NEG_INFINITY; rows], vec![0f32; rows], o, q_rows)
+        })
+        .collect();
     let mut c0 = kstart;
     while c0 < kend {
         // A tile never crosses a block of a paged cache, so its rows are evenly strided.
@@ -313,108 +370,110 @@ fn forward_block<T: OutElem>(
                 v: src.v.rows(v_tile, cols, ev, g.v_rs, v),
             }),
         };
-        let mut s0 = 0;
-        while s0 < rows {
-            // Blocks are FWD_ROWS long where every row sees the whole tile and short where the
-            // band cuts it; only the keys `[k0, k1)` some row of the block sees are computed.
-            let (srows, k0, k1) = sub_block(seg, kv.len, r0 + s0, rows - s0, (c0, cols), FWD_ROWS);
-            let next = s0 + srows;
-            let scols = k1 - k0;
-            if scols == 0 {
-                s0 = next;
-                continue;
-            }
-            let (k_off, v_off) = g.kv_row(kv, k0);
-            let q = q_task.rows_from(s0, srows);
-            let s = &mut scores[..srows * scols];
-            match &tiles {
-                Some(Tiles::F32 { kt, .. }) => {
-                    // (The key tile holds the multiplier.)
-                    let kt = kt.cols_from(k0 - c0, scols);
-                    gemm(s, scols, q, kt, false, 1.0)
+        for (b, (m, l, o, q_rows)) in blocks.iter().zip(state.iter_mut()) {
+            let (seg, r0, rows) = (b.seg, b.r0, b.lse.len());
+            let mut s0 = 0;
+            while s0 < rows {
+                // Blocks are FWD_ROWS long where every row sees the whole tile and short where
+                // the band cuts it; only the keys `[k0, k1)` some row of the block sees are
+                // computed.
+                let (srows, k0, k1) =
+                    sub_block(seg, kv.len, r0 + s0, rows - s0, (c0, cols), FWD_ROWS);
+                let next = s0 + srows;
+                let scols = k1 - k0;
+                if scols == 0 {
+                    s0 = next;
+                    continue;
                 }
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: `Tiles::Bf16` is built only where `bf16_pairs::available`.
-                Some(Tiles::Bf16 { kt, .. }) => unsafe {
-                    let kt = kt.cols_from(k0 - c0, scols);
-                    gemm_bf16_pairs(s, scols, q, kt, false, product_scale(p))
-                },
-                None => {
-                    for (i, s_row) in s.chunks_exact_mut(scols).enumerate() {
-                        let q_row = &q.data[i * q.rs..i * q.rs + e];
-                        src.k.dots(k_off, g.k_rs, q_row, s_row, few_rows);
-                        if product_scale(p) != 1.0 {
-                            simd::scale(s_row, product_scale(p));
+                let (k_off, v_off) = g.kv_row(kv, k0);
+                let q = q_rows.rows_from(s0, srows);
+                let s = &mut scores[..srows * scols];
+                match &tiles {
+                    Some(Tiles::F32 { kt, .. }) => {
+                        // (The key tile holds the multiplier.)
+                        let kt = kt.cols_from(k0 - c0, scols);
+                        gemm(s, scols, q, kt, false, 1.0)
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `Tiles::Bf16` is built only where `bf16_pairs::available`.
+                    Some(Tiles::Bf16 { kt, .. }) => unsafe {
+                        let kt = kt.cols_from(k0 - c0, scols);
+                        gemm_bf16_pairs(s, scols, q, kt, false, product_scale(p))
+                    },
+                    None => {
+                        for (i, s_row) in s.chunks_exact_mut(scols).enumerate() {
+                            let q_row = &q.data[i * q.rs..i * q.rs + e];
+                            src.k.dots(k_off, g.k_rs, q_row, s_row, few_rows);
+                            if product_scale(p) != 1.0 {
+                                simd::scale(s_row, product_scale(p));
+                            }
                         }
                     }
                 }
-            }
-            let mul = match &tiles {
-                Some(Tiles::F32 { .. }) => {
-                    let mul =
-                        prepare_scores(g, seg, src, &p_f32, r0 + s0, k0, kv.len, s, scols, None);
-                    if plain {
-                        1.0
-                    } else {
-                        mul * LOG2_E
+                let (row, lk) = (r0 + s0, kv.len);
+                let mul = match &tiles {
+                    Some(Tiles::F32 { .. }) => {
+                        let mul = prepare_scores(g, seg, src, &p_f32, row, k0, lk, s, scols, None);
+                        if plain {
+                            1.0
+                        } else {
+                            mul * LOG2_E
+                        }
+                    }
+                    _ => prepare_scores(g, seg, src, p, row, k0, lk, s, scols, None) * LOG2_E,
+                };
+                let sub = s0..s0 + srows;
+                let alpha = &mut alpha[..srows];
+                simd::online_softmax_rows(s, scols, mul, &mut m[sub.clone()], &mut l[sub], alpha);
+                simd::scale_rows(&mut o[s0 * ev..(s0 + srows) * ev], ev, alpha);
+                if let Some(d) = &p.dropout {
+                    for (i, row) in s.chunks_exact_mut(scols).enumerate() {
+                        let keep = &mut keep[..scols];
+                        d.mask.fill_row(seg.stream, r0 + s0 + i, k0, keep);
+                        simd::scale(keep, d.keep_scale());
+                        simd::mul(row, keep);
                     }
                 }
-                _ => prepare_scores(g, seg, src, p, r0 + s0, k0, kv.len, s, scols, None) * LOG2_E,
-            };
-            let sub = s0..s0 + srows;
-            let alpha = &mut alpha[..srows];
-            simd::online_softmax_rows(s, scols, mul, &mut m[sub.clone()], &mut l[sub], alpha);
-            simd::scale_rows(&mut o[s0 * ev..(s0 + srows) * ev], ev, alpha);
-            if let Some(d) = &p.dropout {
-                for (i, row) in s.chunks_exact_mut(scols).enumerate() {
-                    let keep = &mut keep[..scols];
-                    d.mask.fill_row(seg.stream, r0 + s0 + i, k0, keep);
-                    simd::scale(keep, d.keep_scale());
-                    simd::mul(row, keep);
-                }
-            }
-            let o_sub = &mut o[s0 * ev..(s0 + srows) * ev];
-            match &tiles {
-                Some(Tiles::F32 { v, .. }) => {
-                    let v = v.rows_from(k0 - c0, scols);
-                    gemm(
-                        o_sub,
-                        ev,
-                        MatRef::rows(s, srows, scols, scols),
-                        v,
-                        true,
-                        1.0,
-                    )
-                }
-                #[cfg(target_arch = "x86_64")]
-                Some(Tiles::Bf16 { v, .. }) => {
-                    // Value pairs start at an even key of the tile: an odd first key gets a
-                    // zero probability before it.
-                    let lead = (k0 - c0) % 2;
-                    let pw = bf16_pairs::along_rows_f32(s, scols, lead, probs);
-                    let v = v.rows_from((k0 - c0) / 2, pw.cols);
-                    // SAFETY: `Tiles::Bf16` is built only where `bf16_pairs::available`.
-                    unsafe { gemm_bf16_pairs(o_sub, ev, pw, v, true, 1.0) }
-                }
-                None => {
-                    for (p_row, o_row) in s.chunks_exact(scols).zip(o_sub.chunks_exact_mut(ev)) {
-                        src.v.accumulate(v_off, g.v_rs, p_row, o_row, few_rows);
+                let o_sub = &mut o[s0 * ev..(s0 + srows) * ev];
+                match &tiles {
+                    Some(Tiles::F32 { v, .. }) => {
+                        let v = v.rows_from(k0 - c0, scols);
+                        let probs = MatRef::rows(s, srows, scols, scols);
+                        gemm(o_sub, ev, probs, v, true, 1.0)
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    Some(Tiles::Bf16 { v, .. }) => {
+                        // Value pairs start at an even key of the tile: an odd first key gets a
+                        // zero probability before it.
+                        let lead = (k0 - c0) % 2;
+                        let pw = bf16_pairs::along_rows_f32(s, scols, lead, probs);
+                        let v = v.rows_from((k0 - c0) / 2, pw.cols);
+                        // SAFETY: `Tiles::Bf16` is built only where `bf16_pairs::available`.
+                        unsafe { gemm_bf16_pairs(o_sub, ev, pw, v, true, 1.0) }
+                    }
+                    None => {
+                        for (p_row, o_row) in s.chunks_exact(scols).zip(o_sub.chunks_exact_mut(ev))
+                        {
+                            src.v.accumulate(v_off, g.v_rs, p_row, o_row, few_rows);
+                        }
                     }
                 }
+                s0 = next;
             }
-            s0 = next;
         }
         c0 += cols;
     }
-    for i in 0..rows {
-        let row = &mut o[i * ev..(i + 1) * ev];
-        if l[i] > 0.0 {
-            simd::scale(row, 1.0 / l[i]);
-            lse[i] = m[i] * LN_2 + l[i].ln();
-        } else {
-            row.fill(0.0);
-            lse[i] = f32::INFINITY;
+    for (b, (m, l, o, _)) in blocks.iter_mut().zip(state) {
+        for i in 0..b.lse.len() {
+            let row = &mut o[i * ev..(i + 1) * ev];
+            if l[i] > 0.0 {
+                simd::scale(row, 1.0 / l[i]);
+                b.lse[i] = m[i] * LN_2 + l[i].ln();
+            } else {
+                row.fill(0.0);
+                b.lse[i] = f32::INFINITY;
+            }
+            T::store(row, &mut b.out[i * ev..(i + 1) * ev]);
         }
-        T::store(row, &mut out[i * ev..(i + 1) * ev]);
     }
 }
