@@ -32,6 +32,9 @@ const FWD_ROWS: usize = 36;
 /// Tasks of at most this many query rows compute their scores as dot products with the key rows.
 const FEW_ROWS: usize = 2;
 
+/// Rows of the next key and value tiles prefetched per block of rows of the current one.
+const PREFETCH_ROWS: usize = 8;
+
 /// Forward tasks wanted per thread: enough for rayon to balance uneven (causal) work.
 const TASKS_PER_THREAD: usize = 8;
 
@@ -91,6 +94,9 @@ pub(crate) fn prepare_scores(
     tanh: Option<&mut [f32]>,
 ) -> f32 {
     let transform = src.mask.is_some() || p.softcap.is_some() || seg.slope != 0.0;
+    if !transform && seg.band.is_full() {
+        return p.scale;
+    }
     // Row `i`'s diagonal (ALiBi's zero) is key `diag0 + i` of the tile.
     let diag0 = (row0 as isize + seg.diag - c0 as isize) as f32;
     if let Some(cap) = p.softcap {
@@ -370,10 +376,24 @@ fn forward_task<T: OutElem>(
                 v: src.v.rows(v_tile, cols, ev, g.v_rs, v),
             }),
         };
+        // The next tile's key and value rows, asked of the caches a few rows per block of
+        // this tile, so that its transpose and products find them there.
+        let next = (tiles.is_some() && c0 + cols < kend).then(|| {
+            let n0 = c0 + cols;
+            let (k_off, v_off) = g.kv_row(kv, n0);
+            (k_off, v_off, BK.min(kend - n0).min(g.run_end(kv, n0) - n0))
+        });
+        let mut prefetched = 0;
         for (b, (m, l, o, q_rows)) in blocks.iter().zip(state.iter_mut()) {
             let (seg, r0, rows) = (b.seg, b.r0, b.lse.len());
             let mut s0 = 0;
             while s0 < rows {
+                if let Some((k_off, v_off, n)) = next {
+                    let r = PREFETCH_ROWS.min(n - prefetched);
+                    src.k.prefetch(k_off + prefetched * g.k_rs, r, e, g.k_rs);
+                    src.v.prefetch(v_off + prefetched * g.v_rs, r, ev, g.v_rs);
+                    prefetched += r;
+                }
                 // Blocks are FWD_ROWS long where every row sees the whole tile and short where
                 // the band cuts it; only the keys `[k0, k1)` some row of the block sees are
                 // computed.
@@ -466,14 +486,15 @@ fn forward_task<T: OutElem>(
     for (b, (m, l, o, _)) in blocks.iter_mut().zip(state) {
         for i in 0..b.lse.len() {
             let row = &mut o[i * ev..(i + 1) * ev];
+            let out = &mut b.out[i * ev..(i + 1) * ev];
             if l[i] > 0.0 {
-                simd::scale(row, 1.0 / l[i]);
+                T::store_scaled(row, 1.0 / l[i], out);
                 b.lse[i] = m[i] * LN_2 + l[i].ln();
             } else {
                 row.fill(0.0);
+                T::store(row, out);
                 b.lse[i] = f32::INFINITY;
             }
-            T::store(row, &mut b.out[i * ev..(i + 1) * ev]);
         }
     }
 }

@@ -181,6 +181,34 @@ impl<'a> Src<'a> {
 }
 
 impl Src<'_> {
+    /// Asks the caches (L2) for `rows` rows of `cols` elements from storage offset `off` (row
+    /// stride `rs`) ahead of their use; a hint only, clipped to the storage, no effect on results.
+    pub fn prefetch(&self, off: usize, rows: usize, cols: usize, rs: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+            let (ptr, size, len) = match *self {
+                Src::F32(d) => (d.as_ptr().cast::<i8>(), 4, d.len()),
+                Src::F16(d) => (d.as_ptr().cast::<i8>(), 2, d.len()),
+                Src::BF16(d) => (d.as_ptr().cast::<i8>(), 2, d.len()),
+            };
+            for r in 0..rows {
+                let start = off + r * rs;
+                if start >= len {
+                    break;
+                }
+                let bytes = cols.min(len - start) * size;
+                for line in (0..bytes).step_by(64) {
+                    // SAFETY: SSE is part of x86-64; a prefetch never faults, and the address
+                    // is inside the storage anyway (clipped above).
+                    unsafe { _mm_prefetch::<_MM_HINT_T1>(ptr.wrapping_add(start * size + line)) };
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (off, rows, cols, rs);
+    }
+
     /// `out[j] = x · k_j` for the rows `k_j` (`x.len()` elements from storage offset
     /// `off + j·rs`), `j < out.len()`: one query row against keys read once, as decoding does.
     /// With AVX-512 every dtype is widened as it is read (`decode_avx512`); otherwise bf16 keys
@@ -246,11 +274,24 @@ impl Src<'_> {
 pub(crate) trait OutElem: Copy + Send + Sync {
     /// `dst = src` converted (rounding to nearest even).
     fn store(src: &[f32], dst: &mut [Self]);
+
+    /// `dst = factor · src` converted (`src` is scratch, scaled in place where that is how).
+    fn store_scaled(src: &mut [f32], factor: f32, dst: &mut [Self]) {
+        simd::scale(src, factor);
+        Self::store(src, dst);
+    }
 }
 
 impl OutElem for f32 {
     fn store(src: &[f32], dst: &mut [f32]) {
         dst.copy_from_slice(src);
+    }
+
+    /// One pass where scaling and copying would take two.
+    fn store_scaled(src: &mut [f32], factor: f32, dst: &mut [f32]) {
+        for (d, s) in dst.iter_mut().zip(src.iter()) {
+            *d = factor * *s;
+        }
     }
 }
 
