@@ -234,13 +234,33 @@ fn one_run_per_out_dir_and_signals_stop_with_a_checkpoint() {
 /// each: the final checkpoint and loss history equal those of a run never interrupted.
 #[test]
 fn killed_and_resumed_runs_end_as_the_uninterrupted_run() {
+    const ITERS: &str = "100";
     let dir = prepared();
     let d = dir.path();
+    // The uninterrupted run, timed: until its first checkpoint exists, and in all.
     let t0 = Instant::now();
-    succeeds(d, &strs(&tiny("whole", "40")));
-    // Kills come at a uniform moment of a run's length (a save every 2 iterations: many land
-    // inside checkpoint writes).
-    let run_us = t0.elapsed().as_micros() as u64;
+    let mut whole = Command::new(env!("CARGO_BIN_EXE_nanogpt"))
+        .current_dir(d)
+        .env_remove("NANOGPT_INPUT")
+        .args(tiny("whole", ITERS))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("a checkpoint", || {
+        d.join("whole/ckpt.safetensors").is_file()
+    });
+    let first_us = t0.elapsed().as_micros() as u64;
+    assert!(
+        whole.wait().unwrap().success(),
+        "the uninterrupted run failed"
+    );
+    // Kills come at a uniform moment of the first half of what is left of a run once its first
+    // checkpoint exists (a save every 2 iterations: many land inside checkpoint writes), so that
+    // the first round's kill lands before that run's end however fast the runs are (measured
+    // from the whole run's time, which included its start, they were not always: with a time
+    // drawn from the whole run's length, all four rounds could end first).
+    let left_us = (t0.elapsed().as_micros() as u64).saturating_sub(first_us) / 2;
 
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -253,13 +273,13 @@ fn killed_and_resumed_runs_end_as_the_uninterrupted_run() {
     let mut kills = 0;
     for round in 0..4 {
         let args = if round == 0 {
-            tiny("killed", "40")
+            tiny("killed", ITERS)
         } else {
             resume.clone()
         };
         let mut child = spawn(d, &args);
         wait_for("a checkpoint", || out.join("ckpt.safetensors").is_file());
-        std::thread::sleep(Duration::from_micros(rng.below(run_us)));
+        std::thread::sleep(Duration::from_micros(rng.below(left_us.max(1))));
         signal(&child, libc::SIGKILL);
         let status = child.wait().unwrap();
         kills += usize::from(status.code().is_none());

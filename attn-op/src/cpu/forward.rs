@@ -246,9 +246,9 @@ struct Scratch {
     scores: Vec<f32>,
     /// Each query block's output rows in f32, written to the output once at the end.
     o: Vec<Vec<f32>>,
-    /// Each query block's rows, then the key tile and the value tile, converted (f16, bf16
-    /// inputs).
+    /// Each query block's rows, converted (f16, bf16 inputs).
     q: Vec<Vec<f32>>,
+    /// The key tile and the value tile, converted (f16, bf16 inputs).
     k: Vec<f32>,
     v: Vec<f32>,
     kt: Vec<f32>,
