@@ -40,12 +40,17 @@ fn strs(args: &[String]) -> Vec<&str> {
 }
 
 fn spawn(dir: &Path, args: &[String]) -> Child {
+    spawn_with(dir, args, Stdio::piped())
+}
+
+/// [`spawn`] with `stderr` where the child's standard error goes.
+fn spawn_with(dir: &Path, args: &[String], stderr: Stdio) -> Child {
     Command::new(env!("CARGO_BIN_EXE_nanogpt"))
         .current_dir(dir)
         .env_remove("NANOGPT_INPUT")
         .args(args)
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(stderr)
         .spawn()
         .unwrap()
 }
@@ -239,14 +244,8 @@ fn killed_and_resumed_runs_end_as_the_uninterrupted_run() {
     let d = dir.path();
     // The uninterrupted run, timed: until its first checkpoint exists, and in all.
     let t0 = Instant::now();
-    let mut whole = Command::new(env!("CARGO_BIN_EXE_nanogpt"))
-        .current_dir(d)
-        .env_remove("NANOGPT_INPUT")
-        .args(tiny("whole", ITERS))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    // (Its standard error unread, so not piped: a full pipe would stall it.)
+    let mut whole = spawn_with(d, &tiny("whole", ITERS), Stdio::null());
     wait_for("a checkpoint", || {
         d.join("whole/ckpt.safetensors").is_file()
     });

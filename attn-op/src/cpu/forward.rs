@@ -72,6 +72,12 @@ pub(crate) fn product_scale(p: &Params) -> f32 {
     p.softcap.map_or(1.0, |cap| p.scale / cap)
 }
 
+/// Whether [`prepare_scores`] transforms the scores of `seg` (soft cap, ALiBi, mask) beyond
+/// the band's `-inf`; without, the scores go to the softmax as the products leave them.
+fn transforms_scores(src: &Sources, p: &Params, seg: &QSeg) -> bool {
+    src.mask.is_some() || p.softcap.is_some() || seg.slope != 0.0
+}
+
 /// Prepares a tile of rows of `q·kᵀ` (times [`product_scale`]) for the softmax: `s` holds rows
 /// `row0, row0 + 1, ...` of query segment `seg`, `cols` wide, keys from `c0` on. Sets the keys
 /// outside each row's band (causal mask, window) to `-inf`. With a soft cap, ALiBi or a mask,
@@ -93,7 +99,7 @@ pub(crate) fn prepare_scores(
     cols: usize,
     tanh: Option<&mut [f32]>,
 ) -> f32 {
-    let transform = src.mask.is_some() || p.softcap.is_some() || seg.slope != 0.0;
+    let transform = transforms_scores(src, p, seg);
     if !transform && seg.band.is_full() {
         return p.scale;
     }
@@ -334,7 +340,7 @@ fn forward_task<T: OutElem>(
     // it would multiply-add; with the soft cap by its `product_scale`; with ALiBi or a mask by
     // the scale, which their transform then leaves out (`p_f32`). (A task of several blocks is
     // a few-row one, which builds no key tile.)
-    let plain = src.mask.is_none() && p.softcap.is_none() && blocks[0].seg.slope == 0.0;
+    let plain = !transforms_scores(src, p, blocks[0].seg);
     let (kt_factor, p_f32) = match p.softcap {
         _ if plain => (p.scale * LOG2_E, *p),
         Some(_) => (product_scale(p), *p),

@@ -2,8 +2,10 @@
 //! for CPUs that have AVX-512F (chosen at run time by [`super::simd::softcap_rows`] and
 //! [`super::simd::alibi_rows`]). `tanh` comes from the softmax's base-2 exponential,
 //! `tanh|x| = 1 - 2/(e^(2|x|) + 1)` with `vrcp14ps` and one Newton step for the division: nine
-//! operations per 16 lanes on the FMA pipes, where the portable code's rational function
-//! ([`super::simd::tanh`]) takes thirteen and competes with the products for them. The bias
+//! multiply-adds among 17 operations per 16 lanes, where the portable code's rational function
+//! ([`super::simd::tanh`]) takes thirteen among 16. On Zen 4 both passes ran equally fast (bound
+//! by the issue rate of 512-bit operations, not by the FMA pipes); without the exponential's
+//! underflow mask, which `t >= 0` does not need, the new one is a little faster. The bias
 //! `-slope·|diag - j|` comes from a vector of `diag - j` stepped by 16, not from converting each
 //! `j`; with a soft cap it is added in the same pass.
 
@@ -115,7 +117,7 @@ fn tile<const C: bool, const T: bool, const B: bool>(
                     _mm512_mask_storeu_ps(t_row.as_mut_ptr().add(j), m, th);
                     _mm512_mul_ps(fv, th)
                 } else if f == 1.0 {
-                    // (The products took the scale: `forward_block`'s key tile.)
+                    // (The products took the scale: `forward_task`'s key tile.)
                     u
                 } else {
                     _mm512_mul_ps(fv, u)
