@@ -4,8 +4,8 @@
 //! travel as `f32` bit patterns (the transpose and the kernel only move them), with zeros where
 //! an odd length leaves a half empty.
 //!
-//! Only called where [`available`] says the CPU has AVX512_BF16 (so AVX-512F and BW as well);
-//! the functions with intrinsics inside assert it.
+//! Only called where [`available`] says the CPU has AVX512_BF16 (so AVX-512F, BW and VL as well:
+//! [`super::use_avx512`]); the functions with intrinsics inside assert it.
 
 use std::arch::x86_64::*;
 
@@ -113,7 +113,7 @@ pub(crate) fn across_rows<'b>(
 ) -> MatRef<'b> {
     assert!(available(), "bf16 pairs: the CPU lacks AVX512_BF16");
     let row = |r: usize| d[off + r * rs..][..cols].reinterpret_cast();
-    // SAFETY: `available` (asserted above) implies AVX-512F and BW.
+    // SAFETY: `available` (asserted above) implies AVX-512F, BW and VL.
     pair_rows(rows, cols, buf, row, |a, b, w| unsafe {
         interleave(a, b, w)
     })
@@ -139,8 +139,8 @@ fn pair_rows<'b, 'd, T: 'd>(
 /// `w[c] = a[c] | b[c] << 16` (`b` zero when `None`), sixteen words per step.
 ///
 /// # Safety
-/// The CPU must have AVX-512F and BW; `a` (and `b`) at least `w.len()` long.
-#[target_feature(enable = "avx512f,avx512bw")]
+/// The CPU must have AVX-512F, BW and VL; `a` (and `b`) at least `w.len()` long.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn interleave(a: &[u16], b: Option<&[u16]>, w: &mut [f32]) {
     let n = w.len();
     assert!(a.len() >= n && b.is_none_or(|b| b.len() >= n));
@@ -171,7 +171,7 @@ pub(crate) fn across_rows_f32<'b>(
 ) -> MatRef<'b> {
     assert!(available(), "bf16 pairs: the CPU lacks AVX512_BF16");
     let row = |r: usize| &s[r * cols..][..cols];
-    // SAFETY: `available` (asserted above) implies AVX-512F, BW and BF16.
+    // SAFETY: `available` (asserted above) implies AVX-512F, BW, VL and BF16.
     pair_rows(rows, cols, buf, row, |a, b, w| unsafe {
         round_interleave(a, b, w)
     })
@@ -181,8 +181,8 @@ pub(crate) fn across_rows_f32<'b>(
 /// rounded to nearest even, sixteen words per step.
 ///
 /// # Safety
-/// The CPU must have AVX-512F, BW and BF16; `a` (and `b`) at least `w.len()` long.
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+/// The CPU must have AVX-512F, BW, VL and BF16; `a` (and `b`) at least `w.len()` long.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 unsafe fn round_interleave(a: &[f32], b: Option<&[f32]>, w: &mut [f32]) {
     let n = w.len();
     assert!(a.len() >= n && b.is_none_or(|b| b.len() >= n));
@@ -210,8 +210,8 @@ unsafe fn round_interleave(a: &[f32], b: Option<&[f32]>, w: &mut [f32]) {
 /// `dst = src` rounded to bf16 (to nearest even, as `vcvtneps2bf16` does), sixteen at a time.
 ///
 /// # Safety
-/// The CPU must have AVX-512F, BW and BF16; `dst` at least as long as `src`.
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+/// The CPU must have AVX-512F, BW, VL and BF16; `dst` at least as long as `src`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 unsafe fn round(src: &[f32], dst: &mut [bf16]) {
     let n = src.len();
     assert!(dst.len() >= n);
@@ -246,7 +246,7 @@ pub(crate) fn along_rows_f32<'b>(
     {
         let h = halves(w);
         h[..lead].fill(bf16::ZERO);
-        // SAFETY: `available` (asserted above) implies AVX-512F, BW and BF16.
+        // SAFETY: `available` (asserted above) implies AVX-512F, BW, VL and BF16.
         unsafe { round(row, &mut h[lead..lead + cols]) };
         h[lead + cols..].fill(bf16::ZERO);
     }
