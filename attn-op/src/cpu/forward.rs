@@ -263,6 +263,8 @@ struct Scratch {
     keep: Vec<f32>,
     /// Each row's output rescaling of the current key tile.
     alpha: Vec<f32>,
+    /// Each row's largest score in the current key tile (from `simd::cap_bias_rows`).
+    row_max: Vec<f32>,
     /// The probabilities as bf16 pairs (bf16 products).
     #[cfg(target_arch = "x86_64")]
     probs: Vec<f32>,
@@ -319,12 +321,14 @@ fn forward_task<T: OutElem>(
         few_rows,
         keep,
         alpha,
+        row_max,
         #[cfg(target_arch = "x86_64")]
         probs,
     } = scratch;
     scores.resize(FWD_ROWS.max(CAUSAL_ROWS) * BK, 0.0);
     keep.resize(BK, 0.0);
     alpha.resize(FWD_ROWS.max(CAUSAL_ROWS), 0.0);
+    row_max.resize(FWD_ROWS.max(CAUSAL_ROWS), 0.0);
     o.resize_with(blocks.len(), Vec::new);
     q.resize_with(blocks.len(), Vec::new);
     // bf16 inputs on a CPU with AVX512_BF16: products on bf16 pairs (`vdpbf16ps`, twice the f32
@@ -337,14 +341,23 @@ fn forward_task<T: OutElem>(
     // The f32 path multiplies the key tile as it transposes it, which spares the score tiles a
     // multiply each. Without a transform of the scores (soft cap, ALiBi, mask), by `scale·log₂e`,
     // so that the scores come out in the base-2 units of the softmax, which then subtracts where
-    // it would multiply-add; with the soft cap by its `product_scale`; with ALiBi or a mask by
-    // the scale, which their transform then leaves out (`p_f32`). (A task of several blocks is
-    // a few-row one, which builds no key tile.)
+    // it would multiply-add; with the soft cap by its `product_scale`; with ALiBi alone by
+    // `scale·log₂e` as well; with a mask by the scale, which its transform then leaves out
+    // (`p_f32`). (A task of several blocks is a few-row one, which builds no key tile.)
     let plain = !transforms_scores(src, p, blocks[0].seg);
+    // The soft cap and ALiBi without a mask take one pass that also finds the rows' maxima, in
+    // base 2 (`simd::cap_bias_rows`); the bf16 and few-row products then carry `scale·log₂e`
+    // for ALiBi alone too.
+    let fused = !plain && src.mask.is_none();
     let (kt_factor, p_f32) = match p.softcap {
-        _ if plain => (p.scale * LOG2_E, *p),
+        _ if plain || (fused && p.softcap.is_none()) => (p.scale * LOG2_E, *p),
         Some(_) => (product_scale(p), *p),
         None => (p.scale, Params { scale: 1.0, ..*p }),
+    };
+    let mult = if fused && p.softcap.is_none() {
+        p.scale * LOG2_E
+    } else {
+        product_scale(p)
     };
     // Each block's running maxima and sums, output rows and query rows.
     let mut state: Vec<_> = blocks
@@ -424,33 +437,50 @@ fn forward_task<T: OutElem>(
                     // SAFETY: `Tiles::Bf16` is built only where `bf16_pairs::available`.
                     Some(Tiles::Bf16 { kt, .. }) => unsafe {
                         let kt = kt.cols_from(k0 - c0, scols);
-                        gemm_bf16_pairs(s, scols, q, kt, false, product_scale(p))
+                        gemm_bf16_pairs(s, scols, q, kt, false, mult)
                     },
                     None => {
                         for (i, s_row) in s.chunks_exact_mut(scols).enumerate() {
                             let q_row = &q.data[i * q.rs..i * q.rs + e];
                             src.k.dots(k_off, g.k_rs, q_row, s_row, few_rows);
-                            if product_scale(p) != 1.0 {
-                                simd::scale(s_row, product_scale(p));
+                            if mult != 1.0 {
+                                simd::scale(s_row, mult);
                             }
                         }
                     }
                 }
                 let (row, lk) = (r0 + s0, kv.len);
-                let mul = match &tiles {
-                    Some(Tiles::F32 { .. }) => {
-                        let mul = prepare_scores(g, seg, src, &p_f32, row, k0, lk, s, scols, None);
-                        if plain {
-                            1.0
-                        } else {
-                            mul * LOG2_E
+                let (mul, known_max) = if fused {
+                    // Row `row + i`'s keys among the tile's columns `[k0, k1)`.
+                    let band = |i: usize| {
+                        let (first, end) = seg.band.keys(row + i, lk);
+                        (first.saturating_sub(k0), end.saturating_sub(k0))
+                    };
+                    let diag0 = (row as isize + seg.diag - k0 as isize) as f32;
+                    let alibi = (seg.slope != 0.0).then_some((seg.slope * LOG2_E, diag0));
+                    let cap = p.softcap.map(|c| c * LOG2_E);
+                    let rm = &mut row_max[..srows];
+                    simd::cap_bias_rows(s, scols, cap, alibi, band, rm);
+                    (1.0, Some(&row_max[..srows]))
+                } else {
+                    let mul = match &tiles {
+                        Some(Tiles::F32 { .. }) => {
+                            let mul =
+                                prepare_scores(g, seg, src, &p_f32, row, k0, lk, s, scols, None);
+                            if plain {
+                                1.0
+                            } else {
+                                mul * LOG2_E
+                            }
                         }
-                    }
-                    _ => prepare_scores(g, seg, src, p, row, k0, lk, s, scols, None) * LOG2_E,
+                        _ => prepare_scores(g, seg, src, p, row, k0, lk, s, scols, None) * LOG2_E,
+                    };
+                    (mul, None)
                 };
                 let sub = s0..s0 + srows;
                 let alpha = &mut alpha[..srows];
-                simd::online_softmax_rows(s, scols, mul, &mut m[sub.clone()], &mut l[sub], alpha);
+                let (m, l) = (&mut m[sub.clone()], &mut l[sub]);
+                simd::online_softmax_rows(s, scols, mul, known_max, m, l, alpha);
                 simd::scale_rows(&mut o[s0 * ev..(s0 + srows) * ev], ev, alpha);
                 if let Some(d) = &p.dropout {
                     for (i, row) in s.chunks_exact_mut(scols).enumerate() {

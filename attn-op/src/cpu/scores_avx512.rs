@@ -1,42 +1,85 @@
 //! The soft cap and the ALiBi bias of the tiled kernels' scores written with AVX-512 intrinsics,
-//! for CPUs that have AVX-512F (chosen at run time by [`super::simd::softcap_rows`] and
-//! [`super::simd::alibi_rows`]). `tanh` comes from the softmax's base-2 exponential,
-//! `tanh|x| = 1 - 2/(e^(2|x|) + 1)` with `vrcp14ps` and one Newton step for the division: nine
-//! multiply-adds among 17 operations per 16 lanes, where the portable code's rational function
-//! ([`super::simd::tanh`]) takes thirteen among 16. On Zen 4 both passes ran equally fast (bound
-//! by the issue rate of 512-bit operations, not by the FMA pipes); without the exponential's
-//! underflow mask, which `t >= 0` does not need, the new one is a little faster. The bias
-//! `-slope·|diag - j|` comes from a vector of `diag - j` stepped by 16, not from converting each
-//! `j`; with a soft cap it is added in the same pass.
+//! for CPUs that have AVX-512F (chosen at run time by [`super::simd`]). `tanh` is the portable
+//! code's rational function ([`super::simd::tanh`]) with the cap folded into its numerator and
+//! one `vdivps`: on Zen 4 its eleven multiply-class operations ran faster than the exponential
+//! form `1 - 2/(e^(2|x|) + 1)`, whose seventeen operations mix both pipes, since beside the
+//! products' FMA pipe what limits a pass there is the number of 512-bit operations, about 1.6
+//! per cycle (measured: BENCHMARKS.md, 2026-12-07 night).
+//! The forward's pass ([`cap_bias_rows`]) also finds each row's maximum and applies the band, so
+//! that the softmax skips its own pass over the scores, and reads the ALiBi bias from a table
+//! of `-slope·|d|` indexed by `j - i`: one load and one add per 16 scores.
 
 use std::arch::x86_64::*;
-use std::f32::consts::LOG2_E;
 
 use super::lanes;
-use super::softmax_avx512::exp2_16_nonneg;
+use super::simd::{TANH_CLAMP, TANH_P, TANH_Q};
+use super::softmax_avx512::reduce16;
 
-/// `c·tanh(x)` on 16 lanes, `c > 0` and `c2 = 2c`, to an absolute error of about `3e-7·c`
-/// (the exponential's 1.1e-7 and the roundings): `±(c - 2c/(e^(2|x|) + 1))`, with `x`'s sign
-/// put back by a bitwise or. NaN stays NaN; `±inf` gives `±c`.
-#[inline]
-#[target_feature(enable = "avx512f")]
-fn scaled_tanh16(x: __m512, c: __m512, c2: __m512) -> __m512 {
-    let sign = _mm512_set1_epi32(i32::MIN);
-    let a = _mm512_abs_ps(x);
-    // `2|x|·log₂e`, at most 64, past which `tanh` rounds to 1 and `e^(2|x|)` would overflow.
-    // (`vminps` returns its second operand when either is NaN: NaN stays NaN.)
-    let t = _mm512_min_ps(
-        _mm512_set1_ps(64.0),
-        _mm512_mul_ps(a, _mm512_set1_ps(2.0 * LOG2_E)),
-    );
-    let d = _mm512_add_ps(exp2_16_nonneg(t), _mm512_set1_ps(1.0));
-    // d >= 1, so 1/d is finite: 14 bits from `vrcp14ps`, about 28 after one Newton step.
-    let r = _mm512_rcp14_ps(d);
-    let r = _mm512_fmadd_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(1.0)), r);
-    // c - 2c·r >= 0: or-ing in x's sign bit gives c·tanh(x).
-    let m = _mm512_fnmadd_ps(c2, r, c);
-    let x_sign = _mm512_and_si512(_mm512_castps_si512(x), sign);
-    _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(m), x_sign))
+/// `tanh(x)/x` on `|x| <= SMALL`, a polynomial in `x²` (highest degree first) fitted by
+/// iteratively reweighted least squares in float64: `x·p(x²)` is within 7e-8 of `tanh` there.
+const SMALL_P: [f32; 6] = [
+    -4.493_349_7e-3,
+    1.923_709_4e-2,
+    -5.314_919e-2,
+    1.332_057_9e-1,
+    -3.333_247e-1,
+    9.999_998e-1,
+];
+/// Where [`SMALL_P`] holds.
+const SMALL: f32 = 0.75;
+
+/// `c·tanh` on 16 lanes: the coefficients as vectors, the numerators' multiplied by `c`.
+struct Tanh16 {
+    small: [__m512; 6],
+    p: [__m512; 5],
+    q: [__m512; 5],
+}
+
+impl Tanh16 {
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn new(c: f32) -> Self {
+        Self {
+            small: SMALL_P.map(|k| _mm512_set1_ps(k * c)),
+            p: TANH_P.map(|k| _mm512_set1_ps(k * c)),
+            q: TANH_Q.map(|k| _mm512_set1_ps(k)),
+        }
+    }
+
+    /// `c·tanh(x)` on 16 lanes, to 3.4e-7·c: where every lane has `|x| <= SMALL` (scores
+    /// within `±0.75·c`, as nearly all are in practice), `x·c·p(x²)` by [`SMALL_P`] (seven
+    /// multiply-class operations and a compare); otherwise [`Self::rational`].
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn eval(&self, x: __m512) -> __m512 {
+        let z = _mm512_mul_ps(x, x);
+        // (NaN compares false: the rational keeps it.)
+        if _mm512_cmp_ps_mask::<_CMP_LE_OQ>(z, _mm512_set1_ps(SMALL * SMALL)) != 0xffff {
+            return self.rational(x);
+        }
+        let mut p = self.small[0];
+        for k in &self.small[1..] {
+            p = _mm512_fmadd_ps(p, z, *k);
+        }
+        _mm512_mul_ps(x, p)
+    }
+
+    /// `c·tanh(x)` on 16 lanes, to 3.4e-7·c: `x·c·p(x²) / q(x²)`, `x` clamped to
+    /// `[-TANH_CLAMP, TANH_CLAMP]` (`vmaxps`/`vminps` return their second operand when either
+    /// is NaN: NaN stays NaN; `±inf` gives `±c`).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn rational(&self, x: __m512) -> __m512 {
+        let x = _mm512_max_ps(_mm512_set1_ps(-TANH_CLAMP), x);
+        let x = _mm512_min_ps(_mm512_set1_ps(TANH_CLAMP), x);
+        let z = _mm512_mul_ps(x, x);
+        let (mut p, mut q) = (self.p[0], self.q[0]);
+        for k in 1..5 {
+            p = _mm512_fmadd_ps(p, z, self.p[k]);
+            q = _mm512_fmadd_ps(q, z, self.q[k]);
+        }
+        _mm512_div_ps(_mm512_mul_ps(x, p), q)
+    }
 }
 
 /// [`super::simd::softcap_rows`]: `x[i][j] = cap·tanh(x[i][j]) - slope·|diag0 + i - j|` (no
@@ -88,9 +131,8 @@ fn tile<const C: bool, const T: bool, const B: bool>(
         "tanh buffer shorter than the tile"
     );
     let (fv, nslope) = (_mm512_set1_ps(f), _mm512_set1_ps(-slope));
-    // Storing `tanh`, the cap multiplies it afterwards; otherwise it goes into `scaled_tanh16`.
-    let c = if T { 1.0 } else { f };
-    let (cv, c2v) = (_mm512_set1_ps(c), _mm512_set1_ps(2.0 * c));
+    // Storing `tanh`, the cap multiplies it afterwards; otherwise it goes into the numerator.
+    let tanh = Tanh16::new(if T { 1.0 } else { f });
     let iota = _mm512_setr_ps(
         0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
     );
@@ -111,9 +153,9 @@ fn tile<const C: bool, const T: bool, const B: bool>(
             unsafe {
                 let u = _mm512_maskz_loadu_ps(m, row.as_ptr().add(j));
                 let mut y = if C && !T {
-                    scaled_tanh16(u, cv, c2v)
+                    tanh.eval(u)
                 } else if C {
-                    let th = scaled_tanh16(u, cv, c2v);
+                    let th = tanh.eval(u);
                     _mm512_mask_storeu_ps(t_row.as_mut_ptr().add(j), m, th);
                     _mm512_mul_ps(fv, th)
                 } else if f == 1.0 {
@@ -136,5 +178,141 @@ fn tile<const C: bool, const T: bool, const B: bool>(
         if j < cols {
             step(j, lanes(cols - j));
         }
+    }
+}
+
+/// Rows of the bias table [`cap_bias_rows`] builds at a time, and the columns it covers with
+/// them: the table (`BIAS_ROWS - 1 + BIAS_COLS` values) lives on the stack.
+const BIAS_ROWS: usize = 16;
+const BIAS_COLS: usize = 256;
+
+/// [`super::simd::cap_bias_rows`].
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn cap_bias_rows(
+    x: &mut [f32],
+    cols: usize,
+    cap: Option<f32>,
+    alibi: Option<(f32, f32)>,
+    band: impl Fn(usize) -> (usize, usize),
+    row_max: &mut [f32],
+) {
+    match (cap, alibi) {
+        (Some(c), Some(b)) => fused::<true, true>(x, cols, c, b, band, row_max),
+        (Some(c), None) => fused::<true, false>(x, cols, c, (0.0, 0.0), band, row_max),
+        (None, Some(b)) => fused::<false, true>(x, cols, 0.0, b, band, row_max),
+        (None, None) => fused::<false, false>(x, cols, 0.0, (0.0, 0.0), band, row_max),
+    }
+}
+
+/// [`cap_bias_rows`] with the choices made at compile time: `C` the cap, `B` the bias.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn fused<const C: bool, const B: bool>(
+    x: &mut [f32],
+    cols: usize,
+    cap: f32,
+    (slope, diag0): (f32, f32),
+    band: impl Fn(usize) -> (usize, usize),
+    row_max: &mut [f32],
+) {
+    let cols = cols.max(1);
+    let rows = (x.len() / cols).min(row_max.len());
+    let tanh = Tanh16::new(cap);
+    let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+    let nslope = _mm512_set1_ps(-slope);
+    let iota = _mm512_setr_ps(
+        0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
+    );
+    // `table[w] = -slope·|diag0 + i0 + BIAS_ROWS - 1 - (j0 + w)|`: row `i0 + r`'s bias at key
+    // `j0 + j` is `table[BIAS_ROWS - 1 - r + j]`.
+    let mut table = [0f32; BIAS_ROWS - 1 + BIAS_COLS];
+    for i0 in (0..rows).step_by(BIAS_ROWS) {
+        let group = BIAS_ROWS.min(rows - i0);
+        // Each row's band, clipped to the tile, and its running maximum.
+        let bands: [(usize, usize); BIAS_ROWS] = std::array::from_fn(|r| {
+            if r < group {
+                let (first, end) = band(i0 + r);
+                let first = first.min(cols);
+                (first, end.clamp(first, cols))
+            } else {
+                (0, 0)
+            }
+        });
+        let mut acc = [ninf; BIAS_ROWS];
+        for j0 in (0..cols).step_by(BIAS_COLS) {
+            let width = BIAS_COLS.min(cols - j0);
+            if B {
+                // `diag0 + i0 + BIAS_ROWS - 1 - j0 - w` for 16 values of `w` at a time, exact
+                // for the small integers of a tile.
+                let mut d = _mm512_sub_ps(
+                    _mm512_set1_ps(diag0 + (i0 + BIAS_ROWS - 1) as f32 - j0 as f32),
+                    iota,
+                );
+                for w in (0..BIAS_ROWS - 1 + width).step_by(16) {
+                    let y = _mm512_mul_ps(nslope, _mm512_abs_ps(d));
+                    // SAFETY: the mask covers the table's lanes `w..min(w + 16, table.len())`.
+                    unsafe {
+                        let m = lanes(table.len() - w);
+                        _mm512_mask_storeu_ps(table.as_mut_ptr().add(w), m, y)
+                    };
+                    d = _mm512_sub_ps(d, _mm512_set1_ps(16.0));
+                }
+            }
+            for (r, &(first, end)) in bands.iter().enumerate().take(group) {
+                let row = &mut x[(i0 + r) * cols..(i0 + r + 1) * cols];
+                // The row's keys in this block of columns, relative to `j0`.
+                let (lo, hi) = (
+                    first.clamp(j0, j0 + width) - j0,
+                    end.clamp(j0, j0 + width) - j0,
+                );
+                let bias = &table[BIAS_ROWS - 1 - r..];
+                let y = |u: __m512, b: __m512| {
+                    let y = if C { tanh.eval(u) } else { u };
+                    if B {
+                        _mm512_add_ps(y, b)
+                    } else {
+                        y
+                    }
+                };
+                // Whole vectors unmasked (masked loads and stores cost Zen 4 about two cycles
+                // more per 16 scores), then the tail.
+                let mut j = lo;
+                while j + 16 <= hi {
+                    // SAFETY: lanes `j..j + 16`, `j + 16 <= hi <= width`: in the row
+                    // (`j0 + hi <= cols`) and in the table (`BIAS_ROWS - 1 - r + hi <=
+                    // BIAS_ROWS - 1 + BIAS_COLS`).
+                    unsafe {
+                        let p = row.as_mut_ptr().add(j0 + j);
+                        let v = y(_mm512_loadu_ps(p), _mm512_loadu_ps(bias.as_ptr().add(j)));
+                        acc[r] = _mm512_max_ps(acc[r], v);
+                        _mm512_storeu_ps(p, v);
+                    }
+                    j += 16;
+                }
+                if j < hi {
+                    let m = lanes(hi - j);
+                    // SAFETY: as above, the mask covering lanes `j..hi`.
+                    unsafe {
+                        let p = row.as_mut_ptr().add(j0 + j);
+                        let b = _mm512_maskz_loadu_ps(m, bias.as_ptr().add(j));
+                        let v = y(_mm512_maskz_loadu_ps(m, p), b);
+                        acc[r] = _mm512_mask_max_ps(acc[r], m, acc[r], v);
+                        _mm512_mask_storeu_ps(p, m, v);
+                    }
+                }
+            }
+        }
+        // Outside its band a row's scores are `-inf`.
+        for (r, &(first, end)) in bands.iter().enumerate().take(group) {
+            let row = &mut x[(i0 + r) * cols..(i0 + r + 1) * cols];
+            row[..first].fill(f32::NEG_INFINITY);
+            row[end..].fill(f32::NEG_INFINITY);
+        }
+        let maxima = reduce16(&acc, |a, b| _mm512_max_ps(a, b));
+        // SAFETY: the mask covers the group's `group <= row_max.len() - i0` rows.
+        unsafe { _mm512_mask_storeu_ps(row_max.as_mut_ptr().add(i0), lanes(group), maxima) };
     }
 }

@@ -111,7 +111,9 @@ pub(crate) fn exp_affine_sum(x: &mut [f32], a: f32, b: f32) -> f32 {
 /// else [`online_softmax_rows_portable`]), `cols` wide, whose keys a row may not see
 /// are already `-inf`, with one multiplier `mul > 0` for every score, in base 2 (`mul`
 /// includes `log₂ e` for natural units; a caller that folds it into the scores passes 1, which
-/// saves a multiply per score). For row `i`, with `m_new = max(m[i], mul·max(row))`: the row
+/// saves a multiply per score). `row_max`, when given, holds each row's maximum (as
+/// [`cap_bias_rows`] leaves it), which spares a pass over the scores. For row `i`, with
+/// `m_new = max(m[i], mul·max(row))`: the row
 /// becomes `2^(mul·row - m_new)`, `alpha[i] = 2^(m[i] - m_new)` (what the row's output so far
 /// must be scaled by), `l[i] = l[i]·alpha[i] + Σ row` and `m[i] = m_new`. A row that sees no
 /// key yet (`m_new = -inf`) becomes zeros and keeps its `m` and `l`. Where `m[i] = -inf`, the
@@ -121,6 +123,7 @@ pub(crate) fn online_softmax_rows(
     s: &mut [f32],
     cols: usize,
     mul: f32,
+    row_max: Option<&[f32]>,
     m: &mut [f32],
     l: &mut [f32],
     alpha: &mut [f32],
@@ -128,9 +131,11 @@ pub(crate) fn online_softmax_rows(
     #[cfg(target_arch = "x86_64")]
     if super::use_avx512() {
         // SAFETY: the CPU has AVX-512F.
-        return unsafe { super::softmax_avx512::online_softmax_rows(s, cols, mul, m, l, alpha) };
+        return unsafe {
+            super::softmax_avx512::online_softmax_rows(s, cols, mul, row_max, m, l, alpha)
+        };
     }
-    online_softmax_rows_portable(s, cols, mul, m, l, alpha)
+    online_softmax_rows_portable(s, cols, mul, row_max, m, l, alpha)
 }
 
 /// [`online_softmax_rows`] in portable code, vectorised by the compiler.
@@ -139,14 +144,16 @@ pub(crate) fn online_softmax_rows_portable(
     s: &mut [f32],
     cols: usize,
     mul: f32,
+    row_max: Option<&[f32]>,
     m: &mut [f32],
     l: &mut [f32],
     alpha: &mut [f32],
 ) {
     let fma = target_cfg_f!(target_feature = "fma");
     let rows = s.chunks_exact_mut(cols.max(1));
-    for (((row, m), l), alpha) in rows.zip(m).zip(l).zip(alpha) {
-        let m_new = m.max(mul * max_of(row));
+    for (i, (((row, m), l), alpha)) in rows.zip(m).zip(l).zip(alpha).enumerate() {
+        let row_max = row_max.map_or_else(|| max_of(row), |r| r[i]);
+        let m_new = m.max(mul * row_max);
         if m_new == f32::NEG_INFINITY {
             row.fill(0.0);
             *alpha = 1.0;
@@ -215,14 +222,14 @@ fn exp_affine_sum_of(x: &mut [f32], a: f32, b: f32, fma: bool) -> f32 {
 
 /// Numerator and denominator of [`tanh`]'s rational function, polynomials in `x²`, highest
 /// degree first.
-const TANH_P: [f32; 5] = [
+pub(super) const TANH_P: [f32; 5] = [
     1.335_485_6e-8,
     2.060_923_7e-5,
     3.495_598_2e-3,
     1.338_103_4e-1,
     1.0,
 ];
-const TANH_Q: [f32; 5] = [
+pub(super) const TANH_Q: [f32; 5] = [
     7.776_642e-7,
     3.285_650_7e-4,
     2.587_702_1e-2,
@@ -231,7 +238,7 @@ const TANH_Q: [f32; 5] = [
 ];
 /// [`tanh`]'s argument is clamped to `[-TANH_CLAMP, TANH_CLAMP]`, beyond which `tanh` rounds to
 /// ±1 in f32.
-const TANH_CLAMP: f32 = 9.0;
+pub(super) const TANH_CLAMP: f32 = 9.0;
 
 /// `tanh(x)` to 3 ulp (relative error 3.4e-7), written so that loops over it vectorise: the
 /// rational function `x·p(x²) / q(x²)` ([`TANH_P`], [`TANH_Q`]: degrees 9 and 8, fitted to
@@ -299,6 +306,54 @@ pub(crate) fn softcap_rows_portable(
                 }
             }
         }
+    }
+}
+
+/// The forward's transform of a tile of rows `cols` wide, in one pass that also applies each
+/// row's band and finds its maximum (so that [`online_softmax_rows`] skips its own): with
+/// `cap = Some(c)`, `x[i][j] = c·tanh(x[i][j])` (the products apply `scale / cap`); then, with
+/// `alibi = Some((slope, diag0))`, the bias `-slope·|diag0 + i - j|`. `band(i)` gives row `i`'s
+/// keys `[first, end)` among the tile's columns (clipped to them): the rest become `-inf`, and
+/// `row_max[i]` receives the largest score of the band (`-inf` when it is empty). The caller
+/// folds `log₂ e` into `c`, `slope` and the products for the base-2 softmax.
+pub(crate) fn cap_bias_rows(
+    x: &mut [f32],
+    cols: usize,
+    cap: Option<f32>,
+    alibi: Option<(f32, f32)>,
+    band: impl Fn(usize) -> (usize, usize),
+    row_max: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if super::use_avx512() {
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { super::scores_avx512::cap_bias_rows(x, cols, cap, alibi, band, row_max) };
+    }
+    cap_bias_rows_portable(x, cols, cap, alibi, band, row_max)
+}
+
+/// [`cap_bias_rows`] in portable code: [`softcap_rows_portable`] or [`alibi_rows_portable`],
+/// then the band and the maxima.
+pub(crate) fn cap_bias_rows_portable(
+    x: &mut [f32],
+    cols: usize,
+    cap: Option<f32>,
+    alibi: Option<(f32, f32)>,
+    band: impl Fn(usize) -> (usize, usize),
+    row_max: &mut [f32],
+) {
+    match (cap, alibi) {
+        (Some(c), _) => softcap_rows_portable(x, cols, c, None, alibi),
+        (None, Some((slope, diag0))) => alibi_rows_portable(x, cols, 1.0, slope, diag0),
+        (None, None) => {}
+    }
+    for (i, (row, m)) in x.chunks_exact_mut(cols.max(1)).zip(row_max).enumerate() {
+        let (first, end) = band(i);
+        let first = first.min(row.len());
+        let end = end.clamp(first, row.len());
+        row[..first].fill(f32::NEG_INFINITY);
+        row[end..].fill(f32::NEG_INFINITY);
+        *m = max(&row[first..end]);
     }
 }
 
@@ -458,13 +513,14 @@ mod tests {
     /// scores are all `-inf`, and a row whose maximum rises.
     #[test]
     fn online_softmax_rows_match_f64() {
-        type Kernel = fn(&mut [f32], usize, f32, &mut [f32], &mut [f32], &mut [f32]);
+        type Kernel =
+            fn(&mut [f32], usize, f32, Option<&[f32]>, &mut [f32], &mut [f32], &mut [f32]);
         let kernels: [(&str, Kernel); 2] = [
             ("dispatched", online_softmax_rows),
             ("portable", online_softmax_rows_portable),
         ];
         let (rows, cols) = (21, 37);
-        for (name, kernel) in kernels {
+        for ((name, kernel), known) in kernels.into_iter().flat_map(|k| [(k, false), (k, true)]) {
             for mul in [1.0f32, 0.37] {
                 let mut x: Vec<f32> = (0..rows * cols)
                     .map(|i| (i * 7919 % 1000) as f32 / 50.0 - 10.0)
@@ -484,7 +540,13 @@ mod tests {
                     .collect();
                 let (mut s, mut m, mut l) = (x.clone(), m0.clone(), l0.clone());
                 let mut alpha = vec![f32::NAN; rows];
-                kernel(&mut s, cols, mul, &mut m, &mut l, &mut alpha);
+                // Maxima given (as `cap_bias_rows` leaves them) or found by the kernel.
+                let maxima: Vec<f32> = x
+                    .chunks_exact(cols)
+                    .map(|r| r.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)))
+                    .collect();
+                let known = known.then_some(&maxima[..]);
+                kernel(&mut s, cols, mul, known, &mut m, &mut l, &mut alpha);
                 for r in 0..rows {
                     let row = &x[r * cols..(r + 1) * cols];
                     let mx = row.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(v as f64));
@@ -653,6 +715,73 @@ mod tests {
                 x[0].is_nan() && (x[1] - 5.0 * 1f32.tanh()).abs() < 1e-6,
                 "{name} NaN"
             );
+        }
+    }
+
+    /// The forward's one pass (cap, bias, band, maxima) against float64, dispatched and
+    /// portable: groups of 16 rows and a partial one, widths around the 16 lanes and past the
+    /// bias table's 256 columns, bands that start and end anywhere (empty ones too), with and
+    /// without the cap and the bias.
+    #[test]
+    fn cap_bias_rows_match_f64() {
+        type CapBias = fn(&mut [f32], usize, Option<f32>, Option<(f32, f32)>, &mut [f32]);
+        let mut impls: Vec<(&str, CapBias)> = vec![("portable", |x, c, cap, b, m| {
+            cap_bias_rows_portable(x, c, cap, b, band_of(c), m)
+        })];
+        #[cfg(target_arch = "x86_64")]
+        if super::super::use_avx512() {
+            // SAFETY: the CPU has AVX-512F (checked above).
+            impls.push(("avx512", |x, c, cap, b, m| unsafe {
+                crate::cpu::scores_avx512::cap_bias_rows(x, c, cap, b, band_of(c), m)
+            }));
+        }
+        // Rows' bands drawn from their index (a `fn`, so that the kernels' `fn`s can call it).
+        fn band_of(cols: usize) -> impl Fn(usize) -> (usize, usize) {
+            move |i: usize| match i % 4 {
+                0 => (0, cols),
+                1 => (i % 7, cols.saturating_sub(i % 5)),
+                2 => (cols / 2, cols / 2),
+                _ => (i, i + 23),
+            }
+        }
+        for (name, f) in impls {
+            for (rows, cols) in [(21, 37), (3, 1), (17, 16), (5, 300), (36, 128)] {
+                let x0: Vec<f32> = (0..rows * cols)
+                    .map(|i| ((i as f32 * 0.618).fract() - 0.5) * 8.0)
+                    .collect();
+                for cap in [None, Some(30.0f32)] {
+                    for alibi in [None, Some((0.25f32, 7.0f32))] {
+                        let (mut x, mut m) = (x0.clone(), vec![f32::NAN; rows]);
+                        f(&mut x, cols, cap, alibi, &mut m);
+                        for i in 0..rows {
+                            let (first, end) = band_of(cols)(i);
+                            let (first, end) = (first.min(cols), end.clamp(first.min(cols), cols));
+                            let mut want_max = f64::NEG_INFINITY;
+                            for j in 0..cols {
+                                let got = x[i * cols + j];
+                                if j < first || j >= end {
+                                    assert_eq!(got, f32::NEG_INFINITY, "{name} ({i}, {j}) band");
+                                    continue;
+                                }
+                                let v = x0[i * cols + j] as f64;
+                                let bias = alibi.map_or(0.0, |(s, d)| {
+                                    -(s as f64) * (d as f64 + i as f64 - j as f64).abs()
+                                });
+                                let want = cap.map_or(v, |c| c as f64 * v.tanh()) + bias;
+                                want_max = want_max.max(want);
+                                let err = (got as f64 - want).abs();
+                                assert!(err < 2e-5 * want.abs().max(1.0), "{name} ({i}, {j})");
+                            }
+                            let err = (m[i] as f64 - want_max).abs();
+                            assert!(
+                                err < 2e-5 * want_max.abs().max(1.0) || m[i] as f64 == want_max,
+                                "{name} {rows}x{cols} max of row {i}: {} vs {want_max}",
+                                m[i]
+                            );
+                        }
+                    }
+                }
+            }
         }
     }
 

@@ -40,14 +40,6 @@ pub(super) fn exp2_16(t: __m512) -> __m512 {
     _mm512_maskz_scalef_ps(keep, p, n)
 }
 
-/// [`exp2_16`] for `t >= 0` or NaN only (no compare, no mask).
-#[inline]
-#[target_feature(enable = "avx512f")]
-pub(super) fn exp2_16_nonneg(t: __m512) -> __m512 {
-    let (p, n) = exp2_parts(t);
-    _mm512_scalef_ps(p, n)
-}
-
 /// `(2^f, n)` with `n` the nearest integer to `t` and `f = t - n` (exact).
 #[inline]
 #[target_feature(enable = "avx512f")]
@@ -67,7 +59,7 @@ fn exp2_parts(t: __m512) -> (__m512, __m512) {
 /// its own takes ~8 and ends in a chain of dependent steps.
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn reduce16(v: &[__m512; 16], op: impl Fn(__m512, __m512) -> __m512) -> __m512 {
+pub(super) fn reduce16(v: &[__m512; 16], op: impl Fn(__m512, __m512) -> __m512) -> __m512 {
     // 16 -> 8: lanes 0-7 of w[i] fold the 256-bit halves of v[2i], lanes 8-15 those of v[2i+1].
     let w: [__m512; 8] = std::array::from_fn(|i| {
         let (a, b) = (v[2 * i], v[2 * i + 1]);
@@ -167,25 +159,36 @@ pub(super) fn online_softmax_rows(
     s: &mut [f32],
     cols: usize,
     mul: f32,
+    known_max: Option<&[f32]>,
     m: &mut [f32],
     l: &mut [f32],
     alpha: &mut [f32],
 ) {
     let cols = cols.max(1);
-    let n = alpha.len().min(m.len()).min(l.len()).min(s.len() / cols);
+    let mut n = alpha.len().min(m.len()).min(l.len()).min(s.len() / cols);
+    if let Some(r) = known_max {
+        n = n.min(r.len());
+    }
     let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
     // Sixteen rows at a time: their maxima, sums and rescalings are each one vector.
     for (g0, group) in (0..n).step_by(16).zip(s.chunks_mut(16 * cols)) {
         let k = lanes(n - g0);
-        let mut lanes16 = [ninf; 16];
-        for (v, row) in lanes16
-            .iter_mut()
-            .zip(group.chunks_exact(cols))
-            .take(n - g0)
-        {
-            *v = max_lanes(row);
-        }
-        let row_max = reduce16(&lanes16, |a, b| _mm512_max_ps(a, b));
+        let row_max = match known_max {
+            // SAFETY: the masked load touches only the group's rows of `known_max` (n <= len).
+            Some(r) => unsafe { _mm512_mask_loadu_ps(ninf, k, r.as_ptr().add(g0)) },
+            None => {
+                let mut lanes16 = [ninf; 16];
+                for (v, row) in lanes16
+                    .iter_mut()
+                    .zip(group.chunks_exact(cols))
+                    .take(n - g0)
+                {
+                    *v = max_lanes(row);
+                }
+                reduce16(&lanes16, |a, b| _mm512_max_ps(a, b))
+            }
+        };
+        let mut lanes16;
         // SAFETY: the masked loads and stores touch only the group's rows of `m`, `l`, `alpha`.
         unsafe {
             let m_old = _mm512_mask_loadu_ps(ninf, k, m.as_ptr().add(g0));
