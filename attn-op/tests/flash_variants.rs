@@ -252,6 +252,63 @@ fn dense_variants_match_the_reference() -> Result<()> {
     Ok(())
 }
 
+/// A large soft cap with scores far below it, where a softmax that took the cap for the rows'
+/// maximum (it bounds every score) would lose the probabilities to underflow: heads whose
+/// scores sit near 0, near -12 and near -44 (2^-130 below the cap of 50), and keys mixing both,
+/// with and without ALiBi, causal, lengths across several 128-key tiles.
+#[test]
+fn soft_cap_far_below_its_bound() -> Result<()> {
+    let (b, s, h, d) = (1, 300, 4, 32);
+    let dev = Device::Cpu;
+    // q·k = shift·(d·1.0) + noise for head `h`, with q and k offset along every dimension.
+    let offsets = [0.0f32, 1.5, 3.5, 3.5];
+    let ones = Tensor::ones((b, s, 1, d), DType::F32, &dev)?;
+    let per_head = |sign: f32| -> Result<Tensor> {
+        let heads = offsets
+            .iter()
+            .enumerate()
+            .map(|(hi, &o)| {
+                let o = if hi == 3 && sign < 0.0 {
+                    // Head 3: half of the keys very negative, half near 0.
+                    let half: Vec<f32> = (0..s).map(|j| if j % 2 == 0 { o } else { 0.0 }).collect();
+                    Tensor::from_vec(half, (b, s, 1, 1), &dev)?.broadcast_mul(&ones)?
+                } else {
+                    (&ones * o as f64)?
+                };
+                Ok((o * sign as f64)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&heads, 2)
+    };
+    let noise = |t: Tensor| -> Result<Tensor> { t + (random((b, s, h, d), DType::F32)? * 0.3)? };
+    let (q0, k0) = (noise(per_head(1.0)?)?, noise(per_head(-1.0)?)?);
+    let v0 = random((b, s, h, d), DType::F32)?;
+    let mut failures = Vec::new();
+    for dtype in [DType::F32, DType::BF16] {
+        for slopes in [None, Some(vec![0.05f32, 0.02, 0.01, 0.005])] {
+            let spec = Spec {
+                left: None,
+                right: Some(0),
+                slopes,
+                softcap: Some(50.0),
+            };
+            let qkv = [&q0, &k0, &v0].map(|t| t.to_dtype(dtype).unwrap());
+            let w = Tensor::randn(0f64, 1., (b, s, h, d), &dev)?;
+            let scale = 1.0 / (d as f32).sqrt();
+            let got = run(|q, k, v| dense(q, k, v, scale, &spec), &qkv, &w)?;
+            let qkv64 = qkv.clone().map(|t| t.to_dtype(DType::F64).unwrap());
+            let want = run(
+                |q, k, v| reference(q, k, v, scale as f64, &spec),
+                &qkv64,
+                &w,
+            )?;
+            failures.extend(compare(&format!("{spec:?}"), dtype, &got, &want));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    Ok(())
+}
+
 /// SDPA's `window_left`, `window_right` and `softcap` on every backend: with `Lq = Lk` the
 /// top-left alignment SDPA uses is the reference's bottom-right one.
 #[test]
