@@ -253,6 +253,48 @@ pub(crate) fn along_rows_f32<'b>(
     MatRef::rows(buf, rows, wc, wc)
 }
 
+/// Probabilities for `p·v` that the softmax ([`super::simd::online_softmax_rows`]) rounds to
+/// bf16 straight from its exponentials into the pair words [`along_rows_f32`] would make of
+/// them: row `r`'s `cols` values at half `r·stride + lead`, the `lead` and padding halves zero.
+pub(crate) struct ProbRows<'b> {
+    halves: &'b mut [bf16],
+    stride: usize,
+    lead: usize,
+    cols: usize,
+}
+
+impl<'b> ProbRows<'b> {
+    /// `rows × cols` probabilities after `lead` (0 or 1) zeros in `buf`, as pair words of
+    /// `rows × (lead + cols).div_ceil(2)`; [`Self::matrix`] gives them once filled.
+    pub(crate) fn new(buf: &'b mut Vec<f32>, rows: usize, cols: usize, lead: usize) -> Self {
+        assert!(available(), "bf16 pairs: the CPU lacks AVX512_BF16");
+        let wc = (lead + cols).div_ceil(2);
+        let halves = halves(words(buf, rows * wc));
+        let stride = 2 * wc;
+        for row in halves.chunks_exact_mut(stride.max(1)) {
+            row[..lead].fill(bf16::ZERO);
+            row[lead + cols..].fill(bf16::ZERO);
+        }
+        Self {
+            halves,
+            stride,
+            lead,
+            cols,
+        }
+    }
+
+    /// Row `r`'s `cols` halves.
+    pub(crate) fn row(&mut self, r: usize) -> &mut [bf16] {
+        &mut self.halves[r * self.stride + self.lead..][..self.cols]
+    }
+
+    /// The filled rows as pair words.
+    pub(crate) fn matrix(buf: &[f32], rows: usize, cols: usize, lead: usize) -> MatRef<'_> {
+        let wc = (lead + cols).div_ceil(2);
+        MatRef::rows(&buf[..rows * wc], rows, wc, wc)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::matmul::gemm_bf16_pairs;

@@ -480,7 +480,27 @@ fn forward_task<T: OutElem>(
                 let sub = s0..s0 + srows;
                 let alpha = &mut alpha[..srows];
                 let (m, l) = (&mut m[sub.clone()], &mut l[sub]);
-                simd::online_softmax_rows(s, scols, mul, known_max, m, l, alpha);
+                // Value pairs start at an even key of the tile: an odd first key gets a zero
+                // probability before it.
+                let lead = (k0 - c0) % 2;
+                // Without dropout, the bf16 products' probabilities are rounded to bf16 pairs
+                // by the softmax itself.
+                #[cfg(target_arch = "x86_64")]
+                let rounded = match &tiles {
+                    Some(Tiles::Bf16 { .. }) if p.dropout.is_none() => {
+                        let mut pr = bf16_pairs::ProbRows::new(probs, srows, scols, lead);
+                        simd::online_softmax_rows_bf16(
+                            s, scols, mul, known_max, m, l, alpha, &mut pr,
+                        );
+                        true
+                    }
+                    _ => false,
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                let rounded = false;
+                if !rounded {
+                    simd::online_softmax_rows(s, scols, mul, known_max, m, l, alpha);
+                }
                 simd::scale_rows(&mut o[s0 * ev..(s0 + srows) * ev], ev, alpha);
                 if let Some(d) = &p.dropout {
                     for (i, row) in s.chunks_exact_mut(scols).enumerate() {
@@ -499,10 +519,11 @@ fn forward_task<T: OutElem>(
                     }
                     #[cfg(target_arch = "x86_64")]
                     Some(Tiles::Bf16 { v, .. }) => {
-                        // Value pairs start at an even key of the tile: an odd first key gets a
-                        // zero probability before it.
-                        let lead = (k0 - c0) % 2;
-                        let pw = bf16_pairs::along_rows_f32(s, scols, lead, probs);
+                        let pw = if rounded {
+                            bf16_pairs::ProbRows::matrix(probs, srows, scols, lead)
+                        } else {
+                            bf16_pairs::along_rows_f32(s, scols, lead, probs)
+                        };
                         let v = v.rows_from((k0 - c0) / 2, pw.cols);
                         // SAFETY: `Tiles::Bf16` is built only where `bf16_pairs::available`.
                         unsafe { gemm_bf16_pairs(o_sub, ev, pw, v, true, 1.0) }

@@ -14,6 +14,9 @@ use std::arch::x86_64::*;
 
 use std::f32::consts::LOG2_E;
 
+use half::bf16;
+
+use super::bf16_pairs::ProbRows;
 use super::lanes;
 
 /// A degree-5 fit of `2^f` on `[-1/2, 1/2]` with constant term exactly 1, so `2^0 = 1`, highest
@@ -146,6 +149,56 @@ fn exp2_affine_lanes<const UNIT: bool>(x: &mut [f32], a: f32, b: f32) -> __m512 
     sum
 }
 
+/// [`exp2_affine_lanes`] with the values rounded to bf16 into `dst` (as long as `x`) instead of
+/// back into `x`, as `vcvtneps2bf16` rounds (to nearest even).
+///
+/// # Safety
+/// The CPU must have AVX-512F, BW, VL and BF16.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn exp2_affine_bf16<const UNIT: bool>(
+    x: &[f32],
+    a: f32,
+    b: f32,
+    dst: &mut [bf16],
+) -> __m512 {
+    assert!(
+        dst.len() >= x.len(),
+        "bf16 destination shorter than its row"
+    );
+    let (a, nb) = (_mm512_set1_ps(a), _mm512_set1_ps(-b));
+    let t = |v: __m512| {
+        if UNIT {
+            _mm512_add_ps(v, nb)
+        } else {
+            _mm512_fmadd_ps(a, v, nb)
+        }
+    };
+    let mut sum = _mm512_setzero_ps();
+    let n = x.len();
+    let mut c0 = 0;
+    while c0 + 16 <= n {
+        // SAFETY: lanes `c0..c0 + 16` of `x` and `dst` (asserted at least as long).
+        unsafe {
+            let e = exp2_16(t(_mm512_loadu_ps(x.as_ptr().add(c0))));
+            let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(e));
+            _mm256_storeu_si256(dst.as_mut_ptr().add(c0).cast(), h);
+            sum = _mm512_add_ps(sum, e);
+        }
+        c0 += 16;
+    }
+    if c0 < n {
+        let k = lanes(n - c0);
+        // SAFETY: the masks cover lanes `c0..n` of `x` and `dst`.
+        unsafe {
+            let e = exp2_16(t(_mm512_maskz_loadu_ps(k, x.as_ptr().add(c0))));
+            let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(e));
+            _mm256_mask_storeu_epi16(dst.as_mut_ptr().add(c0).cast(), k, h);
+            sum = _mm512_mask_add_ps(sum, k, sum, e);
+        }
+    }
+    sum
+}
+
 /// `x = e^(a·x - b)`, returning the sum of the new values.
 #[inline]
 #[target_feature(enable = "avx512f")]
@@ -153,8 +206,10 @@ fn exp_affine_sum(x: &mut [f32], a: f32, b: f32) -> f32 {
     _mm512_reduce_add_ps(exp2_affine_lanes::<false>(x, a * LOG2_E, b * LOG2_E))
 }
 
-/// [`super::simd::online_softmax_rows`] (same contract).
+/// [`super::simd::online_softmax_rows`] (same contract), or with `probs`
+/// [`super::simd::online_softmax_rows_bf16`].
 #[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
 pub(super) fn online_softmax_rows(
     s: &mut [f32],
     cols: usize,
@@ -163,6 +218,7 @@ pub(super) fn online_softmax_rows(
     m: &mut [f32],
     l: &mut [f32],
     alpha: &mut [f32],
+    mut probs: Option<&mut ProbRows>,
 ) {
     let cols = cols.max(1);
     let mut n = alpha.len().min(m.len()).min(l.len()).min(s.len() / cols);
@@ -189,7 +245,9 @@ pub(super) fn online_softmax_rows(
             }
         };
         let mut lanes16;
-        // SAFETY: the masked loads and stores touch only the group's rows of `m`, `l`, `alpha`.
+        // SAFETY: the masked loads and stores touch only the group's rows of `m`, `l`, `alpha`;
+        // `exp2_affine_bf16` is called with a `ProbRows`, built only where the CPU has what it
+        // needs (`bf16_pairs::available`).
         unsafe {
             let m_old = _mm512_mask_loadu_ps(ninf, k, m.as_ptr().add(g0));
             // `vmaxps` returns its second operand when either is NaN: a NaN row keeps its `m`.
@@ -198,14 +256,17 @@ pub(super) fn online_softmax_rows(
             _mm512_storeu_ps(m_rows.as_mut_ptr(), m_new);
             lanes16 = [_mm512_setzero_ps(); 16];
             let rows = group.chunks_exact_mut(cols).take(n - g0);
-            for ((v, row), &m_row) in lanes16.iter_mut().zip(rows).zip(&m_rows) {
-                if m_row == f32::NEG_INFINITY {
+            for (r, ((v, row), &m_row)) in lanes16.iter_mut().zip(rows).zip(&m_rows).enumerate() {
+                match probs.as_deref_mut().map(|p| p.row(g0 + r)) {
                     // No key seen yet: zeros, and m, l unchanged (factor 1, sum 0).
-                    row.fill(0.0);
-                } else if mul == 1.0 {
-                    *v = exp2_affine_lanes::<true>(row, mul, m_row);
-                } else {
-                    *v = exp2_affine_lanes::<false>(row, mul, m_row);
+                    None if m_row == f32::NEG_INFINITY => row.fill(0.0),
+                    Some(dst) if m_row == f32::NEG_INFINITY => dst.fill(bf16::ZERO),
+                    None if mul == 1.0 => *v = exp2_affine_lanes::<true>(row, mul, m_row),
+                    None => *v = exp2_affine_lanes::<false>(row, mul, m_row),
+                    // (In the unsafe block: a `ProbRows` is built only where
+                    // `bf16_pairs::available`, which implies AVX-512F, BW, VL and BF16.)
+                    Some(dst) if mul == 1.0 => *v = exp2_affine_bf16::<true>(row, mul, m_row, dst),
+                    Some(dst) => *v = exp2_affine_bf16::<false>(row, mul, m_row, dst),
                 }
             }
             let sums = reduce16(&lanes16, |a, b| _mm512_add_ps(a, b));
