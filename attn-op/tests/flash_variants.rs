@@ -164,6 +164,18 @@ fn compare(
     out
 }
 
+/// [`dense`] against the reference on `qkv` (dense `(B, S, H, D)`, `1/√D` scale): output and
+/// gradients of a random weighting of the output; returns the failures.
+fn check_dense(what: &str, qkv: &[Tensor; 3], spec: &Spec) -> Result<Vec<String>> {
+    let (b, sq, hq, d) = qkv[0].dims4()?;
+    let w = Tensor::randn(0f64, 1., (b, sq, hq, d), &Device::Cpu)?;
+    let scale = 1.0 / (d as f32).sqrt();
+    let got = run(|q, k, v| dense(q, k, v, scale, spec), qkv, &w)?;
+    let qkv64 = qkv.clone().map(|t| t.to_dtype(DType::F64).unwrap());
+    let want = run(|q, k, v| reference(q, k, v, scale as f64, spec), &qkv64, &w)?;
+    Ok(compare(what, qkv[0].dtype(), &got, &want))
+}
+
 fn random(dims: (usize, usize, usize, usize), dtype: DType) -> Result<Tensor> {
     Tensor::randn(0f32, 1., dims, &Device::Cpu)?.to_dtype(dtype)
 }
@@ -228,17 +240,8 @@ fn dense_variants_match_the_reference() -> Result<()> {
                         random((b, sk, hkv, d), dtype)?,
                         random((b, sk, hkv, d), dtype)?,
                     ];
-                    let w = Tensor::randn(0f64, 1., (b, sq, hq, d), &Device::Cpu)?;
-                    let scale = 1.0 / (d as f32).sqrt();
-                    let got = run(|q, k, v| dense(q, k, v, scale, &spec), &qkv, &w)?;
-                    let qkv64 = qkv.clone().map(|t| t.to_dtype(DType::F64).unwrap());
-                    let want = run(
-                        |q, k, v| reference(q, k, v, scale as f64, &spec),
-                        &qkv64,
-                        &w,
-                    )?;
                     let what = format!("{:?} {spec:?}", shapes[si]);
-                    failures.extend(compare(&what, dtype, &got, &want));
+                    failures.extend(check_dense(&what, &qkv, &spec)?);
                 }
             }
         }
@@ -293,16 +296,7 @@ fn soft_cap_far_below_its_bound() -> Result<()> {
                 softcap: Some(50.0),
             };
             let qkv = [&q0, &k0, &v0].map(|t| t.to_dtype(dtype).unwrap());
-            let w = Tensor::randn(0f64, 1., (b, s, h, d), &dev)?;
-            let scale = 1.0 / (d as f32).sqrt();
-            let got = run(|q, k, v| dense(q, k, v, scale, &spec), &qkv, &w)?;
-            let qkv64 = qkv.clone().map(|t| t.to_dtype(DType::F64).unwrap());
-            let want = run(
-                |q, k, v| reference(q, k, v, scale as f64, &spec),
-                &qkv64,
-                &w,
-            )?;
-            failures.extend(compare(&format!("{spec:?}"), dtype, &got, &want));
+            failures.extend(check_dense(&format!("{spec:?}"), &qkv, &spec)?);
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));

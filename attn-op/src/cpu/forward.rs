@@ -11,6 +11,8 @@ use super::bf16_pairs;
 #[cfg(target_arch = "x86_64")]
 use super::matmul::gemm_bf16_pairs;
 use super::matmul::{gemm, transpose_scaled_into, MatRef};
+#[cfg(target_arch = "x86_64")]
+use super::softmax_avx512;
 use super::{simd, split_rows, MaskSrc, OutElem, Src};
 use crate::config::Dropout;
 use crate::geometry::{Geometry, QSeg};
@@ -489,9 +491,20 @@ fn forward_task<T: OutElem>(
                 let rounded = match &tiles {
                     Some(Tiles::Bf16 { .. }) if p.dropout.is_none() => {
                         let mut pr = bf16_pairs::ProbRows::new(probs, srows, scols, lead);
-                        simd::online_softmax_rows_bf16(
-                            s, scols, mul, known_max, m, l, alpha, &mut pr,
-                        );
+                        // SAFETY: a `ProbRows` exists only where `bf16_pairs::available`, which
+                        // implies AVX-512F.
+                        unsafe {
+                            softmax_avx512::online_softmax_rows(
+                                s,
+                                scols,
+                                mul,
+                                known_max,
+                                m,
+                                l,
+                                alpha,
+                                Some(&mut pr),
+                            )
+                        };
                         true
                     }
                     _ => false,

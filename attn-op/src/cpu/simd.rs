@@ -138,28 +138,6 @@ pub(crate) fn online_softmax_rows(
     online_softmax_rows_portable(s, cols, mul, row_max, m, l, alpha)
 }
 
-/// [`online_softmax_rows`] with the probabilities rounded to bf16 into `probs` (for the
-/// products on bf16 pairs) as they are computed, instead of written back to `s` and rounded
-/// in a pass of their own.
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn online_softmax_rows_bf16(
-    s: &mut [f32],
-    cols: usize,
-    mul: f32,
-    row_max: Option<&[f32]>,
-    m: &mut [f32],
-    l: &mut [f32],
-    alpha: &mut [f32],
-    probs: &mut super::bf16_pairs::ProbRows,
-) {
-    // SAFETY: a `ProbRows` exists only where `bf16_pairs::available`, which implies
-    // `use_avx512` (AVX-512F).
-    unsafe {
-        super::softmax_avx512::online_softmax_rows(s, cols, mul, row_max, m, l, alpha, Some(probs))
-    }
-}
-
 /// [`online_softmax_rows`] in portable code, vectorised by the compiler.
 #[multiversion(targets("x86_64+avx2+fma+avx512f+avx512vl", "x86_64+avx2+fma"))]
 pub(crate) fn online_softmax_rows_portable(

@@ -112,6 +112,17 @@ fn max_lanes(x: &[f32]) -> __m512 {
     _mm512_max_ps(acc, t)
 }
 
+/// `a·v + nb`, or `v + nb` when `UNIT` (`a` then unused).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn affine<const UNIT: bool>(v: __m512, a: __m512, nb: __m512) -> __m512 {
+    if UNIT {
+        _mm512_add_ps(v, nb)
+    } else {
+        _mm512_fmadd_ps(a, v, nb)
+    }
+}
+
 /// `x = 2^(a·x - b)` (`2^(x - b)` when `UNIT`, `a` then unused: a subtraction in place of a
 /// multiply-add, which leaves the FMA pipes one operation fewer per 16 lanes), returning the
 /// lane-wise sums of the new values.
@@ -119,13 +130,7 @@ fn max_lanes(x: &[f32]) -> __m512 {
 #[target_feature(enable = "avx512f")]
 fn exp2_affine_lanes<const UNIT: bool>(x: &mut [f32], a: f32, b: f32) -> __m512 {
     let (a, nb) = (_mm512_set1_ps(a), _mm512_set1_ps(-b));
-    let t = |v: __m512| {
-        if UNIT {
-            _mm512_add_ps(v, nb)
-        } else {
-            _mm512_fmadd_ps(a, v, nb)
-        }
-    };
+    let t = |v| affine::<UNIT>(v, a, nb);
     let mut sum = _mm512_setzero_ps();
     let mut chunks = x.chunks_exact_mut(16);
     for c in &mut chunks {
@@ -166,13 +171,7 @@ unsafe fn exp2_affine_bf16<const UNIT: bool>(
         "bf16 destination shorter than its row"
     );
     let (a, nb) = (_mm512_set1_ps(a), _mm512_set1_ps(-b));
-    let t = |v: __m512| {
-        if UNIT {
-            _mm512_add_ps(v, nb)
-        } else {
-            _mm512_fmadd_ps(a, v, nb)
-        }
-    };
+    let t = |v| affine::<UNIT>(v, a, nb);
     let mut sum = _mm512_setzero_ps();
     let n = x.len();
     let mut c0 = 0;
@@ -206,8 +205,10 @@ fn exp_affine_sum(x: &mut [f32], a: f32, b: f32) -> f32 {
     _mm512_reduce_add_ps(exp2_affine_lanes::<false>(x, a * LOG2_E, b * LOG2_E))
 }
 
-/// [`super::simd::online_softmax_rows`] (same contract), or with `probs`
-/// [`super::simd::online_softmax_rows_bf16`].
+/// [`super::simd::online_softmax_rows`] (same contract); with `probs`, the probabilities go,
+/// rounded to bf16, to `probs` as they are computed (for the products on bf16 pairs), instead
+/// of back to `s` for a rounding pass of their own. (The forward calls this directly with
+/// `probs`: a `ProbRows` exists only on x86-64 CPUs with AVX512_BF16.)
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn online_softmax_rows(
