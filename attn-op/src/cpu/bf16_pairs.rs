@@ -255,29 +255,29 @@ pub(crate) fn along_rows_f32<'b>(
 
 /// Probabilities for `p·v` that the softmax ([`super::simd::online_softmax_rows`]) rounds to
 /// bf16 straight from its exponentials into the pair words [`along_rows_f32`] would make of
-/// them: row `r`'s `cols` values at half `r·stride + lead`, the `lead` and padding halves zero.
+/// them: row `r`'s `cols` values at half `r·2·wc + lead`, the `lead` and padding halves zero.
 pub(crate) struct ProbRows<'b> {
-    halves: &'b mut [bf16],
-    stride: usize,
+    /// `rows × wc` pair words.
+    words: &'b mut [f32],
+    wc: usize,
     lead: usize,
     cols: usize,
 }
 
 impl<'b> ProbRows<'b> {
     /// `rows × cols` probabilities after `lead` (0 or 1) zeros in `buf`, as pair words of
-    /// `rows × (lead + cols).div_ceil(2)`; [`Self::matrix`] gives them once filled.
+    /// `rows × (lead + cols).div_ceil(2)`; [`Self::into_matrix`] gives them once filled.
     pub(crate) fn new(buf: &'b mut Vec<f32>, rows: usize, cols: usize, lead: usize) -> Self {
         assert!(available(), "bf16 pairs: the CPU lacks AVX512_BF16");
         let wc = (lead + cols).div_ceil(2);
-        let halves = halves(words(buf, rows * wc));
-        let stride = 2 * wc;
-        for row in halves.chunks_exact_mut(stride.max(1)) {
+        let words = words(buf, rows * wc);
+        for row in halves(words).chunks_exact_mut(2 * wc.max(1)) {
             row[..lead].fill(bf16::ZERO);
             row[lead + cols..].fill(bf16::ZERO);
         }
         Self {
-            halves,
-            stride,
+            words,
+            wc,
             lead,
             cols,
         }
@@ -285,13 +285,15 @@ impl<'b> ProbRows<'b> {
 
     /// Row `r`'s `cols` halves.
     pub(crate) fn row(&mut self, r: usize) -> &mut [bf16] {
-        &mut self.halves[r * self.stride + self.lead..][..self.cols]
+        let (stride, lead, cols) = (2 * self.wc, self.lead, self.cols);
+        &mut halves(self.words)[r * stride + lead..][..cols]
     }
 
     /// The filled rows as pair words.
-    pub(crate) fn matrix(buf: &[f32], rows: usize, cols: usize, lead: usize) -> MatRef<'_> {
-        let wc = (lead + cols).div_ceil(2);
-        MatRef::rows(&buf[..rows * wc], rows, wc, wc)
+    pub(crate) fn into_matrix(self) -> MatRef<'b> {
+        let words: &'b [f32] = self.words;
+        let rows = words.len() / self.wc.max(1);
+        MatRef::rows(words, rows, self.wc, self.wc)
     }
 }
 

@@ -80,6 +80,19 @@ fn transforms_scores(src: &Sources, p: &Params, seg: &QSeg) -> bool {
     src.mask.is_some() || p.softcap.is_some() || seg.slope != 0.0
 }
 
+/// Row `row` of `seg`'s keys `[first, end)` counted from key `c0`, a tile's first column (not
+/// clipped to the tile's width).
+fn tile_keys(seg: &QSeg, row: usize, lk: usize, c0: usize) -> (usize, usize) {
+    let (first, end) = seg.band.keys(row, lk);
+    (first.saturating_sub(c0), end.saturating_sub(c0))
+}
+
+/// The tile column of row `row0`'s diagonal, ALiBi's zero (row `row0 + i`'s is `i` further),
+/// the tile's first column being key `c0`.
+fn tile_diag(seg: &QSeg, row0: usize, c0: usize) -> f32 {
+    (row0 as isize + seg.diag - c0 as isize) as f32
+}
+
 /// Prepares a tile of rows of `q·kᵀ` (times [`product_scale`]) for the softmax: `s` holds rows
 /// `row0, row0 + 1, ...` of query segment `seg`, `cols` wide, keys from `c0` on. Sets the keys
 /// outside each row's band (causal mask, window) to `-inf`. With a soft cap, ALiBi or a mask,
@@ -105,8 +118,7 @@ pub(crate) fn prepare_scores(
     if !transform && seg.band.is_full() {
         return p.scale;
     }
-    // Row `i`'s diagonal (ALiBi's zero) is key `diag0 + i` of the tile.
-    let diag0 = (row0 as isize + seg.diag - c0 as isize) as f32;
+    let diag0 = tile_diag(seg, row0, c0);
     if let Some(cap) = p.softcap {
         // The products applied `scale / cap` (`product_scale`); the bias comes after the cap.
         let alibi = (seg.slope != 0.0).then_some((seg.slope, diag0));
@@ -126,9 +138,9 @@ pub(crate) fn prepare_scores(
             }
         }
         if !seg.band.is_full() {
-            let (first, end) = seg.band.keys(row, lk);
-            let first = first.saturating_sub(c0).min(s.len());
-            let end = end.saturating_sub(c0).clamp(first, s.len());
+            let (first, end) = tile_keys(seg, row, lk, c0);
+            let first = first.min(s.len());
+            let end = end.clamp(first, s.len());
             s[..first].fill(f32::NEG_INFINITY);
             s[end..].fill(f32::NEG_INFINITY);
         }
@@ -454,11 +466,8 @@ fn forward_task<T: OutElem>(
                 let (row, lk) = (r0 + s0, kv.len);
                 let (mul, known_max) = if fused {
                     // Row `row + i`'s keys among the tile's columns `[k0, k1)`.
-                    let band = |i: usize| {
-                        let (first, end) = seg.band.keys(row + i, lk);
-                        (first.saturating_sub(k0), end.saturating_sub(k0))
-                    };
-                    let diag0 = (row as isize + seg.diag - k0 as isize) as f32;
+                    let band = |i: usize| tile_keys(seg, row + i, lk, k0);
+                    let diag0 = tile_diag(seg, row, k0);
                     let alibi = (seg.slope != 0.0).then_some((seg.slope * LOG2_E, diag0));
                     let cap = p.softcap.map(|c| c * LOG2_E);
                     let rm = &mut row_max[..srows];
@@ -488,7 +497,7 @@ fn forward_task<T: OutElem>(
                 // Without dropout, the bf16 products' probabilities are rounded to bf16 pairs
                 // by the softmax itself.
                 #[cfg(target_arch = "x86_64")]
-                let rounded = match &tiles {
+                let rounded: Option<MatRef> = match &tiles {
                     Some(Tiles::Bf16 { .. }) if p.dropout.is_none() => {
                         let mut pr = bf16_pairs::ProbRows::new(probs, srows, scols, lead);
                         // SAFETY: a `ProbRows` exists only where `bf16_pairs::available`, which
@@ -505,13 +514,13 @@ fn forward_task<T: OutElem>(
                                 Some(&mut pr),
                             )
                         };
-                        true
+                        Some(pr.into_matrix())
                     }
-                    _ => false,
+                    _ => None,
                 };
                 #[cfg(not(target_arch = "x86_64"))]
-                let rounded = false;
-                if !rounded {
+                let rounded: Option<MatRef> = None;
+                if rounded.is_none() {
                     simd::online_softmax_rows(s, scols, mul, known_max, m, l, alpha);
                 }
                 simd::scale_rows(&mut o[s0 * ev..(s0 + srows) * ev], ev, alpha);
@@ -532,10 +541,9 @@ fn forward_task<T: OutElem>(
                     }
                     #[cfg(target_arch = "x86_64")]
                     Some(Tiles::Bf16 { v, .. }) => {
-                        let pw = if rounded {
-                            bf16_pairs::ProbRows::matrix(probs, srows, scols, lead)
-                        } else {
-                            bf16_pairs::along_rows_f32(s, scols, lead, probs)
+                        let pw = match rounded {
+                            Some(pw) => pw,
+                            None => bf16_pairs::along_rows_f32(s, scols, lead, probs),
                         };
                         let v = v.rows_from((k0 - c0) / 2, pw.cols);
                         // SAFETY: `Tiles::Bf16` is built only where `bf16_pairs::available`.
